@@ -1,0 +1,443 @@
+"""Data curation by value: drop low-value documents, retrain, and measure the training steps saved.
+
+The paper's first finding was that about 16% of a curated corpus had negative In-Run Shapley values,
+and that training without them reached the same validation loss in about 25% fewer iterations.
+`attribution curate` lets a practitioner check that on their own corpus. It retrains three times on the
+same schedule and seed:
+
+- **baseline**: the full corpus;
+- **curated**: without the documents picked by the rule (`negative`, or the bottom PCT% by value);
+- **random**: without the same *number* of documents picked uniformly at random (seeded).
+
+The random-drop control matters: removing any data changes the batches and how often each remaining
+document is repeated, which alone can move the loss curve. A curation claim is only the gap between
+`curated` and `random`, not between `curated` and `baseline`.
+
+Steps-to-target: the target is the baseline's final validation loss (after the same trailing
+smoothing as every curve). A run "reaches" it at the first evaluated step whose smoothed loss is at or
+below the target; the saving is `1 - steps_curated / steps_baseline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+from attribution.io import atomic_path, atomic_write
+
+RUN_NAMES = ("baseline", "curated", "random")
+
+
+@dataclass(frozen=True)
+class DropRule:
+    """`negative` (value < 0) or `bottom` with `pct` percent of documents (lowest values first)."""
+
+    kind: str
+    pct: float | None = None
+
+    def __str__(self) -> str:
+        return "negative" if self.kind == "negative" else f"bottom:{self.pct:g}"
+
+
+def parse_drop(spec: str) -> DropRule:
+    """Parse `negative` or `bottom:PCT` (0 < PCT < 100)."""
+    spec = spec.strip().lower()
+    if spec == "negative":
+        return DropRule("negative")
+    m = re.fullmatch(r"bottom:([0-9]*\.?[0-9]+)%?", spec)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct < 100:
+            raise UserError(f"--drop bottom:PCT needs 0 < PCT < 100, got {pct:g}")
+        return DropRule("bottom", pct)
+    raise UserError(f"--drop must be 'negative' or 'bottom:PCT' (e.g. bottom:10), got {spec!r}")
+
+
+def document_values(run_dir: Path, val_set: str | None) -> pd.DataFrame:
+    """Per-document value from a run: one validation set, or the sum over all of them (Shapley is linear).
+
+    Columns: doc_id, source, owner, n_tokens, value. Documents absent from `doc_values.parquet` (never
+    in a batch) get value 0: nothing is known against them.
+    """
+    dv_path, docs_path = run_dir / "doc_values.parquet", run_dir / "docs.parquet"
+    for p in (dv_path, docs_path):
+        if not p.is_file():
+            raise UserError(f"{p}: missing; RUN must be a run directory written by `attribution run`")
+    dv = pd.read_parquet(dv_path, columns=["doc_id", "val_set", "value"])
+    if val_set is not None:
+        known = sorted(dv["val_set"].unique())
+        if val_set not in known:
+            raise UserError(f"unknown validation set {val_set!r}; the run has: {', '.join(known)}")
+        dv = dv[dv["val_set"] == val_set]
+    docs = pd.read_parquet(docs_path)
+    cols = [c for c in ("doc_id", "source", "owner", "n_tokens") if c in docs.columns]
+    docs = docs[cols].copy()
+    docs["doc_id"] = docs["doc_id"].astype(str)
+    totals = dv.assign(doc_id=dv["doc_id"].astype(str)).groupby("doc_id")["value"].sum()
+    out = docs.merge(totals.rename("value"), left_on="doc_id", right_index=True, how="left")
+    out["value"] = out["value"].fillna(0.0).astype("float64")
+    return out.reset_index(drop=True)
+
+
+def select_drop(values: pd.DataFrame, rule: DropRule) -> pd.DataFrame:
+    """The documents the rule drops, lowest value first (ties broken by doc_id, so it is deterministic)."""
+    ordered = values.sort_values(["value", "doc_id"], kind="stable").reset_index(drop=True)
+    if rule.kind == "negative":
+        return ordered[ordered["value"] < 0].reset_index(drop=True)
+    n = int(round(len(ordered) * rule.pct / 100.0))
+    return ordered.head(n).reset_index(drop=True)
+
+
+def random_drop(values: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """`n` documents drawn uniformly without replacement from the whole corpus: the control."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(values), size=n, replace=False))
+    return values.iloc[idx].reset_index(drop=True)
+
+
+def source_breakdown(values: pd.DataFrame, dropped: pd.DataFrame) -> pd.DataFrame:
+    """Per source: documents, documents dropped, the fraction of the source dropped and its share of the drop."""
+    total = values.groupby("source")["doc_id"].size().rename("documents")
+    gone = dropped.groupby("source")["doc_id"].size().rename("dropped")
+    out = pd.concat([total, gone], axis=1).fillna(0).astype(int)
+    out["fraction_of_source_dropped"] = out["dropped"] / out["documents"]
+    out["share_of_dropped"] = out["dropped"] / max(int(out["dropped"].sum()), 1)
+    return out.sort_values(["dropped", "documents"], ascending=False).reset_index(names="source")
+
+
+def val_loss_curve(train_log: pd.DataFrame, val_set: str | None) -> pd.Series:
+    """Validation loss by step from a `train_log.csv`: one set's column, or the mean over the sets.
+
+    Rows without an evaluation (NaN) are skipped.
+    """
+    cols = [c for c in train_log.columns if c.startswith("val_loss")]
+    if not cols:
+        raise UserError("train_log.csv has no val_loss column; was validation evaluated?")
+    if val_set is not None:
+        named = [c for c in cols if _set_of_column(c) == val_set]
+        if not named and len(cols) == 1:
+            named = cols
+        if not named:
+            raise UserError(f"train_log.csv has no validation loss for set {val_set!r} (columns: {cols})")
+        cols = named
+    series = train_log.set_index("step")[cols].mean(axis=1, skipna=False).dropna()
+    series = series[~series.index.duplicated(keep="last")].sort_index()
+    series.name = "val_loss"
+    return series
+
+
+def _set_of_column(col: str) -> str:
+    """`val_loss[name]`, `val_loss_name` and `val_loss/name` all name the set `name`."""
+    m = re.fullmatch(r"val_loss[\[_/:.](.+?)\]?", col)
+    return m.group(1) if m else ""
+
+
+def smooth(curve: pd.Series, window: int) -> pd.Series:
+    """Trailing mean over `window` evaluations (causal: a step never sees later losses)."""
+    if window <= 1:
+        return curve
+    return curve.rolling(window, min_periods=1).mean()
+
+
+def steps_to_target(curve: pd.Series, target: float) -> int | None:
+    """First step whose (already smoothed) loss is <= target; None if the run never gets there."""
+    hit = curve[curve <= target + 1e-12]
+    return int(hit.index[0]) if len(hit) else None
+
+
+@dataclass
+class CurateResult:
+    """What `curate` measured; `summary.json` in the output directory holds the same."""
+
+    out: Path
+    rule: str
+    val_set: str | None
+    n_docs: int
+    n_dropped: int
+    dropped_fraction: float
+    dropped_token_fraction: float | None
+    negative_fraction: float
+    target: float
+    smooth_window: int
+    steps: dict[str, int | None]
+    final_loss: dict[str, float]
+    saving: dict[str, float | None]
+    baseline_reused: bool
+    run_dirs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def _saving(steps: int | None, base: int | None) -> float | None:
+    if steps is None or base is None or base == 0:
+        return None
+    return 1.0 - steps / base
+
+
+def analyse(
+    curves: dict[str, pd.Series], values: pd.DataFrame, dropped: pd.DataFrame, control: pd.DataFrame,
+    rule: DropRule, val_set: str | None, out: Path, smooth_window: int, baseline_reused: bool,
+    run_dirs: dict[str, str] | None = None,
+) -> CurateResult:
+    """Turn three validation-loss curves and the drop lists into the measured figures and the output files.
+
+    Separate from the training so that it is tested on its own and can be rerun on finished runs.
+    """
+    sm = {name: smooth(c, smooth_window) for name, c in curves.items()}
+    target = float(sm["baseline"].iloc[-1])
+    steps = {name: steps_to_target(c, target) for name, c in sm.items()}
+    final = {name: float(c.iloc[-1]) for name, c in curves.items()}
+    saving = {name: _saving(steps[name], steps["baseline"]) for name in curves}
+    tokens = "n_tokens" in values.columns and values["n_tokens"].sum() > 0
+    result = CurateResult(
+        out=out,
+        rule=str(rule),
+        val_set=val_set,
+        n_docs=len(values),
+        n_dropped=len(dropped),
+        dropped_fraction=len(dropped) / max(len(values), 1),
+        dropped_token_fraction=float(dropped["n_tokens"].sum() / values["n_tokens"].sum()) if tokens else None,
+        negative_fraction=float((values["value"] < 0).mean()) if len(values) else 0.0,
+        target=target,
+        smooth_window=smooth_window,
+        steps=steps,
+        final_loss=final,
+        saving=saving,
+        baseline_reused=baseline_reused,
+        run_dirs=run_dirs or {},
+    )
+    if steps["curated"] is not None and steps["random"] is not None and steps["baseline"]:
+        result.notes.append(
+            f"curated vs random-drop control: {steps['curated']} vs {steps['random']} steps "
+            f"({(steps['random'] - steps['curated']) / steps['baseline']:+.1%} of the baseline's steps "
+            "in favour of curation)"
+        )
+    _write_outputs(result, curves, sm, values, dropped, control)
+    return result
+
+
+def _write_outputs(
+    r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series], values: pd.DataFrame,
+    dropped: pd.DataFrame, control: pd.DataFrame,
+) -> None:
+    out = r.out
+    out.mkdir(parents=True, exist_ok=True)
+    wide = pd.DataFrame({name: curves[name] for name in RUN_NAMES if name in curves})
+    wide.index.name = "step"
+    wide = wide.join(pd.DataFrame({f"{n}_smoothed": sm[n] for n in RUN_NAMES if n in sm}))
+    with atomic_path(out / "curves.csv") as tmp:
+        wide.to_csv(tmp)
+    table = pd.DataFrame(
+        {
+            "run": list(RUN_NAMES),
+            "documents_dropped": [0, r.n_dropped, len(control)],
+            "steps_to_target": [r.steps.get(n) for n in RUN_NAMES],
+            "saving_vs_baseline": [r.saving.get(n) for n in RUN_NAMES],
+            "final_val_loss": [r.final_loss.get(n) for n in RUN_NAMES],
+        }
+    )
+    with atomic_path(out / "steps_to_target.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    for name, df in (("dropped.csv", dropped), ("random_dropped.csv", control)):
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    with atomic_path(out / "dropped_sources.csv") as tmp:
+        source_breakdown(values, dropped).to_csv(tmp, index=False)
+    _plot(r, curves, sm, out / "curves.png")
+    with atomic_write(out / "summary.json") as fh:
+        json.dump(r.to_json(), fh, indent=2)
+    with atomic_write(out / "summary.md") as fh:
+        fh.write(summary_markdown(r, source_breakdown(values, dropped), table))
+
+
+def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"baseline": "tab:blue", "curated": "tab:green", "random": "tab:grey"}
+    labels = {"baseline": "baseline (full corpus)", "curated": f"curated ({r.rule})",
+              "random": "random-drop control"}
+    for name in RUN_NAMES:
+        if name not in curves:
+            continue
+        ax.plot(curves[name].index, curves[name].values, color=colors[name], alpha=0.3, lw=1)
+        ax.plot(sm[name].index, sm[name].values, color=colors[name], lw=2, label=labels[name])
+        if r.steps.get(name) is not None:
+            ax.axvline(r.steps[name], color=colors[name], ls=":", lw=1)
+    ax.axhline(r.target, color="black", ls="--", lw=0.8, label=f"target {r.target:.3f}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss" + (f" ({r.val_set})" if r.val_set else " (mean over sets)"))
+    ax.set_title(f"Curation: dropped {r.n_dropped} of {r.n_docs} documents ({r.dropped_fraction:.1%})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _fmt_steps(s: int | None) -> str:
+    return "not reached" if s is None else str(s)
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1%}"
+
+
+def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame) -> str:
+    """The short human-readable summary; every figure in it is also in summary.json / the CSVs."""
+    tok = "" if r.dropped_token_fraction is None else f" ({r.dropped_token_fraction:.1%} of tokens)"
+    lines = [
+        "# Curation by value",
+        "",
+        f"- Rule: `{r.rule}`, values against "
+        + (f"validation set `{r.val_set}`" if r.val_set else "all validation sets (summed)") + ".",
+        f"- Documents with a negative value: {r.negative_fraction:.1%} of {r.n_docs}.",
+        f"- Dropped: {r.n_dropped} documents = {r.dropped_fraction:.1%}{tok}.",
+        f"- Target validation loss: {r.target:.4f} (baseline's final loss, trailing mean over "
+        f"{r.smooth_window} evaluation(s)).",
+        f"- Baseline: {'reused the valued run RUN itself' if r.baseline_reused else 'retrained'}; "
+        "all runs use the same schedule and seed.",
+        "",
+        "| run | documents dropped | steps to target | saving vs baseline | final val loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append(
+            f"| {row.run} | {row.documents_dropped} | {_fmt_steps(row.steps_to_target)} | "
+            f"{_fmt_pct(row.saving_vs_baseline)} | {row.final_val_loss:.4f} |"
+        )
+    lines += ["", "Dropped documents by source:", "",
+              "| source | documents | dropped | fraction of source | share of dropped |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for row in sources.itertuples(index=False):
+        lines.append(
+            f"| {row.source} | {row.documents} | {row.dropped} | {row.fraction_of_source_dropped:.1%} | "
+            f"{row.share_of_dropped:.1%} |"
+        )
+    lines += ["", "## Reading this honestly", ""]
+    lines += [f"- {n}" for n in r.notes]
+    lines += [
+        "- Only the gap between *curated* and the *random-drop* control speaks for curation; the gap to the "
+        "baseline also contains the effect of removing any data at all.",
+        "- One seed per run: differences of a few evaluation intervals are within run-to-run noise.",
+        "- The documents were chosen by their value against the same validation set whose loss is measured "
+        "here, so this is an in-sample result; a held-out set would be the stricter test.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (delegated to attribution.train)
+
+
+def _load_config(run_dir: Path):
+    """Rebuild the RUN's `RunConfig` from its manifest, keeping only fields the current version knows."""
+    from attribution.train import RunConfig
+
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path}: missing; RUN must be a run directory written by `attribution run`")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    raw = manifest.get("config", manifest)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    kwargs = {k: v for k, v in raw.items() if k in names}
+    return RunConfig(**kwargs), manifest
+
+
+def _train(config, out: Path, exclude: list[str], eval_every: int):
+    """One retrain on the RUN's schedule and seed, minus `exclude`."""
+    from attribution.train import train_and_value
+
+    cfg = dataclasses.replace(config, out=str(out), exclude_ids=list(exclude), eval_every=eval_every)
+    return Path(train_and_value(cfg))
+
+
+def curate(
+    run: str | Path, drop: str = "negative", out: str | Path = "curation", val_set: str | None = None,
+    eval_every: int | None = None, smooth_window: int = 3, control_seed: int = 0,
+    reuse_baseline: bool = False,
+) -> CurateResult:
+    """Drop documents by value, retrain baseline / curated / random-drop, and measure steps to the target."""
+    run_dir, out = Path(run), Path(out)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    rule = parse_drop(drop)
+    config, _ = _load_config(run_dir)
+    values = document_values(run_dir, val_set)
+    dropped = select_drop(values, rule)
+    if dropped.empty:
+        raise UserError(f"rule {rule} drops no document in {run_dir}; nothing to compare")
+    if len(dropped) >= len(values):
+        raise UserError(f"rule {rule} drops every document; nothing left to train on")
+    control = random_drop(values, len(dropped), seed=control_seed)
+    steps = int(config.steps)
+    every = eval_every or max(1, steps // 30)
+    runs = out / "runs"
+    run_dirs: dict[str, str] = {}
+    curves: dict[str, pd.Series] = {}
+    plan = [("baseline", []), ("curated", list(dropped["doc_id"])), ("random", list(control["doc_id"]))]
+    for name, exclude in plan:
+        if name == "baseline" and reuse_baseline:
+            path = run_dir
+        else:
+            click.echo(f"curate: training {name} ({len(exclude)} documents left out)", err=True)
+            path = _train(config, runs / name, exclude, every)
+        run_dirs[name] = str(path)
+        curves[name] = val_loss_curve(pd.read_csv(path / "train_log.csv"), val_set)
+    return analyse(curves, values, dropped, control, rule, val_set, out, smooth_window,
+                   baseline_reused=reuse_baseline, run_dirs=run_dirs)
+
+
+@click.command("curate")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--drop", "drop", required=True, metavar="negative|bottom:PCT",
+              help="Which documents to drop: every document with a negative value, or the lowest PCT percent.")
+@click.option("--val-set", default=None, metavar="NAME",
+              help="Rank by value against this validation set and measure its loss (default: all sets, summed).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory: curves.csv/png, steps_to_target.csv, dropped*.csv, summary.md/json, runs/.")
+@click.option("--eval-every", type=int, default=None,
+              help="Evaluate validation loss every N steps in the retrains (default: steps/30).")
+@click.option("--smooth", "smooth_window", type=int, default=3, show_default=True,
+              help="Trailing mean over this many evaluations before comparing with the target (1 = raw).")
+@click.option("--control-seed", type=int, default=0, show_default=True,
+              help="Seed of the random-drop control (same number of documents as the curated drop).")
+@click.option("--reuse-baseline", is_flag=True,
+              help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
+                   "interval then sets the baseline's resolution).")
+def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_every: int | None,
+                   smooth_window: int, control_seed: int, reuse_baseline: bool) -> None:
+    """Reproduce the paper's curation experiment on RUN's corpus.
+
+    Retrains on RUN's schedule and seed three times: the full corpus (baseline), the corpus without the
+    dropped documents (curated), and without as many randomly chosen documents (control). Reports how many
+    steps each needs to reach the baseline's final validation loss.
+    """
+    r = curate(run, drop=drop, out=out, val_set=val_set, eval_every=eval_every, smooth_window=smooth_window,
+               control_seed=control_seed, reuse_baseline=reuse_baseline)
+    click.echo(
+        f"dropped {r.n_dropped}/{r.n_docs} documents ({r.dropped_fraction:.1%}); target {r.target:.4f}; "
+        + "; ".join(f"{n}: {_fmt_steps(r.steps[n])} steps ({_fmt_pct(r.saving[n])})" for n in RUN_NAMES)
+    )
+    click.echo(f"wrote {r.out / 'summary.md'}")
+
+
+curate_command.name = "curate"
+commands = [curate_command]
