@@ -244,7 +244,7 @@ def _write_outputs(
         {
             "run": list(RUN_NAMES),
             "documents_dropped": [0, r.n_dropped, len(control)],
-            "steps_to_target": [r.steps.get(n) for n in RUN_NAMES],
+            "steps_to_target": pd.array([r.steps.get(n) for n in RUN_NAMES], dtype="Int64"),
             "saving_vs_baseline": [r.saving.get(n) for n in RUN_NAMES],
             "final_val_loss": [r.final_loss.get(n) for n in RUN_NAMES],
         }
@@ -317,10 +317,11 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
         "| run | documents dropped | steps to target | saving vs baseline | final val loss |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for row in table.itertuples(index=False):
+    for row in table.to_dict("records"):
+        name = row["run"]
         lines.append(
-            f"| {row.run} | {row.documents_dropped} | {_fmt_steps(row.steps_to_target)} | "
-            f"{_fmt_pct(row.saving_vs_baseline)} | {row.final_val_loss:.4f} |"
+            f"| {name} | {row['documents_dropped']} | {_fmt_steps(r.steps[name])} | "
+            f"{_fmt_pct(r.saving[name])} | {r.final_loss[name]:.4f} |"
         )
     lines += ["", "Dropped documents by source:", "",
               "| source | documents | dropped | fraction of source | share of dropped |",
