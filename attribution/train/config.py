@@ -1,0 +1,162 @@
+"""`RunConfig`: everything that decides what a run trains and values, from flags, TOML or Python.
+
+Precedence, lowest first: preset -> TOML file (`--config run.toml`) -> command-line flags / Python
+arguments. `resolved()` returns a copy with every `None` filled from the preset, and that resolved
+copy (plus where each part came from) is what goes into `manifest.json`, so a run can be repeated
+from its manifest alone.
+
+TOML keys are the field names below, e.g.::
+
+    corpus = ["builtin"]
+    out = "runs/x"
+    preset = "cpu-tiny"
+    steps = 200
+    [val]
+    rewrites = "val/rewrites.jsonl"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attribution.errors import UserError
+from attribution.train.presets import PRESETS
+
+
+@dataclass
+class RunConfig:
+    """One training-and-valuation run. Fields left `None` come from the preset."""
+
+    corpus: list[str] = field(default_factory=lambda: ["builtin"])
+    val: dict[str, str] = field(default_factory=dict)
+    out: str = "runs/run"
+    preset: str = "cpu-tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    order: int = 1
+    optimizer: str = "adamw"
+    seed: int = 0
+    exclude_ids: tuple[str, ...] = ()
+    device: str = "auto"
+    resume: bool = False
+    # Valuation switches.
+    value: bool = True  # False = plain training (throughput baseline); no value files are written
+    per_example_max: int = 64  # per-example values for validation sets with at most this many documents
+    optimizer_aware: bool = False  # Adam-preconditioned values (engine option), instead of the SGD proxy
+    # Model and optimizer (None = from preset).
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    clip: float | None = None
+    dtype: str | None = None  # auto | float32 | float64 | bfloat16
+    # Bookkeeping (None = from preset).
+    eval_every: int | None = None
+    log_every: int | None = None
+    checkpoint_every: int | None = None
+    stage_window: int | None = None
+    cache_dir: str | None = None  # token cache; default: <out>/../.cache/tokens shared by runs
+    progress: bool = True
+
+    def resolved(self) -> RunConfig:
+        """A copy with preset values filled in and checked; raises UserError on a bad combination."""
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.preset]
+        values = dataclasses.asdict(self)
+        for key, default in preset.items():
+            if key == "steps":
+                continue
+            if values.get(key) is None:
+                values[key] = default
+        if values["steps"] is None and values["epochs"] is None:
+            values["steps"] = preset["steps"]
+        values["betas"] = tuple(values["betas"])
+        values["exclude_ids"] = tuple(values["exclude_ids"])
+        values["corpus"] = list(values["corpus"])
+        values["val"] = dict(values["val"])
+        cfg = RunConfig(**values)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        if self.order not in (1, 2):
+            raise UserError(f"--order must be 1 or 2, got {self.order}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise UserError("--steps must be at least 1")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise UserError("--epochs must be a positive number")
+        if not self.corpus:
+            raise UserError("give at least one --corpus")
+        if self.value and not self.val:
+            raise UserError("give at least one validation set: --val NAME=PATH")
+        for name in self.val:
+            if not name or "/" in name or name.startswith("."):
+                raise UserError(f"bad validation-set name {name!r}: use letters, digits, - and _")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.dtype not in ("auto", "float32", "float64", "bfloat16"):
+            raise UserError(f"dtype must be auto, float32, float64 or bfloat16, got {self.dtype!r}")
+
+    def total_steps(self, n_sequences: int) -> int:
+        """Number of optimizer steps: `steps`, or enough batches to cover `epochs` passes."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(float(self.epochs) * n_sequences / int(self.batch_size)))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["exclude_ids"] = list(self.exclude_ids)
+        out["betas"] = list(self.betas) if self.betas is not None else None
+        return out
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run config TOML; unknown keys are an error (a typo must not be silently ignored)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{p}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise UserError(f"{p}: unknown config keys: {', '.join(unknown)}")
+    if "corpus" in data and isinstance(data["corpus"], str):
+        data["corpus"] = [data["corpus"]]
+    return data
+
+
+def build_config(toml_path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Config from an optional TOML file with `overrides` (flags actually given) on top."""
+    data: dict[str, Any] = load_toml(toml_path) if toml_path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("betas", "exclude_ids"):
+        if key in data and data[key] is not None:
+            data[key] = tuple(data[key])
+    try:
+        return RunConfig(**data)
+    except TypeError as exc:
+        raise UserError(f"bad run configuration: {exc}") from None
