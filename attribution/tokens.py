@@ -290,6 +290,7 @@ def build_sequences(
         return SequenceSet.load(final)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=cache_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder should not be
     try:
         _write_cache(tmp, docs, seq_len, fingerprint, max_docs)
         try:

@@ -442,13 +442,18 @@ def read_validation(path: str | os.PathLike, *, on_bad_line: OnBadLine = "error"
     return list(read_corpus([path], on_bad_line=on_bad_line))
 
 
-def corpus_fingerprint(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> str:
+def corpus_fingerprint(
+    paths: Sequence[str | os.PathLike] | str | os.PathLike, *, owner_map: OwnerMap | None = None
+) -> str:
     """A content hash of the corpus files (names relative to what was given, sizes, bytes).
 
     It keys the token cache: the same bytes give the same fingerprint wherever the corpus lives, and
-    any change to any file gives a new one.
+    any change to any file gives a new one. Pass the owner map used for reading, since owners are
+    stored in the cache too. (`hf:` datasets are keyed by name only.)
     """
     h = hashlib.blake2b(_FORMAT_VERSION.encode(), digest_size=16)
+    if owner_map is not None:
+        h.update(repr(owner_map.rules).encode())
     for inp in expand_inputs(paths):
         if inp.kind == "hf":
             h.update(f"hf\0{inp.path}\0".encode())
