@@ -1,0 +1,195 @@
+"""Per-validation-example evidence: the top training documents and why they might be related.
+
+Shapley rank and value come from the run; n-gram overlap, the shared spans, semantic similarity
+and the analysis label come from the analysis layer's `comparison.parquet` when a compare
+directory is given, and are otherwise computed here with the project's shared measures
+(`attribution.text` for n-grams, `attribution.embeddings` for MiniLM cosine similarity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from attribution.errors import BadInputError, UserError
+from attribution.report.rundata import Run
+from attribution.text import _WORD, containment, ngrams, words  # one definition of "word" project-wide
+
+SPAN_N = 8  # the same n as the project's "8-gram containment"
+SNIPPET_CHARS = 600
+
+
+@dataclass
+class EvidenceRow:
+    rank: int  # Shapley rank of the document for this validation example (1 = most helpful)
+    doc_id: str
+    source: str
+    owner: str
+    score: float  # the ranking score (attribution view if the run has one, else raw value)
+    value: float
+    containment: float
+    longest_span: int  # words
+    semantic_sim: float | None
+    label: str | None
+    segments: list[tuple[str, bool]]  # snippet pieces; True = shared with the validation text
+
+
+@dataclass
+class ExampleEvidence:
+    val_set: str
+    val_id: str
+    text: str
+    meta: dict
+    rows: list[EvidenceRow] = field(default_factory=list)
+
+
+def shared_spans(query: str, doc: str, n: int = SPAN_N) -> list[tuple[int, int]]:
+    """Character spans of `doc` covered by word n-grams that also occur in `query` (merged, sorted)."""
+    q = ngrams(words(query), n)
+    if not q:
+        return []
+    toks = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(doc)]
+    covered = np.zeros(len(toks), dtype=bool)
+    for i in range(len(toks) - n + 1):
+        if tuple(t[2] for t in toks[i : i + n]) in q:
+            covered[i : i + n] = True
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(toks):
+        if covered[i]:
+            j = i
+            while j + 1 < len(toks) and covered[j + 1]:
+                j += 1
+            spans.append((toks[i][0], toks[j][1]))
+            i = j + 1
+        else:
+            i += 1
+    return spans
+
+
+def longest_span_words(doc: str, spans: list[tuple[int, int]]) -> int:
+    return max((len(words(doc[a:b])) for a, b in spans), default=0)
+
+
+def snippet_segments(doc: str, spans: list[tuple[int, int]], limit: int = SNIPPET_CHARS) -> list[tuple[str, bool]]:
+    """A window of `doc` around its first shared span, cut into (text, is_shared) pieces."""
+    start = max(0, spans[0][0] - 80) if spans else 0
+    end = min(len(doc), start + limit)
+    pieces: list[tuple[str, bool]] = []
+    if start > 0:
+        pieces.append(("… ", False))
+    pos = start
+    for a, b in spans:
+        a, b = max(a, start), min(b, end)
+        if a >= b:
+            continue
+        if a > pos:
+            pieces.append((doc[pos:a], False))
+        pieces.append((doc[a:b], True))
+        pos = b
+    if pos < end:
+        pieces.append((doc[pos:end], False))
+    if end < len(doc):
+        pieces.append((" …", False))
+    return pieces
+
+
+def _read_comparison(compare_dir: Path) -> pd.DataFrame:
+    p = Path(compare_dir) / "comparison.parquet"
+    if not p.exists():
+        raise UserError(f"{compare_dir}: no comparison.parquet (write it with `attribution compare`)")
+    try:
+        comp = pd.read_parquet(p)
+    except Exception as exc:
+        raise BadInputError(p, None, f"cannot read Parquet file: {exc}") from exc
+    for c in ("val_id", "doc_id"):
+        if c not in comp:
+            raise BadInputError(p, None, f"missing column {c}")
+    comp["val_id"] = comp["val_id"].astype(str)
+    comp["doc_id"] = comp["doc_id"].astype(str)
+    return comp.drop_duplicates(["val_id", "doc_id"]).set_index(["val_id", "doc_id"])
+
+
+def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: int = 20,
+            compare_dir: Path | None = None, semantic: bool = True) -> tuple[list[ExampleEvidence], str]:
+    """Evidence for up to `max_examples` validation examples; also returns the ranking column used."""
+    p = run.path / "example_values.parquet"
+    if not p.exists():
+        return [], ""
+    names = pq.read_schema(p).names
+    score_col = "attribution" if "attribution" in names else "value"
+    cols = ["doc_id", "val_set", "val_id", "value"] + (["attribution"] if score_col == "attribution" else [])
+    ex = pq.read_table(p, columns=cols, filters=[("val_set", "in", list(val_sets))]).to_pandas()
+    if ex.empty:
+        return [], score_col
+    for c in ("doc_id", "val_set", "val_id"):
+        ex[c] = ex[c].astype(str)
+    texts = run.val_sets()
+    order: list[tuple[str, dict]] = []
+    for name in val_sets:
+        present = set(ex.val_id[ex.val_set == name])
+        order += [(name, it) for it in texts.get(name, []) if it["id"] in present]
+        known = {it["id"] for it in texts.get(name, [])}
+        order += [(name, {"id": v, "text": "", "meta": {}}) for v in sorted(present - known)]
+    order = order[:max_examples]
+    wanted = {(name, it["id"]) for name, it in order}
+    keys = pd.MultiIndex.from_arrays([ex.val_set, ex.val_id])
+    ex = ex[keys.isin(list(wanted))]
+    # Top k per example by score (descending), doc_id as the tie-break; argpartition keeps this
+    # linear in the number of documents.
+    tops: dict[tuple[str, str], pd.DataFrame] = {}
+    for key, sub in ex.groupby(["val_set", "val_id"], sort=True):
+        scores = sub[score_col].to_numpy(dtype=np.float64)
+        k = min(top_k, len(scores))
+        cand = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        part = sub.iloc[cand].sort_values([score_col, "doc_id"], ascending=[False, True], kind="mergesort")
+        tops[key] = part.assign(rank=np.arange(1, len(part) + 1))
+    top_ids = sorted({d for t in tops.values() for d in t.doc_id})
+    meta = run.docs.set_index("doc_id")
+    doc_text = run.texts(top_ids)
+    comp = _read_comparison(compare_dir) if compare_dir else None
+
+    vvec: dict[tuple[str, str], np.ndarray] = {}
+    dvec: dict[str, np.ndarray] = {}
+    if semantic and (comp is None or "semantic_sim" not in comp.columns):
+        from attribution.embeddings import embed
+
+        vvec = dict(zip([(n, it["id"]) for n, it in order], embed([it["text"] for _, it in order]), strict=True))
+        dvec = dict(zip(top_ids, embed([doc_text[d] for d in top_ids]), strict=True))
+
+    out = []
+    for name, item in order:
+        ev = ExampleEvidence(val_set=name, val_id=item["id"], text=item["text"], meta=item["meta"])
+        top = tops.get((name, item["id"]))
+        for r in [] if top is None else top.itertuples(index=False):
+            text = doc_text[r.doc_id]
+            spans = shared_spans(item["text"], text)
+            c = comp.loc[(r.val_id, r.doc_id)] if comp is not None and (r.val_id, r.doc_id) in comp.index else None
+
+            def has(col: str, c=c) -> bool:
+                return c is not None and col in c and pd.notna(c[col])
+
+            cont = float(c["ngram_containment"]) if has("ngram_containment") else containment(item["text"], text, SPAN_N)
+            longest = longest_span_words(text, spans)
+            if has("longest_common_span"):
+                lc = c["longest_common_span"]
+                longest = len(words(lc)) if isinstance(lc, str) else int(lc)
+            if has("semantic_sim"):
+                sim: float | None = float(c["semantic_sim"])
+            elif vvec:
+                sim = float(vvec[(name, item["id"])] @ dvec[r.doc_id])
+            else:
+                sim = None
+            ev.rows.append(EvidenceRow(
+                rank=int(c["shapley_rank"]) if has("shapley_rank") else int(r.rank), doc_id=r.doc_id,
+                source=str(meta.source.get(r.doc_id, "unknown")), owner=str(meta.owner.get(r.doc_id, "unknown")),
+                score=float(getattr(r, score_col)), value=float(r.value), containment=cont, longest_span=longest,
+                semantic_sim=sim, label=str(c["label"]) if has("label") else None,
+                segments=snippet_segments(text, spans)))
+        out.append(ev)
+    return out, score_col

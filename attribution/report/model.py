@@ -1,0 +1,51 @@
+"""What a report says, as plain data: the HTML and Markdown renderers both draw from one model,
+so the two can only differ in layout, never in numbers (every number is pre-formatted here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attribution.report.evidence import ExampleEvidence
+
+
+@dataclass
+class GroupTable:
+    by: str  # "source" or "owner"
+    csv_name: str
+    columns: list[str]
+    rows: list[dict[str, str]]  # the exact strings written to the CSV
+
+
+@dataclass
+class TopDoc:
+    group: str
+    doc_id: str
+    value: str
+    share: str
+    snippet: str
+
+
+@dataclass
+class Figure:
+    name: str  # file stem under figures/
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class ReportModel:
+    title: str
+    summary: list[tuple[str, str]]
+    rule_name: str
+    rule_description: str
+    basis: list[str]  # how the numbers were computed, sentence by sentence
+    column_notes: list[tuple[str, str]]
+    tables: list[GroupTable]  # the lead grouping (--by) first
+    figures: list[Figure]
+    top_docs_by: str
+    top_docs: list[TopDoc]
+    evidence: list[ExampleEvidence]
+    evidence_note: str
+    limitations: list[str]
+    notes: list[str] = field(default_factory=list)
