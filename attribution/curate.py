@@ -30,6 +30,7 @@ from typing import Any
 import click
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
@@ -72,7 +73,8 @@ def document_values(run_dir: Path, val_set: str | None) -> pd.DataFrame:
     for p in (dv_path, docs_path):
         if not p.is_file():
             raise UserError(f"{p}: missing; RUN must be a run directory written by `attribution run`")
-    dv = pd.read_parquet(dv_path, columns=["doc_id", "val_set", "value"])
+    has_seen = "n_seen" in pq.read_schema(dv_path).names
+    dv = pd.read_parquet(dv_path, columns=["doc_id", "val_set", "value"] + (["n_seen"] if has_seen else []))
     if val_set is not None:
         known = sorted(dv["val_set"].unique())
         if val_set not in known:
@@ -82,9 +84,13 @@ def document_values(run_dir: Path, val_set: str | None) -> pd.DataFrame:
     cols = [c for c in ("doc_id", "source", "owner", "n_tokens") if c in docs.columns]
     docs = docs[cols].copy()
     docs["doc_id"] = docs["doc_id"].astype(str)
-    totals = dv.assign(doc_id=dv["doc_id"].astype(str)).groupby("doc_id")["value"].sum()
-    out = docs.merge(totals.rename("value"), left_on="doc_id", right_index=True, how="left")
+    grouped = dv.assign(doc_id=dv["doc_id"].astype(str)).groupby("doc_id")
+    out = docs.merge(grouped["value"].sum().rename("value"), left_on="doc_id", right_index=True, how="left")
     out["value"] = out["value"].fillna(0.0).astype("float64")
+    if has_seen:
+        seen = grouped["n_seen"].max().rename("n_seen")
+        out = out.merge(seen, left_on="doc_id", right_index=True, how="left")
+        out["n_seen"] = out["n_seen"].fillna(0).astype("int64")
     return out.reset_index(drop=True)
 
 
@@ -166,12 +172,15 @@ class CurateResult:
     dropped_fraction: float
     dropped_token_fraction: float | None
     negative_fraction: float
+    negative_fraction_of_seen: float | None
+    documents_seen: int | None
     target: float
     smooth_window: int
     steps: dict[str, int | None]
     final_loss: dict[str, float]
     saving: dict[str, float | None]
     baseline_reused: bool
+    held_out: bool = False
     run_dirs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -190,7 +199,7 @@ def _saving(steps: int | None, base: int | None) -> float | None:
 def analyse(
     curves: dict[str, pd.Series], values: pd.DataFrame, dropped: pd.DataFrame, control: pd.DataFrame,
     rule: DropRule, val_set: str | None, out: Path, smooth_window: int, baseline_reused: bool,
-    run_dirs: dict[str, str] | None = None,
+    run_dirs: dict[str, str] | None = None, notes: list[str] | None = None, held_out: bool = False,
 ) -> CurateResult:
     """Turn three validation-loss curves and the drop lists into the measured figures and the output files.
 
@@ -202,6 +211,7 @@ def analyse(
     final = {name: float(c.iloc[-1]) for name, c in curves.items()}
     saving = {name: _saving(steps[name], steps["baseline"]) for name in curves}
     tokens = "n_tokens" in values.columns and values["n_tokens"].sum() > 0
+    seen = values[values["n_seen"] > 0] if "n_seen" in values.columns else None
     result = CurateResult(
         out=out,
         rule=str(rule),
@@ -211,13 +221,17 @@ def analyse(
         dropped_fraction=len(dropped) / max(len(values), 1),
         dropped_token_fraction=float(dropped["n_tokens"].sum() / values["n_tokens"].sum()) if tokens else None,
         negative_fraction=float((values["value"] < 0).mean()) if len(values) else 0.0,
+        negative_fraction_of_seen=(float((seen["value"] < 0).mean()) if seen is not None and len(seen) else None),
+        documents_seen=None if seen is None else len(seen),
         target=target,
         smooth_window=smooth_window,
         steps=steps,
         final_loss=final,
         saving=saving,
         baseline_reused=baseline_reused,
+        held_out=held_out,
         run_dirs=run_dirs or {},
+        notes=list(notes or []),
     )
     if steps["curated"] is not None and steps["random"] is not None and steps["baseline"]:
         result.notes.append(
@@ -307,7 +321,10 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
         "",
         f"- Rule: `{r.rule}`, values against "
         + (f"validation set `{r.val_set}`" if r.val_set else "all validation sets (summed)") + ".",
-        f"- Documents with a negative value: {r.negative_fraction:.1%} of {r.n_docs}.",
+        f"- Documents with a negative value: {r.negative_fraction:.1%} of {r.n_docs}"
+        + ("" if r.documents_seen is None else
+           f" ({r.negative_fraction_of_seen:.1%} of the {r.documents_seen} documents the run trained on; "
+           "a document never in a batch has value 0)") + ".",
         f"- Dropped: {r.n_dropped} documents = {r.dropped_fraction:.1%}{tok}.",
         f"- Target validation loss: {r.target:.4f} (baseline's final loss, trailing mean over "
         f"{r.smooth_window} evaluation(s)).",
@@ -337,8 +354,10 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
         "- Only the gap between *curated* and the *random-drop* control speaks for curation; the gap to the "
         "baseline also contains the effect of removing any data at all.",
         "- One seed per run: differences of a few evaluation intervals are within run-to-run noise.",
-        "- The documents were chosen by their value against the same validation set whose loss is measured "
-        "here, so this is an in-sample result; a held-out set would be the stricter test.",
+        ("- Documents were ranked on some validation texts and loss was measured on the others (held out)."
+         if r.held_out else
+         "- The documents were chosen by their value against the same validation texts whose loss is measured "
+         "here, so this is an in-sample result; `--holdout` is the stricter test."),
         "",
     ]
     return "\n".join(lines)
@@ -349,48 +368,130 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
 
 
 def _load_config(run_dir: Path):
-    """Rebuild the RUN's `RunConfig` from its manifest, keeping only fields the current version knows."""
+    """Rebuild the RUN's resolved `RunConfig` from its manifest, on a fixed number of steps.
+
+    A run given in epochs is pinned to the steps it actually took: a smaller corpus would otherwise
+    get fewer steps, and "the same schedule" would not hold.
+    """
     from attribution.train import RunConfig
 
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path}: missing; RUN must be a run directory written by `attribution run`")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    raw = manifest.get("config", manifest)
+    if manifest.get("status", "complete") != "complete":
+        raise UserError(f"{run_dir}: the run is not complete (status {manifest.get('status')!r})")
+    raw = dict(manifest.get("config", {}))
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    kwargs = {k: v for k, v in raw.items() if k in names}
-    return RunConfig(**kwargs), manifest
+    config = RunConfig(**{k: v for k, v in raw.items() if k in names}).resolved()
+    total = manifest.get("training", {}).get("total_steps") or config.steps
+    # the run's own copies of its validation sets: the original paths may be relative or gone
+    val = {name: str(run_dir / "val_sets" / f"{name}.jsonl") if (run_dir / "val_sets" / f"{name}.jsonl").is_file()
+           else path for name, path in config.val.items()}
+    return dataclasses.replace(config, steps=int(total), epochs=None, val=val), manifest
 
 
-def _train(config, out: Path, exclude: list[str], eval_every: int):
-    """One retrain on the RUN's schedule and seed, minus `exclude`."""
+def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str, str]) -> Path:
+    """One plain retrain (no valuation: it is only the loss curve that counts) on the RUN's schedule and seed,
+    minus `exclude`. A finished retrain of the same configuration in `out` is reused, so rerunning `curate`
+    with another `--smooth` costs nothing."""
     from attribution.train import train_and_value
 
-    cfg = dataclasses.replace(config, out=str(out), exclude_ids=list(exclude), eval_every=eval_every)
+    cfg = dataclasses.replace(
+        config, out=str(out), exclude_ids=tuple(sorted(exclude)), eval_every=eval_every, val=val, value=False,
+        resume=False, checkpoint_every=int(config.steps),
+    ).resolved()
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        if old.get("status") == "complete" and old.get("config") == json.loads(json.dumps(cfg.to_json())):
+            click.echo(f"curate: reusing the finished retrain in {out}", err=True)
+            return out
+        raise UserError(f"{out} holds a different or unfinished run; choose another --out")
     return Path(train_and_value(cfg))
+
+
+def split_validation(run_dir: Path, val_set: str, fraction: float, seed: int) -> tuple[list[str], Path, list[str]]:
+    """Split a validation set's texts into a *selection* part (ranks documents) and a *held-out* part
+    (measures loss). Returns (selection ids, path of the held-out JSONL in the run, held-out ids)."""
+    path = run_dir / "val_sets" / f"{val_set}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; --holdout needs the run's copy of validation set {val_set!r}")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    ids = [str(json.loads(ln).get("id", f"{val_set}-{i}")) for i, ln in enumerate(lines, 1)]
+    n_hold = int(round(len(ids) * fraction))
+    if n_hold < 1 or n_hold >= len(ids):
+        raise UserError(f"--holdout {fraction:g} leaves an empty part of the {len(ids)} texts of {val_set!r}")
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    hold = set(perm[:n_hold].tolist())
+    return [ids[i] for i in range(len(ids)) if i not in hold], path, sorted(ids[i] for i in hold)
+
+
+def example_document_values(run_dir: Path, val_set: str, val_ids: list[str]) -> pd.DataFrame:
+    """Like `document_values`, but summed over the given validation texts only (from example_values.parquet)."""
+    ev_path = run_dir / "example_values.parquet"
+    if not ev_path.is_file():
+        raise UserError(f"{ev_path}: missing; --holdout needs per-text values (a validation set of at most "
+                        "`per_example_max` texts)")
+    ev = pd.read_parquet(ev_path, columns=["doc_id", "val_set", "val_id", "value"])
+    ev = ev[(ev["val_set"] == val_set) & ev["val_id"].astype(str).isin(val_ids)]
+    if ev.empty:
+        raise UserError(f"{ev_path}: no per-text values for validation set {val_set!r}")
+    values = document_values(run_dir, val_set)
+    per_doc = ev.assign(doc_id=ev["doc_id"].astype(str)).groupby("doc_id")["value"].sum()
+    values["value"] = values["doc_id"].map(per_doc).fillna(0.0).astype("float64")
+    return values
+
+
+def _write_heldout(src: Path, ids: list[str], dest: Path) -> Path:
+    keep = set(ids)
+    with atomic_write(dest) as fh:
+        for ln in src.read_text(encoding="utf-8").splitlines():
+            if ln.strip() and str(json.loads(ln).get("id")) in keep:
+                fh.write(ln + "\n")
+    return dest
 
 
 def curate(
     run: str | Path, drop: str = "negative", out: str | Path = "curation", val_set: str | None = None,
     eval_every: int | None = None, smooth_window: int = 3, control_seed: int = 0,
-    reuse_baseline: bool = False,
+    reuse_baseline: bool = False, holdout: float = 0.0,
 ) -> CurateResult:
-    """Drop documents by value, retrain baseline / curated / random-drop, and measure steps to the target."""
+    """Drop documents by value, retrain baseline / curated / random-drop, and measure steps to the target.
+
+    `holdout > 0` ranks documents by their value against part of `val_set`'s texts and measures loss
+    on the rest, so selection and measurement do not share texts (needs per-text values).
+    """
     run_dir, out = Path(run), Path(out)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     rule = parse_drop(drop)
     config, _ = _load_config(run_dir)
-    values = document_values(run_dir, val_set)
+    measure_set, val = val_set, dict(config.val)
+    notes: list[str] = []
+    if holdout:
+        if reuse_baseline:
+            raise UserError("--holdout measures loss on a new validation split; it cannot reuse RUN as the baseline")
+        if val_set is None:
+            if len(config.val) != 1:
+                raise UserError("--holdout needs --val-set NAME when the run has several validation sets")
+            val_set = next(iter(config.val))
+        select_ids, src, hold_ids = split_validation(run_dir, val_set, holdout, control_seed)
+        values = example_document_values(run_dir, val_set, select_ids)
+        out.mkdir(parents=True, exist_ok=True)
+        measure_set = f"{val_set}-heldout"
+        val = {measure_set: str(_write_heldout(src, hold_ids, out / f"{measure_set}.jsonl"))}
+        notes.append(f"held-out: documents ranked on {len(select_ids)} texts of `{val_set}`, loss measured on the "
+                     f"other {len(hold_ids)} (`{measure_set}.jsonl`)")
+    else:
+        values = document_values(run_dir, val_set)
     dropped = select_drop(values, rule)
     if dropped.empty:
         raise UserError(f"rule {rule} drops no document in {run_dir}; nothing to compare")
     if len(dropped) >= len(values):
         raise UserError(f"rule {rule} drops every document; nothing left to train on")
     control = random_drop(values, len(dropped), seed=control_seed)
-    steps = int(config.steps)
-    every = eval_every or max(1, steps // 30)
-    runs = out / "runs"
+    every = eval_every or max(1, int(config.steps) // 30)
     run_dirs: dict[str, str] = {}
     curves: dict[str, pd.Series] = {}
     plan = [("baseline", []), ("curated", list(dropped["doc_id"])), ("random", list(control["doc_id"]))]
@@ -398,12 +499,13 @@ def curate(
         if name == "baseline" and reuse_baseline:
             path = run_dir
         else:
-            click.echo(f"curate: training {name} ({len(exclude)} documents left out)", err=True)
-            path = _train(config, runs / name, exclude, every)
+            click.echo(f"curate: training {name} ({len(exclude)} documents left out, {config.steps} steps)", err=True)
+            path = _train(config, out / "runs" / name, exclude, every, val)
         run_dirs[name] = str(path)
-        curves[name] = val_loss_curve(pd.read_csv(path / "train_log.csv"), val_set)
-    return analyse(curves, values, dropped, control, rule, val_set, out, smooth_window,
-                   baseline_reused=reuse_baseline, run_dirs=run_dirs)
+        curves[name] = val_loss_curve(pd.read_csv(path / "train_log.csv"), measure_set)
+    result = analyse(curves, values, dropped, control, rule, measure_set, out, smooth_window,
+                     baseline_reused=reuse_baseline, run_dirs=run_dirs, notes=notes, held_out=bool(holdout))
+    return result
 
 
 @click.command("curate")
@@ -420,11 +522,14 @@ def curate(
               help="Trailing mean over this many evaluations before comparing with the target (1 = raw).")
 @click.option("--control-seed", type=int, default=0, show_default=True,
               help="Seed of the random-drop control (same number of documents as the curated drop).")
+@click.option("--holdout", type=float, default=0.0, show_default=True, metavar="FRAC",
+              help="Rank documents on 1-FRAC of the validation texts and measure loss on the other FRAC "
+                   "(needs per-text values); 0 = rank and measure on the same texts.")
 @click.option("--reuse-baseline", is_flag=True,
               help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
                    "interval then sets the baseline's resolution).")
 def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_every: int | None,
-                   smooth_window: int, control_seed: int, reuse_baseline: bool) -> None:
+                   smooth_window: int, control_seed: int, holdout: float, reuse_baseline: bool) -> None:
     """Reproduce the paper's curation experiment on RUN's corpus.
 
     Retrains on RUN's schedule and seed three times: the full corpus (baseline), the corpus without the
@@ -432,7 +537,7 @@ def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_ev
     steps each needs to reach the baseline's final validation loss.
     """
     r = curate(run, drop=drop, out=out, val_set=val_set, eval_every=eval_every, smooth_window=smooth_window,
-               control_seed=control_seed, reuse_baseline=reuse_baseline)
+               control_seed=control_seed, reuse_baseline=reuse_baseline, holdout=holdout)
     click.echo(
         f"dropped {r.n_dropped}/{r.n_docs} documents ({r.dropped_fraction:.1%}); target {r.target:.4f}; "
         + "; ".join(f"{n}: {_fmt_steps(r.steps[n])} steps ({_fmt_pct(r.saving[n])})" for n in RUN_NAMES)
