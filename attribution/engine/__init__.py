@@ -1,0 +1,27 @@
+"""The valuation engine: exact per-sample gradient inner products and In-Run Shapley values.
+
+Public API (see docs/architecture.md): `grad_dot_products`, `grad_norms`, `step_values`,
+`plan_layers`, `Valuer`, `ValSet`, `StepValues`, `LanguageModelingTask`. Brute-force references for
+tests live in `attribution.engine.exact`.
+"""
+
+from .planner import Plan
+from .rules import UnsupportedModuleError, register_rule
+from .shapley import grad_dot_products, grad_norms, plan_layers, step_values
+from .task import LanguageModelingTask, Task
+from .valuer import StepValues, Valuer, ValSet
+
+__all__ = [
+    "LanguageModelingTask",
+    "Plan",
+    "StepValues",
+    "Task",
+    "UnsupportedModuleError",
+    "ValSet",
+    "Valuer",
+    "grad_dot_products",
+    "grad_norms",
+    "plan_layers",
+    "register_rule",
+    "step_values",
+]

@@ -1,0 +1,301 @@
+"""In-training-loop valuation: one training step with hooks gives the optimizer's gradients and values.
+
+Usage (the training loop, one micro-batch per optimizer step)::
+
+    valuer = Valuer(model, {"math": ValSet(ids, mask, names)}, order=2, optimizer_aware=True)
+    loss = valuer.forward_backward(ids, mask)      # .grad exactly as plain loss.backward()
+    clip = clip_grad_norm_(...)  ->  factor = min(1, max_norm / total_norm)
+    sv = valuer.values(lr, grad_scale=factor, optimizer=opt)   # order 1: this step's values
+    opt.step()
+    sv = sv or valuer.after_step()                  # order 2: the step's finished values
+    ...
+    sv = valuer.finish()                            # flush (None if nothing pending)
+
+First order costs the plain training step, one validation forward/backward per validation set
+(never touching `.grad`) and the scoring. Second order uses the trapezoid rule along the step,
+`phi = lr_eff <g_z, (g_val(w) + g_val(w'))/2>`, which equals the paper's second-order term up to
+O(lr^3); the validation gradient at `w'` is computed once in `after_step()` and reused as the next
+step's "before" gradient, so second order needs no second backward pass either.
+
+DDP: pass the DDP-wrapped model. `forward_backward` runs the wrapped model (so DDP all-reduces
+`.grad` as usual); the validation passes run the inner module (`model.module`) with
+`torch.autograd.grad`, which DDP never sees. Each rank values its own shard; the per-example step
+is `lr / (n_local * world_size)`, matching DDP's gradient averaging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from attribution.errors import UserError
+
+from .capture import Captured, Capturer
+from .ghost import ghost_scores
+from .optimizer import adam_preconditioner, is_adam
+from .planner import Plan, choose, resolve_forced
+from .rules import canonical_shape
+from .scoring import ValSide, build_val_side, score, sq_norms
+from .task import LanguageModelingTask, Task
+
+
+class ValSet:
+    """A validation set: token ids `[n, T]`, mask `[n, T]` (1 = real token) and one name per example.
+
+    `names` (alias `ids_names`) label the columns of per-example values; default "0", "1", ...
+    """
+
+    def __init__(
+        self, ids: torch.Tensor, mask: torch.Tensor | None = None, names: list[str] | None = None,
+        *, ids_names: list[str] | None = None,
+    ):
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            raise UserError(f"validation ids must be a non-empty [n, T] array, got shape {tuple(ids.shape)}")
+        self.ids = ids.long()
+        self.mask = torch.ones_like(self.ids) if mask is None else torch.as_tensor(mask).long()
+        if self.mask.shape != self.ids.shape:
+            raise UserError(f"validation mask shape {tuple(self.mask.shape)} != ids shape {tuple(self.ids.shape)}")
+        names = names if names is not None else ids_names
+        self.names = [str(i) for i in range(len(self.ids))] if names is None else [str(x) for x in names]
+        if len(self.names) != len(self.ids):
+            raise UserError(f"{len(self.names)} validation names for {len(self.ids)} sequences")
+
+    @property
+    def ids_names(self) -> list[str]:
+        return self.names
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class StepValues:
+    """One step's values. Positive = the training sequence lowered that validation loss."""
+
+    step: int
+    per_set: dict[str, np.ndarray]  # float64 [n_train]
+    per_example: dict[str, np.ndarray]  # float64 [n_train, n_val]
+    val_loss: dict[str, float]  # summed validation loss at the weights the values used (before the step)
+    train_grad_sq_norm: np.ndarray | None = None  # [n_train] ||grad loss_i||^2 (when grad_norms=True)
+    val_grad_sq_norm: dict[str, float] = field(default_factory=dict)  # ||grad L_val||^2 (when grad_norms=True)
+    lr: float = 0.0
+    grad_scale: float = 1.0
+    order: int = 1
+    optimizer_aware: bool = False
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for validation gradients, then every module's own training flag restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+
+
+def _world_size(model: nn.Module) -> int:
+    if isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def side_sq_norm(side: ValSide) -> float:
+    """`||g_val||^2` of the whole set (per-example sides are summed first)."""
+    total = 0.0
+    for g in side.dense.values():
+        total += float((g.sum(0).double() ** 2).sum())
+    for cap, w in side.ghost:
+        for pid, uses in cap.uses.items():
+            for u in uses:
+                for v in uses:
+                    total += w * w * float(ghost_scores(u, v, torch.float64 if u.row.dtype == torch.float64 else torch.float32).sum())
+    return total
+
+
+class Valuer:
+    """Values every training sequence of every step against fixed validation sets (see module doc)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        val_sets: Mapping[str, ValSet],
+        *,
+        order: int = 1,
+        per_example: Collection[str] = (),
+        optimizer_aware: bool = False,
+        strategy: str | dict[str, str] | None = None,
+        task: Task | None = None,
+        grad_norms: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if order not in (1, 2):
+            raise UserError(f"order must be 1 or 2, got {order}")
+        unknown = set(per_example) - set(val_sets)
+        if unknown:
+            raise UserError(f"per_example names unknown validation sets: {sorted(unknown)}")
+        if not val_sets:
+            raise UserError("at least one validation set is needed")
+        self.model = model
+        self.inner = _unwrap(model)
+        self.val_sets = dict(val_sets)
+        self.order = order
+        self.per_example = set(per_example)
+        self.optimizer_aware = optimizer_aware
+        self.strategy = strategy
+        self.task = task or LanguageModelingTask()
+        self.grad_norms = grad_norms
+        self.autocast_dtype = autocast_dtype
+        self.capturer = Capturer(self.inner)
+        self.shapes = {pid: canonical_shape(p) for pid, (_, p) in self.capturer.params.items()}
+        self.names = {pid: name for pid, (name, _) in self.capturer.params.items()}
+        self.step = 0
+        self._train: Captured | None = None
+        self._plans: dict[str, Plan] = {}
+        self._plan_key: tuple | None = None
+        self._cache: dict[str, tuple[int, ValSide, float]] = {}  # name -> (weights version, side, loss)
+        self._pending: dict | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device().type, dtype=self.autocast_dtype)
+
+    def _version(self) -> int:
+        """Changes whenever any parameter is modified in place (optimizer steps, loads)."""
+        return sum(p._version for _, p in self.capturer.params.values())
+
+    def plans(self) -> dict[str, Plan]:
+        """The current per-validation-set plans (after the first `forward_backward`)."""
+        return self._plans
+
+    def _plan(self, train: Captured) -> None:
+        t_tokens = sum(u.row.shape[0] * u.row.shape[1] for u in next(iter(train.uses.values()))[:1])
+        key = (train.n, t_tokens)
+        if key == self._plan_key:
+            return
+        self._plan_key = key
+        self._cache.clear()
+        for name, vs in self.val_sets.items():
+            pe = name in self.per_example
+            sizes = {"n": train.n, "train_tokens": t_tokens, "m": len(vs), "val_tokens": vs.ids.numel(),
+                     "groups": len(vs) if pe else 1}
+            plan = Plan(sizes=sizes)
+            for pid, uses in train.uses.items():
+                pname = self.names[pid]
+                plan.layers[pid] = choose(pname, self.shapes[pid], uses, sizes, optimizer_aware=self.optimizer_aware,
+                                          forced=resolve_forced(pname, self.strategy))
+            self._plans[name] = plan
+
+    def _val_side(self, name: str) -> tuple[ValSide, float]:
+        version = self._version()
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+        vs = self.val_sets[name]
+        dev = self._device()
+        ids, mask = vs.ids.to(dev), vs.mask.to(dev)
+        with eval_mode(self.inner), torch.enable_grad(), self._autocast():
+            cap = self.capturer.grads_only(lambda: self.task.per_sequence_loss(self.inner, ids, mask))
+        side = build_val_side(cap, self._plans[name], self.shapes, name in self.per_example)
+        loss = float(cap.losses.double().sum())
+        self._cache[name] = (version, side, loss)
+        return side, loss
+
+    def _finish_values(self, train: Captured, sides: dict[str, ValSide], losses: dict[str, float],
+                       lr: float, grad_scale: float, lr_eff: float, norms_sides: dict[str, ValSide]) -> StepValues:
+        sv = StepValues(self.step, {}, {}, losses, lr=lr, grad_scale=grad_scale, order=self.order,
+                        optimizer_aware=self.optimizer_aware)
+        for name, side in sides.items():
+            s = score(train, side, self._plans[name], self.shapes) * lr_eff
+            sv.per_set[name] = s.sum(1).numpy()
+            if name in self.per_example:
+                sv.per_example[name] = s.numpy()
+        if self.grad_norms:
+            sv.train_grad_sq_norm = sq_norms(train, self._plans[next(iter(self._plans))]).numpy()
+            sv.val_grad_sq_norm = {k: side_sq_norm(v) for k, v in norms_sides.items()}
+        return sv
+
+    # -- the contract -----------------------------------------------------------------------------
+    def forward_backward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        """Train loss (mean of per-sequence losses); `.grad` exactly as plain `loss.backward()`."""
+        if self._pending is not None:
+            raise UserError("order-2 valuer: call after_step() after optimizer.step() before the next forward_backward")
+        dev = self._device()
+        ids = torch.as_tensor(ids).to(dev)
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(dev)
+        with self._autocast():
+            loss, cap = self.capturer.train(lambda: self.task.per_sequence_loss(self.model, ids, mask))
+        self.step += 1
+        self._train = cap
+        self._plan(cap)
+        return float(loss)
+
+    def values(self, lr: float, *, grad_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None) -> StepValues | None:
+        """After clipping, before `optimizer.step()`. Order 1: this step's values; order 2: None (see after_step).
+
+        `grad_scale` is the clipping factor actually applied to `.grad`; `optimizer` (AdamW) is needed
+        when the Valuer is optimizer-aware and is read, never changed.
+        """
+        if self._train is None:
+            raise UserError("values() needs a forward_backward() first")
+        pre = None
+        if self.optimizer_aware:
+            if optimizer is None:
+                raise UserError("optimizer_aware=True: pass the optimizer to values()")
+            if is_adam(optimizer):
+                pre = adam_preconditioner(optimizer, {pid: p for pid, (_, p) in self.capturer.params.items()})
+        train, self._train = self._train, None
+        lr_eff = lr * grad_scale / (train.n * _world_size(self.model))
+        sides, losses = {}, {}
+        for name in self.val_sets:
+            sides[name], losses[name] = self._val_side(name)
+        if self.order == 1:
+            scored = {k: s.precondition(pre) if pre else s for k, s in sides.items()}
+            return self._finish_values(train, scored, losses, lr, grad_scale, lr_eff, sides)
+        self._pending = {"train": train, "sides": sides, "losses": losses, "pre": pre, "lr": lr,
+                         "grad_scale": grad_scale, "lr_eff": lr_eff, "version": self._version()}
+        return None
+
+    def after_step(self) -> StepValues | None:
+        """After `optimizer.step()`. Order 2: the finished values of the step just taken; order 1: None."""
+        if self.order == 1 or self._pending is None:
+            return None
+        p, self._pending = self._pending, None
+        if self._version() == p["version"]:  # the weights did not move: trapezoid = first order
+            after = p["sides"]
+        else:
+            after = {name: self._val_side(name)[0] for name in self.val_sets}
+        scored = {}
+        for name, before in p["sides"].items():
+            side = before.combine(after[name], 0.5, 0.5)
+            scored[name] = side.precondition(p["pre"]) if p["pre"] else side
+        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"])
+
+    def finish(self) -> StepValues | None:
+        """Flush: a pending order-2 step whose optimizer step never happened is valued at first order."""
+        if self._pending is None:
+            return None
+        p, self._pending = self._pending, None
+        scored = {k: s.precondition(p["pre"]) if p["pre"] else s for k, s in p["sides"].items()}
+        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"])
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        self.capturer.remove()
