@@ -127,6 +127,8 @@ def make_run(
     step_rows, ex_acc = [], {}
     for step in range(n_steps):
         batch_idx = rng.choice(n, size=min(batch, n), replace=False)
+        if step == 0:  # make sure every partial-copy target is trained on at least once
+            batch_idx = np.unique(np.concatenate([np.flatnonzero(boost), batch_idx]))
         scale = 1.0 / (1.0 + 0.2 * step)
         for name, items in val.items():
             per_ex = (doc_mean[batch_idx, None] + rng.normal(0, 1e-3, size=(len(batch_idx), len(items)))) * scale
