@@ -101,19 +101,36 @@ def text_pieces(text: str, max_chars: int = _PIECE_CHARS) -> list[str]:
 
 
 def encode_texts(texts: list[str]) -> list[np.ndarray]:
-    """Token ids (int32) of each text, without EOS; one multi-threaded `encode_batch` call."""
+    """Token ids (int32) of each text, without EOS, through multi-threaded `encode_batch` calls.
+
+    Long texts are encoded in pieces, and pieces in groups of about `_BATCH_CHARS` characters whose
+    `Encoding` objects are turned into arrays at once: a 50 MB document never holds more than one
+    group's encodings in memory.
+    """
     tok = load_tokenizer()
-    pieces: list[str] = []
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    group: list[str] = []
     owners: list[int] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        for owner, enc in zip(owners, encode(group, add_special_tokens=False), strict=True):
+            parts[owner].append(np.asarray(enc.ids, dtype=np.int32))
+        group.clear()
+        owners.clear()
+        size = 0
+
     for i, text in enumerate(texts):
         for piece in text_pieces(text):
-            pieces.append(piece)
+            group.append(piece)
             owners.append(i)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    encodings = encode(pieces, add_special_tokens=False)
-    parts: list[list[np.ndarray]] = [[] for _ in texts]
-    for owner, enc in zip(owners, encodings, strict=True):
-        parts[owner].append(np.asarray(enc.ids, dtype=np.int32))
+            size += len(piece)
+            if size >= _BATCH_CHARS:
+                flush()
+    if group:
+        flush()
     return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
 

@@ -117,18 +117,12 @@ def wikipedia(rng: random.Random) -> Iterator[Document]:
 
     dump = _site_file("gensim", "test", "test_data",
                       "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-    articles = []
-    with bz2.open(dump) as fh:
-        for title, raw, _pageid in extract_pages(fh):
-            if raw.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            text = _wiki_clean(filter_wiki(raw))
-            pieces = cut(text)
-            if pieces:
-                articles.append((title, pieces))
-    rng.shuffle(articles)
-    for title, pieces in articles:
-        for i, piece in enumerate(pieces):
+    with bz2.open(dump) as fh:  # markup is stripped lazily: only the articles drawn pay for it
+        pages = [(title, raw) for title, raw, _id in extract_pages(fh)
+                 if not raw.lstrip().upper().startswith("#REDIRECT")]
+    rng.shuffle(pages)
+    for title, raw in pages:
+        for i, piece in enumerate(cut(_wiki_clean(filter_wiki(raw)))):
             yield _doc(f"wikipedia/{title.replace(' ', '_')}#{i}", f"{title}\n\n{piece}", "wikipedia",
                        "Wikipedia contributors", "CC-BY-SA-4.0", title=title)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ OnBadLine = Literal["error", "skip"]
 SHARD_SUFFIXES = (".jsonl", ".jsonl.zst", ".csv", ".parquet")
 _CHUNK = 1 << 20  # bytes read at a time from a compressed shard
 _FORMAT_VERSION = "corpus-v1"  # part of the fingerprint: bump when reading rules change ids or texts
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of a bad record, for counting: the reason without its position or details."""
+    if reason.startswith("duplicate id"):
+        return "duplicate id"
+    return re.split(r" at | \(|:", reason, maxsplit=1)[0]
 
 
 @dataclass
@@ -54,7 +62,7 @@ class ReadStats:
         return sum(self.skipped.values())
 
     def skip(self, err: BadInputError) -> None:
-        self.skipped[err.reason.split(":")[0].split(" (")[0]] += 1
+        self.skipped[_reason_kind(err.reason)] += 1
         if len(self.examples) < 10:
             self.examples.append(str(err))
 
@@ -199,11 +207,11 @@ def _parse_json_line(raw: bytes, line: int) -> dict | _Bad:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _Bad(line, f"invalid UTF-8 at byte {exc.start}")
+        return _Bad(line, f"invalid UTF-8 at column {exc.start + 1}")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return _Bad(line, f"invalid JSON ({exc.msg} at column {exc.colno})")
+        return _Bad(line, f"invalid JSON at column {exc.colno}: {exc.msg}")
     if not isinstance(obj, dict):
         return _Bad(line, f"expected a JSON object, got {_json_type(obj)}")
     return obj
@@ -257,7 +265,7 @@ def _csv_records(inp: _Input, text_column: str, source_column: str) -> Iterator[
                 row_no += 1
                 yield row_no, _row_record(row, text_column, source_column)
     except UnicodeDecodeError as exc:
-        raise BadInputError(path, None, f"invalid UTF-8 at byte {exc.start}") from None
+        raise BadInputError(path, None, f"invalid UTF-8 at byte offset {exc.start}") from None
     except pd.errors.ParserError as exc:
         raise BadInputError(path, None, f"invalid CSV ({exc})") from None
 
@@ -295,7 +303,7 @@ def _textdir_records(inp: _Input) -> Iterator[tuple[int | None, dict | _Bad, Pat
             try:
                 text = file.read_bytes().decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield None, _Bad(None, f"invalid UTF-8 at byte {exc.start}"), file
+                yield None, _Bad(None, f"invalid UTF-8 at byte offset {exc.start}"), file
                 continue
             yield None, {"id": rel.as_posix(), "text": text, "meta": {"pile_set_name": source}}, file
 
@@ -437,7 +445,7 @@ def read_validation(path: str | os.PathLike, *, on_bad_line: OnBadLine = "error"
     as `read_corpus`; a validation set is small, so it is returned as a list.
     """
     inp = expand_inputs([path])
-    if len(inp) != 1 or inp[0].kind not in ("jsonl", "jsonl.zst"):
+    if len(inp) != 1 or inp[0].kind not in ("jsonl", "jsonl.zst") or Path(path).is_dir():
         raise UserError(f"{path}: a validation set must be one .jsonl or .jsonl.zst file")
     return list(read_corpus([path], on_bad_line=on_bad_line))
 
