@@ -112,8 +112,9 @@ def _val_examples(run: Path) -> pd.DataFrame:
     rows = []
     for f in files:
         for d in read_validation(f):
+            target = d.meta.get("target_id")
             rows.append({"val_set": f.stem, "val_id": d.doc_id, "text": d.text,
-                         "variant": d.meta.get("variant"), "target_id": d.meta.get("target_id")})
+                         "variant": d.meta.get("variant"), "target_id": str(target) if target not in (None, "") else ""})
     return pd.DataFrame(rows)
 
 
@@ -169,7 +170,7 @@ def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.
         rec: dict[str, Any] = {
             "val_set": ex.val_set, "val_id": ex.val_id, "variant": ex.variant, "doc_id": d,
             "shapley_value": float(values.get(d, np.nan)),
-            "is_target": ex.target_id is not None and d == ex.target_id,
+            "is_target": bool(ex.target_id) and d == ex.target_id,
         }
         for m in METHODS:
             rec[f"{m}_rank"] = ranks.get(m, {}).get(d)
@@ -226,7 +227,7 @@ def compare_run(
             ix, ex, None if qvecs_all is None else qvecs_all[i], grouped[(ex.val_set, ex.val_id)], k, depth
         )
         frames.append(frame)
-        stats.append({"val_set": ex.val_set, "val_id": ex.val_id, "variant": ex.variant, "corr": corr, "hits": hits})
+        stats.append({"val_set": ex.val_set, "val_id": ex.val_id, "variant": ex.variant, "correlations": corr, "hits": hits})
     comparison = pd.concat(frames, ignore_index=True)
     for m in METHODS:
         comparison[f"{m}_rank"] = comparison[f"{m}_rank"].astype("Int64")
@@ -254,8 +255,8 @@ def summarize(comparison: pd.DataFrame, stats: list[dict], k: int) -> pd.DataFra
             keys = set(zip(g.val_set, g.val_id, strict=True))
             pairs = comparison[[(s, v) in keys for s, v in zip(comparison.val_set, comparison.val_id, strict=True)]]
             for m in METHODS:
-                hits = [h[m] for h in g.hits if m in h]
-                corr = [c[m] for c in g.corr if m in c] if m != "shapley" else []
+                hits = [h[m] for h in g["hits"] if m in h]
+                corr = [c[m] for c in g["correlations"] if m in c] if m != "shapley" else []
                 top = pairs[pairs[f"{m}_rank"].notna() & (pairs[f"{m}_rank"] <= k)]
                 row = {
                     "val_set": val_set, "variant": variant, "method": m, "k": k, "n_examples": len(g),

@@ -1,0 +1,243 @@
+"""Analysis layer end to end on real text: indexes find copies and paraphrases, `compare` labels pairs.
+
+The corpus is real news text (gensim's Lee corpus), cut short to keep MiniLM encoding cheap; the run
+directory is synthetic (random values) except for one planted strong contributor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from attribution.analysis import Indexes, Thresholds, add_documents, build_index, compare_run, evidence
+from attribution.analysis.index import iter_corpus, read_meta
+from attribution.analysis.overlap import word_spans
+from attribution.cli import main
+from attribution.corpus import Document
+from attribution.errors import UserError
+from attribution.text import containment, words
+
+N_DOCS = 60
+N_WORDS = 70
+
+# A hand-written paraphrase of Lee document 7 (shares no 4-word run with it).
+PARAPHRASE_7 = (
+    "Several hundred paddlers are celebrating the new year after spending five days racing canoes down "
+    "the Murray. Having covered over four hundred tiring kilometres in heat and dust, a crew from Melbourne "
+    "won the fiercely fought K-one Cup today. About 230 boats set off from Yarrawonga on Thursday and a "
+    "little more than 200 reached the finish at Swan Hill."
+)
+
+
+def _lee() -> list[str]:
+    import gensim
+
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
+    with open(path, encoding="latin-1") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def _short(text: str, n: int = N_WORDS) -> str:
+    return " ".join(text.split()[:n])
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[Document]:
+    texts = _lee()
+    return [Document(f"lee-{i:03d}", _short(t), "news" if i % 2 else "wire", owner=f"owner{i % 3}")
+            for i, t in enumerate(texts[:N_DOCS])]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus) -> str:
+    """A run directory as `attribution run` writes it: docs, example values, val sets, manifest."""
+    run = tmp_path_factory.mktemp("run")
+    pd.DataFrame({
+        "doc_id": [d.doc_id for d in corpus], "source": [d.source for d in corpus],
+        "owner": [d.owner for d in corpus], "license": [None] * len(corpus),
+        "n_tokens": [len(d.text.split()) for d in corpus], "n_seqs": 1, "text": [d.text for d in corpus],
+    }).to_parquet(run / "docs.parquet", index=False)
+    lee = _lee()
+    d12 = corpus[12].text.split()
+    val = [
+        {"id": "v-exact", "text": corpus[5].text, "meta": {"variant": "exact", "target_id": "lee-005"}},
+        {"id": "v-partial", "text": _short(lee[200], 30) + " " + " ".join(d12[10:50]),
+         "meta": {"variant": "partial", "target_id": "lee-012"}},
+        {"id": "v-para", "text": PARAPHRASE_7, "meta": {"variant": "paraphrase", "target_id": "lee-007"}},
+        {"id": "v-none", "text": _short(lee[250], 60), "meta": {"variant": "unrelated"}},
+    ]
+    (run / "val_sets").mkdir()
+    with open(run / "val_sets" / "demo.jsonl", "w") as fh:
+        for v in val:
+            fh.write(json.dumps(v) + "\n")
+    rng = np.random.default_rng(0)
+    rows = []
+    for v in val:
+        values = rng.normal(0, 1e-3, size=len(corpus))
+        if v["id"] == "v-none":
+            values[40] = 1.0  # planted: an unrelated document with by far the largest value
+        for d, x in zip(corpus, values, strict=True):
+            rows.append({"doc_id": d.doc_id, "val_set": "demo", "val_id": v["id"], "value": x})
+    pd.DataFrame(rows).to_parquet(run / "example_values.parquet", index=False)
+    (run / "manifest.json").write_text(json.dumps({"default_view": "value"}))
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, run_dir) -> str:
+    out = tmp_path_factory.mktemp("idx") / "index"
+    build_index(iter_corpus([run_dir]), out, jobs=1, sources=[run_dir])
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ix(index_dir) -> Indexes:
+    return Indexes.load(index_dir)
+
+
+def test_meta_records_fingerprint_parameters_versions(index_dir, corpus):
+    meta = read_meta(index_dir)
+    assert meta["n_docs"] == N_DOCS and meta["generation"] == 1
+    assert len(meta["corpus_fingerprint"]) == 64
+    assert meta["lexical"]["params"]["ngram"] == 8 and meta["lexical"]["kind"] == "flat"
+    assert meta["semantic"]["kind"] == "flat" and "MiniLM" in meta["semantic"]["model"]
+    assert {"faiss", "bm25s", "numpy", "sentence_transformers"} <= set(meta["versions"])
+
+
+def test_exact_and_partial_copies_found_first_lexically(ix, corpus):
+    exact = ix.lexical_search(corpus[5].text, 5)
+    assert exact.doc_id.iloc[0] == "lee-005" and exact.containment.iloc[0] == 1.0
+    d12 = corpus[12].text.split()
+    partial = "Unrelated words about the weather in the north lead in here. " + " ".join(d12[15:55])
+    hits = ix.lexical_search(partial, 5)
+    assert hits.doc_id.iloc[0] == "lee-012"
+    assert hits.containment.iloc[0] == pytest.approx(containment(partial, corpus[12].text, 8))
+    assert (hits.containment.iloc[1:] < 0.1).all()
+    assert ix.lexical_search("too short", 5).empty  # fewer words than one n-gram
+
+
+def test_paraphrase_found_first_semantically_not_lexically(ix):
+    assert containment(PARAPHRASE_7, ix.text("lee-007"), 4) == 0.0
+    sem = ix.semantic_search(PARAPHRASE_7, 5)
+    assert sem.doc_id.iloc[0] == "lee-007"
+    assert sem.cosine.iloc[0] > 0.7 > sem.cosine.iloc[1]
+    lex = ix.lexical_search(PARAPHRASE_7, 5)
+    assert lex.empty or lex.containment.max() == 0.0
+
+
+def test_bm25_search_finds_the_exact_copy(ix, corpus):
+    hits = ix.bm25_search(corpus[20].text, 3)
+    assert hits.doc_id.iloc[0] == "lee-020"
+    assert hits.bm25.is_monotonic_decreasing
+
+
+def test_evidence_spans_mark_the_shared_text(corpus):
+    doc = corpus[12].text
+    span_words = doc.split()[15:55]
+    val = "Unrelated words about the weather lead in here. " + " ".join(span_words) + " And a tail."
+    ev = evidence(val, doc)
+    assert ev["longest_common_span"] == len(words(" ".join(span_words)))
+    assert ev["containment_val_in_doc"] == pytest.approx(containment(val, doc, 8))
+    assert len(ev["val_spans"]) == 1 and len(ev["doc_spans"]) == 1
+    (vs, ve), (ds, de) = ev["val_spans"][0], ev["doc_spans"][0]
+    assert words(val[vs:ve]) == words(doc[ds:de]) == words(" ".join(span_words))
+    assert ev["longest_common_text"] == val[vs:ve]
+    none = evidence("completely different words here and there and everywhere again", doc)
+    assert none["val_spans"] == [] and none["longest_common_span"] < 3
+
+
+def test_word_spans_agree_with_text_words(corpus):
+    for d in corpus[:10]:
+        toks, spans = word_spans(d.text)
+        assert toks == words(d.text)
+        assert [d.text[s:e].lower() for s, e in spans] == toks
+
+
+def test_add_documents_new_generation_findable_and_duplicates_rejected(tmp_path, corpus):
+    out = tmp_path / "idx"
+    build_index(corpus[:10], out, semantic=None, jobs=1)
+    fp1 = read_meta(out)["corpus_fingerprint"]
+    meta = add_documents(out, corpus[10:14], jobs=1)
+    assert meta["generation"] == 2 and meta["n_docs"] == 14 and meta["corpus_fingerprint"] != fp1
+    ix = Indexes.load(out)
+    assert ix.lexical_search(corpus[12].text, 3).doc_id.iloc[0] == "lee-012"
+    assert ix.bm25_search(corpus[13].text, 1).doc_id.iloc[0] == "lee-013"
+    with pytest.raises(UserError, match="duplicate doc_id"):
+        add_documents(out, corpus[13:15], jobs=1)
+    assert read_meta(out)["n_docs"] == 14  # the failed addition left the index as it was
+    with pytest.raises(UserError, match="semantic"):
+        ix.semantic_search("anything", 3)
+    with pytest.raises(UserError, match="not empty"):
+        build_index(corpus[:3], out, semantic=None, jobs=1)
+
+
+def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
+    out = tmp_path / "cmp"
+    table = compare_run(run_dir, index_dir, out, k=5)
+    for name in ("comparison.parquet", "summary.csv", "summary.md", "compare.json"):
+        assert (out / name).is_file()
+    saved = pd.read_parquet(out / "comparison.parquet")
+    required = ["val_id", "doc_id", "shapley_rank", "lexical_rank", "semantic_rank", "bm25_rank",
+                "ngram_containment", "longest_common_span", "semantic_sim", "label"]
+    assert set(required) <= set(saved.columns) and len(saved) == len(table)
+
+    def pair(val_id, doc_id):
+        row = saved[(saved.val_id == val_id) & (saved.doc_id == doc_id)]
+        assert len(row) == 1
+        return row.iloc[0]
+
+    exact = pair("v-exact", "lee-005")
+    assert exact.label == "verbatim" and exact.lexical_rank == 1 and exact.ngram_containment == 1.0
+    assert exact.longest_common_span == len(words(exact_text := Indexes.load(index_dir).text("lee-005")))
+    assert exact_text
+    assert pair("v-partial", "lee-012").label == "verbatim"
+    para = pair("v-para", "lee-007")
+    assert para.label == "paraphrastic" and para.semantic_rank == 1 and para.ngram_containment == 0.0
+    planted = pair("v-none", "lee-040")
+    assert planted.shapley_rank == 1 and planted.label == "non-obvious influence"
+
+    summary = pd.read_csv(out / "summary.csv")
+    allrows = summary[(summary.variant == "all")].set_index("method")
+    assert allrows.loc["lexical", "n_with_target"] == 3
+    exact_rows = summary[summary.variant == "exact"].set_index("method")
+    assert exact_rows.loc["lexical", "precision_at_1"] == 1.0 and exact_rows.loc["bm25", "recall_at_k"] == 1.0
+    para_rows = summary[summary.variant == "paraphrase"].set_index("method")
+    assert para_rows.loc["semantic", "precision_at_1"] == 1.0
+    assert allrows.loc["shapley", "n_non_obvious_influence"] >= 1
+
+    md = (out / "summary.md").read_text()
+    top = saved[saved.shapley_rank <= 5]
+    n_non = int((top.label == "non-obvious influence").sum())
+    assert f"{n_non} of {len(top)} top-5 Shapley contributors" in md
+    info = json.loads((out / "compare.json").read_text())
+    assert info["thresholds"]["paraphrase_semantic"] == Thresholds().paraphrase_semantic
+
+    # thresholds are configurable and change labels
+    strict = compare_run(run_dir, index_dir, None, k=5, thresholds=Thresholds(paraphrase_semantic=0.99))
+    row = strict[(strict.val_id == "v-para") & (strict.doc_id == "lee-007")].iloc[0]
+    assert row.label != "paraphrastic"
+
+
+def test_cli_build_compare_and_errors(tmp_path, run_dir):
+    runner = CliRunner()
+    idx = tmp_path / "idx"
+    res = runner.invoke(main, ["index", "build", "--corpus", run_dir, "--out", str(idx), "--no-semantic", "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "c"), "-k", "3",
+                               "--threshold", "verbatim_span=30"])
+    assert res.exit_code == 0, res.output
+    saved = pd.read_parquet(tmp_path / "c" / "comparison.parquet")
+    assert saved.semantic_sim.isna().all() and saved.semantic_rank.isna().all()
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["thresholds"]["verbatim_span"] == 30
+    res = runner.invoke(main, ["compare", run_dir, "--index", str(tmp_path), "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "not an index directory" in res.output
+    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"), "--view", "nope"])
+    assert res.exit_code == 2 and "no column 'nope'" in res.output
+    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"),
+                               "--threshold", "bogus=1"])
+    assert res.exit_code == 2 and "unknown threshold" in res.output
