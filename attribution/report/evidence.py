@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from attribution.errors import BadInputError, UserError
@@ -115,6 +117,15 @@ def _read_comparison(compare_dir: Path) -> pd.DataFrame:
     return comp.drop_duplicates(["val_id", "doc_id"]).set_index(["val_id", "doc_id"])
 
 
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and names of a dictionary-encoded column whose chunks share one dictionary."""
+    if col.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64), []
+    names = [str(x) for x in col.chunk(0).dictionary.to_pylist()]
+    idx = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in col.chunks]).astype(np.int64)
+    return idx, names
+
+
 def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: int = 20,
             compare_dir: Path | None = None, semantic: bool = True) -> tuple[list[ExampleEvidence], str]:
     """Evidence for up to `max_examples` validation examples; also returns the ranking column used."""
@@ -124,31 +135,41 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
     names = pq.read_schema(p).names
     score_col = "attribution" if "attribution" in names else "value"
     cols = ["doc_id", "val_set", "val_id", "value"] + (["attribution"] if score_col == "attribution" else [])
-    ex = pq.read_table(p, columns=cols, filters=[("val_set", "in", list(val_sets))]).to_pandas()
-    if ex.empty:
+    # Set and example ids are read dictionary-encoded: selecting an example is then an integer
+    # comparison instead of millions of string comparisons.
+    tbl = pq.read_table(p, columns=cols, filters=[("val_set", "in", list(val_sets))],
+                        read_dictionary=["val_set", "val_id"]).unify_dictionaries()
+    if tbl.num_rows == 0:
         return [], score_col
-    for c in ("doc_id", "val_set", "val_id"):
-        ex[c] = ex[c].astype(str)
+    set_idx, set_names = _codes(tbl["val_set"])
+    id_idx, id_names = _codes(tbl["val_id"])
+    pairs = np.unique(np.stack([set_idx, id_idx], axis=1), axis=0)
     texts = run.val_sets()
     order: list[tuple[str, dict]] = []
     for name in val_sets:
-        present = set(ex.val_id[ex.val_set == name])
+        present = {id_names[j] for i, j in pairs if set_names[i] == name}
         order += [(name, it) for it in texts.get(name, []) if it["id"] in present]
         known = {it["id"] for it in texts.get(name, [])}
         order += [(name, {"id": v, "text": "", "meta": {}}) for v in sorted(present - known)]
     order = order[:max_examples]
-    wanted = {(name, it["id"]) for name, it in order}
-    keys = pd.MultiIndex.from_arrays([ex.val_set, ex.val_id])
-    ex = ex[keys.isin(list(wanted))]
+    scores_all = tbl[score_col].to_numpy().astype(np.float64)
+    doc_col = tbl["doc_id"]
+    if not pa.types.is_string(doc_col.type):
+        doc_col = pc.cast(doc_col, pa.string())
     # Top k per example by score (descending), doc_id as the tie-break; argpartition keeps this
     # linear in the number of documents.
     tops: dict[tuple[str, str], pd.DataFrame] = {}
-    for key, sub in ex.groupby(["val_set", "val_id"], sort=True):
-        scores = sub[score_col].to_numpy(dtype=np.float64)
+    for name, item in order:
+        rows = np.flatnonzero((set_idx == set_names.index(name)) & (id_idx == id_names.index(item["id"])))
+        scores = scores_all[rows]
         k = min(top_k, len(scores))
-        cand = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        part = sub.iloc[cand].sort_values([score_col, "doc_id"], ascending=[False, True], kind="mergesort")
-        tops[key] = part.assign(rank=np.arange(1, len(part) + 1))
+        if k == 0:
+            continue
+        cand = rows[np.argpartition(-scores, k - 1)[:k]] if k < len(scores) else rows
+        part = pd.DataFrame({"doc_id": doc_col.take(pa.array(cand)).to_pylist(), "val_id": item["id"],
+                             "value": tbl["value"].take(pa.array(cand)).to_numpy(), score_col: scores_all[cand]})
+        part = part.sort_values([score_col, "doc_id"], ascending=[False, True], kind="mergesort")
+        tops[(name, item["id"])] = part.assign(rank=np.arange(1, len(part) + 1))
     top_ids = sorted({d for t in tops.values() for d in t.doc_id})
     meta = run.docs.set_index("doc_id")
     doc_text = run.texts(top_ids)

@@ -40,7 +40,8 @@ def stage_shares(stage: pd.DataFrame, by_share: list[str]) -> bytes:
     """
     tot = stage.groupby(["window_start", "window_end", "source"], as_index=False)["value"].sum()
     tot["pos"] = tot.value.clip(lower=0)
-    keep = [s for s in by_share if s in set(tot.source)][:MAX_LINES]
+    present = set(tot.source.tolist())
+    keep = [s for s in by_share if s in present][:MAX_LINES]
     tot["series"] = np.where(tot.source.isin(keep), tot.source, "other sources")
     piv = tot.pivot_table(index=["window_start", "window_end"], columns="series", values="pos", aggfunc="sum",
                           fill_value=0.0)

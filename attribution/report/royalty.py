@@ -6,7 +6,7 @@ relabelling documents (for example splitting one owner into several "shell" owne
 what any document, and therefore any owner, is paid. That is the split-proof property the
 reports promise, and it holds by construction for every rule registered here.
 
-Rules accept arrays of shape ``(..., n_docs)`` so the bootstrap can apply them to many
+Rules accept 2-D arrays and an axis (the document axis) so the bootstrap can apply them to many
 replicates at once.
 """
 
@@ -29,34 +29,33 @@ class Rule:
 
     name: str
     description: str
-    weights: Callable[[np.ndarray], np.ndarray]
+    weights: Callable[..., np.ndarray]  # (values, axis) -> unnormalized weights; may overwrite values
     allows_negative: bool = False
 
-    def shares(self, values: np.ndarray) -> np.ndarray:
-        """Per-document shares along the last axis; rows with nothing to share become NaN."""
-        w = self.weights(np.asarray(values, dtype=np.float64))
-        total = w.sum(axis=-1, keepdims=True)
+    def shares(self, values: np.ndarray, axis: int = -1) -> np.ndarray:
+        """Per-document shares along `axis` (the documents); replicates with nothing to share become NaN."""
+        w = self.weights(np.array(values, dtype=np.float64, copy=True), axis)
+        total = w.sum(axis=axis, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(total > 0, w / np.where(total > 0, total, 1.0), np.nan)
         return out
 
 
-def _positive(v: np.ndarray) -> np.ndarray:
-    return np.maximum(v, 0.0)
+def _positive(v: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.maximum(v, 0.0, out=v)
 
 
-def _signed(v: np.ndarray) -> np.ndarray:
-    return v.copy()
+def _signed(v: np.ndarray, axis: int = -1) -> np.ndarray:
+    return v
 
 
-def _clipped(v: np.ndarray, q: float = 0.99) -> np.ndarray:
+def _clipped(v: np.ndarray, axis: int = -1, q: float = 0.99) -> np.ndarray:
+    """Cap at the q-quantile of the positive values of each replicate (0 where none is positive)."""
     pos = np.where(v > 0, v, np.nan)
-    if pos.ndim == 1:
-        cap = np.nanquantile(pos, q) if np.any(v > 0) else 0.0
-    else:
-        has = np.any(v > 0, axis=-1, keepdims=True)
-        cap = np.where(has, np.nanquantile(np.where(has, pos, 0.0), q, axis=-1, keepdims=True), 0.0)
-    return np.clip(v, 0.0, cap)
+    has = np.any(v > 0, axis=axis, keepdims=True)
+    with np.errstate(all="ignore"):
+        cap = np.nanquantile(np.where(has, pos, 0.0), q, axis=axis, keepdims=True)
+    return np.clip(v, 0.0, np.where(has, cap, 0.0), out=v)
 
 
 RULES: dict[str, Rule] = {

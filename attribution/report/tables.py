@@ -13,6 +13,8 @@ from decimal import Decimal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
@@ -33,25 +35,37 @@ class DocValues:
     per_run: np.ndarray  # [n_runs, n_docs] values of each run, same doc order
 
 
+def _arrow_strings(x: pd.Series | pd.Index) -> pa.Array | pa.ChunkedArray:
+    arr = pa.array(pd.Series(x, copy=False))  # zero-copy for Arrow-backed string columns
+    return arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
+
+
+def positions(ids: pd.Series | pd.Index, universe: pd.Series | pd.Index) -> np.ndarray:
+    """Row of each id in `universe` (-1 if absent), hashed in Arrow: fast for millions of string ids."""
+    found = pc.index_in(_arrow_strings(ids), value_set=_arrow_strings(universe))
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def doc_values(runs: Sequence[Run], val_sets: Sequence[str]) -> DocValues:
     """Sum each document's raw additive `value` over `val_sets`; average runs (seeds) document-wise.
 
     A document a run never valued (never in a batch) counts as 0 for that run.
     """
-    docs = pd.concat([r.docs for r in runs]).drop_duplicates("doc_id", keep="first").reset_index(drop=True)
-    index = pd.Index(docs.doc_id)
-    per_run = np.zeros((len(runs), len(docs)))
-    n_seen = np.zeros(len(docs))
+    docs = pd.concat([r.docs for r in runs]) if len(runs) > 1 else runs[0].docs
+    docs = docs.drop_duplicates("doc_id", keep="first").reset_index(drop=True)
+    n = len(docs)
+    per_run = np.zeros((len(runs), n))
+    n_seen = np.zeros(n)
     for k, run in enumerate(runs):
         dv = run.doc_values[run.doc_values.val_set.isin(val_sets)]
-        agg = dv.groupby("doc_id", sort=False)["value"].sum()
-        pos = index.get_indexer(agg.index)
+        pos = positions(dv.doc_id, docs.doc_id)
         if (pos < 0).any():
             raise UserError(f"{run.path}: doc_values.parquet names documents that docs.parquet lacks")
-        per_run[k, pos] = agg.to_numpy(dtype=np.float64)
-        if "n_seen" in dv:
-            seen = dv.groupby("doc_id", sort=False)["n_seen"].max()
-            n_seen[index.get_indexer(seen.index)] += seen.to_numpy(dtype=np.float64)
+        per_run[k] = np.bincount(pos, weights=dv.value.to_numpy(dtype=np.float64), minlength=n)
+        if "n_seen" in dv:  # the same for every validation set: count it once per run
+            seen = np.zeros(n)
+            np.maximum.at(seen, pos, dv.n_seen.fillna(0).to_numpy(dtype=np.float64))
+            n_seen += seen
     docs = docs.assign(value=per_run.mean(axis=0), n_seen=n_seen / len(runs))
     return DocValues(docs=docs, per_run=per_run)
 
@@ -61,68 +75,77 @@ def group_codes(docs: pd.DataFrame, by: str) -> tuple[np.ndarray, list[str]]:
     return codes, [str(n) for n in names]
 
 
-def _indicator(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
-    n = len(codes)
-    return sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
+def _replicate_group_shares(make_values, n_boot: int, rule: Rule, group_code_list, chunk: int, desc: str):
+    """Apply `rule` to replicate document values and sum shares per group, chunk by chunk.
 
-
-def _replicate_group_shares(make_values, n_boot: int, rule: Rule, groupings, chunk: int, desc: str):
-    """Apply `rule` to replicate document values and sum shares per group, chunk by chunk."""
-    outs = [np.empty((n_boot, g.shape[0])) for g in groupings]
+    `make_values(start, stop)` returns a fresh [n_docs, b] array (documents on axis 0), which the
+    rule may overwrite. All groupings and the total weight come out of one sparse product (one pass
+    over the large array); dividing group weight by total weight equals summing document shares.
+    """
+    sizes = [int(c.max()) + 1 for c in group_code_list]
+    n_docs = len(group_code_list[0])
+    rows = np.concatenate([c + off for c, off in zip(group_code_list, np.cumsum([0] + sizes[:-1]), strict=True)]
+                          + [np.full(n_docs, sum(sizes))])
+    cols = np.tile(np.arange(n_docs), len(sizes) + 1)
+    stacked = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(sum(sizes) + 1, n_docs))
+    outs = [np.empty((n_boot, k)) for k in sizes]
     for start in tqdm(range(0, n_boot, chunk), desc=desc, unit="chunk", leave=False, disable=None):
         stop = min(start + chunk, n_boot)
-        shares = rule.shares(make_values(start, stop))  # [b, n_docs]
-        for out, g in zip(outs, groupings, strict=True):
-            out[start:stop] = (g @ shares.T).T
+        sums = stacked @ rule.weights(make_values(start, stop), 0)  # [groups... + total, b]
+        total = sums[-1]
+        total = np.where(total > 0, total, np.nan)  # a replicate with nothing to share
+        off = 0
+        for out, k in zip(outs, sizes, strict=True):
+            out[start:stop] = (sums[off : off + k] / total).T
+            off += k
     return outs
 
 
 def bootstrap_steps(step_values: pd.DataFrame, dv: DocValues, rule: Rule, group_code_list, *,
-                    n_boot: int = 200, seed: int = 0, chunk: int = 20) -> list[np.ndarray]:
+                    n_boot: int = 200, seed: int = 0, chunk: int = 25) -> list[np.ndarray]:
     """Replicate group shares from resampling training steps with replacement.
 
     Each replicate reweights every step by its multinomial count c_s and perturbs the point values:
     v* = v + sum_s (c_s - 1) x_s. When the document values are the sums of the step values (the
     usual case) this is exactly the classic bootstrap sum; documents without step rows stay fixed.
     """
-    index = pd.Index(dv.docs.doc_id)
-    d = index.get_indexer(step_values.doc_id.astype(str))
+    d = positions(step_values.doc_id, dv.docs.doc_id)
     keep = d >= 0
     steps, s_codes = np.unique(step_values.step.to_numpy()[keep], return_inverse=True)
     x = step_values.value.to_numpy(dtype=np.float64)[keep]
-    m = sp.csr_matrix((x, (s_codes, d[keep])), shape=(len(steps), len(index)))  # sums duplicates
-    mt = m.T.tocsr()
+    mt = sp.csr_matrix((x, (d[keep], s_codes)), shape=(len(dv.docs), len(steps)))  # sums duplicates
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(steps), np.full(len(steps), 1.0 / len(steps)), size=n_boot).astype(np.float64)
-    base = dv.docs.value.to_numpy()
-    groupings = [_indicator(c, int(c.max()) + 1) for c in group_code_list]
+    delta = np.ascontiguousarray((counts - 1.0).T)  # [n_steps, n_boot]
+    base = dv.docs.value.to_numpy()[:, None]
 
     def make(start: int, stop: int) -> np.ndarray:
-        return base[None, :] + (mt @ (counts[start:stop] - 1.0).T).T
+        v = mt @ np.ascontiguousarray(delta[:, start:stop])
+        v += base
+        return v
 
-    return _replicate_group_shares(make, n_boot, rule, groupings, chunk, "bootstrap over steps")
+    return _replicate_group_shares(make, n_boot, rule, group_code_list, chunk, "bootstrap over steps")
 
 
 def bootstrap_seeds(dv: DocValues, rule: Rule, group_code_list, *, n_boot: int = 200, seed: int = 0,
-                    chunk: int = 20) -> list[np.ndarray]:
+                    chunk: int = 25) -> list[np.ndarray]:
     """Replicate group shares from resampling whole runs (seeds) with replacement."""
     n_runs = dv.per_run.shape[0]
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_boot) / n_runs
-    groupings = [_indicator(c, int(c.max()) + 1) for c in group_code_list]
 
     def make(start: int, stop: int) -> np.ndarray:
-        return weights[start:stop] @ dv.per_run
+        return dv.per_run.T @ weights[start:stop].T
 
-    return _replicate_group_shares(make, n_boot, rule, groupings, chunk, "bootstrap over seeds")
+    return _replicate_group_shares(make, n_boot, rule, group_code_list, chunk, "bootstrap over seeds")
 
 
 def ci_bounds(replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of each group's replicate shares (replicates with nothing to share dropped)."""
     alpha = (1 - CI_LEVEL) / 2 * 100
+    pct = np.nanpercentile if np.isnan(replicates).any() else np.percentile  # nanpercentile is slow
     with np.errstate(all="ignore"):
-        lo = np.nanpercentile(replicates, alpha, axis=0)
-        hi = np.nanpercentile(replicates, 100 - alpha, axis=0)
+        lo, hi = pct(replicates, [alpha, 100 - alpha], axis=0)
     return lo, hi
 
 
