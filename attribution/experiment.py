@@ -1,0 +1,295 @@
+"""The copyright experiment (the paper's Table 2): does valuation find the original behind a rewrite?
+
+For each chosen training document ("original") we make validation texts that are ever farther
+from it (partial copy, paraphrase, significant rewrite, a similar-topic document), train GPT-2 once
+per In-Run Shapley order while valuing every training document against every variant, and ask: at
+which rank does the original come among all training documents? The same question is asked of
+three retrieval baselines that look only at the text: BM25, MiniLM similarity and word 8-gram
+containment. Rank 1 = top contributor / best match.
+
+What is kept out of training: the variant texts (they are validation data only) and the whole
+similar-topic pool (each "similar" variant is a real corpus document, so it must never be trained
+on). An `exact` copy cannot be valued here: the training loop drops a training document identical to
+a validation text, which would remove the original itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+from attribution.io import atomic_path, atomic_write
+from attribution.text import ngrams, words
+from attribution.variants.build import (
+    build_variants,
+    distance_summary,
+    parse_kinds,
+    pick_targets,
+    select_ids,
+    split_pool,
+)
+from attribution.variants.rewriters import OfflineRewriter, Rewriter
+
+METHODS = {
+    "irs_order1": "In-Run Shapley, 1st order",
+    "irs_order2": "In-Run Shapley, 2nd order",
+    "bm25": "BM25",
+    "semantic": "MiniLM similarity",
+    "containment": "8-gram containment",
+}
+PAPER = {  # average rank of the original among ~320k training corpora (paper, Table 2): 1st, 2nd order, BM25
+    "partial": (1, 1, 1),
+    "paraphrase": (1, 1, 1),
+    "significant": (32.3, 32, 1.6),
+    "similar": (145.6, 141.6, 20917.3),
+}
+
+
+@dataclass
+class CopyrightExperiment:
+    corpus: list[str]
+    out: Path
+    pick: int | None = 12
+    ids: list[str] | None = None
+    kinds: str | Sequence[str] = "partial,paraphrase,significant,similar"
+    preset: str = "cpu-tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    orders: Sequence[int] = (1, 2)
+    optimizer: str = "adamw"
+    pool_fraction: float = 0.1
+    device: str = "auto"
+    seed: int = 0
+    rewriter: Rewriter = field(default_factory=OfflineRewriter)
+    run_overrides: dict = field(default_factory=dict)  # extra RunConfig fields (tests: tiny models)
+
+
+@dataclass
+class ExperimentResult:
+    table: pd.DataFrame
+    ranks: pd.DataFrame
+    markdown: str
+    seconds: float
+    run_dirs: dict[int, Path]
+
+
+def rank_of(scores: np.ndarray, target: int) -> float:
+    """1-based rank of `scores[target]` when sorted high to low; ties share the average rank."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = s[target]
+    higher = int(np.sum(s > t))
+    ties = int(np.sum(s == t)) - 1
+    return 1.0 + higher + ties / 2.0
+
+
+def _plan(exp: CopyrightExperiment):
+    """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl."""
+    from attribution.variants.cli import load_docs, write_jsonl
+
+    kinds = parse_kinds(exp.kinds)
+    if "exact" in kinds:
+        raise UserError("the copyright experiment cannot value 'exact' variants: the training loop keeps a "
+                        "document identical to a validation text out of training, so the original would vanish")
+    if (exp.pick is None) == (not exp.ids):
+        raise UserError("give exactly one of --pick N or --ids ID,...")
+    docs = load_docs(tuple(exp.corpus))
+    targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed)
+    pool = split_pool(docs, targets, exp.pool_fraction, exp.seed) if "similar" in kinds else []
+    records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed)
+    paths: dict[str, str] = {}
+    for kind in kinds:
+        path = exp.out / "variants" / f"{kind}.jsonl"
+        write_jsonl(path, [r for r in records if r["meta"]["variant"] == kind])
+        paths[kind] = str(path)
+    with atomic_write(exp.out / "variants" / "heldout_ids.txt") as fh:
+        fh.write("".join(f"{d.doc_id}\n" for d in pool))
+    return docs, targets, pool, records, paths
+
+
+def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: list[str], n_targets: int) -> Path:
+    from attribution.train import RunConfig, train_and_value
+
+    run_dir = exp.out / f"run-order{order}"
+    cfg = RunConfig(
+        corpus=list(exp.corpus), val=val, out=str(run_dir), preset=exp.preset, steps=exp.steps,
+        epochs=exp.epochs if exp.steps is None else None, order=order, optimizer=exp.optimizer, seed=exp.seed,
+        exclude_ids=tuple(exclude), device=exp.device, per_example_max=max(64, n_targets), **exp.run_overrides,
+    )
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file() and (run_dir / "example_values.parquet").is_file():
+        done = json.loads(manifest.read_text())
+        if done.get("status") == "finished" and done.get("config") == cfg.resolved().to_json():
+            return run_dir  # the same run already finished: reuse it
+    return Path(train_and_value(cfg))
+
+
+def _irs_ranks(run_dir: Path, records: Sequence[dict], train_ids: list[str]) -> tuple[list[float], list[bool]]:
+    """Rank of each record's original among all training documents by its per-example value
+    (documents never sampled have value 0), and whether the original was trained on at all."""
+    ev = pd.read_parquet(run_dir / "example_values.parquet", columns=["doc_id", "val_set", "val_id", "value"])
+    dv = pd.read_parquet(run_dir / "doc_values.parquet", columns=["doc_id", "n_seen"])
+    seen = set(dv.loc[dv["n_seen"] > 0, "doc_id"].astype(str))
+    row = {d: i for i, d in enumerate(train_ids)}
+    ranks, was_seen = [], []
+    groups = {k: g for k, g in ev.groupby(["val_set", "val_id"], sort=False)}
+    for r in records:
+        kind, target = r["meta"]["variant"], r["meta"]["target_id"]
+        g = groups.get((kind, r["id"]))
+        if g is None:
+            raise UserError(f"{run_dir}: no per-example values for {kind}/{r['id']}")
+        values = np.zeros(len(train_ids), dtype=np.float64)
+        idx = g["doc_id"].astype(str).map(row)
+        ok = idx.notna().to_numpy()
+        values[idx[ok].astype(int).to_numpy()] = g["value"].to_numpy()[ok]
+        ranks.append(rank_of(values, row[target]))
+        was_seen.append(target in seen)
+    return ranks, was_seen
+
+
+def _text_ranks(records: Sequence[dict], train_texts: list[str], train_ids: list[str]) -> dict[str, list[float]]:
+    """Ranks of the original under the text-only baselines, over the same training documents."""
+    import bm25s
+
+    from attribution.embeddings import embed
+
+    row = {d: i for i, d in enumerate(train_ids)}
+    targets = [row[r["meta"]["target_id"]] for r in records]
+    queries = [r["text"] for r in records]
+
+    retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    retriever.index(bm25s.tokenize(train_texts, stopwords="en", show_progress=False), show_progress=False)
+    q_tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    bm25 = [rank_of(np.asarray(retriever.get_scores(q)), t) for q, t in zip(q_tokens, targets, strict=True)]
+
+    # Semantic search as a retriever does it: one MiniLM vector per text (its first 256 word pieces).
+    doc_vecs = embed(train_texts, show_progress=len(train_texts) > 500)
+    q_vecs = embed(queries)
+    semantic = [rank_of(doc_vecs @ q, t) for q, t in zip(q_vecs, targets, strict=True)]
+
+    doc_grams = [ngrams(words(t), 8) for t in train_texts]
+    contain = []
+    for q, t in zip(queries, targets, strict=True):
+        qg = ngrams(words(q), 8)
+        scores = np.array([len(qg & g) / len(qg) if qg else 0.0 for g in doc_grams])
+        contain.append(rank_of(scores, t))
+    return {"bm25": bm25, "semantic": semantic, "containment": contain}
+
+
+def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
+    """Per variant kind: mean (and median) rank per method, share ranked first, and the distances."""
+    methods = [m for m in METHODS if m in ranks.columns]
+    rows = []
+    for kind, g in ranks.groupby("variant", sort=False):
+        row: dict = {"variant": kind, "n": len(g), "n_train_docs": n_train}
+        for m in methods:
+            row[f"{m}_mean_rank"] = round(float(g[m].mean()), 2)
+            row[f"{m}_median_rank"] = float(g[m].median())
+            row[f"{m}_top1_share"] = round(float((g[m] <= 1.0).mean()), 3)
+            row[f"{m}_top1pct_share"] = round(float((g[m] <= max(1.0, 0.01 * n_train)).mean()), 3)
+        for key in ("containment_8", "jaccard_3", "cosine_minilm"):
+            row[f"{key}_median"] = round(float(g[key].median()), 4)
+        if "target_seen" in g:
+            row["originals_trained_share"] = round(float(g["target_seen"].mean()), 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame, meta: dict) -> str:
+    methods = [m for m in METHODS if f"{m}_mean_rank" in table.columns]
+    head = "| variant | n | " + " | ".join(METHODS[m] for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
+    lines = [
+        f"Average rank of the original among {meta['n_train_docs']} training documents "
+        f"(1 = top; median in brackets). Preset {meta['preset']}, {meta['steps']} steps, "
+        f"optimizer {meta['optimizer']}, seed {meta['seed']}.",
+        "",
+        head,
+        "|" + "---|" * (2 + len(methods) + 3),
+    ]
+    for _, r in table.iterrows():
+        cells = [f"{r[f'{m}_mean_rank']:.1f} ({r[f'{m}_median_rank']:g})" for m in methods]
+        lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(cells)
+                     + f" | {r['containment_8_median']:.3f} | {r['jaccard_3_median']:.3f} | {r['cosine_minilm_median']:.3f} |")
+    lines += ["", "Paper (GPT-2 124M, ~320k training corpora): average rank, 1st order / 2nd order / BM25:", ""]
+    lines += [f"- {k}: {a} / {b} / {c}" for k, (a, b, c) in PAPER.items()]
+    if "originals_trained_share" in table.columns:
+        lines += ["", "Share of originals actually sampled in training: "
+                  + ", ".join(f"{r['variant']} {r['originals_trained_share']:.0%}" for _, r in table.iterrows())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars of mean rank (log scale) per variant kind and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if f"{m}_mean_rank" in table.columns]
+    x = np.arange(len(table))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, m in enumerate(methods):
+        ax.bar(x + i * width - 0.4 + width / 2, table[f"{m}_mean_rank"], width, label=METHODS[m])
+    ax.set_yscale("log")
+    ax.set_xticks(x, table["variant"])
+    ax.set_ylabel("average rank of the original (log; 1 = top)")
+    ax.set_title("Copyright experiment: where does the original rank?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
+    """Run the whole experiment and write OUT/table.csv, OUT/table.md, OUT/ranks.csv, OUT/ranks.png."""
+    started = time.time()
+    exp.out.mkdir(parents=True, exist_ok=True)
+    docs, targets, pool, records, val_paths = _plan(exp)
+    exclude = sorted(d.doc_id for d in pool)
+    run_dirs = {o: _train(exp, o, val_paths, exclude, len(targets)) for o in exp.orders}
+
+    first = next(iter(run_dirs.values()))
+    train_ids = pd.read_parquet(first / "docs.parquet", columns=["doc_id"])["doc_id"].astype(str).tolist()
+    text_of = {d.doc_id: d.text for d in docs}
+    missing = [t.doc_id for t in targets if t.doc_id not in set(train_ids)]
+    if missing:
+        raise UserError(f"originals missing from the run's training documents: {', '.join(missing[:5])}")
+    ranks = pd.DataFrame([
+        {"variant": r["meta"]["variant"], "id": r["id"], "target_id": r["meta"]["target_id"],
+         **{k: r["meta"][k] for k in ("containment_8", "jaccard_3", "cosine_minilm")}}
+        for r in records
+    ])
+    for order, run_dir in run_dirs.items():
+        ranks[f"irs_order{order}"], seen = _irs_ranks(run_dir, records, train_ids)
+        ranks["target_seen"] = seen
+    for name, values in _text_ranks(records, [text_of[i] for i in train_ids], train_ids).items():
+        ranks[name] = values
+
+    table = summarize(ranks, len(train_ids))
+    manifest = json.loads((first / "manifest.json").read_text())
+    meta = {"n_train_docs": len(train_ids), "preset": exp.preset, "steps": manifest["training"]["total_steps"],
+            "optimizer": exp.optimizer, "seed": exp.seed}
+    markdown = to_markdown(table, meta)
+    with atomic_path(exp.out / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(exp.out / "ranks.csv") as tmp:
+        ranks.to_csv(tmp, index=False)
+    with atomic_write(exp.out / "table.md") as fh:
+        fh.write(markdown)
+    plot(table, exp.out / "ranks.png")
+    seconds = time.time() - started
+    summary = {**meta, "seconds": round(seconds, 1), "orders": list(exp.orders),
+               "kinds": list(table["variant"]), "originals": [t.doc_id for t in targets],
+               "heldout_pool": len(pool), "distances": distance_summary(records),
+               "runs": {str(o): str(p) for o, p in run_dirs.items()}}
+    with atomic_write(exp.out / "experiment.json") as fh:
+        json.dump(summary, fh, indent=2)
+    return ExperimentResult(table, ranks, markdown, seconds, run_dirs)

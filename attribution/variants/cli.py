@@ -1,0 +1,185 @@
+"""`attribution variants` and `attribution experiment copyright`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from attribution.errors import UserError
+from attribution.io import atomic_write
+
+REWRITER_HELP = (
+    "Who writes paraphrase/significant variants: 'offline' (default; thesaurus-based, no model), "
+    "cmd:\"COMMAND\" (original on stdin, rewrite on stdout; $ATTRIBUTION_REWRITE_KIND says which kind) or "
+    "http:URL (an OpenAI-compatible chat endpoint; key from --rewriter-key-env)."
+)
+
+
+def rewriter_options(f):
+    """The plug-in rewriter's flags, shared by `variants` and `experiment copyright`."""
+    opts = [
+        click.option("--rewriter", default="offline", show_default=True, help=REWRITER_HELP),
+        click.option("--rewriter-model", default="gpt-4o-mini", show_default=True,
+                     help="Model name sent to an http: rewriter."),
+        click.option("--rewriter-key-env", default="OPENAI_API_KEY", show_default=True,
+                     help="Environment variable holding the http: rewriter's API key (unset: no key sent)."),
+        click.option("--rewriter-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+                     help="Seconds one rewrite may take before it counts as failed."),
+        click.option("--rewriter-retries", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Extra attempts after a failed or empty rewrite."),
+        click.option("--on-rewriter-failure", type=click.Choice(["error", "fallback"]), default="error",
+                     show_default=True,
+                     help="When a plug-in rewriter fails: stop with an error, or use the offline rewriter "
+                          "(recorded in each record's meta.fallback_reason)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_rewriter_from(kw: dict):
+    from attribution.variants.rewriters import make_rewriter
+
+    return make_rewriter(kw["rewriter"], timeout=kw["rewriter_timeout"], retries=kw["rewriter_retries"],
+                         on_failure=kw["on_rewriter_failure"], model=kw["rewriter_model"],
+                         key_env=kw["rewriter_key_env"])
+
+
+def load_docs(corpus: tuple[str, ...]) -> list:
+    from attribution.corpus import read_corpus, resolve_corpus
+
+    paths = [p for spec in corpus for p in resolve_corpus(spec)]
+    return list(read_corpus(paths))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with atomic_write(path) as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'variant':<12} {'n':>3}  {'8-gram containment':>20}  {'3-gram Jaccard':>16}  {'MiniLM cosine':>15}",
+             f"{'':<12} {'':>3}  {'median [p10, p90]':>20}  {'median':>16}  {'median [p10]':>15}"]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<12} {r['n']:>3}  "
+            f"{r['containment_8_median']:>6.3f} [{r['containment_8_p10']:.3f}, {r['containment_8_p90']:.3f}]  "
+            f"{r['jaccard_3_median']:>16.3f}  {r['cosine_minilm_median']:>6.3f} [{r['cosine_minilm_p10']:.3f}]"
+        )
+    return "\n".join(lines)
+
+
+@click.command("variants")
+@click.option("--corpus", "corpus", multiple=True, required=True,
+              help="Training corpus the originals come from (path, 'builtin', ...); repeatable.")
+@click.option("--pick", type=int, default=None, help="Pick N prose documents of moderate length (seeded).")
+@click.option("--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick.")
+@click.option("--kinds", default="exact,partial,paraphrase,significant,similar", show_default=True,
+              help="Which variants to write, comma-separated.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.")
+@click.option("--pool-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the other documents held out as the similar-topic pool. Keep them out of "
+                   "training (list them in the run's exclude_ids).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking, excerpts and rewrites.")
+@rewriter_options
+def variants_cmd(corpus, pick, ids, kinds, out, pool_fraction, seed, **kw) -> None:
+    """Write validation documents made from chosen training documents.
+
+    \b
+    exact        a verbatim copy
+    partial      an excerpt (>= half) framed as the answer to a new instruction
+    paraphrase   a meaning-preserving rewrite, sentence by sentence
+    significant  a heavy rewrite: condensed, reordered, reworded
+    similar      a different real document on a related subject, from a held-out pool
+
+    Each line is {"id", "text", "meta": {"variant", "target_id", containment_8, jaccard_3,
+    cosine_minilm, ...}} so you can see how far each variant is from its original.
+    """
+    from tqdm import tqdm
+
+    from attribution.variants.build import (
+        build_variants,
+        distance_summary,
+        parse_kinds,
+        pick_targets,
+        select_ids,
+        split_pool,
+    )
+
+    kind_list = parse_kinds(kinds)
+    if (pick is None) == (ids is None):
+        raise UserError("give exactly one of --pick N or --ids ID,...")
+    docs = load_docs(corpus)
+    targets = (select_ids(docs, [i.strip() for i in ids.split(",") if i.strip()]) if ids
+               else pick_targets(docs, pick, seed))
+    pool = split_pool(docs, targets, pool_fraction, seed) if "similar" in kind_list else []
+    rewriter = make_rewriter_from(kw)
+    with tqdm(total=len(targets), desc="variants", unit=" docs", file=sys.stderr, disable=None) as bar:
+        records = build_variants(targets, kind_list, rewriter=rewriter, pool=pool, seed=seed, progress=bar.update)
+    write_jsonl(out, records)
+    if pool:
+        with atomic_write(Path(f"{out}.heldout.txt")) as fh:
+            fh.write("".join(f"{d.doc_id}\n" for d in pool))
+    click.echo(f"wrote {len(records)} validation documents for {len(targets)} originals to {out}")
+    if pool:
+        click.echo(f"held-out similar-topic pool ({len(pool)} ids, keep out of training): {out}.heldout.txt")
+    click.echo(format_summary(distance_summary(records)))
+
+
+@click.group("experiment")
+def experiment() -> None:
+    """End-to-end experiments that reproduce the paper's findings on your corpus."""
+
+
+@experiment.command("copyright")
+@click.option("--corpus", "corpus", multiple=True, default=("builtin",), show_default=True,
+              help="Training corpus; repeatable.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for variants, runs, table.csv, table.md and rank plot.")
+@click.option("--pick", type=int, default=12, show_default=True, help="Number of originals to pick.")
+@click.option("--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick.")
+@click.option("--kinds", default="partial,paraphrase,significant,similar", show_default=True,
+              help="Variant kinds to value ('exact' cannot be: a training document identical to a "
+                   "validation text is kept out of training).")
+@click.option("--preset", default="cpu-tiny", show_default=True, help="Training preset (see `attribution run`).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the preset's).")
+@click.option("--orders", default="1,2", show_default=True,
+              help="Which In-Run Shapley orders to run (one training run each).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--pool-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the corpus held out of training as the similar-topic pool.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@rewriter_options
+def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, orders, optimizer, pool_fraction, device, seed,
+                  **kw) -> None:
+    """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
+
+    Picks originals, builds their variants, keeps the variants and the similar-topic pool out of
+    training, trains and values (first and second order), then writes OUT/table.csv, OUT/table.md
+    and OUT/ranks.png: per variant kind, the average rank of the original under In-Run Shapley
+    (1st, 2nd order), BM25, MiniLM similarity and 8-gram containment, next to the variants'
+    distances. Rank 1 = the original is the top contributor.
+    """
+    from attribution.experiment import CopyrightExperiment, run_copyright
+
+    order_list = sorted({int(o) for o in orders.split(",") if o.strip()})
+    if not order_list or any(o not in (1, 2) for o in order_list):
+        raise UserError(f"--orders must list 1 and/or 2, got {orders!r}")
+    exp = CopyrightExperiment(
+        corpus=list(corpus), out=out, pick=None if ids else pick,
+        ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
+        kinds=kinds, preset=preset, steps=steps, orders=order_list, optimizer=optimizer,
+        pool_fraction=pool_fraction, device=device, seed=seed, rewriter=make_rewriter_from(kw),
+    )
+    result = run_copyright(exp)
+    click.echo(result.markdown)
+    click.echo(f"\nwrote {out / 'table.csv'}, {out / 'table.md'}, {out / 'ranks.png'} in {result.seconds:.0f} s")
+
+
+commands: list[click.Command] = [variants_cmd, experiment]
