@@ -117,7 +117,7 @@ def test_exact_and_partial_copies_found_first_lexically(ix, corpus):
     hits = ix.lexical_search(partial, 5)
     assert hits.doc_id.iloc[0] == "lee-012"
     assert hits.containment.iloc[0] == pytest.approx(containment(partial, corpus[12].text, 8))
-    assert (hits.containment.iloc[1:] < 0.1).all()
+    assert (hits.containment.iloc[1:] < 0.1).all() and (hits.containment > 0).all()
     assert ix.lexical_search("too short", 5).empty  # fewer words than one n-gram
 
 
@@ -126,8 +126,7 @@ def test_paraphrase_found_first_semantically_not_lexically(ix):
     sem = ix.semantic_search(PARAPHRASE_7, 5)
     assert sem.doc_id.iloc[0] == "lee-007"
     assert sem.cosine.iloc[0] > 0.7 > sem.cosine.iloc[1]
-    lex = ix.lexical_search(PARAPHRASE_7, 5)
-    assert lex.empty or lex.containment.max() == 0.0
+    assert ix.lexical_search(PARAPHRASE_7, 5).empty  # no shared 8-gram with any document
 
 
 def test_bm25_search_finds_the_exact_copy(ix, corpus):
@@ -211,9 +210,9 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     assert allrows.loc["shapley", "n_non_obvious_influence"] >= 1
 
     md = (out / "summary.md").read_text()
-    top = saved[saved.shapley_rank <= 5]
+    top = saved[(saved.shapley_rank <= 5) & (saved.shapley_value > 0)]
     n_non = int((top.label == "non-obvious influence").sum())
-    assert f"{n_non} of {len(top)} top-5 Shapley contributors" in md
+    assert n_non >= 1 and f"{n_non} of {len(top)} top contributors" in md
     info = json.loads((out / "compare.json").read_text())
     assert info["thresholds"]["paraphrase_semantic"] == Thresholds().paraphrase_semantic
 

@@ -289,7 +289,7 @@ def _write(out: Path, comparison: pd.DataFrame, stats: list[dict], run: Path, in
         comparison.to_parquet(tmp, index=False)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    top = comparison[comparison.shapley_rank.notna() & (comparison.shapley_rank <= k)]
+    top = comparison[comparison.shapley_rank.notna() & (comparison.shapley_rank <= k) & (comparison.shapley_value > 0)]
     counts = {lab: int((top.label == lab).sum()) for lab in LABELS}
     n_top = len(top)
     info = {"run": str(run), "index": str(index_dir), "index_generation": ix.meta["generation"],
@@ -304,9 +304,9 @@ def _write(out: Path, comparison: pd.DataFrame, stats: list[dict], run: Path, in
         f"Run `{run}` (view `{column}`), index `{index_dir}` (generation {ix.meta['generation']}); "
         f"{comparison[['val_set', 'val_id']].drop_duplicates().shape[0]} validation examples, top-{k} per method.",
         "",
-        f"**{counts['non-obvious influence']} of {n_top} top-{k} Shapley contributors "
+        f"**{counts['non-obvious influence']} of {n_top} top contributors "
         f"({100 * counts['non-obvious influence'] / max(n_top, 1):.1f}%) are `non-obvious influence`**: "
-        "positive value, low n-gram overlap and low semantic similarity. "
+        f"top-{k} by Shapley value with a positive value, yet low n-gram overlap and low semantic similarity. "
         f"Verbatim {counts['verbatim']}, paraphrastic {counts['paraphrastic']}, other {counts['none']}.",
         "",
         "| method | val set | P@1 (target) | recall@k (target) | Spearman vs Shapley | Kendall vs Shapley |",

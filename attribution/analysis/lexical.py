@@ -58,17 +58,21 @@ class LexicalParams:
 
 
 def _distinct_counts(flat: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Number of distinct hashes in each run of `flat` (set sizes, for containment estimates)."""
-    out = np.zeros(len(counts), dtype=np.int32)
+    """Number of distinct hashes in each run of `flat` (set sizes, for containment estimates).
+
+    One uint64 sort instead of a two-key sort: the key is the run id in the top 24 bits and the
+    hash's top 40 bits below it. Two different shingles of one window collide with probability
+    2**-40, and a batch holds far fewer than 2**24 windows.
+    """
     if not len(flat):
-        return out
-    seg = np.repeat(np.arange(len(counts)), counts)
-    order = np.lexsort((flat, seg))
-    f, s = flat[order], seg[order]
-    new = np.ones(len(f), dtype=bool)
-    new[1:] = (f[1:] != f[:-1]) | (s[1:] != s[:-1])
-    np.add.at(out, s[new], 1)
-    return out
+        return np.zeros(len(counts), dtype=np.int32)
+    if len(counts) >= 1 << 24:
+        raise ValueError("too many windows in one batch")
+    seg = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    key = np.sort((seg << np.uint64(40)) | (flat >> np.uint64(24)))
+    new = np.ones(len(key), dtype=bool)
+    new[1:] = key[1:] != key[:-1]
+    return np.bincount((key[new] >> np.uint64(40)).astype(np.int64), minlength=len(counts)).astype(np.int32)
 
 
 def sign_texts(texts: list[str], params: LexicalParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,32 +218,40 @@ class LexicalIndex:
 
         FAISS returns the `candidates` nearest windows by Hamming distance (default max(3k, 100));
         their documents are re-ranked by exact containment, ties broken by the best window's Jaccard
-        estimate. A query with no n-gram has nothing to match and returns no documents.
+        estimate. Documents that share no n-gram with the query are left out, so fewer than k may
+        come back; a query with no n-gram (fewer words than n) returns none.
         """
         q, sig = self.query_sets(text)
         if not len(q) or self.index.ntotal == 0:
             return []
         n_cand = min(self.index.ntotal, candidates or max(3 * k, 100))
         dist, ids = self.index.search(pack_bits(sig[None, :]), n_cand)
-        best: dict[int, float] = {}
-        for d, w in zip(dist[0], ids[0], strict=True):
-            if w < 0:
-                continue
-            row = int(self.window_doc[w])
-            best[row] = max(best.get(row, 0.0), float(jaccard_from_hamming(d, self.params.num_perm)))
-        scored = []
-        for row, jac in best.items():
-            doc = shingle_set(self.store[row], self.params.ngram)
-            scored.append((row, float(np.isin(q, doc, assume_unique=True).mean()), jac))
+        valid = ids[0] >= 0
+        jac = jaccard_from_hamming(dist[0][valid], self.params.num_perm)
+        order = np.argsort(-jac, kind="stable")
+        doc_rows = np.asarray(self.window_doc[ids[0][valid][order]])
+        uniq, first = np.unique(doc_rows, return_index=True)  # a document's best window
+        best = dict(zip(uniq.tolist(), jac[order][first].tolist(), strict=True))
+        rows = list(best)
+        exact = self.containment_of(q, rows)
+        scored = [(r, float(c), best[r]) for r, c in zip(rows, exact, strict=True) if c > 0]
+        # sharing no n-gram is not a lexical match, whatever the Hamming noise says
         scored.sort(key=lambda t: (-t[1], -t[2], t[0]))
         return scored[:k]
 
+    def containment_of(self, q: np.ndarray, rows: list[int]) -> np.ndarray:
+        """Exact containment of the shingle set `q` in each document row, all rows in one numpy pass."""
+        if not len(q) or not rows:
+            return np.zeros(len(rows))
+        flat, counts = shingle_batch([words(self.store[r]) for r in rows], self.params.ngram)
+        hit = np.isin(flat, q)
+        seg = np.repeat(np.arange(len(rows)), counts)
+        matched = _distinct_counts(flat[hit], np.bincount(seg[hit], minlength=len(rows)))
+        return matched / len(q)
+
     def containment(self, text: str, rows: list[int]) -> np.ndarray:
         """Exact containment of the query's n-grams in each given document (same hashing as `search`)."""
-        q = shingle_set(text, self.params.ngram)
-        if not len(q):
-            return np.zeros(len(rows))
-        return np.array([np.isin(q, shingle_set(self.store[r], self.params.ngram), assume_unique=True).mean() for r in rows])
+        return self.containment_of(shingle_set(text, self.params.ngram), rows)
 
     def params_dict(self) -> dict:
         return asdict(self.params)

@@ -118,7 +118,7 @@ class MinHasher:
         object.__setattr__(self, "_a", a)
         object.__setattr__(self, "_b", b)
 
-    def signatures(self, flat: np.ndarray, counts: np.ndarray, block: int = 256) -> np.ndarray:
+    def signatures(self, flat: np.ndarray, counts: np.ndarray, block: int = 512) -> np.ndarray:
         """MinHash signatures, uint32 `[len(counts), k]`, of sets given as consecutive runs of `flat`.
 
         `counts[i]` hashes of `flat` belong to set i. Repeats inside a set are harmless (min is
@@ -142,8 +142,9 @@ class MinHasher:
             s1 = starts[hi] if hi < len(starts) else len(keys)
             work = keys[s0:s1, None] * a[None, :]
             work += b[None, :]
-            work >>= np.uint64(32)
-            out[nonempty[lo:hi]] = np.minimum.reduceat(work, starts[lo:hi] - s0, axis=0)
+            # `>> 32` is monotone, so it commutes with min: shift the k minima, not the whole block.
+            mins = np.minimum.reduceat(work, starts[lo:hi] - s0, axis=0)
+            out[nonempty[lo:hi]] = mins >> np.uint64(32)
             lo = hi
         return out
 
