@@ -140,19 +140,12 @@ def tokenize_cmd(
     error) leaves no partial cache behind.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from attribution.corpus.builtin import cache_root
-    from attribution.corpus.owners import load_owner_map
-    from attribution.corpus.readers import ReadStats, corpus_fingerprint, read_corpus
-    from attribution.tokens import build_sequences
+    from attribution.corpus.readers import ReadStats
+    from attribution.tokens import corpus_sequences
 
-    files = _paths(paths)
     stats = ReadStats()
-    owners = load_owner_map(owner_map) if owner_map else None
-    # Skipping does not key the cache: with no bad records both modes read the same documents.
-    fingerprint = corpus_fingerprint(files, owner_map=owners)
-    docs = read_corpus(files, on_bad_line=on_bad_line, owner_map=owners, stats=stats)  # type: ignore[arg-type]
-    seqs = build_sequences(docs, seq_len, Path(cache_dir) if cache_dir else cache_root() / "tokens",
-                           fingerprint, max_docs=max_docs)
+    seqs = corpus_sequences(paths, seq_len, cache_dir=cache_dir, on_bad_line=on_bad_line, owner_map=owner_map,
+                            max_docs=max_docs, stats=stats)
     click.echo(f"{len(seqs.docs)} documents, {len(seqs)} sequences of {seq_len}, {seqs.n_tokens} tokens")
     click.echo(f"cache: {seqs.path}")
     if stats.files:
