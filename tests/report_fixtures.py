@@ -187,3 +187,47 @@ def make_run(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def lee_articles() -> list[str]:
+    """Real news articles (gensim's Lee background corpus, shipped in the gensim wheel)."""
+    import os
+
+    import gensim
+
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def make_real_run(root: Path, steps: int = 6) -> Path:
+    """A real `attribution run` (train_and_value, `test-micro` GPT-2) on real news plus hostile documents.
+
+    Two publishers own the news; a third source holds documents with script tags and event handlers.
+    The validation set has a partial copy of one article and two unseen articles.
+    """
+    from attribution.train import RunConfig, train_and_value
+
+    news = lee_articles()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for i, text in enumerate(news[:16]):
+            owner = ("Daily Ledger Ltd", "Metro Press")[i % 2]
+            fh.write(json.dumps({"id": f"news-{i}", "text": text,
+                                 "meta": {"pile_set_name": "news", "owner": owner}}) + "\n")
+        for i, text in enumerate(HOSTILE):
+            fh.write(json.dumps({"id": f"web-{i}", "text": text + " " + news[40 + i],
+                                 "meta": {"pile_set_name": "web<script>window.__pwned=1</script>",
+                                          "owner": '<img src=x onerror="window.__pwned=1">'}}) + "\n")
+    val = [
+        {"id": "copy-3", "text": "Quote the report. " + " ".join(news[3].split()[:50]),
+         "meta": {"variant": "partial_copy", "target_id": "news-3"}},
+        {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
+        {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
+    ]
+    with open(root / "val.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(v) + "\n" for v in val)
+    cfg = RunConfig(corpus=[str(root / "corpus.jsonl")], val={"news": str(root / "val.jsonl")},
+                    out=str(root / "run"), preset="test-micro", steps=steps, lr=1e-2, eval_every=2,
+                    cache_dir=str(root / "cache"), progress=False)
+    return Path(train_and_value(cfg))

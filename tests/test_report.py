@@ -73,8 +73,8 @@ def built(run, tmp_path_factory):
     return res, out
 
 
-def test_all_outputs_exist_and_agree(built, run):
-    res, out = built
+def assert_outputs_agree(out: Path, pool: str, currency: str) -> None:
+    """All files exist; CSV royalties sum to the pool; HTML and Markdown show every CSV row verbatim."""
     for name in ("report.html", "report.md", "sources.csv", "owners.csv"):
         assert (out / name).stat().st_size > 0
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
@@ -90,18 +90,24 @@ def test_all_outputs_exist_and_agree(built, run):
         assert list(rows[0]) == [by, "n_docs", "n_tokens", "value", "value_per_token", "share", "royalty",
                                  "neg_fraction", "ci_low", "ci_high"]
         # Royalties sum exactly to the pool; shares to 1 (within the 6-decimal formatting).
-        assert sum(Decimal(r["royalty"]) for r in rows) == Decimal("1234.56")
+        assert sum(Decimal(r["royalty"]) for r in rows) == Decimal(pool)
         assert abs(sum(float(r["share"]) for r in rows) - 1) < 1e-5
         for r in rows:
             cells = list(r.values())
             assert cells in html_rows.rows, f"HTML lacks the CSV row {cells}"
             assert cells in md, f"Markdown lacks the CSV row {cells}"
             assert float(r["ci_low"]) <= float(r["ci_high"])
-    # Every number the rule produced is stated with the rule's name in both documents.
+    # The rule and the pool are stated in both documents.
     for doc in ("report.html", "report.md"):
         text = (out / doc).read_text(encoding="utf-8")
-        assert "positive-share" in text and "1234.56 USD" in text
-        assert "all validation sets summed" in text
+        assert "positive-share" in text and f"{Decimal(pool):.2f} {currency}" in text
+
+
+def test_all_outputs_exist_and_agree(built):
+    _, out = built
+    assert_outputs_agree(out, "1234.56", "USD")
+    for doc in ("report.html", "report.md"):
+        assert "all validation sets summed" in (out / doc).read_text(encoding="utf-8")
 
 
 def test_numbers_match_an_independent_computation(built, run):

@@ -89,12 +89,12 @@ def _fmt_seconds(s) -> str:
 
 
 def _optimizer_mode(m: dict) -> tuple[str, bool | None]:
-    mode = fact(m, "optimizer_mode", "valuation_optimizer")
+    mode = fact(m, "optimizer_mode", "valuation_optimizer", "values")
     aware = fact(m, "optimizer_aware")
     name = fact(m, "optimizer", "optimizer_name")
     if isinstance(mode, str):
-        aware = "aware" in mode.lower() or "adam" == mode.lower()
-        text = mode
+        aware = "aware" in mode.lower() or mode.lower() == "adam"
+        text = {"sgd-proxy": "SGD proxy (values use the SGD step formula)"}.get(mode, mode)
     elif aware is not None:
         text = "optimizer-aware (Adam-preconditioned values)" if aware else "SGD proxy (values use the SGD step formula)"
     else:
@@ -105,22 +105,32 @@ def _optimizer_mode(m: dict) -> tuple[str, bool | None]:
 
 
 def _model_text(m: dict) -> str:
-    model = fact(m, "model", "model_config")
     parts = []
     preset = fact(m, "preset")
     if preset:
         parts.append(f"preset {preset}")
-    if isinstance(model, dict):
-        for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_params"):
-            if k in model:
-                parts.append(f"{k}={model[k]}")
-    elif model:
-        parts.append(str(model))
+    for k in ("n_layer", "n_embd", "n_head", "seq_len", "n_positions", "vocab_size", "n_params"):
+        v = fact(m, k)
+        if v is not None and not isinstance(v, dict):
+            parts.append(f"{k}={v}")
     return "GPT-2 (" + ", ".join(parts) + ")" if parts else "not recorded"
 
 
+def _listed(v) -> str:
+    return ", ".join(str(x) for x in v) if isinstance(v, list | tuple) else str(v)
+
+
+def _time_text(m: dict) -> str:
+    train = fact(m, "train_seconds", "total_s", "wall_s", "elapsed_s", "seconds", "total_seconds")
+    started, finished = fact(m, "started"), fact(m, "finished")
+    text = _fmt_seconds(train)
+    if isinstance(started, int | float) and isinstance(finished, int | float):
+        text += f" training; {_fmt_seconds(finished - started)} wall clock for the whole run"
+    return text
+
+
 def _steps(run: Run) -> int | None:
-    s = fact(run.manifest, "steps", "max_steps", "n_steps", "total_steps")
+    s = fact(run.manifest, "total_steps", "steps", "max_steps", "n_steps")
     if isinstance(s, int | float):
         return int(s)
     log = run.train_log()
@@ -293,7 +303,7 @@ def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currenc
     order = fact(m, "order", "taylor_order", "approx_order")
     opt_text, _ = _optimizer_mode(m)
     seeds = [fact(r.manifest, "seed") for r in runs]
-    corpus = fact(m, "corpus_spec", "spec", "corpus")
+    corpus = fact(m, "specs", "corpus_spec", "spec", "corpus")
     fp = fact(m, "corpus_fingerprint", "fingerprint")
     docs = runs[0].docs
     set_texts = []
@@ -303,13 +313,12 @@ def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currenc
         set_texts.append(f"{name} ({size if size else '?'} examples, {used})")
     return [
         ("Run" if len(runs) == 1 else "Runs (seeds)", "; ".join(str(r.path) for r in runs)),
-        ("Corpus", f"{corpus if corpus else 'not recorded'}; fingerprint {fp or 'not recorded'}; "
+        ("Corpus", f"{_listed(corpus) if corpus else 'not recorded'}; fingerprint {fp or 'not recorded'}; "
                    f"{len(docs)} documents, {int(docs.n_tokens.sum())} tokens"),
         ("Model", _model_text(m)),
         ("Training steps", "; ".join(str(_steps(r)) for r in runs)),
         ("Validation sets", "; ".join(set_texts)),
-        ("Time taken (training run)", "; ".join(_fmt_seconds(fact(r.manifest, "total_s", "wall_s", "elapsed_s",
-                                                                   "seconds", "total_seconds")) for r in runs)),
+        ("Time taken (training run)", "; ".join(_time_text(r.manifest) for r in runs)),
         ("Approximation order", {1: "first-order Taylor", 2: "second-order Taylor"}.get(order, str(order))
          if order is not None else "not recorded"),
         ("Optimizer mode", opt_text),
@@ -327,7 +336,7 @@ def _basis(runs, sets, requested, ci_method, pool, currency) -> list[str]:
         f"A document's value is the In-Run Data Shapley value recorded by the run: the sum, over the training "
         f"steps in which the document was in the batch, of its estimated reduction of the validation loss. "
         f"Positive means the document helped. It is summed over {which}.",
-        "Royalty tables always use this additive raw `value` column, never a normalized or other view, "
+        "Royalty tables always use this additive raw value column, never a normalized or other view, "
         "because only raw values add up across documents, steps and validation examples.",
         "Owner and source totals are sums of per-document values, and the royalty rule is applied to each "
         "document before summing. Relabelling documents (for example splitting one owner into several shell "
@@ -365,7 +374,7 @@ def _column_notes(multi: bool) -> list[tuple[str, str]]:
 def _evidence_note(ev, score_col, compare_dir, semantic, top_k, max_examples, n_runs) -> str:
     if not ev:
         return "The run has no per-example values (example_values.parquet), so this section is empty."
-    rank = ("the run's `attribution` column" if score_col == "attribution" else "the raw per-example `value`")
+    rank = ("the run's attribution column" if score_col == "attribution" else "the raw per-example value")
     src = (f"n-gram containment, longest shared span, semantic similarity and label from the comparison in "
            f"{compare_dir}" if compare_dir else
            "8-gram containment and shared spans computed from the texts; semantic similarity is the cosine of "
@@ -409,11 +418,15 @@ def _limitations(runs, sets, dv, src_table, have_ci) -> list[str]:
         out.append("The run does not record whether values are optimizer-aware or use SGD as a proxy.")
     seen = dv.docs.n_seen.to_numpy()
     if seen.any():
+        # n_seen counts training sequences; a document cut into k sequences is one full pass per k.
+        seqs = dv.docs.n_seqs.to_numpy(dtype=np.float64) if "n_seqs" in dv.docs else np.ones(len(seen))
+        passes = seen / np.maximum(seqs, 1)
         never = float((seen == 0).mean())
-        once = float((seen == 1).mean())
-        out.append(f"Documents were seen {np.median(seen):.3g} times (median; mean {seen.mean():.3g}). {never:.1%} "
-                   f"were never trained on and have value 0, which is not evidence that they could not have "
-                   f"contributed; {once:.1%} were seen exactly once, so their value rests on a single step.")
+        once = float(((passes > 0) & (passes <= 1)).mean())
+        out.append(f"Documents were trained on {np.median(passes):.3g} times (median number of passes over the "
+                   f"document; mean {passes.mean():.3g}). {never:.1%} were never trained on and have value 0, "
+                   f"which is not evidence that they could not have contributed; {once:.1%} were seen at most "
+                   f"once, so their value rests on very few training steps.")
     sizes = {k: len(v) for k, v in runs[0].val_sets().items()}
     used = ", ".join(f"{k}: {sizes.get(k, '?')} examples" for k in sets)
     out.append(f"Values measure contribution to the chosen validation texts only ({used}); a small or narrow "

@@ -97,8 +97,9 @@ def render(m: ReportModel) -> str:
         p.append("")
         for r in ev.rows:
             marked = "".join(f"⟦{t}⟧" if shared else t for t, shared in r.segments)
-            p += [f"Rank {r.rank}, {code(r.doc_id, in_table=False)} (shared spans between ⟦ and ⟧):", "",
-                  block(marked), ""]
+            note = ("shared spans between ⟦ and ⟧" if any(shared for _, shared in r.segments)
+                    else "no passage of 8 or more words is shared")
+            p += [f"Rank {r.rank}, {code(r.doc_id, in_table=False)} ({note}):", "", block(marked), ""]
 
     p += ["## 5. Limitations", ""]
     p += [f"- {prose(s)}" for s in m.limitations]

@@ -127,7 +127,7 @@ def load_run(path: str | Path) -> Run:
     lacking = [c for c in DOC_COLUMNS if c not in schema]
     if lacking:
         raise BadInputError(path / "docs.parquet", None, f"missing columns {', '.join(lacking)}")
-    cols = [c for c in ("doc_id", "source", "owner", "license", "n_tokens") if c in schema]
+    cols = [c for c in ("doc_id", "source", "owner", "license", "n_tokens", "n_seqs") if c in schema]
     docs = pd.read_parquet(path / "docs.parquet", columns=cols)
     docs["doc_id"] = docs["doc_id"].astype(str)
     docs["source"] = docs["source"].fillna("unknown").astype(str)
