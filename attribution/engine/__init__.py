@@ -9,7 +9,7 @@ from .planner import Plan
 from .rules import UnsupportedModuleError, register_rule
 from .shapley import grad_dot_products, grad_norms, plan_layers, step_values
 from .task import LanguageModelingTask, Task
-from .valuer import StepValues, Valuer, ValSet
+from .valuer import StepValues, ValSet, Valuer
 
 __all__ = [
     "LanguageModelingTask",

@@ -105,7 +105,10 @@ def exact_step_shapley(
 
 def _real_optimizer_step(optimizer, params, w0: torch.Tensor, gflat: torch.Tensor, lr: float) -> torch.Tensor:
     """Weights after one real step of a cloned optimizer (its state deep-copied) with gradient gflat."""
-    clones = [nn.Parameter(p.detach().clone()) for p in params]
+    clones, off = [], 0
+    for p in params:  # start from w0, not from the model (which holds the previous subset's weights)
+        clones.append(nn.Parameter(w0[off : off + p.numel()].view_as(p).clone()))
+        off += p.numel()
     index = {id(p): k for k, p in enumerate(params)}
     groups = []
     for grp in optimizer.param_groups:
@@ -114,9 +117,8 @@ def _real_optimizer_step(optimizer, params, w0: torch.Tensor, gflat: torch.Tenso
         groups.append({**opts, "params": [clones[index[id(p)]] for p in grp["params"] if id(p) in index]})
     opt = type(optimizer)(groups)
     state = copy.deepcopy(optimizer.state_dict())
-    for grp_sd, grp in zip(state["param_groups"], groups, strict=True):
+    for grp_sd in state["param_groups"]:  # same order and sizes as the original groups
         grp_sd["lr"] = lr
-        del grp  # same order and sizes as the original groups
     opt.load_state_dict(state)
     off = 0
     for c in clones:

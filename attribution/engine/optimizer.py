@@ -6,8 +6,11 @@ enters `m` with weight `(1 - beta1)`, so a training sequence z contributes
 `phi_t(z) = lr/|B| * <P' g_val, g_z>` with `P' = (1-beta1)/(1-beta1^t) * P`.
 
 What is and is not attributed (documented choices, measured in tests/test_engine_shapley.py):
-- `v_t` is taken *after* this step's update with the real (clipped) batch gradient in `.grad`; its
-  dependence on which sequences are in the batch is not attributed (first-order treatment).
+- `v_t` is computed with this step's real (clipped) batch gradient in `.grad`. By default each
+  sequence also gets its share of how it raised `v_t`, which shrinks the whole step including the
+  carried momentum: the update is a nonlinear function of the batch gradient, and shares are taken
+  along the path from no batch to the full batch (see `adam_preconditioner`). Without it
+  (`second_moment=False`) values carry a common offset against exact per-step Shapley values.
 - Momentum carried from earlier steps (`beta1 * m_{t-1}`) and decoupled weight decay are the same for
   every subset of the batch; they move the weights but belong to no sequence of this batch.
 - Momentum carried *into later steps* (`beta1^k` of g_z at step t+k) is ignored: each step values
@@ -16,6 +19,7 @@ What is and is not attributed (documented choices, measured in tests/test_engine
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -24,14 +28,33 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return all("betas" in g for g in optimizer.param_groups)
 
 
+PATH_POINTS = 8  # Gauss-Legendre points for the path integral over the batch gradient
+
+
 @torch.no_grad()
 def adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: dict[int, torch.nn.Parameter], grads: dict[int, torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer, params: dict[int, torch.nn.Parameter], grads: dict[int, torch.Tensor] | None = None,
+    *, second_moment: bool = True, batch_size: int | None = None,
 ) -> dict[int, torch.Tensor]:
-    """`P'` per parameter id (param-shaped), from the optimizer's real state and this step's gradient.
+    """`K` per parameter id (param-shaped): `phi(z) = lr * grad_scale / |B| * <K * g_val, g_z>`.
 
+    Plain (`second_moment=False`): `K = (1-beta1)/(1-beta1^t) / (sqrt(v_hat_t)+eps)`, z's share of
+    `m_t` with the full batch's `v_t` held fixed.
+
+    Default: AdamW's update is, per coordinate, a *nonlinear* function `u(g)` of the batch gradient
+    `g` (through `v_t`, which also shrinks the momentum carried from earlier steps). A sequence's
+    share of a function of a sum is approximated by the Aumann-Shapley (path) rule:
+    `K = -(1/lr) * mean_{alpha in (0,1)} du/dg (alpha * g)`, by Gauss-Legendre quadrature. Still
+    elementwise, so scoring costs the same as first order.
     `grads` defaults to each parameter's `.grad` (the loop calls after clipping, before `step()`).
     """
+    if batch_size:  # coalition sizes k = 0..n-1: z joins about k/n of the batch gradient (midpoints)
+        alphas = [(k + 0.5) / batch_size for k in range(batch_size)]
+        wts = [1.0 / batch_size] * batch_size
+    else:
+        nodes, weights = np.polynomial.legendre.leggauss(PATH_POINTS)
+        alphas = [(float(x) + 1) / 2 for x in nodes]
+        wts = [float(w) / 2 for w in weights]
     out: dict[int, torch.Tensor] = {}
     for group in optimizer.param_groups:
         if group.get("amsgrad") or group.get("maximize"):
@@ -42,14 +65,26 @@ def adam_preconditioner(
             if id(p) not in params:
                 continue
             g = grads[id(p)] if grads is not None else p.grad
-            if g is None:
-                g = torch.zeros_like(p)
+            g = torch.zeros_like(p, dtype=torch.float64) if g is None else g.double()
             state = optimizer.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
+            c1, c2 = 1 - b1**step, 1 - b2**step
             v = state.get("exp_avg_sq")
-            v_new = (1 - b2) * g.double() ** 2 if v is None else b2 * v.double() + (1 - b2) * g.double() ** 2
-            denom = (v_new / (1 - b2**step)).sqrt() + eps
-            out[id(p)] = ((1 - b1) / (1 - b1**step) / denom).to(p.dtype if p.dtype == torch.float64 else torch.float32)
+            m = state.get("exp_avg")
+            v = torch.zeros_like(g) if v is None else v.double()
+            m = torch.zeros_like(g) if m is None else m.double()
+            if not second_moment:
+                k = (1 - b1) / c1 / (((b2 * v + (1 - b2) * g**2) / c2).sqrt() + eps)
+            else:
+                k = torch.zeros_like(g)
+                for a, w in zip(alphas, wts, strict=True):
+                    ga = a * g
+                    s = ((b2 * v + (1 - b2) * ga**2) / c2).sqrt()
+                    d = s + eps
+                    num = b1 * m + (1 - b1) * ga
+                    dk = (1 - b1) / d - num * (1 - b2) * ga / (c2 * s.clamp_min(1e-300) * d**2)
+                    k += w * dk / c1
+            out[id(p)] = k.to(p.dtype if p.dtype == torch.float64 else torch.float32)
     return out
 
 

@@ -19,7 +19,7 @@ from .planner import Plan, choose, resolve_forced
 from .rules import canonical_shape
 from .scoring import build_val_side, score, sq_norms
 from .task import LanguageModelingTask, Task
-from .valuer import Valuer, ValSet, eval_mode
+from .valuer import ValSet, Valuer, eval_mode
 
 
 @contextlib.contextmanager
@@ -104,6 +104,7 @@ def step_values(
     model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, lr: float, *, order: int = 1,
     optimizer: torch.optim.Optimizer | None = None, train_mask: torch.Tensor | None = None,
     val_mask: torch.Tensor | None = None, strategy: str | dict[str, str] | None = None, task: Task | None = None,
+    second_moment: bool = True,
 ) -> torch.Tensor:
     """`[n_train]` float64 In-Run Shapley values of one step (mean loss over the batch), positive = helped.
 
@@ -113,7 +114,7 @@ def step_values(
     """
     aware = optimizer is not None and is_adam(optimizer)
     valuer = Valuer(model, {"val": ValSet(val_ids, val_mask)}, order=order, optimizer_aware=aware,
-                    strategy=strategy, task=task)
+                    strategy=strategy, task=task, second_moment=second_moment)
     try:
         with eval_mode(model), keep_grads(model):
             valuer.forward_backward(train_ids, train_mask)

@@ -103,7 +103,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def _world_size(model: nn.Module) -> int:
@@ -117,11 +117,13 @@ def side_sq_norm(side: ValSide) -> float:
     total = 0.0
     for g in side.dense.values():
         total += float((g.sum(0).double() ** 2).sum())
-    for cap, w in side.ghost:
-        for pid, uses in cap.uses.items():
-            for u in uses:
-                for v in uses:
-                    total += w * w * float(ghost_scores(u, v, torch.float64 if u.row.dtype == torch.float64 else torch.float32).sum())
+    for cap_u, w_u in side.ghost:
+        for cap_v, w_v in side.ghost:
+            for pid, uses in cap_u.uses.items():
+                for u in uses:
+                    dtype = torch.float64 if u.row.dtype == torch.float64 else torch.float32
+                    for v in cap_v.uses.get(pid, []):
+                        total += w_u * w_v * float(ghost_scores(u, v, dtype).sum())
     return total
 
 
@@ -140,6 +142,7 @@ class Valuer:
         task: Task | None = None,
         grad_norms: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        second_moment: bool = True,
     ):
         if order not in (1, 2):
             raise UserError(f"order must be 1 or 2, got {order}")
@@ -158,6 +161,7 @@ class Valuer:
         self.task = task or LanguageModelingTask()
         self.grad_norms = grad_norms
         self.autocast_dtype = autocast_dtype
+        self.second_moment = second_moment
         self.capturer = Capturer(self.inner)
         self.shapes = {pid: canonical_shape(p) for pid, (_, p) in self.capturer.params.items()}
         self.names = {pid: name for pid, (name, _) in self.capturer.params.items()}
@@ -256,11 +260,14 @@ class Valuer:
         if self._train is None:
             raise UserError("values() needs a forward_backward() first")
         pre = None
+        train = self._train
         if self.optimizer_aware:
             if optimizer is None:
                 raise UserError("optimizer_aware=True: pass the optimizer to values()")
             if is_adam(optimizer):
-                pre = adam_preconditioner(optimizer, {pid: p for pid, (_, p) in self.capturer.params.items()})
+                params = {pid: p for pid, (_, p) in self.capturer.params.items()}
+                pre = adam_preconditioner(optimizer, params, second_moment=self.second_moment,
+                                          batch_size=train.n * _world_size(self.model))
         train, self._train = self._train, None
         lr_eff = lr * grad_scale / (train.n * _world_size(self.model))
         sides, losses = {}, {}
