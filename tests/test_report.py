@@ -293,3 +293,23 @@ def test_partial_copy_target_is_highlighted(built, run):
     page = (out / "report.html").read_text(encoding="utf-8")
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "<mark>" in page and "⟦" in md
+
+
+def test_compare_dir_evidence_is_shown(run, tmp_path):
+    """Numbers and labels from the analysis layer's comparison.parquet replace the report's own."""
+    ex = pd.read_parquet(run / "example_values.parquet")
+    top = ex.sort_values(["val_id", "attribution", "doc_id"], ascending=[True, False, True]).groupby("val_id").head(5)
+    comp = top.assign(shapley_rank=1, lexical_rank=2, semantic_rank=3, bm25_rank=4, ngram_containment=0.625,
+                      longest_common_span=17, semantic_sim=0.5, label="near-verbatim copy")
+    comp = comp[["val_set", "val_id", "doc_id", "shapley_rank", "lexical_rank", "semantic_rank", "bm25_rank",
+                 "ngram_containment", "longest_common_span", "semantic_sim", "label"]]
+    (tmp_path / "cmp").mkdir()
+    comp.to_parquet(tmp_path / "cmp" / "comparison.parquet", index=False)
+    build_report(run, tmp_path / "rep", compare_dir=tmp_path / "cmp", n_boot=20)
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    rows = [r for r in md_rows(md) if len(r) == 9 and r[0].isdigit()]
+    assert len(rows) == len(comp)
+    assert {tuple(r[5:]) for r in rows} == {("0.625", "17", "0.500", "near-verbatim copy")}
+    assert "near-verbatim copy" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    with pytest.raises(UserError, match="no comparison.parquet"):
+        build_report(run, tmp_path / "rep2", compare_dir=tmp_path, n_boot=20)

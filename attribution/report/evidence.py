@@ -102,6 +102,7 @@ def snippet_segments(doc: str, spans: list[tuple[int, int]], limit: int = SNIPPE
 
 
 def _read_comparison(compare_dir: Path) -> pd.DataFrame:
+    """`comparison.parquet` indexed by (val_set, val_id, doc_id); val_set is "" when the file has none."""
     p = Path(compare_dir) / "comparison.parquet"
     if not p.exists():
         raise UserError(f"{compare_dir}: no comparison.parquet (write it with `attribution compare`)")
@@ -112,9 +113,10 @@ def _read_comparison(compare_dir: Path) -> pd.DataFrame:
     for c in ("val_id", "doc_id"):
         if c not in comp:
             raise BadInputError(p, None, f"missing column {c}")
-    comp["val_id"] = comp["val_id"].astype(str)
-    comp["doc_id"] = comp["doc_id"].astype(str)
-    return comp.drop_duplicates(["val_id", "doc_id"]).set_index(["val_id", "doc_id"])
+    comp["val_set"] = comp["val_set"].astype(str) if "val_set" in comp else ""
+    for c in ("val_id", "doc_id"):
+        comp[c] = comp[c].astype(str)
+    return comp.drop_duplicates(["val_set", "val_id", "doc_id"]).set_index(["val_set", "val_id", "doc_id"])
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
@@ -174,10 +176,11 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
     meta = run.docs.set_index("doc_id")
     doc_text = run.texts(top_ids)
     comp = _read_comparison(compare_dir) if compare_dir else None
+    by_set = comp is not None and bool((comp.index.get_level_values(0) != "").any())
 
     vvec: dict[tuple[str, str], np.ndarray] = {}
     dvec: dict[str, np.ndarray] = {}
-    if semantic and (comp is None or "semantic_sim" not in comp.columns):
+    if semantic and (comp is None or "semantic_sim" not in comp.columns or comp["semantic_sim"].isna().any()):
         from attribution.embeddings import embed
 
         vvec = dict(zip([(n, it["id"]) for n, it in order], embed([it["text"] for _, it in order]), strict=True))
@@ -190,7 +193,8 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
         for r in [] if top is None else top.itertuples(index=False):
             text = doc_text[r.doc_id]
             spans = shared_spans(item["text"], text)
-            c = comp.loc[(r.val_id, r.doc_id)] if comp is not None and (r.val_id, r.doc_id) in comp.index else None
+            key = (name if by_set else "", item["id"], r.doc_id)
+            c = comp.loc[key] if comp is not None and key in comp.index else None
 
             def has(col: str, c=c) -> bool:
                 return c is not None and col in c and pd.notna(c[col])
@@ -207,7 +211,7 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
             else:
                 sim = None
             ev.rows.append(EvidenceRow(
-                rank=int(c["shapley_rank"]) if has("shapley_rank") else int(r.rank), doc_id=r.doc_id,
+                rank=int(r.rank), doc_id=r.doc_id,
                 source=str(meta.source.get(r.doc_id, "unknown")), owner=str(meta.owner.get(r.doc_id, "unknown")),
                 score=float(getattr(r, score_col)), value=float(r.value), containment=cont, longest_span=longest,
                 semantic_sim=sim, label=str(c["label"]) if has("label") else None,
