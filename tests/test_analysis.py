@@ -119,6 +119,8 @@ def test_exact_and_partial_copies_found_first_lexically(ix, corpus):
     assert hits.containment.iloc[0] == pytest.approx(containment(partial, corpus[12].text, 8))
     assert (hits.containment.iloc[1:] < 0.1).all() and (hits.containment > 0).all()
     assert ix.lexical_search("too short", 5).empty  # fewer words than one n-gram
+    jac, con = ix.lexical.estimates(partial, [12, 3])  # from stored signatures only
+    assert con[0] == pytest.approx(hits.containment.iloc[0], abs=0.15) and con[1] < 0.05
 
 
 def test_paraphrase_found_first_semantically_not_lexically(ix):
@@ -240,3 +242,39 @@ def test_cli_build_compare_and_errors(tmp_path, run_dir):
     res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"),
                                "--threshold", "bogus=1"])
     assert res.exit_code == 2 and "unknown threshold" in res.output
+
+
+@pytest.mark.slow
+def test_compare_on_a_real_tiny_run(tmp_path):
+    """`attribution run`'s code path (`train_and_value`, a 1-layer GPT-2) then `index build` + `compare`."""
+    from attribution.train import RunConfig, train_and_value
+
+    lee = _lee()
+    with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for i, text in enumerate(lee[:16]):
+            fh.write(json.dumps({"id": f"lee-{i}", "text": _short(text, 90), "meta": {"pile_set_name": "news"}}) + "\n")
+    val = [
+        {"id": "copy-3", "text": "As reported: " + _short(lee[3], 60), "meta": {"variant": "partial_copy", "target_id": "lee-3"}},
+        {"id": "para-7", "text": PARAPHRASE_7, "meta": {"variant": "paraphrase", "target_id": "lee-7"}},
+        {"id": "other", "text": _short(lee[150], 60), "meta": {"variant": "unrelated"}},
+    ]
+    with open(tmp_path / "val.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(v) + "\n" for v in val)
+    cfg = RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"news": str(tmp_path / "val.jsonl")},
+                    out=str(tmp_path / "run"), preset="test-micro", steps=6, cache_dir=str(tmp_path / "cache"),
+                    progress=False)
+    run = train_and_value(cfg)
+    runner = CliRunner()
+    res = runner.invoke(main, ["index", "build", "--corpus", str(run), "--out", str(tmp_path / "idx"), "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["compare", str(run), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "cmp"), "-k", "5"])
+    assert res.exit_code == 0, res.output
+    saved = pd.read_parquet(tmp_path / "cmp" / "comparison.parquet")
+    assert set(saved.val_id) == {"copy-3", "para-7", "other"}
+    assert saved.shapley_rank.notna().any() and saved.shapley_value.notna().any()
+    copy = saved[(saved.val_id == "copy-3") & (saved.doc_id == "lee-3")].iloc[0]
+    assert copy.label == "verbatim" and copy.lexical_rank == 1
+    para = saved[(saved.val_id == "para-7") & (saved.doc_id == "lee-7")].iloc[0]
+    assert para.label == "paraphrastic" and para.semantic_rank == 1
+    md = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "top contributors" in md and "non-obvious influence" in md

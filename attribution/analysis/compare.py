@@ -145,14 +145,14 @@ def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.
     shapley = values.sort_values(ascending=False, kind="stable")
     ranked = {"shapley": shapley.index.tolist()}
     doc_ids = ix.store.docs["doc_id"].to_numpy()
-    ranked["lexical"] = [doc_ids[r] for r, *_ in ix.lexical.search(text, depth)]
+    ranked["lexical"] = [str(doc_ids[r]) for r, *_ in ix.lexical.search(text, depth)]
     bm25_all = None
     if ix.semantic is not None and qvecs is not None:
-        ranked["semantic"] = [doc_ids[r] for r, _ in ix.semantic.search_vectors(qvecs, depth)]
+        ranked["semantic"] = [str(doc_ids[r]) for r, _ in ix.semantic.search_vectors(qvecs, depth)]
     if ix.bm25 is not None:
         bm25_all = ix.bm25.scores(text)
-        order = np.argsort(-bm25_all, kind="stable")
-        ranked["bm25"] = [doc_ids[r] for r in order if bm25_all[r] > 0]
+        matched = np.flatnonzero(bm25_all > 0)  # a document sharing no query term has no BM25 rank
+        ranked["bm25"] = doc_ids[matched[np.argsort(-bm25_all[matched], kind="stable")]].tolist()
     ranks = {m: _rank_map(lst) for m, lst in ranked.items()}
     pool: list[str] = []
     for m in METHODS:

@@ -78,11 +78,11 @@ def iter_corpus(paths: Sequence[str | os.PathLike]) -> Iterator[Document]:
         table = pd.read_parquet(run_docs)
         if "text" not in table.columns:
             raise UserError(f"{run_docs}: no text column; the run was written without document texts")
-        for row in table.itertuples(index=False):
+        for row in table.to_dict("records"):
+            lic = row.get("license")
             yield Document(
-                doc_id=str(row.doc_id), text=str(row.text), source=str(getattr(row, "source", "unknown")),
-                owner=str(getattr(row, "owner", "unknown")),
-                license=None if getattr(row, "license", None) is None else str(row.license),
+                doc_id=str(row["doc_id"]), text=str(row["text"]), source=str(row.get("source") or "unknown"),
+                owner=str(row.get("owner") or "unknown"), license=None if lic is None or pd.isna(lic) else str(lic),
             )
 
 

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from attribution.analysis.chunking import windows
 from attribution.analysis.minhash import (
     MinHasher,
+    estimate_containment,
+    estimate_jaccard,
     jaccard_from_hamming,
     pack_bits,
     shingle_batch,
@@ -248,6 +250,20 @@ class LexicalIndex:
         seg = np.repeat(np.arange(len(rows)), counts)
         matched = _distinct_counts(flat[hit], np.bincount(seg[hit], minlength=len(rows)))
         return matched / len(q)
+
+    def estimates(self, text: str, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """MinHash estimates from the stored signatures alone (no texts read): per document, the best
+        window's Jaccard similarity with the query and containment of the query in that window."""
+        q, sig = self.query_sets(text)
+        jac, con = np.zeros(len(rows)), np.zeros(len(rows))
+        lo = np.searchsorted(self.window_doc, rows, side="left")
+        hi = np.searchsorted(self.window_doc, rows, side="right")
+        for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            if b > a and len(q):
+                sigs = np.asarray(self.signatures[a:b])
+                jac[i] = estimate_jaccard(sig, sigs).max()
+                con[i] = estimate_containment(sig, sigs, len(q), np.asarray(self.set_size[a:b])).max()
+        return jac, con
 
     def containment(self, text: str, rows: list[int]) -> np.ndarray:
         """Exact containment of the query's n-grams in each given document (same hashing as `search`)."""
