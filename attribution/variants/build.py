@@ -12,7 +12,7 @@ The five kinds, from nearest to farthest from the original:
 
 Every record says how far it really is from its original: word 8-gram containment of the variant
 in the original, word 3-gram Jaccard, and MiniLM cosine (documents are embedded as the mean of
-~150-word chunks, since MiniLM reads only its first 256 word pieces).
+~180-word chunks, since MiniLM reads only its first 256 word pieces).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from attribution.text import containment, jaccard, words
 from attribution.variants.rewriters import OfflineRewriter, RewriteError, Rewriter
 
 KINDS = ("exact", "partial", "paraphrase", "significant", "similar")
-CHUNK_WORDS = 150
+CHUNK_WORDS = 180  # ~250 word pieces: MiniLM's window
+MAX_CHUNKS = 5  # distances cover the first ~900 words; picked originals are shorter than that
 SIMILAR_MAX_CONTAINMENT = 0.2  # a pool document sharing more 8-grams than this is a copy, not a similar text
 
 # Framing for partial copies: an instruction whose answer is the excerpt (the paper's construction).
@@ -63,15 +64,19 @@ def prose_score(text: str) -> float:
     code, tables and math. The paraphraser is for prose, so targets are picked by it."""
     from attribution.variants.thesaurus import common_words
 
-    toks = re.findall(r"[A-Za-z]+|\S+", text)
+    toks = re.findall(r"[A-Za-z]+|[^A-Za-z\s]+", text)
     if not toks:
         return 0.0
     common = common_words()
-    return sum(t.lower() in common for t in toks) / len(toks)
+    share = sum(t.lower() in common for t in toks if t[0].isalpha()) / len(toks)
+    symbols = len(re.findall(r"[(){}\[\]=_<>#*|\\/+^$@%&~`]", text)) / max(len(text), 1)
+    digits = sum(c.isdigit() for c in text) / max(len(text), 1)
+    # code and markup (symbols in more than ~5% of characters) and arithmetic (digits) are not prose
+    return share * max(0.0, 1.0 - 20.0 * symbols) * max(0.0, 1.0 - 5.0 * digits)
 
 
 def pick_targets(docs: Sequence[Document], n: int, seed: int = 0, *, min_words: int = 80,
-                 max_words: int = 1500, min_prose: float = 0.7) -> list[Document]:
+                 max_words: int = 800, min_prose: float = 0.6) -> list[Document]:
     """`n` prose documents of moderate length, drawn evenly across sources, deterministic for `seed`."""
     if n < 1:
         raise UserError(f"--pick must be at least 1, got {n}")
@@ -115,14 +120,14 @@ def split_pool(docs: Sequence[Document], targets: Sequence[Document], fraction: 
 
 
 def doc_vectors(texts: Sequence[str], progress: bool = False) -> np.ndarray:
-    """Whole-document MiniLM vectors: the normalized mean of ~150-word chunk embeddings."""
+    """Whole-document MiniLM vectors: the normalized mean of the embeddings of up to MAX_CHUNKS chunks."""
     from attribution.embeddings import embed
 
     chunks: list[str] = []
     owner: list[int] = []
     for i, text in enumerate(texts):
         toks = text.split()
-        for j in range(0, max(len(toks), 1), CHUNK_WORDS):
+        for j in range(0, min(max(len(toks), 1), CHUNK_WORDS * MAX_CHUNKS), CHUNK_WORDS):
             chunks.append(" ".join(toks[j : j + CHUNK_WORDS]))
             owner.append(i)
     vecs = embed(chunks, show_progress=progress)
@@ -174,7 +179,10 @@ class SimilarFinder:
     def build(cls, pool: Sequence[Document]) -> SimilarFinder:
         if not pool:
             raise UserError("the similar-topic pool is empty: give a larger corpus or --pool-fraction")
-        return cls(pool, doc_vectors([d.text for d in pool], progress=len(pool) > 200))
+        from attribution.embeddings import embed
+
+        # one vector per pool document (its opening), as a semantic search engine would index it
+        return cls(pool, embed([d.text for d in pool], show_progress=len(pool) > 200))
 
     def find(self, doc: Document, doc_vec: np.ndarray, used: set[str]) -> tuple[Document, float]:
         sims = self.vectors @ doc_vec
@@ -204,7 +212,12 @@ def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewrite
     target and kind. Never returns a record with empty text."""
     rewriter = rewriter or OfflineRewriter()
     finder = SimilarFinder.build(pool) if "similar" in kinds else None
-    target_vecs = doc_vectors([d.text for d in targets]) if finder else None
+    if finder:
+        from attribution.embeddings import embed
+
+        target_vecs = embed([d.text for d in targets])
+    else:
+        target_vecs = None
     used: set[str] = set()
     records: list[dict] = []
     for t_i, doc in enumerate(targets):
