@@ -278,12 +278,10 @@ def _write_outputs(
 
 
 def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     colors = {"baseline": "tab:blue", "curated": "tab:green", "random": "tab:grey"}
     labels = {"baseline": "baseline (full corpus)", "curated": f"curated ({r.rule})",
               "random": "random-drop control"}
@@ -302,7 +300,6 @@ def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def _fmt_steps(s: int | None) -> str:
@@ -393,12 +390,14 @@ def _load_config(run_dir: Path):
 
 def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str, str]) -> Path:
     """One plain retrain (no valuation: it is only the loss curve that counts) on the RUN's schedule and seed,
-    minus `exclude`. A finished retrain of the same configuration in `out` is reused, so rerunning `curate`
+    minus `exclude` (on top of RUN's own `exclude_ids`). A finished retrain of the same configuration in `out` is reused, so rerunning `curate`
     with another `--smooth` costs nothing."""
     from attribution.train import train_and_value
 
     cfg = dataclasses.replace(
-        config, out=str(out), exclude_ids=tuple(sorted(exclude)), eval_every=eval_every, val=val, value=False,
+        # RUN's own exclusions (e.g. held-out validation documents) stay out of every retrain
+        config, out=str(out), exclude_ids=tuple(sorted(set(map(str, config.exclude_ids)) | set(exclude))),
+        eval_every=eval_every, val=val, value=False,
         resume=False, checkpoint_every=int(config.steps),
     ).resolved()
     manifest = out / "manifest.json"

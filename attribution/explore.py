@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -22,8 +23,13 @@ import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_path
-from attribution.report.evidence import SPAN_N, longest_span_words, shared_spans
-from attribution.report.royalty import DEFAULT_RULE
+
+with warnings.catch_warnings():
+    # tqdm.auto (imported by the report package) warns in a Jupyter kernel without ipywidgets; the
+    # notebook's widgets are optional, so that warning is noise for a reviewer.
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    from attribution.report.evidence import SPAN_N, longest_span_words, shared_spans
+    from attribution.report.royalty import DEFAULT_RULE
 from attribution.text import containment
 
 RUN_ENV = "ATTRIBUTION_RUN"

@@ -1,7 +1,7 @@
 """`attribution curate` end to end: a small real valued run, then three real plain retrains.
 
 The corpus mixes real news articles (gensim's Lee corpus) with random hex strings, from two sources;
-the validation texts are a partial copy and a scrambled copy of one training article, and two unseen
+the validation texts are a partial copy and a light rewrite of one training article, and two unseen
 articles.
 """
 
@@ -38,16 +38,19 @@ def make_tiny_run(root: Path, steps: int = 8) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
         for i, text in enumerate(news[:18]):
-            fh.write(json.dumps({"id": f"news-{i}", "text": text, "meta": {"pile_set_name": "news"}}) + "\n")
+            meta = {"pile_set_name": "news", "owner": ["Daily Planet", "Gazette", "Courier"][i % 3]}
+            fh.write(json.dumps({"id": f"news-{i}", "text": text, "meta": meta}) + "\n")
         for i in range(6):
             noise = " ".join(rng.bytes(6).hex() for _ in range(60))
-            fh.write(json.dumps({"id": f"noise-{i}", "text": noise, "meta": {"pile_set_name": "noise"}}) + "\n")
-    target = news[2]
+            fh.write(json.dumps({"id": f"noise-{i}", "text": noise,
+                                 "meta": {"pile_set_name": "noise", "owner": "Scraper Ltd"}}) + "\n")
+    target = news[8].split()  # news-8 is in several batches of this seed's 8 steps
+    # a light rewrite: every 10th word replaced, so runs of 9 words survive (8-gram evidence to highlight)
+    light = [("indeed" if k % 10 == 9 else w) for k, w in enumerate(target[:80])]
     val = [
-        {"id": "copy-2", "text": "Please quote the article. " + " ".join(target.split()[:60]),
-         "meta": {"variant": "partial_copy", "target_id": "news-2"}},
-        {"id": "para-2", "text": " ".join(reversed(target.split()[:40])),
-         "meta": {"variant": "paraphrase", "target_id": "news-2"}},
+        {"id": "copy-8", "text": "Please quote the article. " + " ".join(target[:60]),
+         "meta": {"variant": "partial_copy", "target_id": "news-8"}},
+        {"id": "para-8", "text": " ".join(light), "meta": {"variant": "paraphrase", "target_id": "news-8"}},
         {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
         {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
     ]
