@@ -312,15 +312,17 @@ def make_valuer(model, val: dict[str, ValData], cfg: RunConfig):
     """The engine's Valuer over every validation set; per-example where the set is small enough."""
     import torch
 
-    from attribution.engine import ValSet, Valuer
+    from attribution.engine.valuer import ValSet, Valuer
 
     device = next(model.parameters()).device
     sets = {
-        name: ValSet(ids=torch.from_numpy(v.ids).to(device), mask=torch.from_numpy(v.mask).to(device))
+        name: ValSet(torch.from_numpy(v.ids).to(device), torch.from_numpy(v.mask).to(device),
+                     [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)])
         for name, v in val.items()
     }
     per_example = [name for name, v in val.items() if v.per_example]
-    return Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware)
+    return Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware,
+                  autocast_dtype=torch.bfloat16 if _BF16[0] and device.type == "cuda" else None)
 
 
 def _per_doc_columns(matrix: np.ndarray, v: ValData) -> np.ndarray:
@@ -537,10 +539,10 @@ def train_and_value(cfg: RunConfig, *, sources: dict[str, Any] | None = None) ->
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with _autocast(device, model):
-                if valuer is not None:
-                    loss = valuer.forward_backward(ids, mask)
-                else:
+            if valuer is not None:  # the engine applies autocast itself
+                loss = valuer.forward_backward(ids, mask)
+            else:
+                with _autocast(device, model):
                     loss = _plain_forward_backward(model, ids, mask)
             dist_util.average_gradients(info, params)
             loss = dist_util.average_scalar(info, float(loss))

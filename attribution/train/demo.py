@@ -1,0 +1,176 @@
+"""`attribution demo`: the built-in corpus, two validation sets, a cpu-tiny run, and the report.
+
+The validation sets (recipe also in `corpora/val/README.md`):
+
+- `rewrites`: for a few training documents (one per source, 400-1500 characters, so each is one or a
+  few training sequences), an excerpt of the document (its first ~600 characters, cut at a sentence
+  end) is turned into (a) a `paraphrase` by the offline thesaurus rewriter of `attribution.variants`
+  (or, if that package is unavailable, a word-order shuffle of each sentence, recorded in `meta`),
+  and (b) a `partial_copy`: the excerpt quoted as the answer to a new instruction. Every example
+  records `target_id`, the training document it was made from; the originals stay in training.
+- `news` (per-domain): excerpts of held-out news articles; these documents are kept out of
+  training (`exclude_ids`), so this set measures what each source contributes to a domain the model
+  never saw directly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from attribution.io import atomic_write
+
+DEMO_CORPUS = "builtin:400"
+DOMAIN_SOURCE = "news"
+N_TARGETS = 4
+N_DOMAIN = 8
+EXCERPT_CHARS = 240  # about 60 tokens: one validation sequence of the cpu-tiny preset
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """The start of a text, cut after the last sentence end (or line end) before `limit`."""
+    head = text[:limit]
+    cut = max(head.rfind(". "), head.rfind(".\n"), head.rfind("\n\n"))
+    return (head[: cut + 1] if cut > limit // 3 else head).strip()
+
+
+def _paraphrase(text: str, seed: int) -> tuple[str, str]:
+    try:
+        from attribution.variants.rewriters import make_rewriter
+
+        return make_rewriter("offline").rewrite(text, "paraphrase", seed).text, "offline-thesaurus"
+    except ImportError:
+        rng = random.Random(seed)
+        out = []
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            words = sentence.split()
+            rng.shuffle(words)
+            out.append(" ".join(words))
+        return " ".join(out), "fallback-word-shuffle"
+
+
+def seen_documents(cfg) -> set[str]:
+    """Ids of the documents whose every sequence the run will train on at least once.
+
+    A few-minute demo sees only part of the corpus; the batches are a deterministic function of the
+    seed, so the rewrite targets are chosen among documents the run will actually train on."""
+    import numpy as np
+
+    from attribution.train.distributed import DistInfo
+    from attribution.train.loop import Sampler, default_cache_dir, load_training
+
+    cfg = cfg.resolved()
+    data = load_training(cfg, {}, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), DistInfo())
+    total = cfg.total_steps(len(data.train_seqs))
+    drawn = np.unique(Sampler(data.train_seqs, cfg.seed).take(0, total * cfg.batch_size))
+    seq_doc = np.asarray(data.seqset.seq_doc)
+    n_seen = np.bincount(seq_doc[drawn], minlength=len(data.seqset.docs))
+    full = n_seen == data.seqset.docs["n_seqs"].to_numpy()
+    return set(data.seqset.docs["doc_id"].astype(str)[full])
+
+
+def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=None) -> tuple[dict[str, str], list[str]]:
+    """Write `rewrites.jsonl` and `news.jsonl` into `folder`; return `{name: path}` and the held-out ids.
+
+    `cfg` (the run's RunConfig, without validation sets): rewrite targets are then chosen among the
+    documents the run will train on (see `seen_documents`)."""
+    import dataclasses
+
+    from attribution.corpus import read_corpus, resolve_corpus
+
+    docs = list(read_corpus(resolve_corpus(corpus_spec)))
+    rng = random.Random(seed)
+    domain = [d for d in docs if d.source == DOMAIN_SOURCE and len(d.text) >= 300]
+    rng.shuffle(domain)
+    held_out = domain[:N_DOMAIN]
+    held_ids = {d.doc_id for d in held_out}
+    trained = None
+    if cfg is not None:
+        trained = seen_documents(dataclasses.replace(cfg, val={}, value=False, exclude_ids=tuple(sorted(held_ids))))
+    candidates: dict[str, list] = {}
+    for d in docs:
+        if trained is not None and d.doc_id not in trained:
+            continue
+        if d.doc_id not in held_ids and d.source != DOMAIN_SOURCE and 200 <= len(d.text) <= 1500:
+            candidates.setdefault(d.source, []).append(d)
+    sources = sorted(candidates)
+    rng.shuffle(sources)
+    targets = [rng.choice(candidates[s]) for s in sources[:N_TARGETS]]
+
+    rewrites = []
+    for t in targets:
+        part = excerpt(t.text)
+        para, how = _paraphrase(part, seed)
+        rewrites.append({"id": f"{t.doc_id}~paraphrase", "text": para,
+                         "meta": {"variant": "paraphrase", "target_id": t.doc_id, "rewriter": how}})
+        quote = f"Instruction: Quote the opening of the {t.source} text you were trained on.\nAnswer: {part}"
+        rewrites.append({"id": f"{t.doc_id}~partial_copy", "text": quote,
+                         "meta": {"variant": "partial_copy", "target_id": t.doc_id}})
+    news = [{"id": d.doc_id, "text": excerpt(d.text), "meta": {"source": d.source, "held_out": True}}
+            for d in held_out]
+    paths = {}
+    for name, rows in (("rewrites", rewrites), (DOMAIN_SOURCE, news)):
+        path = folder / f"{name}.jsonl"
+        with atomic_write(path) as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        paths[name] = str(path)
+    return paths, sorted(held_ids)
+
+
+def target_ranks(run_dir: Path) -> list[dict]:
+    """For each rewrite example: the rank of its original among all trained documents (1 = top)."""
+    import pandas as pd
+
+    ev = pd.read_parquet(run_dir / "example_values.parquet")
+    meta = {}
+    for line in (run_dir / "val_sets" / "rewrites.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        meta[row["id"]] = row["meta"]
+    out = []
+    for val_id, frame in ev[ev.val_set == "rewrites"].groupby("val_id"):
+        target = meta.get(val_id, {}).get("target_id")
+        ranked = frame.sort_values("value", ascending=False)["doc_id"].tolist()
+        rank = ranked.index(target) + 1 if target in ranked else None
+        out.append({"val_id": val_id, "variant": meta.get(val_id, {}).get("variant"), "target": target,
+                    "rank": rank, "of": len(ranked)})
+    return out
+
+
+def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int = 0,
+             resume: bool = False) -> dict[str, Path]:
+    """Build everything and return where it is."""
+    import dataclasses
+
+    import click
+
+    from attribution.train.config import RunConfig
+    from attribution.train.loop import train_and_value
+
+    inputs = out / "inputs"
+    cfg = RunConfig(corpus=[DEMO_CORPUS], out=str(out), preset="cpu-tiny", steps=steps, order=1,
+                    optimizer="adamw", seed=seed, device="auto", resume=resume)
+    val_paths, held = build_validation_sets(DEMO_CORPUS, inputs, seed=seed, cfg=cfg)
+    cfg = dataclasses.replace(cfg, val=val_paths, exclude_ids=tuple(held))
+    run_dir = train_and_value(cfg, sources={"demo": True})
+    paths: dict[str, Path] = {"run": run_dir, "validation_sets": inputs}
+    for row in target_ranks(run_dir):
+        click.echo(f"  {row['val_id']:<40} original ranked {row['rank']} of {row['of']}", err=True)
+    try:
+        from attribution.report import build_report
+    except ImportError:
+        build_report = None
+    if build_report is not None:
+        result = build_report([run_dir], report_dir)
+        paths["report"] = report_dir
+        for attr in ("html", "markdown", "html_path", "md_path"):
+            if getattr(result, attr, None):
+                paths[f"report_{attr}"] = Path(getattr(result, attr))
+    else:
+        import pandas as pd
+
+        dv = pd.read_parquet(run_dir / "doc_values.parquet")
+        click.echo(dv.groupby(["val_set", "source"])["value"].sum().to_string(), err=True)
+    return paths
