@@ -35,7 +35,12 @@ import pyarrow.parquet as pq
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 
-RUN_NAMES = ("baseline", "curated", "random")
+RUN_NAMES = ("baseline", "curated", "random")  # with --controls N: random, random-2, ..., random-N
+
+
+def control_name(k: int) -> str:
+    """Name of the k-th (0-based) random-drop control run."""
+    return "random" if k == 0 else f"random-{k + 1}"
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,8 @@ def _saving(steps: int | None, base: int | None) -> float | None:
 
 
 def analyse(
-    curves: dict[str, pd.Series], values: pd.DataFrame, dropped: pd.DataFrame, control: pd.DataFrame,
-    rule: DropRule, val_set: str | None, out: Path, smooth_window: int, baseline_reused: bool,
+    curves: dict[str, pd.Series], values: pd.DataFrame, dropped: pd.DataFrame,
+    controls: dict[str, pd.DataFrame], rule: DropRule, val_set: str | None, out: Path, smooth_window: int, baseline_reused: bool,
     run_dirs: dict[str, str] | None = None, notes: list[str] | None = None, held_out: bool = False,
 ) -> CurateResult:
     """Turn three validation-loss curves and the drop lists into the measured figures and the output files.
@@ -233,39 +238,46 @@ def analyse(
         run_dirs=run_dirs or {},
         notes=list(notes or []),
     )
-    if steps["curated"] is not None and steps["random"] is not None and steps["baseline"]:
+    ctrl_steps = [steps[n] for n in controls]
+    if steps["curated"] is not None and steps["baseline"] and all(s is not None for s in ctrl_steps):
+        mean_ctrl = float(np.mean(ctrl_steps))
+        spread = "" if len(ctrl_steps) == 1 else f" (range {min(ctrl_steps)}-{max(ctrl_steps)} over {len(ctrl_steps)} seeds)"
         result.notes.append(
-            f"curated vs random-drop control: {steps['curated']} vs {steps['random']} steps "
-            f"({(steps['random'] - steps['curated']) / steps['baseline']:+.1%} of the baseline's steps "
-            "in favour of curation)"
+            f"curated vs random-drop control: {steps['curated']} vs {mean_ctrl:g} steps{spread}, i.e. "
+            f"{(mean_ctrl - steps['curated']) / steps['baseline']:+.1%} of the baseline's steps in favour of curation"
         )
-    _write_outputs(result, curves, sm, values, dropped, control)
+    elif steps["curated"] is not None and any(s is None for s in ctrl_steps):
+        result.notes.append("the random-drop control never reached the target while the curated run did")
+    _write_outputs(result, curves, sm, values, dropped, controls)
     return result
 
 
 def _write_outputs(
     r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series], values: pd.DataFrame,
-    dropped: pd.DataFrame, control: pd.DataFrame,
+    dropped: pd.DataFrame, controls: dict[str, pd.DataFrame],
 ) -> None:
     out = r.out
     out.mkdir(parents=True, exist_ok=True)
-    wide = pd.DataFrame({name: curves[name] for name in RUN_NAMES if name in curves})
+    names = list(curves)
+    wide = pd.DataFrame({name: curves[name] for name in names})
     wide.index.name = "step"
-    wide = wide.join(pd.DataFrame({f"{n}_smoothed": sm[n] for n in RUN_NAMES if n in sm}))
+    wide = wide.join(pd.DataFrame({f"{n}_smoothed": sm[n] for n in names}))
     with atomic_path(out / "curves.csv") as tmp:
         wide.to_csv(tmp)
     table = pd.DataFrame(
         {
-            "run": list(RUN_NAMES),
-            "documents_dropped": [0, r.n_dropped, len(control)],
-            "steps_to_target": pd.array([r.steps.get(n) for n in RUN_NAMES], dtype="Int64"),
-            "saving_vs_baseline": [r.saving.get(n) for n in RUN_NAMES],
-            "final_val_loss": [r.final_loss.get(n) for n in RUN_NAMES],
+            "run": names,
+            "documents_dropped": [len(controls[n]) if n in controls else (r.n_dropped if n == "curated" else 0)
+                                  for n in names],
+            "steps_to_target": pd.array([r.steps.get(n) for n in names], dtype="Int64"),
+            "saving_vs_baseline": [r.saving.get(n) for n in names],
+            "final_val_loss": [r.final_loss.get(n) for n in names],
         }
     )
     with atomic_path(out / "steps_to_target.csv") as tmp:
         table.to_csv(tmp, index=False)
-    for name, df in (("dropped.csv", dropped), ("random_dropped.csv", control)):
+    for name, df in (("dropped.csv", dropped), *((f"{n.replace('-', '_')}_dropped.csv", c)
+                                                  for n, c in controls.items())):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
     with atomic_path(out / "dropped_sources.csv") as tmp:
@@ -282,14 +294,12 @@ def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    colors = {"baseline": "tab:blue", "curated": "tab:green", "random": "tab:grey"}
-    labels = {"baseline": "baseline (full corpus)", "curated": f"curated ({r.rule})",
-              "random": "random-drop control"}
-    for name in RUN_NAMES:
-        if name not in curves:
-            continue
+    colors = {"baseline": "tab:blue", "curated": "tab:green"}
+    labels = {"baseline": "baseline (full corpus)", "curated": f"curated ({r.rule})", "random": "random-drop control"}
+    for name in curves:
+        colors.setdefault(name, "tab:grey")
         ax.plot(curves[name].index, curves[name].values, color=colors[name], alpha=0.3, lw=1)
-        ax.plot(sm[name].index, sm[name].values, color=colors[name], lw=2, label=labels[name])
+        ax.plot(sm[name].index, sm[name].values, color=colors[name], lw=2, label=labels.get(name))
         if r.steps.get(name) is not None:
             ax.axvline(r.steps[name], color=colors[name], ls=":", lw=1)
     ax.axhline(r.target, color="black", ls="--", lw=0.8, label=f"target {r.target:.3f}")
@@ -454,7 +464,7 @@ def _write_heldout(src: Path, ids: list[str], dest: Path) -> Path:
 def curate(
     run: str | Path, drop: str = "negative", out: str | Path = "curation", val_set: str | None = None,
     eval_every: int | None = None, smooth_window: int = 3, control_seed: int = 0,
-    reuse_baseline: bool = False, holdout: float = 0.0,
+    reuse_baseline: bool = False, holdout: float = 0.0, n_controls: int = 1,
 ) -> CurateResult:
     """Drop documents by value, retrain baseline / curated / random-drop, and measure steps to the target.
 
@@ -465,6 +475,8 @@ def curate(
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     rule = parse_drop(drop)
+    if n_controls < 1:
+        raise UserError("--controls must be at least 1: without a random-drop control no curation claim is honest")
     config, _ = _load_config(run_dir)
     measure_set, val = val_set, dict(config.val)
     notes: list[str] = []
@@ -489,11 +501,12 @@ def curate(
         raise UserError(f"rule {rule} drops no document in {run_dir}; nothing to compare")
     if len(dropped) >= len(values):
         raise UserError(f"rule {rule} drops every document; nothing left to train on")
-    control = random_drop(values, len(dropped), seed=control_seed)
+    controls = {control_name(k): random_drop(values, len(dropped), seed=control_seed + k) for k in range(n_controls)}
     every = eval_every or max(1, int(config.steps) // 30)
     run_dirs: dict[str, str] = {}
     curves: dict[str, pd.Series] = {}
-    plan = [("baseline", []), ("curated", list(dropped["doc_id"])), ("random", list(control["doc_id"]))]
+    plan = [("baseline", []), ("curated", list(dropped["doc_id"]))]
+    plan += [(name, list(c["doc_id"])) for name, c in controls.items()]
     for name, exclude in plan:
         if name == "baseline" and reuse_baseline:
             path = run_dir
@@ -502,7 +515,7 @@ def curate(
             path = _train(config, out / "runs" / name, exclude, every, val)
         run_dirs[name] = str(path)
         curves[name] = val_loss_curve(pd.read_csv(path / "train_log.csv"), measure_set)
-    result = analyse(curves, values, dropped, control, rule, measure_set, out, smooth_window,
+    result = analyse(curves, values, dropped, controls, rule, measure_set, out, smooth_window,
                      baseline_reused=reuse_baseline, run_dirs=run_dirs, notes=notes, held_out=bool(holdout))
     return result
 
@@ -520,7 +533,9 @@ def curate(
 @click.option("--smooth", "smooth_window", type=int, default=3, show_default=True,
               help="Trailing mean over this many evaluations before comparing with the target (1 = raw).")
 @click.option("--control-seed", type=int, default=0, show_default=True,
-              help="Seed of the random-drop control (same number of documents as the curated drop).")
+              help="Seed of the (first) random-drop control (same number of documents as the curated drop).")
+@click.option("--controls", "n_controls", type=int, default=1, show_default=True,
+              help="Number of random-drop controls (seeds control-seed, control-seed+1, ...): more show the noise.")
 @click.option("--holdout", type=float, default=0.0, show_default=True, metavar="FRAC",
               help="Rank documents on 1-FRAC of the validation texts and measure loss on the other FRAC "
                    "(needs per-text values); 0 = rank and measure on the same texts.")
@@ -528,7 +543,8 @@ def curate(
               help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
                    "interval then sets the baseline's resolution).")
 def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_every: int | None,
-                   smooth_window: int, control_seed: int, holdout: float, reuse_baseline: bool) -> None:
+                   smooth_window: int, control_seed: int, n_controls: int, holdout: float,
+                   reuse_baseline: bool) -> None:
     """Reproduce the paper's curation experiment on RUN's corpus.
 
     Retrains on RUN's schedule and seed three times: the full corpus (baseline), the corpus without the
@@ -536,10 +552,10 @@ def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_ev
     steps each needs to reach the baseline's final validation loss.
     """
     r = curate(run, drop=drop, out=out, val_set=val_set, eval_every=eval_every, smooth_window=smooth_window,
-               control_seed=control_seed, reuse_baseline=reuse_baseline, holdout=holdout)
+               control_seed=control_seed, reuse_baseline=reuse_baseline, holdout=holdout, n_controls=n_controls)
     click.echo(
         f"dropped {r.n_dropped}/{r.n_docs} documents ({r.dropped_fraction:.1%}); target {r.target:.4f}; "
-        + "; ".join(f"{n}: {_fmt_steps(r.steps[n])} steps ({_fmt_pct(r.saving[n])})" for n in RUN_NAMES)
+        + "; ".join(f"{n}: {_fmt_steps(s)} steps ({_fmt_pct(r.saving[n])})" for n, s in r.steps.items())
     )
     click.echo(f"wrote {r.out / 'summary.md'}")
 

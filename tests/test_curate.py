@@ -102,7 +102,7 @@ def test_analyse_writes_consistent_outputs(tmp_path):
         "random": pd.Series([5.0, 4.1, 3.6, 3.3, 3.2], index=steps),  # never reaches it
     }
     out = tmp_path / "out"
-    r = cu.analyse(curves, v, dropped, ctrl, rule, None, out, smooth_window=1, baseline_reused=False)
+    r = cu.analyse(curves, v, dropped, {"random": ctrl}, rule, None, out, smooth_window=1, baseline_reused=False)
     assert r.target == 3.0
     assert r.steps == {"baseline": 50, "curated": 30, "random": None}
     assert r.saving["curated"] == pytest.approx(0.4) and r.saving["random"] is None
@@ -120,3 +120,29 @@ def test_analyse_writes_consistent_outputs(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| curated | 2 | 30 | +40.0% |" in md and "| random | 2 | not reached |" in md
     assert "random-drop" in md
+
+
+def test_several_controls_are_reported_with_their_spread(tmp_path):
+    values = [1.0, -2.0, 0.5, -0.5, 3.0, 0.25, 1.0, 2.0]
+    v = cu.document_values(write_values(tmp_path / "run", values), None)
+    rule = cu.parse_drop("negative")
+    dropped = cu.select_drop(v, rule)
+    controls = {cu.control_name(k): cu.random_drop(v, len(dropped), seed=k) for k in range(3)}
+    assert list(controls) == ["random", "random-2", "random-3"]
+    steps = [10, 20, 30, 40]
+    curves = {
+        "baseline": pd.Series([5.0, 4.0, 3.5, 3.0], index=steps),
+        "curated": pd.Series([4.5, 3.0, 2.9, 2.8], index=steps),  # step 20
+        "random": pd.Series([5.0, 4.0, 3.0, 2.9], index=steps),  # step 30
+        "random-2": pd.Series([5.0, 4.0, 3.4, 3.0], index=steps),  # step 40
+        "random-3": pd.Series([5.0, 3.0, 3.4, 3.0], index=steps),  # step 20
+    }
+    out = tmp_path / "out"
+    r = cu.analyse(curves, v, dropped, controls, rule, None, out, smooth_window=1, baseline_reused=False)
+    assert r.steps == {"baseline": 40, "curated": 20, "random": 30, "random-2": 40, "random-3": 20}
+    # mean control 30 steps vs curated 20: 10 steps = 25% of the baseline's 40 in favour of curation
+    assert any("20 vs 30 steps (range 20-40 over 3 seeds)" in n and "+25.0%" in n for n in r.notes)
+    table = pd.read_csv(out / "steps_to_target.csv")
+    assert table["run"].tolist() == list(curves) and table["documents_dropped"].tolist() == [0, 2, 2, 2, 2]
+    assert (out / "random_3_dropped.csv").is_file()
+    assert set(pd.read_csv(out / "curves.csv").columns) >= {"step", "random-3", "random-3_smoothed"}
