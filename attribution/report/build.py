@@ -372,6 +372,8 @@ def _column_notes(multi: bool) -> list[tuple[str, str]]:
 
 
 def _evidence_note(ev, score_col, compare_dir, semantic, top_k, max_examples, n_runs) -> str:
+    if max_examples == 0:
+        return "Per-example evidence was not requested (--examples 0)."
     if not ev:
         return "The run has no per-example values (example_values.parquet), so this section is empty."
     rank = ("the run's attribution column" if score_col == "attribution" else "the raw per-example value")
