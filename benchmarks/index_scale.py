@@ -90,11 +90,13 @@ def bench_signing(n: int, jobs: int) -> dict:
     }
 
 
-def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int) -> dict:
+def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int, bm25: bool = True) -> dict:
+    from attribution.analysis.bm25 import BM25Params
     from attribution.analysis.index import Indexes, build_index
 
     t0, c0 = time.perf_counter(), time.process_time()
-    meta = build_index(synthetic_docs(n), out, semantic=None, jobs=jobs, overwrite=True, batch=20_000)
+    meta = build_index(synthetic_docs(n), out, semantic=None, bm25=BM25Params() if bm25 else None, jobs=jobs,
+                       overwrite=True, batch=20_000)
     build_wall, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     ix = Indexes.load(out)
     rng = np.random.default_rng(7)
@@ -113,10 +115,11 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int) -> dict:
             hit_exact += first == t
         else:
             hit_partial += first == t
-        t1 = time.perf_counter()
-        ix.bm25.search(query, 100)
-        bm_lat.append(time.perf_counter() - t1)
-    sizes = {name: du(out / name) for name in ("lexical", "bm25")}
+        if ix.bm25 is not None:
+            t1 = time.perf_counter()
+            ix.bm25.search(query, 100)
+            bm_lat.append(time.perf_counter() - t1)
+    sizes = {name: du(out / name) for name in ("lexical", "bm25") if (out / name).exists()}
     sizes["texts"] = (out / "texts.bin").stat().st_size + (out / "text_offsets.npy").stat().st_size
     codes_bytes = meta["lexical"]["n_windows"] * meta["lexical"]["params"]["num_perm"] // 8
     per_m = 1_000_000 / n
@@ -124,7 +127,7 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int) -> dict:
         "docs": n, "windows": meta["lexical"]["n_windows"], "lexical_kind": meta["lexical"]["kind"],
         "build_wall_s": round(build_wall, 1), "build_cpu_s_main_process": round(build_cpu, 1),
         "lexical_top100": percentiles(lat, cpu), "exact_copy_first": f"{hit_exact}/{(n_queries + 1) // 2}",
-        "partial_copy_first": f"{hit_partial}/{n_queries // 2}", "bm25_top100": percentiles(bm_lat),
+        "partial_copy_first": f"{hit_partial}/{n_queries // 2}", "bm25_top100": percentiles(bm_lat) if bm_lat else None,
         "disk_bytes_per_million_docs": {k: int(v * per_m) for k, v in sizes.items()},
         "faiss_codes_in_memory_bytes_per_million_docs": int(codes_bytes * per_m),
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
@@ -173,7 +176,7 @@ def main() -> None:
     ap.add_argument("--sign-docs", type=int, default=100_000)
     ap.add_argument("--embed-docs", type=int, default=500)
     ap.add_argument("--semantic-vectors", type=int, default=200_000)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["signing", "lexical", "semantic"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["signing", "lexical", "semantic", "bm25"])
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out)
@@ -183,7 +186,8 @@ def main() -> None:
         report["signing"] = bench_signing(args.sign_docs, args.jobs)
         print(json.dumps(report["signing"]), flush=True)
     if "lexical" not in args.skip:
-        report["lexical_bm25"] = bench_lexical_bm25(args.n_docs, out / "index", args.jobs, args.queries)
+        report["lexical_bm25"] = bench_lexical_bm25(args.n_docs, out / "index", args.jobs, args.queries,
+                                                   bm25="bm25" not in args.skip)
         print(json.dumps(report["lexical_bm25"]), flush=True)
     if "semantic" not in args.skip:
         report["semantic"] = bench_semantic(args.embed_docs, args.semantic_vectors)

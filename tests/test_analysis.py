@@ -229,6 +229,14 @@ def test_cli_build_compare_and_errors(tmp_path, run_dir):
     idx = tmp_path / "idx"
     res = runner.invoke(main, ["index", "build", "--corpus", run_dir, "--out", str(idx), "--no-semantic", "--jobs", "1"])
     assert res.exit_code == 0, res.output
+    extra = tmp_path / "more.jsonl"
+    extra.write_text("".join(json.dumps({"id": f"more-{i}", "text": t, "meta": {"pile_set_name": "more"}}) + "\n"
+                             for i, t in enumerate(_lee()[200:203])))
+    res = runner.invoke(main, ["index", "add", str(idx), "--corpus", str(extra), "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["index", "info", str(idx)])
+    info = json.loads(res.output)
+    assert info["generation"] == 2 and info["n_docs"] == N_DOCS + 3 and info["history"][-1]["added"] == 3
     res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "c"), "-k", "3",
                                "--threshold", "verbatim_span=30"])
     assert res.exit_code == 0, res.output
