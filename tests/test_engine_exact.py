@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_helpers import ragged_batch, rel_err, tiny_gpt2
+from test_engine_helpers import one_thread, ragged_batch, rel_err, tiny_gpt2  # noqa: F401
 from torch import nn
 
 from attribution.engine import UnsupportedModuleError, grad_dot_products, grad_norms, plan_layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -38,3 +39,12 @@ def ragged_batch(n: int, t: int, *, seed: int, vocab: int = VOCAB) -> tuple[torc
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Max absolute error relative to the largest reference entry."""
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded, and the machine's 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
