@@ -97,6 +97,10 @@ def assert_outputs_agree(out: Path, pool: str, currency: str) -> None:
             assert cells in html_rows.rows, f"HTML lacks the CSV row {cells}"
             assert cells in md, f"Markdown lacks the CSV row {cells}"
             assert float(r["ci_low"]) <= float(r["ci_high"])
+    # Per-example evidence: the same cells in both documents.
+    md_ev = [r for r in md if len(r) == 9 and r[0].isdigit()]
+    html_ev = [r[:9] for r in html_rows.rows if len(r) == 10 and r[0].isdigit()]
+    assert md_ev and md_ev == html_ev
     # The rule and the pool are stated in both documents.
     for doc in ("report.html", "report.md"):
         text = (out / doc).read_text(encoding="utf-8")

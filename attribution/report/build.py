@@ -237,6 +237,7 @@ def build_report(
         top_docs_by=by,
         top_docs=top_docs,
         evidence=ev,
+        evidence_score="attribution score" if score_col == "attribution" else "Shapley value",
         evidence_note=_evidence_note(ev, score_col, compare_dir, semantic, top_k, max_examples, len(runs)),
         limitations=_limitations(runs, sets, dv, tabs["source"], reps is not None),
     )

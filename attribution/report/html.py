@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from attribution.report.model import GroupTable, ReportModel
+from attribution.report.model import EVIDENCE_HEADERS, GroupTable, ReportModel, evidence_cells
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -34,6 +34,9 @@ dl.summary dd{margin:0}
 
 NUMERIC = {"n_docs", "n_tokens", "value", "value_per_token", "share", "royalty", "neg_fraction", "ci_low",
            "ci_high", "share_seed_sd", "rank", "score", "containment", "longest_span", "semantic_sim"}
+
+
+NUMERIC_EVIDENCE = {0, 4, 5, 6, 7}  # rank, score, containment, span, similarity
 
 
 def _e(text: object) -> str:
@@ -105,17 +108,14 @@ def render(m: ReportModel) -> str:
         if variant:
             p.append(f'<p class="note">variant: {_e(variant)}</p>')
         p.append(f'<div class="snippet">{_e(ev.text[:1200])}{"…" if len(ev.text) > 1200 else ""}</div>')
-        p.append("<table><tr><th>rank</th><th>doc_id</th><th>source</th><th>owner</th><th>score</th>"
-                 "<th>8-gram containment</th><th>longest shared span (words)</th><th>semantic similarity</th>"
-                 "<th>label</th><th>training document (shared spans highlighted)</th></tr>")
+        headers = [m.evidence_score if h == "score" else h for h in EVIDENCE_HEADERS]
+        p.append("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers)
+                 + "<th>training document (shared spans highlighted)</th></tr>")
         for r in ev.rows:
             snippet = "".join(f"<mark>{_e(t)}</mark>" if shared else _e(t) for t, shared in r.segments)
-            sim = "" if r.semantic_sim is None else f"{r.semantic_sim:.3f}"
-            p.append(f'<tr><td class="num">{r.rank}</td><td>{_e(r.doc_id)}</td><td>{_e(r.source)}</td>'
-                     f'<td>{_e(r.owner)}</td><td class="num">{r.score:.6g}</td>'
-                     f'<td class="num">{r.containment:.3f}</td><td class="num">{r.longest_span}</td>'
-                     f'<td class="num">{sim}</td><td>{_e(r.label or "")}</td>'
-                     f'<td><div class="snippet">{snippet}</div></td></tr>')
+            cells = "".join(f'<td class="num">{_e(v)}</td>' if i in NUMERIC_EVIDENCE else f"<td>{_e(v)}</td>"
+                            for i, v in enumerate(evidence_cells(r)))
+            p.append(f'<tr>{cells}<td><div class="snippet">{snippet}</div></td></tr>')
         p.append("</table>")
 
     p.append("<h2>5. Limitations</h2><ul>")

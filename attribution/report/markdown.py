@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from attribution.report.model import ReportModel
+from attribution.report.model import EVIDENCE_HEADERS, ReportModel, evidence_cells
 
 _TICKS = re.compile(r"`+")
 
@@ -88,12 +88,8 @@ def render(m: ReportModel) -> str:
         if variant:
             p += [f"variant: {code(variant, in_table=False)}", ""]
         p += ["Validation text:", "", block(ev.text[:1200] + ("…" if len(ev.text) > 1200 else "")), ""]
-        headers = ["rank", "doc_id", "source", "owner", "score", "8-gram containment",
-                   "longest shared span (words)", "semantic similarity", "label"]
-        rows = [[str(r.rank), r.doc_id, r.source, r.owner, f"{r.score:.6g}", f"{r.containment:.3f}",
-                 str(r.longest_span), "" if r.semantic_sim is None else f"{r.semantic_sim:.3f}", r.label or ""]
-                for r in ev.rows]
-        p += _table(headers, rows, {"doc_id", "source", "owner", "label"})
+        headers = [m.evidence_score if h == "score" else h for h in EVIDENCE_HEADERS]
+        p += _table(headers, [evidence_cells(r) for r in ev.rows], {"doc_id", "source", "owner", "label"})
         p.append("")
         for r in ev.rows:
             marked = "".join(f"⟦{t}⟧" if shared else t for t, shared in r.segments)

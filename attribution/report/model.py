@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attribution.report.evidence import ExampleEvidence
+from attribution.report.evidence import EvidenceRow, ExampleEvidence
+
+EVIDENCE_HEADERS = ["rank", "doc_id", "source", "owner", "score", "8-gram containment",
+                    "longest shared span (words)", "semantic similarity", "label"]
+
+
+def evidence_cells(r: EvidenceRow) -> list[str]:
+    """One evidence row as the strings both renderers print (so HTML and Markdown cannot disagree)."""
+    sim = "" if r.semantic_sim is None else f"{r.semantic_sim:.3f}"
+    return [str(r.rank), r.doc_id, r.source, r.owner, f"{r.score:.6g}", f"{r.containment:.3f}",
+            str(r.longest_span), sim, r.label or ""]
 
 
 @dataclass
@@ -47,5 +57,6 @@ class ReportModel:
     top_docs: list[TopDoc]
     evidence: list[ExampleEvidence]
     evidence_note: str
+    evidence_score: str  # what the "score" column holds, e.g. "Shapley value"
     limitations: list[str]
     notes: list[str] = field(default_factory=list)
