@@ -1,0 +1,176 @@
+"""The in-loop Valuer: exact training gradients, values of the step actually taken, order 2 reuse."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_engine_helpers import one_thread, ragged_batch, rel_err, tiny_gpt2  # noqa: F401
+
+from attribution.engine import StepValues, ValSet, Valuer, grad_dot_products, grad_norms, step_values
+from attribution.engine.exact import per_sample_grads
+from attribution.engine.task import LanguageModelingTask
+from attribution.errors import UserError
+
+
+class CountingTask(LanguageModelingTask):
+    """Counts forward passes, to check that order 2 reuses the validation gradient at w'."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def per_sequence_loss(self, model, ids, mask):
+        self.calls += 1
+        return super().per_sequence_loss(model, ids, mask)
+
+
+def _val():
+    va, vm = ragged_batch(3, 9, seed=7)
+    return va, vm, {"v": ValSet(va, vm, ["a", "b", "c"])}
+
+
+def test_training_gradients_identical_to_plain_backward_with_dropout():
+    model = tiny_gpt2()
+    model.config.resid_pdrop = 0.1
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    model.train()
+    tr, tm = ragged_batch(6, 10, seed=3)
+    torch.manual_seed(5)
+    loss_plain = LanguageModelingTask().per_sequence_loss(model, tr, tm).mean()
+    loss_plain.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _, _, vs = _val()
+    valuer = Valuer(model, vs, per_example=["v"])
+    torch.manual_seed(5)
+    loss = valuer.forward_backward(tr, tm)
+    sv = valuer.values(0.1)
+    assert abs(loss - float(loss_plain.detach())) <= 1e-12
+    worst = max(rel_err(p.grad, plain[n]) for n, p in model.named_parameters())
+    print(f"max rel grad diff vs plain backward: {worst:.2e}")
+    assert worst <= 1e-6
+    assert model.training and all(m.training for m in model.modules())  # val pass restored the modes
+    assert sv.per_set["v"].dtype == np.float64 and sv.per_set["v"].shape == (6,)
+
+
+def test_order1_loop_matches_step_values_and_per_example():
+    model = tiny_gpt2()
+    va, vm, vs = _val()
+    valuer = Valuer(model, vs, per_example=["v"], grad_norms=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        tr, tm = ragged_batch(5, 10, seed=40 + step)
+        ref = step_values(model, tr, va, 0.05, train_mask=tm, val_mask=vm)
+        dots = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm)
+        norms = grad_norms(model, tr, mask=tm)
+        gval = per_sample_grads(model, va, vm).sum(0)
+        opt.zero_grad()
+        valuer.forward_backward(tr, tm)
+        sv = valuer.values(0.05)
+        assert isinstance(sv, StepValues) and sv.step == step + 1
+        assert valuer.after_step() is None
+        opt.step()
+        np.testing.assert_allclose(sv.per_set["v"], ref.numpy(), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(sv.per_example["v"], (0.05 / 5 * dots).numpy(), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(sv.per_example["v"].sum(1), sv.per_set["v"], rtol=1e-12)
+        np.testing.assert_allclose(sv.train_grad_sq_norm, norms.numpy(), rtol=1e-9)
+        assert abs(sv.val_grad_sq_norm["v"] - float(gval @ gval)) <= 1e-9 * float(gval @ gval)
+    assert valuer.finish() is None
+
+
+def test_grad_scale_multiplies_values():
+    model = tiny_gpt2()
+    _, _, vs = _val()
+    tr, tm = ragged_batch(4, 10, seed=9)
+    valuer = Valuer(model, vs)
+    valuer.forward_backward(tr, tm)
+    full = valuer.values(0.1).per_set["v"]
+    valuer.forward_backward(tr, tm)
+    clipped = valuer.values(0.1, grad_scale=0.25).per_set["v"]
+    np.testing.assert_allclose(clipped, 0.25 * full, rtol=1e-12)
+
+
+def test_order2_loop_reuses_validation_gradient_and_matches_step_values():
+    model = tiny_gpt2()
+    va, vm, _ = _val()
+    task = CountingTask()
+    valuer = Valuer(model, {"v": ValSet(va, vm)}, order=2, task=task)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for step in range(3):
+        tr, tm = ragged_batch(5, 10, seed=60 + step)
+        # on a copy: step_values moves and restores weights in place, which (rightly) invalidates the cache
+        ref = step_values(copy.deepcopy(model), tr, va, 0.2, order=2, train_mask=tm, val_mask=vm)
+        opt.zero_grad()
+        calls = task.calls
+        valuer.forward_backward(tr, tm)
+        assert valuer.values(0.2) is None
+        opt.step()
+        sv = valuer.after_step()
+        # one train pass + one validation pass per step (two on the first step: before and after)
+        assert task.calls - calls == (3 if step == 0 else 2)
+        np.testing.assert_allclose(sv.per_set["v"], ref.numpy(), rtol=1e-8, atol=1e-15)
+        assert sv.order == 2
+    assert valuer.finish() is None
+    tr, tm = ragged_batch(5, 10, seed=99)
+    valuer.forward_backward(tr, tm)
+    assert valuer.values(0.2) is None
+    with pytest.raises(UserError):
+        valuer.forward_backward(tr, tm)  # after_step() missing
+    flushed = valuer.finish()  # no step was taken: first-order values
+    np.testing.assert_allclose(flushed.per_set["v"], step_values(model, tr, va, 0.2, train_mask=tm, val_mask=vm).numpy(),
+                               rtol=1e-9)
+
+
+def test_optimizer_aware_loop_matches_step_values_and_leaves_optimizer_alone():
+    model = tiny_gpt2()
+    va, vm, vs = _val()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    valuer = Valuer(model, vs, optimizer_aware=True)
+    with pytest.raises(UserError):
+        Valuer(model, vs, optimizer_aware=True, strategy="ghost").forward_backward(*ragged_batch(2, 5, seed=1))
+    for step in range(3):
+        tr, tm = ragged_batch(5, 10, seed=80 + step)
+        ref = step_values(model, tr, va, 1e-3, optimizer=opt, train_mask=tm, val_mask=vm)
+        opt.zero_grad()
+        valuer.forward_backward(tr, tm)
+        with pytest.raises(UserError):
+            valuer.values(1e-3)  # optimizer missing
+        opt.zero_grad()
+        valuer.forward_backward(tr, tm)
+        state = {k: v.clone() for k, v in opt.state_dict()["state"].get(0, {}).items()}
+        sv = valuer.values(1e-3, optimizer=opt)
+        assert all(torch.equal(v, opt.state_dict()["state"][0][k]) for k, v in state.items())
+        opt.step()
+        np.testing.assert_allclose(sv.per_set["v"], ref.numpy(), rtol=1e-7, atol=1e-15)
+
+
+def test_values_needs_forward_backward_and_names_must_fit():
+    model = tiny_gpt2()
+    _, _, vs = _val()
+    with pytest.raises(UserError):
+        Valuer(model, vs).values(0.1)
+    with pytest.raises(UserError):
+        ValSet(torch.zeros(2, 4, dtype=torch.long), names=["only-one"])
+    with pytest.raises(UserError):
+        Valuer(model, vs, per_example=["nope"])
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32():
+    model = tiny_gpt2(dtype=torch.float32, n_embd=32)
+    _, _, vs = _val()
+    tr, tm = ragged_batch(4, 10, seed=13)
+    ref = Valuer(model, vs)
+    ref.forward_backward(tr, tm)
+    want = ref.values(0.1).per_set["v"]
+    ref.close()
+    model.zero_grad(set_to_none=True)
+    low = Valuer(model, vs, autocast_dtype=torch.bfloat16)
+    low.forward_backward(tr, tm)
+    got = low.values(0.1).per_set["v"]
+    assert got.dtype == np.float64
+    assert np.corrcoef(got, want)[0, 1] > 0.95
