@@ -14,11 +14,12 @@ import pytest
 from click.testing import CliRunner
 from report_fixtures import make_run
 
+from attribution.analysis.overlap import evidence as overlap_evidence
 from attribution.cli import main
 from attribution.errors import UserError
 from attribution.report import build_report
 from attribution.report import tables as T
-from attribution.report.evidence import shared_spans
+from attribution.report.evidence import snippet_segments
 from attribution.report.royalty import RULES, get_rule, split_pool
 
 
@@ -284,12 +285,13 @@ def test_val_set_choice_and_user_errors(run, tmp_path):
     assert r.exit_code == 2 and "missing manifest.json" in r.output
 
 
-def test_shared_spans_highlight_copied_text():
-    doc = "Intro words here. The quick brown fox jumps over the lazy dog again and again. Tail."
+def test_copied_passage_is_the_highlighted_segment():
+    doc = "Intro words here. " + "x" * 700 + " The quick brown fox jumps over the lazy dog again and again. Tail."
     query = "Prompt: the quick brown fox jumps over the lazy dog again and again!"
-    spans = shared_spans(query, doc)
-    assert [doc[a:b] for a, b in spans] == ["The quick brown fox jumps over the lazy dog again and again"]
-    assert shared_spans("nothing in common at all here, none, zero, nada", doc) == []
+    segs = snippet_segments(doc, overlap_evidence(query, doc)["doc_spans"])
+    assert [t for t, shared in segs if shared] == ["The quick brown fox jumps over the lazy dog again and again"]
+    assert segs[0] == ("… ", False)  # the window starts near the shared passage, not at the top
+    assert snippet_segments("no overlap at all", []) == [("no overlap at all", False)]
 
 
 def test_partial_copy_target_is_highlighted(built, run):

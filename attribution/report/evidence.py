@@ -1,9 +1,10 @@
 """Per-validation-example evidence: the top training documents and why they might be related.
 
-Shapley rank and value come from the run; n-gram overlap, the shared spans, semantic similarity
-and the analysis label come from the analysis layer's `comparison.parquet` when a compare
-directory is given, and are otherwise computed here with the project's shared measures
-(`attribution.text` for n-grams, `attribution.embeddings` for MiniLM cosine similarity).
+Shapley rank and value come from the run; n-gram overlap, semantic similarity and the analysis
+label come from the analysis layer's `comparison.parquet` when a compare directory is given, and
+are otherwise computed with the project's shared measures (`attribution.analysis.overlap.evidence`
+for containment, the longest common span and the shared character spans; `attribution.embeddings`
+for MiniLM cosine similarity, batched here). Shared spans are always recomputed from the texts.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from attribution.analysis.overlap import evidence as overlap_evidence
 from attribution.errors import BadInputError, UserError
 from attribution.report.rundata import Run
-from attribution.text import _WORD, containment, ngrams, words  # one definition of "word" project-wide
+from attribution.text import words
 
 SPAN_N = 8  # the same n as the project's "8-gram containment"
 SNIPPET_CHARS = 600
@@ -48,34 +50,6 @@ class ExampleEvidence:
     text: str
     meta: dict
     rows: list[EvidenceRow] = field(default_factory=list)
-
-
-def shared_spans(query: str, doc: str, n: int = SPAN_N) -> list[tuple[int, int]]:
-    """Character spans of `doc` covered by word n-grams that also occur in `query` (merged, sorted)."""
-    q = ngrams(words(query), n)
-    if not q:
-        return []
-    toks = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(doc)]
-    covered = np.zeros(len(toks), dtype=bool)
-    for i in range(len(toks) - n + 1):
-        if tuple(t[2] for t in toks[i : i + n]) in q:
-            covered[i : i + n] = True
-    spans: list[tuple[int, int]] = []
-    i = 0
-    while i < len(toks):
-        if covered[i]:
-            j = i
-            while j + 1 < len(toks) and covered[j + 1]:
-                j += 1
-            spans.append((toks[i][0], toks[j][1]))
-            i = j + 1
-        else:
-            i += 1
-    return spans
-
-
-def longest_span_words(doc: str, spans: list[tuple[int, int]]) -> int:
-    return max((len(words(doc[a:b])) for a, b in spans), default=0)
 
 
 def snippet_segments(doc: str, spans: list[tuple[int, int]], limit: int = SNIPPET_CHARS) -> list[tuple[str, bool]]:
@@ -192,15 +166,16 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
         top = tops.get((name, item["id"]))
         for r in [] if top is None else top.itertuples(index=False):
             text = doc_text[r.doc_id]
-            spans = shared_spans(item["text"], text)
+            ov = overlap_evidence(item["text"], text, n=SPAN_N)
+            spans = ov["doc_spans"]
             key = (name if by_set else "", item["id"], r.doc_id)
             c = comp.loc[key] if comp is not None and key in comp.index else None
 
             def has(col: str, c=c) -> bool:
                 return c is not None and col in c and pd.notna(c[col])
 
-            cont = float(c["ngram_containment"]) if has("ngram_containment") else containment(item["text"], text, SPAN_N)
-            longest = longest_span_words(text, spans)
+            cont = float(c["ngram_containment"]) if has("ngram_containment") else float(ov["containment_val_in_doc"])
+            longest = int(ov["longest_common_span"])
             if has("longest_common_span"):
                 lc = c["longest_common_span"]
                 longest = len(words(lc)) if isinstance(lc, str) else int(lc)
