@@ -38,6 +38,8 @@ from attribution.corpus import dm_math
 from attribution.corpus.document import Document
 from attribution.errors import UserError
 
+# Bump when the text a seed produces changes, so corpora cached by resolve_corpus are rebuilt.
+BUILTIN_VERSION = 2
 DEFAULT_N_DOCS = 3000
 DEFAULT_SEED = 0
 DOCS_PER_SHARD = 1000
@@ -142,7 +144,9 @@ def books(rng: random.Random) -> Iterator[Document]:
     rng.shuffle(plays)
     for play in plays:
         text = play.read_text(encoding="utf-8")
-        title = text.splitlines()[0].lstrip("# ").strip()
+        first = text.splitlines()[0]
+        # one play's file has no "# Title" line; its file name is the title then
+        title = first[2:].strip() if first.startswith("# ") else play.stem.replace("-", " ").title()
         act = ""
         scene_no = 0
         for block in re.split(r"^(?=#{2,3} )", text, flags=re.M):
@@ -280,6 +284,7 @@ def build(out: str | os.PathLike, n_docs: int = DEFAULT_N_DOCS, seed: int = DEFA
             flush()
         manifest = {
             "kind": "attribution-builtin-corpus",
+            "version": BUILTIN_VERSION,
             "seed": seed,
             "n_docs_requested": n_docs,
             "n_docs": sum(counts.values()),
@@ -305,6 +310,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("ATTRIBUTION_CACHE") or Path.home() / ".cache" / "attribution")
 
 
+def _manifest_version(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
 def shard_paths(folder: Path) -> list[Path]:
     manifest = json.loads((folder / MANIFEST).read_text())
     return [folder / name for name in manifest["shards"]]
@@ -322,7 +334,7 @@ def resolve_corpus(spec: str | os.PathLike) -> list[Path]:
         except ValueError:
             raise UserError(f"{text}: expected builtin[:N_DOCS[:SEED]]") from None
         folder = cache_root() / f"builtin-{seed}-{n_docs}"
-        if not (folder / MANIFEST).is_file():
+        if _manifest_version(folder) != BUILTIN_VERSION:
             build(folder, n_docs=n_docs, seed=seed)
         return shard_paths(folder)
     if text.startswith("hf:"):
