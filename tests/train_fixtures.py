@@ -1,0 +1,39 @@
+"""Small real-text corpora and validation sets for the training tests (written into tmp dirs)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+_WORDS = (
+    "the court held that copyright protects original expression but not ideas facts or methods and a "
+    "model trained on licensed text must still credit every owner whose work lowered its loss while "
+    "reviewers read the evidence before any payment is made to the authors of the books and news"
+).split()
+
+
+def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    """A JSONL corpus of three sources; document lengths vary so some span several sequences."""
+    rng = random.Random(seed)
+    path = folder / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 80)))
+            fh.write(json.dumps({"id": f"doc{i}", "text": text,
+                                 "meta": {"pile_set_name": ["law", "news", "books"][i % 3], "owner": f"o{i % 4}"}}) + "\n")
+    return path
+
+
+def write_val(folder: Path, name: str = "val", n: int = 3, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    path = folder / f"{name}.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            text = " ".join(rng.choice(_WORDS) for _ in range(25))
+            fh.write(json.dumps({"id": f"{name}{i}", "text": text, "meta": {"variant": "paraphrase",
+                                                                            "target_id": f"doc{i}"}}) + "\n")
+    return path
+
+
+VALUE_FILES = ("doc_values", "example_values", "step_values", "stage_values", "docs")
