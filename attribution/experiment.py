@@ -61,7 +61,8 @@ class CopyrightExperiment:
     kinds: str | Sequence[str] = "partial,paraphrase,significant,similar"
     preset: str = "cpu-tiny"
     steps: int | None = None
-    epochs: float | None = None
+    epochs: float | None = 1.0  # used when steps is None: one pass, so every original is trained on
+    max_words: int = 400
     orders: Sequence[int] = (1, 2)
     optimizer: str = "adamw"
     pool_fraction: float = 0.1
@@ -100,7 +101,7 @@ def _plan(exp: CopyrightExperiment):
     if (exp.pick is None) == (not exp.ids):
         raise UserError("give exactly one of --pick N or --ids ID,...")
     docs = load_docs(tuple(exp.corpus))
-    targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed)
+    targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed, max_words=exp.max_words)
     pool = split_pool(docs, targets, exp.pool_fraction, exp.seed) if "similar" in kinds else []
     records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed)
     paths: dict[str, str] = {}
@@ -125,7 +126,8 @@ def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: l
     manifest = run_dir / "manifest.json"
     if manifest.is_file() and (run_dir / "example_values.parquet").is_file():
         done = json.loads(manifest.read_text())
-        if done.get("status") == "finished" and done.get("config") == cfg.resolved().to_json():
+        wanted = json.loads(json.dumps(cfg.resolved().to_json()))
+        if done.get("status") == "complete" and done.get("config") == wanted:
             return run_dir  # the same run already finished: reuse it
     return Path(train_and_value(cfg))
 

@@ -84,7 +84,7 @@ def format_summary(rows: list[dict]) -> str:
               help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.")
 @click.option("--pool-fraction", type=float, default=0.1, show_default=True,
               help="Share of the other documents held out as the similar-topic pool. Keep them out of "
-                   "training (list them in the run's exclude_ids).")
+                   "training: `attribution run --exclude-ids OUT.heldout.txt`.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking, excerpts and rewrites.")
 @rewriter_options
 def variants_cmd(corpus, pick, ids, kinds, out, pool_fraction, seed, **kw) -> None:
@@ -137,8 +137,9 @@ def experiment() -> None:
 
 
 @experiment.command("copyright")
-@click.option("--corpus", "corpus", multiple=True, default=("builtin",), show_default=True,
-              help="Training corpus; repeatable.")
+@click.option("--corpus", "corpus", multiple=True, default=("builtin:600",), show_default=True,
+              help="Training corpus; repeatable. Default: a 600-document built-in corpus, which one CPU "
+                   "epoch covers in minutes.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for variants, runs, table.csv, table.md and rank plot.")
 @click.option("--pick", type=int, default=12, show_default=True, help="Number of originals to pick.")
@@ -147,7 +148,11 @@ def experiment() -> None:
               help="Variant kinds to value ('exact' cannot be: a training document identical to a "
                    "validation text is kept out of training).")
 @click.option("--preset", default="cpu-tiny", show_default=True, help="Training preset (see `attribution run`).")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the preset's).")
+@click.option("--steps", type=int, default=None,
+              help="Training steps. Default: one epoch (--epochs 1), so every original is trained on.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps.")
+@click.option("--max-words", type=int, default=400, show_default=True,
+              help="Longest original --pick may choose (validation cost grows with length).")
 @click.option("--orders", default="1,2", show_default=True,
               help="Which In-Run Shapley orders to run (one training run each).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
@@ -156,7 +161,7 @@ def experiment() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @rewriter_options
-def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, orders, optimizer, pool_fraction, device, seed,
+def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, orders, optimizer, pool_fraction, device, seed,
                   **kw) -> None:
     """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
 
@@ -174,7 +179,7 @@ def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, orders, optimize
     exp = CopyrightExperiment(
         corpus=list(corpus), out=out, pick=None if ids else pick,
         ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
-        kinds=kinds, preset=preset, steps=steps, orders=order_list, optimizer=optimizer,
+        kinds=kinds, preset=preset, steps=steps, epochs=epochs, max_words=max_words, orders=order_list, optimizer=optimizer,
         pool_fraction=pool_fraction, device=device, seed=seed, rewriter=make_rewriter_from(kw),
     )
     result = run_copyright(exp)
