@@ -319,3 +319,21 @@ def test_compare_dir_evidence_is_shown(run, tmp_path):
     assert "near-verbatim copy" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     with pytest.raises(UserError, match="no comparison.parquet"):
         build_report(run, tmp_path / "rep2", compare_dir=tmp_path, n_boot=20)
+
+
+def test_the_stated_command_reproduces_the_report(run, tmp_path):
+    import shlex
+
+    out = tmp_path / "rep"
+    build_report(run, out, pool="250", currency="GBP", val_set="news", semantic=False, n_boot=30, max_examples=3)
+    before = {n: (out / n).read_bytes() for n in ("sources.csv", "owners.csv", "report.md", "report.html")}
+    line = next(x for x in before["report.md"].decode().splitlines() if x.startswith("- **Reproduce with"))
+    argv = shlex.split(line.split("`", 1)[1].rsplit("`", 1)[0])
+    assert argv[:2] == ["attribution", "report"]
+    argv[argv.index("OUT")] = str(out)
+    for n in before:
+        (out / n).unlink()
+    res = CliRunner().invoke(main, argv[1:])
+    assert res.exit_code == 0, res.output
+    for n, data in before.items():
+        assert (out / n).read_bytes() == data, n

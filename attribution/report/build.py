@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -175,8 +176,8 @@ def build_report(
 
     per_run_group = None
     if len(runs) > 1:
-        ci_method = (f"{n_boot} bootstrap replicates over the {len(runs)} runs (seeds): runs resampled with "
-                     "replacement, document values averaged, the rule applied, shares summed per group; "
+        ci_method = (f"{n_boot} bootstrap replicates over the {len(runs)} runs (random seed {seed}): runs "
+                     "resampled with replacement, document values averaged, the rule applied, shares summed per group; "
                      "95% percentile interval of the share")
         reps = tables.bootstrap_seeds(dv, the_rule, [codes[g][0] for g in GROUPINGS], n_boot=n_boot, seed=seed)
         per_run_shares = np.vstack([the_rule.shares(v) for v in dv.per_run])
@@ -188,8 +189,8 @@ def build_report(
         if steps is not None and not steps.empty:
             steps = steps[steps.val_set.astype(str).isin(sets)]
             n_steps = steps.step.nunique()
-            ci_method = (f"{n_boot} bootstrap replicates over the {n_steps} training steps: steps resampled with "
-                         "replacement, each document's value recomputed from its per-step values, the rule "
+            ci_method = (f"{n_boot} bootstrap replicates over the {n_steps} training steps (random seed {seed}): "
+                         "steps resampled with replacement, each document's value recomputed from its per-step values, the rule "
                          "applied, shares summed per group; 95% percentile interval of the share")
             reps = tables.bootstrap_steps(steps, dv, the_rule, [codes[g][0] for g in GROUPINGS],
                                           n_boot=n_boot, seed=seed)
@@ -225,9 +226,11 @@ def build_report(
     ev, score_col = evidence_mod.collect(runs[0], sets, top_k=top_k, max_examples=max_examples,
                                          compare_dir=Path(compare_dir) if compare_dir else None, semantic=semantic)
 
+    command = _command(paths, by, pool_d, currency, the_rule.name, requested, compare_dir, n_boot,
+                       max_examples, semantic, top_k, seed)
     model = ReportModel(
         title=f"Training-data contribution and royalty report: {', '.join(r.name for r in runs)}",
-        summary=_summary(runs, sets, the_rule.name, pool_d, currency),
+        summary=_summary(runs, sets, the_rule.name, pool_d, currency) + [("Reproduce with (OUT: any output folder)", command)],
         rule_name=the_rule.name,
         rule_description=the_rule.description,
         basis=_basis(runs, sets, requested, ci_method, pool_d, currency),
@@ -247,6 +250,29 @@ def build_report(
     print(f"report written to {out} in {seconds:.1f} s", file=sys.stderr)
     return ReportResult(out=out, files=files, rule=the_rule.name, val_sets=sets, pool=pool_d, currency=currency,
                         ci_method=ci_method, seconds=seconds, tables=tabs)
+
+
+def _command(paths, by, pool, currency, rule, requested, compare_dir, n_boot, max_examples, semantic,
+             top_k, seed) -> str:
+    """The command line that rebuilds this report byte for byte (from the same run and code version).
+
+    The output folder is written as OUT, so that the report does not depend on where it was written.
+    """
+    q = shlex.quote
+    parts = ["attribution", "report", q(str(paths[0]))]
+    if len(paths) > 1:
+        parts += ["--runs", *(q(str(p)) for p in paths[1:])]
+    parts += ["--out", "OUT", "--by", by, "--pool", f"{pool:.2f}", "--currency", q(currency), "--rule", rule]
+    for v in requested or []:
+        parts += ["--val-set", q(v)]
+    if compare_dir:
+        parts += ["--compare", q(str(compare_dir))]
+    parts += ["--bootstrap", str(n_boot), "--examples", str(max_examples)]
+    if not semantic:
+        parts.append("--no-semantic")
+    extra = [f"{k}={v}" for k, v, d in (("top_k", top_k, 5), ("seed", seed, 0)) if v != d]
+    text = " ".join(parts)
+    return text + (f" (Python API arguments: {', '.join(extra)})" if extra else "")
 
 
 def _write(out: Path, model: ReportModel, group_tables: list[GroupTable]) -> list[Path]:
