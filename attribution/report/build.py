@@ -51,6 +51,14 @@ class ReportResult:
     seconds: float
     tables: dict[str, pd.DataFrame]
 
+    @property
+    def html(self) -> Path:
+        return self.out / "report.html"
+
+    @property
+    def markdown(self) -> Path:
+        return self.out / "report.md"
+
 
 def _csv_cell(text: str) -> str:
     """Neutralize spreadsheet formulas in untrusted names (a leading = + - @ would run in Excel)."""
@@ -154,7 +162,14 @@ def build_report(
     semantic: bool = True,
     seed: int = 0,
 ) -> ReportResult:
-    """Write the report for `run_dirs` (several = several seeds of one run) into `out`."""
+    """Write the report for `run_dirs` (several = several seeds of one run) into `out`.
+
+    `by` picks the lead table; `pool`/`currency` the amount split by `rule` (see `royalty.RULES`);
+    `val_set` the validation set(s) the royalty is based on (all summed when None); `compare_dir` an
+    `attribution compare` output whose evidence is shown per example. `n_boot` bootstrap replicates
+    (random `seed`) give the confidence intervals; `top_k` documents are shown for up to
+    `max_examples` validation examples; `semantic=False` skips MiniLM similarity.
+    """
     t0 = time.perf_counter()
     if by not in GROUPINGS:
         raise UserError(f"--by must be one of {', '.join(GROUPINGS)}, got {by!r}")
