@@ -65,27 +65,37 @@ def estimate_costs(
     shape: tuple[int, int], uses: list[Use], n: int, train_tokens: int, m: int, val_tokens: int, groups: int,
     *, itemsize: int = 4,
 ) -> dict[str, tuple[float, float]]:
-    """(flops, bytes held) per strategy for one parameter; bytes drive the memory budget."""
+    """(flops, bytes held) per strategy for one parameter; bytes drive the memory budget.
+
+    Uses may differ (a tied embedding is an index use, the head a dense one): costs add up per use
+    (project, materialize) or per pair of uses (ghost). Index rows cost a gather, not a matmul.
+    """
     p0, p1 = shape
     nt, mt = train_tokens, val_tokens
-    index = uses[0].row_index
     no_col = uses[0].col is None
-    k = len(uses)
-    row_cost = 1 if index else p0
-    col_cost = 0 if no_col else p1
+    full = float(p0 * p1)
     out: dict[str, tuple[float, float]] = {}
-    # ghost: per use pair one row Gram and one column Gram over train x val tokens
-    if no_col:
-        out["ghost"] = (k * k * (nt + mt) * p0 + 2.0 * n * m * p0, float((n + m) * p0 * itemsize))
-    else:
-        out["ghost"] = (2.0 * k * k * nt * mt * (row_cost + col_cost), float(min(nt * mt, 1 << 24) * 2 * itemsize))
-    # project: form G_val per group, then one contraction per train token per group
-    form = 2.0 * k * mt * (p1 if index else p0 * p1)
-    score = 2.0 * k * nt * groups * (p1 if index else p0 * p1)
-    out["project"] = (form + score, float(groups * p0 * p1 * itemsize))
-    # materialize: per-sample gradients for train and val groups, then a dot product
-    mat = 2.0 * k * (nt + mt) * p0 * p1 if not index else float(k * (nt + mt) * p1 + (n + groups) * p0 * p1)
-    out["materialize"] = (mat + 2.0 * n * groups * p0 * p1, float((n + groups) * p0 * p1 * itemsize))
+    if no_col:  # bias-like: every strategy sums over tokens first
+        flops = len(uses) * (nt + mt) * p0 + 2.0 * n * m * p0
+        out["ghost"] = (flops, float((n + m) * p0 * itemsize))
+        out["project"] = (flops + 2.0 * n * groups * p0, float(groups * p0 * itemsize))
+        out["materialize"] = (flops + 2.0 * n * groups * p0, float((n + groups) * p0 * itemsize))
+        return out
+    ghost = 0.0
+    for u in uses:
+        for v in uses:
+            row = 1.0 if (u.row_index or v.row_index) else 2.0 * p0
+            ghost += nt * mt * (row + 2.0 * p1)
+    out["ghost"] = (ghost, float(min(nt * mt, 1 << 24) * 2 * itemsize))
+    proj = 0.0
+    for u in uses:
+        per_token = p1 if u.row_index else 2.0 * full
+        proj += mt * per_token + nt * groups * per_token
+    out["project"] = (proj, float(groups * full * itemsize))
+    mat = 2.0 * n * groups * full
+    for u in uses:
+        mat += (nt + mt) * p1 if u.row_index else 2.0 * (nt + mt) * full
+    out["materialize"] = (mat, float((n + groups) * full * itemsize))
     return out
 
 

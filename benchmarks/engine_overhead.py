@@ -1,0 +1,170 @@
+"""Wall-time overhead of a valued training step over a plain one, measured side by side.
+
+Each repetition runs every mode once, in turn (plain, first order, second order, optionally direct
+per-sample gradients with torch.func vmap), on the same model and batch, so machine noise hits all
+modes alike; the report gives the median of per-repetition ratios. A training step is the real
+loop step: zero_grad, forward/backward, clip to 1.0, AdamW step (the valued modes add the
+Valuer's validation pass and scoring).
+
+    python benchmarks/engine_overhead.py --model cpu-tiny --val-seqs 1 --val-len 32
+    python benchmarks/engine_overhead.py --model gpt2-small-short --batch 4 --seq-len 64
+    python benchmarks/engine_overhead.py --model gpt2-small --device cuda --dtype bf16   # GPU script
+
+Prints a Markdown table and writes JSON with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attribution.engine import ValSet, Valuer
+from attribution.engine.task import LanguageModelingTask
+
+MODELS = {  # (n_layer, n_embd, n_head, seq_len, batch): the CPU preset and GPT-2 small
+    "cpu-tiny": (2, 128, 2, 128, 16),
+    "gpt2-small-short": (12, 768, 12, 64, 4),
+    "gpt2-small": (12, 768, 12, 1024, 16),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(args: argparse.Namespace):
+    n_layer, n_embd, n_head, seq_len, batch = MODELS[args.model]
+    seq_len = args.seq_len or seq_len
+    batch = args.batch or batch
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, n_positions=max(1024, seq_len))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50257, (batch, seq_len), generator=g).to(args.device)
+    mask = torch.ones_like(ids)
+    val = torch.randint(0, 50257, (args.val_seqs, args.val_len or seq_len), generator=g)
+    return model, opt, ids, mask, ValSet(val, torch.ones_like(val))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="cpu-tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (GPU)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--val-seqs", type=int, default=1)
+    ap.add_argument("--val-len", type=int, default=32, help="tokens per validation sequence (0 = train length)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--modes", default="plain,order1,order2", help="comma list of plain,order1,order2,aware,vmap")
+    ap.add_argument("--strategy", default=None, help="force one strategy for every parameter")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plan", action="store_true", help="print the first-order plan")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, opt, ids, mask, vs = build(args)
+    task = LanguageModelingTask()
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    modes = args.modes.split(",")
+    valuers = {
+        "order1": Valuer(model, {"val": vs}, order=1, strategy=args.strategy, autocast_dtype=amp),
+        "order2": Valuer(model, {"val": vs}, order=2, strategy=args.strategy, autocast_dtype=amp),
+        "aware": Valuer(model, {"val": vs}, order=1, optimizer_aware=True, autocast_dtype=amp),
+    }
+    for name, v in valuers.items():  # only the mode being timed may capture
+        if name not in modes:
+            v.close()
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(args.device.split(":")[0], dtype=amp) if amp else torch.autocast("cpu", enabled=False):
+            loss = task.per_sequence_loss(model, ids, mask).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def valued(name: str) -> None:
+        v = valuers[name]
+        opt.zero_grad(set_to_none=True)
+        v.forward_backward(ids, mask)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        out = v.values(6e-4, grad_scale=min(1.0, 1.0 / (norm + 1e-6)), optimizer=opt)
+        opt.step()
+        out = out or v.after_step()
+        assert out is not None and out.per_set["val"].shape == (ids.shape[0],)
+
+    def vmap_grads() -> None:
+        """Direct per-sample gradients with torch.func, dotted with the validation gradient."""
+        from torch.func import functional_call, grad, vmap
+
+        params = {k: p.detach() for k, p in model.named_parameters()}
+
+        def one(p, x, m):
+            return task.per_sequence_loss(lambda **kw: functional_call(model, p, (), kw), x[None], m[None])[0]
+
+        opt.zero_grad(set_to_none=True)
+        loss = task.per_sequence_loss(model, ids, mask).mean()
+        loss.backward()
+        per = vmap(grad(one), in_dims=(None, 0, 0))(params, ids, mask)
+        vl = task.per_sequence_loss(model, vs.ids.to(args.device), vs.mask.to(args.device)).sum()
+        gv = torch.autograd.grad(vl, list(model.parameters()))
+        _ = sum((per[k].flatten(1) @ g.flatten()) for (k, _), g in zip(model.named_parameters(), gv, strict=True))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    fns = {"plain": plain, "order1": lambda: valued("order1"), "order2": lambda: valued("order2"),
+           "aware": lambda: valued("aware"), "vmap": vmap_grads}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    failed: dict[str, str] = {}
+    for rep in range(args.warmup + args.reps):
+        for mode in modes:
+            if mode in failed:
+                continue
+            _sync(args.device)
+            t0 = time.perf_counter()
+            try:
+                fns[mode]()
+            except Exception as exc:  # vmap may not support a model; report instead of crashing the run
+                failed[mode] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            _sync(args.device)
+            if rep >= args.warmup:
+                times[mode].append(time.perf_counter() - t0)
+        valuers["order2"].finish()
+    if args.plan and "order1" in modes:
+        print(valuers["order1"].plans()["val"], file=sys.stderr)
+    res = {"model": args.model, "device": args.device, "dtype": args.dtype, "batch": ids.shape[0], "seq_len": ids.shape[1],
+           "val_seqs": len(vs), "val_len": vs.ids.shape[1], "reps": args.reps, "threads": torch.get_num_threads(),
+           "median_s": {m: statistics.median(t) for m, t in times.items() if t},
+           "ratio": {}, "failed": failed}
+    for m, t in times.items():
+        if m != "plain" and t and times.get("plain"):
+            res["ratio"][m] = statistics.median(a / b for a, b in zip(t, times["plain"], strict=False))
+    print("| model | batch x T | val seqs x len | mode | median step (s) | ratio vs plain |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for m in modes:
+        if m in res["median_s"]:
+            r = res["ratio"].get(m, 1.0)
+            print(f"| {args.model} ({args.dtype}, {args.device}) | {ids.shape[0]} x {ids.shape[1]} | {len(vs)} x "
+                  f"{vs.ids.shape[1]} | {m} | {res['median_s'][m]:.3f} | {r:.2f}x |")
+        elif m in failed:
+            print(f"| {args.model} | | | {m} | failed: {failed[m]} | |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
