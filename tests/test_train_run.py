@@ -1,0 +1,98 @@
+"""`attribution run` end to end on a tiny model: files, columns, consistency, determinism, config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attribution.errors import UserError
+from attribution.train import RunConfig, build_config, train_and_value
+from tests.train_fixtures import write_corpus, write_val
+
+
+def _cfg(tmp_path, out: str, **kw) -> RunConfig:
+    return RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"a": str(tmp_path / "a.jsonl"),
+                     "b": str(tmp_path / "b.jsonl")}, out=str(tmp_path / out), preset="test-micro", steps=4,
+                     seed=7, device="cpu", cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+
+
+@pytest.mark.slow
+def test_run_writes_every_file_consistently_and_deterministically(tmp_path):
+    corpus = write_corpus(tmp_path)
+    write_val(tmp_path, "a", 3)
+    val_b = write_val(tmp_path, "b", 2, seed=5)
+    # make one training document identical to a validation text: it must be warned about and not trained on
+    lines = corpus.read_text().splitlines()
+    clash = json.loads(lines[5])
+    clash["text"] = json.loads(val_b.read_text().splitlines()[0])["text"]
+    lines[5] = json.dumps(clash)
+    corpus.write_text("\n".join(lines) + "\n")
+
+    with pytest.warns(UserWarning, match="identical to a validation text"):
+        run = train_and_value(_cfg(tmp_path, "r1", exclude_ids=("doc7",)))
+    for name, cols in {
+        "doc_values": ["doc_id", "source", "owner", "val_set", "value", "value_normalized", "n_seen", "first_step",
+                       "last_step"],
+        "example_values": ["doc_id", "val_set", "val_id", "value"],
+        "stage_values": ["window_start", "window_end", "source", "val_set", "value", "value_normalized"],
+        "step_values": ["step", "doc_id", "val_set", "value"],
+        "docs": ["doc_id", "source", "owner", "license", "n_tokens", "n_seqs", "text"],
+    }.items():
+        frame = pd.read_parquet(run / f"{name}.parquet")
+        assert set(cols) <= set(frame.columns), name
+        assert len(frame) > 0, name
+    dv = pd.read_parquet(run / "doc_values.parquet")
+    assert "doc5" not in set(dv.doc_id) and "doc7" not in set(dv.doc_id)
+    assert len(dv) == 2 * 22  # 24 documents, 2 kept out, 2 validation sets
+    # per-document totals are the sums of the per-step rows; per-example values add up to the set's value
+    steps = pd.read_parquet(run / "step_values.parquet")
+    by_doc = steps.groupby(["doc_id", "val_set"])["value"].sum()
+    seen = dv[dv.n_seen > 0].set_index(["doc_id", "val_set"])["value"]
+    np.testing.assert_allclose(seen.sort_index(), by_doc.reindex(seen.sort_index().index), rtol=1e-12)
+    ev = pd.read_parquet(run / "example_values.parquet")
+    per_ex = ev.groupby(["doc_id", "val_set"])["value"].sum()
+    np.testing.assert_allclose(per_ex.sort_index(), seen.reindex(per_ex.sort_index().index), rtol=1e-9)
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log.columns) == ["step", "lr", "train_loss", "val_loss[a]", "val_loss[b]", "tokens_per_s"]
+    assert log["step"].iloc[0] == 0 and log["step"].iloc[-1] == 4
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["default_view"] == "value"
+    assert manifest["corpus"]["identical_to_validation"] == ["doc5"]
+    assert manifest["corpus"]["fingerprint"] and manifest["versions"]["torch"]
+    assert (run / "val_sets" / "a.jsonl").read_text().count("\n") == 3
+    assert (run / "checkpoints" / "model.safetensors").is_file()
+
+    with pytest.warns(UserWarning):
+        again = train_and_value(_cfg(tmp_path, "r2", exclude_ids=("doc7",)))
+    for name in ("doc_values", "example_values", "step_values"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run / f"{name}.parquet"),
+                                      pd.read_parquet(again / f"{name}.parquet"), check_exact=True)
+
+
+def test_config_precedence_and_errors(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('corpus = "builtin"\nsteps = 50\norder = 2\n[val]\nx = "x.jsonl"\n')
+    cfg = build_config(toml, steps=7).resolved()
+    assert cfg.steps == 7 and cfg.order == 2 and cfg.corpus == ["builtin"] and cfg.val == {"x": "x.jsonl"}
+    assert cfg.n_layer == 2 and cfg.seq_len == 64  # from the cpu-tiny preset
+    toml.write_text("stpes = 3\n")
+    with pytest.raises(UserError, match="unknown config keys: stpes"):
+        build_config(toml)
+    with pytest.raises(UserError, match="--steps or --epochs"):
+        RunConfig(val={"x": "x"}, steps=3, epochs=1.0).resolved()
+    with pytest.raises(UserError, match="validation set"):
+        RunConfig().resolved()
+    assert RunConfig(val={"x": "x"}, epochs=2.0, batch_size=4).resolved().total_steps(10) == 5
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    from attribution.train.loop import lr_at
+
+    cfg = RunConfig(val={"x": "x"}, lr=1.0, min_lr=0.1, warmup_steps=10).resolved()
+    assert lr_at(5, cfg, 100) == pytest.approx(0.5)
+    assert lr_at(10, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg, 100) >= lr_at(s + 1, cfg, 100) for s in range(10, 100))
