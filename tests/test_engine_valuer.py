@@ -174,3 +174,27 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     got = low.values(0.1).per_set["v"]
     assert got.dtype == np.float64
     assert np.corrcoef(got, want)[0, 1] > 0.95
+
+
+def test_ddp_wrapped_model_single_process_gloo(tmp_path):
+    """forward_backward on the DDP wrapper (all-reduce runs), validation passes on the inner module."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_gpt2(dtype=torch.float32)
+    va, vm, vs = _val()
+    tr, tm = ragged_batch(4, 10, seed=17)
+    ref = step_values(copy.deepcopy(model), tr, va, 0.1, train_mask=tm, val_mask=vm)
+    plain = copy.deepcopy(model)
+    LanguageModelingTask().per_sequence_loss(plain, tr, tm).mean().backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        valuer = Valuer(ddp, vs)
+        valuer.forward_backward(tr, tm)
+        sv = valuer.values(0.1)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            assert rel_err(p.grad, q.grad) <= 1e-6, name
+        np.testing.assert_allclose(sv.per_set["v"], ref.numpy(), rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
