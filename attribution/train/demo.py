@@ -51,8 +51,8 @@ def _paraphrase(text: str, seed: int) -> tuple[str, str]:
         return " ".join(out), "fallback-word-shuffle"
 
 
-def seen_documents(cfg) -> set[str]:
-    """Ids of the documents whose every sequence the run will train on at least once.
+def seen_documents(cfg) -> dict[str, float]:
+    """For each document, the fraction of its sequences the run will train on at least once.
 
     A few-minute demo sees only part of the corpus; the batches are a deterministic function of the
     seed, so the rewrite targets are chosen among documents the run will actually train on."""
@@ -67,8 +67,8 @@ def seen_documents(cfg) -> set[str]:
     drawn = np.unique(Sampler(data.train_seqs, cfg.seed).take(0, total * cfg.batch_size))
     seq_doc = np.asarray(data.seqset.seq_doc)
     n_seen = np.bincount(seq_doc[drawn], minlength=len(data.seqset.docs))
-    full = n_seen == data.seqset.docs["n_seqs"].to_numpy()
-    return set(data.seqset.docs["doc_id"].astype(str)[full])
+    frac = n_seen / np.maximum(data.seqset.docs["n_seqs"].to_numpy(), 1)
+    return dict(zip(data.seqset.docs["doc_id"].astype(str), frac.tolist(), strict=True))
 
 
 def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=None) -> tuple[dict[str, str], list[str]]:
@@ -91,13 +91,21 @@ def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=Non
         trained = seen_documents(dataclasses.replace(cfg, val={}, value=False, exclude_ids=tuple(sorted(held_ids))))
     candidates: dict[str, list] = {}
     for d in docs:
-        if trained is not None and d.doc_id not in trained:
+        if trained is not None and trained.get(d.doc_id, 0.0) <= 0.0:
             continue
         if d.doc_id not in held_ids and d.source != DOMAIN_SOURCE and 200 <= len(d.text) <= 1500:
             candidates.setdefault(d.source, []).append(d)
     sources = sorted(candidates)
     rng.shuffle(sources)
-    targets = [rng.choice(candidates[s]) for s in sources[:N_TARGETS]]
+    targets = []
+    for source in sources[:N_TARGETS]:  # per source: a document the run trains on fully, if there is one
+        pool = candidates[source]
+        best = max(trained.get(d.doc_id, 1.0) for d in pool) if trained is not None else 1.0
+        targets.append(rng.choice([d for d in pool if trained is None or trained.get(d.doc_id, 1.0) == best]))
+    if not targets:
+        from attribution.errors import UserError
+
+        raise UserError("the demo found no training document to rewrite; run more --steps")
 
     rewrites = []
     for t in targets:
