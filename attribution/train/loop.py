@@ -503,7 +503,10 @@ def train_and_value(cfg: RunConfig, *, sources: dict[str, Any] | None = None) ->
 
         step, position, resumed_from, prior_seconds = 0, 0, None, 0.0
         if cfg.resume:
-            loaded = ckpt.load_checkpoint(out, model, optimizer, device=device if info.is_main else device)
+            if info.is_main:
+                ckpt.recover(out)  # repair an interrupted swap once, before every rank reads
+            dist_util.barrier(info)
+            loaded = ckpt.load_checkpoint(out, model, optimizer, device=device)
             if loaded is not None:
                 state = loaded.state
                 if state["fingerprint"] != data.fingerprint or state["total_steps"] != total:
