@@ -9,6 +9,7 @@ from torch import nn
 
 from attribution.engine import UnsupportedModuleError, grad_dot_products, grad_norms, plan_layers
 from attribution.engine.exact import brute_grad_dot_products, per_sample_grads
+from attribution.errors import UserError
 
 STRATEGIES = [None, "ghost", "project", "materialize"]
 
@@ -132,3 +133,19 @@ def test_plan_is_inspectable_and_overridable(batches):
     picked = {lp.name: lp.strategy for lp in forced.layers.values()}
     assert picked["transformer.h.1.mlp.c_fc.weight"] == "materialize"
     assert plan_layers(model, tr, va, optimizer_aware=True).counts().get("ghost", 0) == 0
+
+
+def test_kronecker_projection_is_exact_when_wide_and_approximate_when_narrow(batches, monkeypatch):
+    import attribution.engine.scoring as scoring
+
+    tr, tm, va, vm = batches
+    model = tiny_gpt2()
+    ref = brute_grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm)
+    monkeypatch.setattr(scoring, "KRON_DIM", 64)  # >= every side of every parameter: identity projections
+    assert rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker"), ref) <= 1e-6
+    monkeypatch.setattr(scoring, "KRON_DIM", 24)
+    got = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker")
+    assert rel_err(got, ref) > 1e-6  # really projected
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.5
+    with pytest.raises(UserError):
+        plan_layers(model, tr, va, optimizer_aware=True, strategy="kronecker")

@@ -100,6 +100,10 @@ class Capturer:
                 h.remove()
         cap = self._build(records, [grads.get(i) for i in range(len(records))], n, float(n))
         cap.losses = losses.detach()
+        missed = [name for pid, (name, p) in self.params.items() if pid not in cap.uses and p.grad is not None]
+        if missed:  # e.g. gradient checkpointing re-runs modules inside backward, where hooks cannot see them
+            raise RuntimeError(f"parameters received gradients the engine did not capture: {missed[:5]} "
+                               "(gradient checkpointing is not supported)")
         return loss.detach(), cap
 
     def grads_only(self, fn: Callable[[], torch.Tensor]) -> Captured:

@@ -7,6 +7,11 @@ Strategies (all exact):
   costs one `row_t . (G_val col_t)`; cheapest for whole-set scores and long sequences. Required
   for optimizer-aware values (the preconditioner is elementwise on `G_val`).
 - `materialize`: per-sample gradients `[n, P0, P1]`; only for tiny parameters (biases, LayerNorms).
+
+And one approximate strategy, only when asked for (never picked by the cost model):
+- `kronecker`: a Kronecker-factored Gaussian random projection `R0 (x) R1` of the row and column
+  factors (k = `KRON_DIM` per side), then materialize in the small space. Unbiased, with JL-type
+  error; the way to score hundreds of validation examples per parameter cheaply.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from attribution.errors import UserError
 
 from .rules import Use
 
-STRATEGIES = ("ghost", "project", "materialize")
+STRATEGIES = ("ghost", "project", "materialize")  # exact; the cost model picks among these
+APPROXIMATE = ("kronecker",)
+KRON_DIM = 64
 BYTE_WEIGHT = 8.0  # flop-equivalents per byte written: memory traffic is slow next to matmuls
 MEMORY_BUDGET = 2 << 30  # bytes a strategy may hold for one parameter
 
@@ -107,11 +114,12 @@ def choose(
     est = estimate_costs(shape, uses, sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], sizes["groups"])
     costs = {s: f + BYTE_WEIGHT * b for s, (f, b) in est.items()}
     if forced is not None:
-        if forced not in STRATEGIES:
-            raise UserError(f"unknown strategy {forced!r} for {name}; choose from {', '.join(STRATEGIES)}")
-        if forced == "ghost" and optimizer_aware:
+        if forced not in STRATEGIES + APPROXIMATE:
+            raise UserError(f"unknown strategy {forced!r} for {name}; choose from {', '.join(STRATEGIES + APPROXIMATE)}")
+        if forced in ("ghost", "kronecker") and optimizer_aware:
             raise UserError(f"{name}: optimizer-aware values need 'project' or 'materialize' (elementwise preconditioner)")
-        return LayerPlan(name, shape, len(uses), forced, costs, "forced by caller")
+        why = "forced by caller" + ("; approximate (random projection)" if forced in APPROXIMATE else "")
+        return LayerPlan(name, shape, len(uses), forced, costs, why)
     allowed = [s for s in STRATEGIES if est[s][1] <= MEMORY_BUDGET and not (optimizer_aware and s == "ghost")]
     if not allowed:
         allowed = ["project"]

@@ -8,13 +8,14 @@ sides (the trapezoid of second order) or preconditioning (AdamW) happens on the 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 
 from .capture import Captured
 from .ghost import ghost_scores
-from .planner import Plan
+from .planner import KRON_DIM, Plan
 from .rules import Use
 
 TOKEN_CHUNK = 1 << 22  # elements per [tokens x P] intermediate of the project strategy
@@ -84,6 +85,34 @@ def materialize(uses: list[Use], shape: tuple[int, int], per_sample: bool, dtype
     return out
 
 
+def kron_uses(uses: list[Use], name: str, shape: tuple[int, int]) -> tuple[list[Use], tuple[int, int]]:
+    """The uses with rows and columns multiplied by fixed Gaussian projections (seeded by the parameter name).
+
+    `E[<R g, R h>] = <g, h>` for `R = R0 (x) R1` with N(0, 1/k) entries; a side of size <= KRON_DIM
+    is left exact (identity).
+    """
+    p0, p1 = shape
+    dtype = compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row)
+    dev = uses[0].row.device
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+    def mat(p: int) -> torch.Tensor | None:
+        if p <= KRON_DIM:
+            return None
+        return (torch.randn(KRON_DIM, p, generator=gen, dtype=torch.float64) / KRON_DIM**0.5).to(dev, dtype)
+
+    r0, r1 = mat(p0), mat(p1)
+    out = []
+    for u in uses:
+        if u.row_index:
+            row = (r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype))
+        else:
+            row = u.row.to(dtype) @ r0.t() if r0 is not None else u.row.to(dtype)
+        col = None if u.col is None else (u.col.to(dtype) @ r1.t() if r1 is not None else u.col.to(dtype))
+        out.append(Use(row, col, False))
+    return out, (p0 if r0 is None else KRON_DIM, p1 if r1 is None else KRON_DIM)
+
+
 def build_val_side(cap: Captured, plan: Plan, shapes: dict[int, tuple[int, int]], per_example: bool) -> ValSide:
     """Materialize `G_val` for non-ghost parameters; keep the factors for ghost ones."""
     side = ValSide(cap.n, per_example)
@@ -91,6 +120,10 @@ def build_val_side(cap: Captured, plan: Plan, shapes: dict[int, tuple[int, int]]
     for pid, uses in cap.uses.items():
         if plan.strategy(pid) == "ghost":
             need_ghost = True
+            continue
+        if plan.strategy(pid) == "kronecker":
+            small, kshape = kron_uses(uses, plan.layers[pid].name, shapes[pid])
+            side.dense[pid] = materialize(small, kshape, per_example, compute_dtype(small[0].row))
             continue
         side.dense[pid] = materialize(uses, shapes[pid], per_example, compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row))
     if need_ghost:
@@ -141,7 +174,10 @@ def score(train: Captured, side: ValSide, plan: Plan, shapes: dict[int, tuple[in
             g = side.dense.get(pid)
             if g is None:  # parameter had no validation gradient (unused by the validation forward)
                 continue
-            if strat == "project":
+            if strat == "kronecker":
+                small, kshape = kron_uses(uses, plan.layers[pid].name, shapes[pid])
+                part = torch.einsum("npq,gpq->ng", materialize(small, kshape, True, dtype), g.to(dtype))
+            elif strat == "project":
                 part = sum(_project(u, g, dtype) for u in uses)
             else:
                 mat = materialize(uses, shapes[pid], True, dtype)
