@@ -1,4 +1,7 @@
-"""Report figures as PNG bytes (matplotlib, Agg backend, no metadata so the bytes are reproducible).
+"""Report figures as PNG bytes (matplotlib's Agg renderer, no metadata so the bytes are reproducible).
+
+Figures are built with `matplotlib.figure.Figure` and rendered by Agg directly, never through
+pyplot, so importing this module does not change the global backend of a notebook or GUI session.
 
 Text from the corpus (source names, snippets) is untrusted; in a PNG it cannot run, but `$` would
 switch matplotlib into math mode and can make rendering fail, so labels go through `_label`.
@@ -8,12 +11,10 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 MAX_LINES = 8
 
@@ -25,10 +26,15 @@ def _label(text: str, limit: int = 60) -> str:
     return text.replace("$", r"\$")
 
 
-def _png(fig) -> bytes:
+def _axes(figsize: tuple[float, float]):
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -48,7 +54,7 @@ def stage_shares(stage: pd.DataFrame, by_share: list[str]) -> bytes:
     denom = piv.sum(axis=1).replace(0, np.nan)
     shares = piv.div(denom, axis=0).fillna(0.0)
     x = [(a + b) / 2 for a, b in shares.index]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes((8, 4))
     for name in keep + (["other sources"] if "other sources" in shares else []):
         if name in shares:
             ax.plot(x, shares[name].to_numpy(), marker="o", ms=3, label=_label(name, 30))
@@ -64,7 +70,7 @@ def stage_shares(stage: pd.DataFrame, by_share: list[str]) -> bytes:
 def value_distribution(values: np.ndarray) -> bytes:
     """Histogram of document values; negative bins red, with the negative fraction written on it."""
     values = np.asarray(values, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = _axes((8, 3.6))
     if values.size and np.ptp(values) > 0:
         lo, hi = np.percentile(values, [0.5, 99.5])
         if lo == hi:
@@ -85,7 +91,7 @@ def value_distribution(values: np.ndarray) -> bytes:
 
 def top_documents(rows: list[tuple[str, str, float, str]]) -> bytes:
     """Horizontal bars of the top documents per group: (group, doc_id, value, snippet)."""
-    fig, ax = plt.subplots(figsize=(9, 0.32 * max(len(rows), 3) + 1))
+    fig, ax = _axes((9, 0.32 * max(len(rows), 3) + 1))
     labels = [_label(f"{g} | {d}: {s}", 80) for g, d, _, s in rows]
     vals = [v for _, _, v, _ in rows]
     y = np.arange(len(rows))[::-1]
