@@ -96,3 +96,51 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(10, cfg, 100) == pytest.approx(1.0)
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     assert all(lr_at(s, cfg, 100) >= lr_at(s + 1, cfg, 100) for s in range(10, 100))
+
+
+@pytest.mark.slow
+def test_document_split_into_sequences_gets_the_sum_of_their_values(tmp_path):
+    """Step 1 recomputed by hand with the engine: each document's value is the sum over its sequences."""
+    import torch
+
+    from attribution.engine.valuer import ValSet, Valuer
+    from attribution.train.distributed import DistInfo
+    from attribution.train.loop import (
+        Sampler,
+        build_model,
+        build_optimizer,
+        load_training,
+        load_validation,
+        lr_at,
+    )
+
+    write_corpus(tmp_path, n_docs=6)  # few documents, several sequences each: one batch holds repeats
+    write_val(tmp_path, "a", 3)
+    write_val(tmp_path, "b", 2, seed=5)
+    cfg = _cfg(tmp_path, "one", batch_size=8).resolved()
+    cfg.steps = 1
+    run = train_and_value(cfg)
+
+    val = load_validation(cfg)
+    data = load_training(cfg, val, tmp_path / "cache", DistInfo())
+    batch = Sampler(data.train_seqs, cfg.seed).take(0, cfg.batch_size)
+    docs_in_batch = data.store_row_of_seq[batch]
+    assert len(set(docs_in_batch)) < len(batch)  # some document has several sequences in this step
+    model = build_model(cfg, "cpu", "float32")
+    opt = build_optimizer(model, cfg)
+    valuer = Valuer(model, {n: ValSet(torch.from_numpy(v.ids), torch.from_numpy(v.mask)) for n, v in val.items()})
+    valuer.forward_backward(torch.from_numpy(np.asarray(data.seqset.ids[batch], dtype=np.int64)),
+                            torch.from_numpy(np.asarray(data.seqset.mask[batch], dtype=np.int64)))
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.clip)
+    lr = lr_at(1, cfg, 1)
+    sv = valuer.values(lr, grad_scale=float(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0)))
+    opt.zero_grad()
+
+    dv = pd.read_parquet(run / "doc_values.parquet").set_index(["doc_id", "val_set"])
+    doc_ids = data.docs["doc_id"].to_numpy()
+    for name in ("a", "b"):
+        expected = pd.Series(sv.per_set[name]).groupby(doc_ids[docs_in_batch]).sum()
+        for doc_id, value in expected.items():
+            # float32 model; the run scored per example (another summation order), hence rel 1e-4
+            assert dv.loc[(doc_id, name), "value"] == pytest.approx(value, rel=1e-4, abs=1e-12)
+            assert dv.loc[(doc_id, name), "n_seen"] == int((doc_ids[docs_in_batch] == doc_id).sum())
