@@ -103,7 +103,8 @@ def _plan(exp: CopyrightExperiment):
     docs = load_docs(tuple(exp.corpus))
     targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed, max_words=exp.max_words)
     pool = split_pool(docs, targets, exp.pool_fraction, exp.seed) if "similar" in kinds else []
-    records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed)
+    records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed,
+                             similar_max_words=2 * exp.max_words)
     paths: dict[str, str] = {}
     for kind in kinds:
         path = exp.out / "variants" / f"{kind}.jsonl"
@@ -208,7 +209,7 @@ def to_markdown(table: pd.DataFrame, meta: dict) -> str:
     head = "| variant | n | " + " | ".join(METHODS[m] for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
     lines = [
         f"Average rank of the original among {meta['n_train_docs']} training documents "
-        f"(1 = top; median in brackets). Preset {meta['preset']}, {meta['steps']} steps, "
+        f"(1 = top; median in parentheses). Preset {meta['preset']}, {meta['steps']} steps, "
         f"optimizer {meta['optimizer']}, seed {meta['seed']}.",
         "",
         head,

@@ -174,15 +174,20 @@ class SimilarFinder:
 
     pool: Sequence[Document]
     vectors: np.ndarray
+    max_words: int | None = None  # longest pool document that may serve (validation cost grows with length)
 
     @classmethod
-    def build(cls, pool: Sequence[Document]) -> SimilarFinder:
+    def build(cls, pool: Sequence[Document], max_words: int | None = None) -> SimilarFinder:
         if not pool:
             raise UserError("the similar-topic pool is empty: give a larger corpus or --pool-fraction")
         from attribution.embeddings import embed
 
         # one vector per pool document (its opening), as a semantic search engine would index it
-        return cls(pool, embed([d.text for d in pool], show_progress=len(pool) > 200))
+        if max_words is not None:
+            pool = [d for d in pool if len(words(d.text)) <= max_words]
+            if not pool:
+                raise UserError(f"no pool document has at most {max_words} words to serve as 'similar'")
+        return cls(pool, embed([d.text for d in pool], show_progress=len(pool) > 200), max_words)
 
     def find(self, doc: Document, doc_vec: np.ndarray, used: set[str]) -> tuple[Document, float]:
         sims = self.vectors @ doc_vec
@@ -206,12 +211,12 @@ def measure(variant: str, original: str, cos: float) -> dict[str, float]:
 
 
 def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewriter: Rewriter | None = None,
-                   pool: Sequence[Document] = (), seed: int = 0,
+                   pool: Sequence[Document] = (), seed: int = 0, similar_max_words: int | None = None,
                    progress: Callable[[int], None] | None = None) -> list[dict]:
     """Validation records `{"id", "text", "meta": {"variant", "target_id", ...distances}}` for each
     target and kind. Never returns a record with empty text."""
     rewriter = rewriter or OfflineRewriter()
-    finder = SimilarFinder.build(pool) if "similar" in kinds else None
+    finder = SimilarFinder.build(pool, similar_max_words) if "similar" in kinds else None
     if finder:
         from attribution.embeddings import embed
 

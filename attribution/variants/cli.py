@@ -153,6 +153,8 @@ def experiment() -> None:
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps.")
 @click.option("--max-words", type=int, default=400, show_default=True,
               help="Longest original --pick may choose (validation cost grows with length).")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per training step (default: the preset's); larger = fewer valued steps.")
 @click.option("--orders", default="1,2", show_default=True,
               help="Which In-Run Shapley orders to run (one training run each).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
@@ -161,7 +163,7 @@ def experiment() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @rewriter_options
-def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, orders, optimizer, pool_fraction, device, seed,
+def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, batch_size, orders, optimizer, pool_fraction, device, seed,
                   **kw) -> None:
     """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
 
@@ -181,6 +183,7 @@ def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_word
         ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
         kinds=kinds, preset=preset, steps=steps, epochs=epochs, max_words=max_words, orders=order_list, optimizer=optimizer,
         pool_fraction=pool_fraction, device=device, seed=seed, rewriter=make_rewriter_from(kw),
+        run_overrides={"batch_size": batch_size} if batch_size else {},
     )
     result = run_copyright(exp)
     click.echo(result.markdown)

@@ -339,8 +339,10 @@ class Paraphraser:
             s = self.reorder_clauses(s)
             s = self.function_words(s, SIGNIFICANT.p_function, rng)
             rewritten.append(s[:1].upper() + s[1:])
-        paragraphs = [" ".join(rewritten[i : i + 4]) for i in range(0, len(rewritten), 4)]
-        return fix_articles(self.substitute("\n\n".join(paragraphs), SIGNIFICANT, rng))
+        reworded = [fix_articles(self.substitute(s, SIGNIFICANT, rng)) for s in rewritten]
+        reworded = _drop_unreworded(reworded, text)
+        paragraphs = [" ".join(reworded[i : i + 4]) for i in range(0, len(reworded), 4)]
+        return "\n\n".join(paragraphs)
 
 
 def fix_articles(text: str) -> str:
@@ -364,6 +366,22 @@ def _swap_coordinated(sentence: str) -> str:
     if head.lower() in _CLOSED:
         head = head.lower()
     return f"{second[:1].upper()}{second[1:]}, {conj} {head} {rest}{punct}"
+
+
+def _drop_unreworded(sentences: list[str], original: str, limit: float = 0.25, keep: float = 0.6) -> list[str]:
+    """Drop the sentences that could not be reworded (names, numbers and set phrases keep long runs of
+    the original's 8-grams), worst first, while at least `keep` of the sentences remain."""
+    from attribution.text import ngrams, words
+
+    grams = ngrams(words(original), 8)
+    share = []
+    for s in sentences:
+        own = ngrams(words(s), 8)
+        share.append(len(own & grams) / len(own) if own else 0.0)
+    n_min = max(1, math.ceil(keep * len(sentences)))
+    drop = {i for i in sorted(range(len(sentences)), key=lambda i: -share[i])[: len(sentences) - n_min]
+            if share[i] > limit}
+    return [s for i, s in enumerate(sentences) if i not in drop]
 
 
 def _central_sentences(sentences: list[str], keep: float) -> list[str]:
