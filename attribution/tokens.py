@@ -234,6 +234,7 @@ def _write_cache(tmp: Path, docs: Iterable[Document], seq_len: int, fingerprint:
 
     text_schema = pa.schema([("doc_id", pa.string()), ("text", pa.large_string())])
     rows: dict[str, list] = {k: [] for k in ("doc_id", "source", "owner", "license", "n_tokens", "n_seqs")}
+    shared: dict = {}  # one string object per distinct source/owner/license: ~200 bytes less per document
     n_seq = 0
     started = time.perf_counter()
     with (
@@ -257,9 +258,9 @@ def _write_cache(tmp: Path, docs: Iterable[Document], seq_len: int, fingerprint:
                 n_seq += k
                 for key, value in (
                     ("doc_id", doc.doc_id),
-                    ("source", doc.source),
-                    ("owner", doc.owner),
-                    ("license", doc.license),
+                    ("source", shared.setdefault(doc.source, doc.source)),
+                    ("owner", shared.setdefault(doc.owner, doc.owner)),
+                    ("license", shared.setdefault(doc.license, doc.license)),
                     ("n_tokens", int(seq_mask.sum())),
                     ("n_seqs", k),
                 ):
