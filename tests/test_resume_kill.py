@@ -17,8 +17,8 @@ from tests.train_fixtures import VALUE_FILES, write_corpus, write_val
 STEPS, EVERY = 10, 3
 
 
-def _args(tmp_path, out):
-    return ["run", "--corpus", str(tmp_path / "corpus.jsonl"), "--val", f"a={tmp_path / 'a.jsonl'}",
+def _args(tmp_path, out, order=1):
+    return ["run", "--order", str(order), "--corpus", str(tmp_path / "corpus.jsonl"), "--val", f"a={tmp_path / 'a.jsonl'}",
             "--val", f"b={tmp_path / 'b.jsonl'}", "--out", str(out), "--preset", "test-micro",
             "--steps", str(STEPS), "--steps-per-checkpoint", str(EVERY), "--seed", "3", "--device", "cpu",
             "--cache-dir", str(tmp_path / "cache"), "--per-example-max", "3"]
@@ -38,16 +38,17 @@ def _checkpoint_step(out) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("order", [1, 2])
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, order):
     write_corpus(tmp_path)
     write_val(tmp_path, "a", 3, seed=1)
     write_val(tmp_path, "b", 4, seed=2)  # more than --per-example-max: whole-set values only
 
-    full = _cli(_args(tmp_path, tmp_path / "full"))
+    full = _cli(_args(tmp_path, tmp_path / "full", order))
     assert full.wait(timeout=300) == 0, full.stderr.read().decode()
 
     out = tmp_path / "killed"
-    proc = _cli(_args(tmp_path, out))
+    proc = _cli(_args(tmp_path, out, order))
     deadline = time.time() + 300
     while _checkpoint_step(out) < EVERY and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -58,7 +59,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     assert EVERY <= killed_at < STEPS, f"the run was not killed mid-way (checkpoint at {killed_at})"
     assert not (out / "doc_values.parquet").exists()
 
-    again = _cli([*_args(tmp_path, out), "--resume"])
+    again = _cli([*_args(tmp_path, out, order), "--resume"])
     assert again.wait(timeout=300) == 0, again.stderr.read().decode()
 
     for name in VALUE_FILES:
