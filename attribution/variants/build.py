@@ -191,13 +191,15 @@ class SimilarFinder:
 
     def find(self, doc: Document, doc_vec: np.ndarray, used: set[str]) -> tuple[Document, float]:
         sims = self.vectors @ doc_vec
-        for i in np.argsort(-sims, kind="stable"):
-            cand = self.pool[int(i)]
-            if cand.doc_id == doc.doc_id or cand.doc_id in used:
-                continue
-            if containment(cand.text, doc.text) > SIMILAR_MAX_CONTAINMENT or cand.text.strip() == doc.text.strip():
-                continue
-            return cand, float(sims[i])
+        order = np.argsort(-sims, kind="stable")
+        for allow_reuse in (False, True):  # prefer a document no other original got; share one if need be
+            for i in order:
+                cand = self.pool[int(i)]
+                if cand.doc_id == doc.doc_id or (cand.doc_id in used and not allow_reuse):
+                    continue
+                if containment(cand.text, doc.text) > SIMILAR_MAX_CONTAINMENT or cand.text.strip() == doc.text.strip():
+                    continue
+                return cand, float(sims[i])
         raise UserError(f"no document in the pool is different enough from {doc.doc_id} to serve as 'similar'")
 
 

@@ -138,8 +138,8 @@ def experiment() -> None:
 
 @experiment.command("copyright")
 @click.option("--corpus", "corpus", multiple=True, default=("builtin:600",), show_default=True,
-              help="Training corpus; repeatable. Default: a 600-document built-in corpus, which one CPU "
-                   "epoch covers in minutes.")
+              help="Training corpus; repeatable. Default: a 600-document built-in corpus. Every step values all "
+                   "variants, so on a CPU keep the corpus and --pick small (see docs/benchmarks.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for variants, runs, table.csv, table.md and rank plot.")
 @click.option("--pick", type=int, default=12, show_default=True, help="Number of originals to pick.")
