@@ -648,7 +648,11 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
                      "weight_decay_credit": "none (data-independent shrink)"},
         "values": store.describe() if store is not None else None,
         "final_val_loss": final_val,
-        "timings": {**previous.get("timings", {}), **timings},
+        # the first session's start is kept; each resumed session adds its own start to `resumed_at`
+        "timings": {**previous.get("timings", {}), **timings,
+                    **({"started": previous["timings"]["started"]} if "started" in previous.get("timings", {}) else {}),
+                    **({"resumed_at": [*previous.get("timings", {}).get("resumed_at", []), timings["started"]]}
+                       if resumed_from is not None and status == "running" else {})},
         "peak_rss_mb": peak_rss_mb(),
         "versions": versions(),
         "git_commit": git_commit(),
