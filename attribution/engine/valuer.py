@@ -84,6 +84,8 @@ class StepValues:
     val_loss: dict[str, float]  # summed validation loss at the weights the values used (before the step)
     train_grad_sq_norm: np.ndarray | None = None  # [n_train] ||grad loss_i||^2 (when grad_norms=True)
     val_grad_sq_norm: dict[str, float] = field(default_factory=dict)  # ||grad L_val||^2 (when grad_norms=True)
+    # per-example sets, grad_norms=True: [n_val] ||grad loss_j||^2 of each validation sequence (weights before the step)
+    val_example_sq_norm: dict[str, np.ndarray] = field(default_factory=dict)
     lr: float = 0.0
     grad_scale: float = 1.0
     order: int = 1
@@ -170,6 +172,7 @@ class Valuer:
         self._plans: dict[str, Plan] = {}
         self._plan_key: tuple | None = None
         self._cache: dict[str, tuple[int, ValSide, float]] = {}  # name -> (weights version, side, loss)
+        self._val_norms: dict[str, np.ndarray] = {}  # per-example set -> ||g_val_j||^2 at the cached weights
         self._pending: dict | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -218,12 +221,15 @@ class Valuer:
         with eval_mode(self.inner), torch.enable_grad(), self._autocast():
             cap = self.capturer.grads_only(lambda: self.task.per_sequence_loss(self.inner, ids, mask))
         side = build_val_side(cap, self._plans[name], self.shapes, name in self.per_example)
+        if self.grad_norms and name in self.per_example:  # ghost self-norms of each validation sequence
+            self._val_norms[name] = sq_norms(cap, self._plans[name]).numpy()
         loss = float(cap.losses.double().sum())
         self._cache[name] = (version, side, loss)
         return side, loss
 
     def _finish_values(self, train: Captured, sides: dict[str, ValSide], losses: dict[str, float],
-                       lr: float, grad_scale: float, lr_eff: float, norms_sides: dict[str, ValSide]) -> StepValues:
+                       lr: float, grad_scale: float, lr_eff: float, norms_sides: dict[str, ValSide],
+                       val_norms: dict[str, np.ndarray] | None = None) -> StepValues:
         sv = StepValues(self.step, {}, {}, losses, lr=lr, grad_scale=grad_scale, order=self.order,
                         optimizer_aware=self.optimizer_aware)
         for name, side in sides.items():
@@ -234,6 +240,7 @@ class Valuer:
         if self.grad_norms:
             sv.train_grad_sq_norm = sq_norms(train, self._plans[next(iter(self._plans))]).numpy()
             sv.val_grad_sq_norm = {k: side_sq_norm(v) for k, v in norms_sides.items()}
+            sv.val_example_sq_norm = dict(val_norms or {})
         return sv
 
     # -- the contract -----------------------------------------------------------------------------
@@ -273,11 +280,13 @@ class Valuer:
         sides, losses = {}, {}
         for name in self.val_sets:
             sides[name], losses[name] = self._val_side(name)
+        val_norms = {k: self._val_norms[k] for k in self.per_example if k in self._val_norms}
         if self.order == 1:
             scored = {k: s.precondition(pre) if pre else s for k, s in sides.items()}
-            return self._finish_values(train, scored, losses, lr, grad_scale, lr_eff, sides)
+            return self._finish_values(train, scored, losses, lr, grad_scale, lr_eff, sides, val_norms)
         self._pending = {"train": train, "sides": sides, "losses": losses, "pre": pre, "lr": lr,
-                         "grad_scale": grad_scale, "lr_eff": lr_eff, "version": self._version()}
+                         "grad_scale": grad_scale, "lr_eff": lr_eff, "version": self._version(),
+                         "val_norms": val_norms}
         return None
 
     def after_step(self) -> StepValues | None:
@@ -293,7 +302,8 @@ class Valuer:
         for name, before in p["sides"].items():
             side = before.combine(after[name], 0.5, 0.5)
             scored[name] = side.precondition(p["pre"]) if p["pre"] else side
-        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"])
+        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"],
+                                   p["val_norms"])
 
     def finish(self) -> StepValues | None:
         """Flush: a pending order-2 step whose optimizer step never happened is valued at first order."""
@@ -301,7 +311,8 @@ class Valuer:
             return None
         p, self._pending = self._pending, None
         scored = {k: s.precondition(p["pre"]) if p["pre"] else s for k, s in p["sides"].items()}
-        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"])
+        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"],
+                                   p["val_norms"])
 
     def close(self) -> None:
         """Remove the hooks."""
