@@ -46,6 +46,17 @@ def _short(text: str, n: int = N_WORDS) -> str:
     return " ".join(text.split()[:n])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin against each other on a busy 2-core machine (see docs/benchmarks.md)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus() -> list[Document]:
     texts = _lee()
@@ -286,3 +297,37 @@ def test_compare_on_a_real_tiny_run(tmp_path):
     assert para.label == "paraphrastic" and para.semantic_rank == 1
     md = (tmp_path / "cmp" / "summary.md").read_text()
     assert "top contributors" in md and "non-obvious influence" in md
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_large_corpus_lexical_kinds_find_copies(tmp_path, corpus, kind):
+    from attribution.analysis.lexical import LexicalParams
+
+    meta = build_index(corpus, tmp_path / kind, lexical=LexicalParams(kind=kind), semantic=None, bm25=None, jobs=1)
+    assert meta["lexical"]["kind"] == kind and "bm25" not in meta
+    ix = Indexes.load(tmp_path / kind)
+    for i in (3, 31, 59):
+        assert ix.lexical_search(corpus[i].text, 3).doc_id.iloc[0] == corpus[i].doc_id
+
+
+@pytest.mark.parametrize("kind", ["hnsw"])
+def test_large_corpus_semantic_kinds(tmp_path, kind):
+    """The graph float index, on random unit vectors standing in for embeddings.
+
+    ("ivfpq" is left out: in this faiss-cpu build, training the product quantizer on 1,000 vectors
+    took minutes on the shared test machine.)"""
+    from attribution.analysis.semantic import SemanticIndex, SemanticParams
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((1000, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    owner = np.repeat(np.arange(500), 2)  # two windows per document
+    params = SemanticParams(kind=kind)
+    assert SemanticIndex.write(tmp_path, params, vecs, owner) == kind
+    index = SemanticIndex(tmp_path, params)
+    assert index.kind == kind
+    found = [index.search_vectors(vecs[w][None, :], 5)[0][0] for w in range(0, 1000, 50)]
+    assert found == [owner[w] for w in range(0, 1000, 50)]
+    # exact similarity from the stored (float16) embeddings: best window of each document
+    expected = [1.0, float(max(vecs[8] @ vecs[7], vecs[9] @ vecs[7]))]
+    assert index.similarity(vecs[7][None, :], [3, 4]) == pytest.approx(expected, abs=2e-3)
