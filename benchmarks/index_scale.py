@@ -42,17 +42,21 @@ def vocabulary() -> list[str]:
     return sorted(counts, key=lambda w: -counts[w])
 
 
-def synthetic_docs(n: int, seed: int = 0):
+def synthetic_docs(n: int, seed: int = 0, block: int = 10_000):
+    """Documents generated a block at a time, so a million of them never sit in memory at once."""
     from attribution.corpus import Document
 
-    vocab = np.array(vocabulary())
+    vocab = np.array(vocabulary(), dtype=object)
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(30, 81, size=n)
-    ranks = np.minimum(rng.zipf(1.3, size=int(lengths.sum())) - 1, len(vocab) - 1)
-    tokens = vocab[ranks]
-    ends = np.cumsum(lengths)
-    for i in range(n):
-        yield Document(f"s{i}", " ".join(tokens[ends[i] - lengths[i] : ends[i]]), f"src{i % 8}")
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        lengths = rng.integers(30, 81, size=m)
+        ranks = np.minimum(rng.zipf(1.3, size=int(lengths.sum())) - 1, len(vocab) - 1)
+        tokens = vocab[ranks].tolist()
+        ends = np.cumsum(lengths)
+        for i in range(m):
+            doc = start + i
+            yield Document(f"s{doc}", " ".join(tokens[ends[i] - lengths[i] : ends[i]]), f"src{doc % 8}")
 
 
 def du(path: Path) -> int:
@@ -134,6 +138,29 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int, bm25: bool 
     }
 
 
+def bench_bm25_from(index_dir: Path, n_queries: int = 50) -> dict:
+    """BM25 alone over the texts of an index built earlier (e.g. the 1M run made with `--skip bm25`)."""
+    from attribution.analysis.bm25 import BM25Index, BM25Params, build
+    from attribution.analysis.store import TextStore
+
+    store = TextStore(index_dir)
+    texts = [store[i] for i in range(len(store))]
+    out = index_dir.parent / "bm25_only"
+    t0, c0 = time.perf_counter(), time.process_time()
+    build(out, texts, BM25Params())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    index = BM25Index(out)
+    lat, cpu_lat, hit = [], [], 0
+    for r in np.random.default_rng(1).choice(len(texts), n_queries, replace=False):
+        t1, c1 = time.perf_counter(), time.process_time()
+        top = index.search(texts[r], 100)
+        lat.append(time.perf_counter() - t1)
+        cpu_lat.append(time.process_time() - c1)
+        hit += top[0][0] == r
+    return {"docs": len(texts), "build_wall_s": round(wall, 1), "build_cpu_s": round(cpu, 1),
+            "top100": percentiles(lat, cpu_lat), "exact_copy_first": f"{hit}/{n_queries}", "disk_bytes": du(out)}
+
+
 def bench_semantic(n_embed: int, n_vectors: int) -> dict:
     import faiss
 
@@ -176,12 +203,17 @@ def main() -> None:
     ap.add_argument("--sign-docs", type=int, default=100_000)
     ap.add_argument("--embed-docs", type=int, default=500)
     ap.add_argument("--semantic-vectors", type=int, default=200_000)
+    ap.add_argument("--bm25-from", default=None, help="only benchmark BM25 over this existing index's texts")
     ap.add_argument("--skip", nargs="*", default=[], choices=["signing", "lexical", "semantic", "bm25"])
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"cpu_count": os.cpu_count()}
+    if args.bm25_from:
+        report["bm25"] = bench_bm25_from(Path(args.bm25_from))
+        print(json.dumps(report, indent=2))
+        return
     if "signing" not in args.skip:
         report["signing"] = bench_signing(args.sign_docs, args.jobs)
         print(json.dumps(report["signing"]), flush=True)
