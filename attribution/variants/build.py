@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from attribution.variants.rewriters import OfflineRewriter, RewriteError, Rewrit
 KINDS = ("exact", "partial", "paraphrase", "significant", "similar")
 CHUNK_WORDS = 180  # ~250 word pieces: MiniLM's window
 MAX_CHUNKS = 5  # distances cover the first ~900 words; picked originals are shorter than that
+WEAK_SIMILAR = 0.3  # below this MiniLM cosine a "similar" document is not on a related subject
 SIMILAR_MAX_CONTAINMENT = 0.2  # a pool document sharing more 8-grams than this is a copy, not a similar text
 
 # Framing for partial copies: an instruction whose answer is the excerpt (the paper's construction).
@@ -259,6 +261,10 @@ def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewrite
     for r, v in zip(records, vecs[: len(records)], strict=True):
         original, ov = by_target[r["meta"]["target_id"]]
         r["meta"].update(measure(r["text"], original.text, float(v @ ov)))
+        if r["meta"]["variant"] == "similar" and r["meta"]["cosine_minilm"] < WEAK_SIMILAR:
+            print(f"warning: the pool's closest document to {original.doc_id} ({r['meta']['similar_doc_id']}) has "
+                  f"MiniLM cosine {r['meta']['cosine_minilm']:.2f}: not on a related subject; use a larger "
+                  "corpus or --pool-fraction", file=sys.stderr)
     return records
 
 
