@@ -89,7 +89,7 @@ VIEWS: dict[str, View] = {
     "value": View(_col("value"), "raw In-Run Shapley value (additive; royalties use it)",
                   "accounting: shares of sources/owners; never for 'derived from' questions alone"),
     "per_token": View(lambda ev, docs: per_token(ev, docs), "value / tokens the document contributed",
-                      "when long documents crowd the top of a ranking"),
+                      "when long documents crowd the top of a ranking", ("value", "n_tokens")),
     "normalized": View(_col("value_normalized"), "sum over steps of value / that step's validation-loss reduction",
                        "when early steps (large gradients) dominate; every step hands out ~one unit",
                        ("value_normalized",)),
@@ -100,7 +100,7 @@ VIEWS: dict[str, View] = {
                      "'which documents is THIS text derived from': removes generally helpful documents"),
     "contrast_per_token": View(_contrast_of(lambda ev, docs: per_token(ev, docs)),
                                "per-token value minus its mean over the other validation texts",
-                               "derived-from questions when document lengths vary a lot"),
+                               "derived-from questions when document lengths vary a lot", ("value", "n_tokens")),
     "contrast_cosine": View(_contrast_of(_col("value_cosine")), "cosine view minus its mean over the other validation texts",
                             "derived-from questions, robust to gradient scale", ("value_cosine",)),
 }
@@ -108,15 +108,16 @@ VIEWS: dict[str, View] = {
 DEFAULT_VIEW = "contrast"
 
 
-def available(ev: pd.DataFrame) -> list[str]:
-    """Views this run's `example_values` columns allow."""
-    return [name for name, v in VIEWS.items() if all(c in ev.columns for c in v.needs)]
+def available(ev: pd.DataFrame, docs: pd.DataFrame | None = None) -> list[str]:
+    """Views this run's `example_values` columns (and the documents' `n_tokens`) allow."""
+    cols = set(ev.columns) | ({"n_tokens"} if docs is not None and "n_tokens" in docs.columns else set())
+    return [name for name, v in VIEWS.items() if all(c in cols for c in v.needs)]
 
 
 def compute(ev: pd.DataFrame, docs: pd.DataFrame, names: list[str] | None = None) -> pd.DataFrame:
     """`ev` with one `view_<name>` column per view (raw `value` untouched) and `attribution` = default."""
     out = ev.copy()
-    names = available(ev) if names is None else names
+    names = available(ev, docs) if names is None else names
     for name in names:
         if name not in VIEWS:
             raise UserError(f"unknown view {name!r}; known: {', '.join(VIEWS)}")

@@ -27,7 +27,7 @@ def view_ranks(run_dir: Path, ranks: pd.DataFrame) -> pd.DataFrame:
     docs = pd.read_parquet(run_dir / "docs.parquet", columns=["doc_id", "n_tokens"])
     train_ids = docs["doc_id"].astype(str).tolist()
     row = {d: i for i, d in enumerate(train_ids)}
-    names = views.available(ev)
+    names = views.available(ev, docs)
     scored = views.compute(ev, docs, names)
     groups = {k: g for k, g in scored.groupby(["val_set", "val_id"], sort=False)}
     out = []
@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="builtin:600")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--pick", type=int, default=12)
+    ap.add_argument("--max-words", type=int, default=400)
     ap.add_argument("--plain", action="store_true", help="SGD-proxy values instead of AdamW-preconditioned ones")
     args = ap.parse_args()
-    exp = CopyrightExperiment(corpus=[args.corpus], out=args.out, pick=args.pick, epochs=args.epochs, orders=(1,),
+    exp = CopyrightExperiment(corpus=[args.corpus], out=args.out, pick=args.pick, epochs=args.epochs, orders=(1,), max_words=args.max_words,
                               run_overrides={"optimizer_aware": not args.plain})
     result = run_copyright(exp)
     run_dir = result.run_dirs[1]

@@ -68,8 +68,9 @@ def test_raw_value_untouched_and_default_column():
     before = ev["value"].to_numpy().copy()
     out = views.compute(ev, docs)
     assert np.array_equal(out["value"].to_numpy(), before) and np.array_equal(ev["value"].to_numpy(), before)
-    assert set(views.available(ev)) >= {"value", "per_token", "contrast", "cosine", "contrast_cosine"}
-    assert "normalized" not in views.available(ev)  # needs value_normalized
+    assert set(views.available(ev, docs)) >= {"value", "per_token", "contrast", "cosine", "contrast_cosine"}
+    assert "normalized" not in views.available(ev, docs)  # needs value_normalized
+    assert "per_token" not in views.available(ev)  # needs the documents' n_tokens
     assert np.array_equal(out["attribution"].to_numpy(), out[views.column_of(views.DEFAULT_VIEW)].to_numpy())
     with pytest.raises(UserError, match="unknown view"):
         views.compute(ev, docs, ["bogus"])

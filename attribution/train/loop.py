@@ -321,7 +321,9 @@ def make_valuer(model, val: dict[str, ValData], cfg: RunConfig):
         for name, v in val.items()
     }
     per_example = [name for name, v in val.items() if v.per_example]
+    # grad_norms: ghost per-sample gradient norms for the cosine view (per-example sets only)
     return Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware,
+                  grad_norms=bool(per_example),
                   autocast_dtype=torch.bfloat16 if _BF16[0] and device.type == "cuda" else None)
 
 
@@ -332,16 +334,22 @@ def _per_doc_columns(matrix: np.ndarray, v: ValData) -> np.ndarray:
     return out
 
 
-def _gather_step(info, sv, val: dict[str, ValData], scale: float) -> tuple[dict, dict]:
-    """This step's values for the global batch (rank order), per set and per validation document."""
+def _gather_step(info, sv, val: dict[str, ValData], scale: float) -> tuple[dict, dict, dict]:
+    """This step's values for the global batch (rank order), per set and per validation document,
+    and (when the engine gave norms) per document the sum of its sequences' cosine-normalized values."""
     per_set = {name: dist_util.gather_rows(info, np.asarray(sv.per_set[name], dtype=np.float64) * scale)
                for name in val}
-    per_example = {}
+    per_example, per_example_cos = {}, {}
     for name, v in val.items():
         if v.per_example and name in sv.per_example:
-            m = _per_doc_columns(np.asarray(sv.per_example[name], dtype=np.float64) * scale, v)
-            per_example[name] = dist_util.gather_rows(info, m)
-    return per_set, per_example
+            raw = np.asarray(sv.per_example[name], dtype=np.float64) * scale
+            per_example[name] = dist_util.gather_rows(info, _per_doc_columns(raw, v))
+            vn = sv.val_example_sq_norm.get(name)
+            if sv.train_grad_sq_norm is not None and vn is not None:
+                denom = np.sqrt(np.outer(np.asarray(sv.train_grad_sq_norm, dtype=np.float64), vn))
+                cos = np.divide(raw, denom, out=np.zeros_like(raw), where=denom > 0)
+                per_example_cos[name] = dist_util.gather_rows(info, _per_doc_columns(cos, v))
+    return per_set, per_example, per_example_cos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,9 +573,9 @@ def train_and_value(cfg: RunConfig, *, sources: dict[str, Any] | None = None) ->
             position += cfg.batch_size
             if sv is not None:
                 # The engine scales by 1/(its local batch); the step used the mean over the global batch.
-                per_set, per_example = _gather_step(info, sv, val, local_n / cfg.batch_size)
+                per_set, per_example, per_example_cos = _gather_step(info, sv, val, local_n / cfg.batch_size)
                 if store is not None:
-                    store.add(step, batch_idx, per_set, per_example)
+                    store.add(step, batch_idx, per_set, per_example, per_example_cos)
             tokens_done += int(mask.sum()) * info.world
             bar.update(1)
             if info.is_main and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == total):

@@ -19,6 +19,13 @@ Definitions (also recorded in the manifest):
   whose values cancel out from blowing up, the divisor is `max(|R_t|, 0.1 * sum_j |phi_t(j)|)`;
   the sign of each value is kept. So each step hands out about one unit of credit, and early steps
   (large gradients) do not dominate the total.
+- per-example values (`example_values.parquet`) carry, next to `value`: `value_normalized` (each
+  step's values for one validation text divided by that text's own loss reduction, estimated the
+  same way from its column, `max(|sum_j phi_t(j, x)|, 0.1 * sum_j |phi_t(j, x)|)`), `value_cosine`
+  (sum over steps of each sequence's value / (||g_seq|| * ||g_val_seq||), ghost norms from the
+  engine; null when the run had no norms), the views of `attribution.views` as `view_<name>`
+  columns and `attribution` = the default view (`attribution.views.DEFAULT_VIEW`, named in the
+  manifest). `value` stays the raw additive value: royalties use it.
 - `n_seen`: number of training sequences of the document processed (counting repeats over epochs).
 - `first_step`, `last_step`: 1-based optimizer steps in which the document was first/last trained
   (null if never trained).
@@ -87,6 +94,9 @@ class ValueStore:
         self.example = {
             name: np.zeros((n_docs, len(ids)), dtype=np.float64) for name, ids in self.example_ids.items()
         }
+        self.example_norm = {k: np.zeros_like(v) for k, v in self.example.items()}
+        self.example_cos = {k: np.zeros_like(v) for k, v in self.example.items()}
+        self.has_cos = np.zeros(1, dtype=np.int64)  # 1 once any step brought cosine values
         self._pending: list[pa.RecordBatch] = []
 
     # ---- accumulation -------------------------------------------------------------------------
@@ -97,9 +107,11 @@ class ValueStore:
         seq_idx: np.ndarray,
         per_set: Mapping[str, np.ndarray],
         per_example: Mapping[str, np.ndarray] | None = None,
+        per_example_cos: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add one step's values. `seq_idx`: global sequence indices of the batch, in the order of
-        the value arrays (`per_set[name]`: float64 `[batch]`; `per_example[name]`: `[batch, n_ex]`)."""
+        the value arrays (`per_set[name]`: float64 `[batch]`; `per_example[name]`: `[batch, n_ex]`;
+        `per_example_cos[name]`: the same values divided by the gradient norms, `[batch, n_ex]`)."""
         rows = self.seq_doc[np.asarray(seq_idx, dtype=np.int64)]
         uniq, inv = np.unique(rows, return_inverse=True)
         self.n_seen += np.bincount(rows, minlength=len(self.n_seen))
@@ -127,6 +139,14 @@ class ValueStore:
             acc = np.zeros((len(uniq), m.shape[1]), dtype=np.float64)
             np.add.at(acc, inv, m)
             self.example[name][uniq] += acc
+            div = np.maximum(np.abs(m.sum(0)), CANCEL_FLOOR * np.abs(m).sum(0))  # per validation text
+            self.example_norm[name][uniq] += np.divide(acc, div, out=np.zeros_like(acc), where=div > 0)
+            cos = (per_example_cos or {}).get(name)
+            if cos is not None:
+                acc = np.zeros((len(uniq), m.shape[1]), dtype=np.float64)
+                np.add.at(acc, inv, np.asarray(cos, dtype=np.float64))
+                self.example_cos[name][uniq] += acc
+                self.has_cos[0] = 1
         self._pending.append(
             pa.RecordBatch.from_arrays(
                 [
@@ -169,9 +189,12 @@ class ValueStore:
             "n_seen": self.n_seen,
             "first_step": self.first_step,
             "last_step": self.last_step,
+            "has_cos": self.has_cos,
         }
         for i, name in enumerate(self.example):
             arrays[f"example.{i}"] = self.example[name]
+            arrays[f"example_norm.{i}"] = self.example_norm[name]
+            arrays[f"example_cos.{i}"] = self.example_cos[name]
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -184,6 +207,11 @@ class ValueStore:
             setattr(self, key, saved.astype(current.dtype, copy=True))
         for i, name in enumerate(self.example):
             self.example[name] = np.asarray(arrays[f"example.{i}"], dtype=np.float64).copy()
+            for key, acc in (("example_norm", self.example_norm), ("example_cos", self.example_cos)):
+                saved = arrays.get(f"{key}.{i}")  # absent in checkpoints from before the views: unknown
+                acc[name] = (np.full_like(self.example[name], np.nan) if saved is None
+                             else np.asarray(saved, dtype=np.float64).copy())
+        self.has_cos = np.asarray(arrays.get("has_cos", np.ones(1)), dtype=np.int64).copy()
 
     # ---- final files --------------------------------------------------------------------------
 
@@ -240,6 +268,9 @@ class ValueStore:
                         "val_set": name,
                         "val_id": np.tile(np.array(ids, dtype=object), len(seen)),
                         "value": m[seen].reshape(-1),
+                        "value_normalized": self.example_norm[name][seen].reshape(-1),
+                        "value_cosine": (self.example_cos[name][seen].reshape(-1) if self.has_cos[0]
+                                         else np.full(m[seen].size, np.nan)),
                     }
                 )
             )
@@ -249,11 +280,26 @@ class ValueStore:
                 "val_set": pd.Series(dtype=str),
                 "val_id": pd.Series(dtype=str),
                 "value": pd.Series(dtype="float64"),
+                "value_normalized": pd.Series(dtype="float64"),
+                "value_cosine": pd.Series(dtype="float64"),
             }
         )
         frame = pd.concat(frames, ignore_index=True) if frames else empty
+        frame = self._with_views(frame)
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
+
+    def _with_views(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Add the `view_<name>` columns and `attribution` (the default view); `value` is unchanged."""
+        from attribution import views
+
+        docs = self.docs[["doc_id", "n_tokens"]] if "n_tokens" in self.docs.columns else None
+        base = frame if self.has_cos[0] else frame.drop(columns="value_cosine")
+        out = views.compute(base, docs if docs is not None else pd.DataFrame({"doc_id": []}),
+                            views.available(base, docs))
+        if not self.has_cos[0]:
+            out.insert(list(frame.columns).index("value_cosine"), "value_cosine", frame["value_cosine"])
+        return out
 
     def _write_step_and_stage(self, step_path: Path, stage_path: Path) -> None:
         """Stream the part files into one Parquet file; sum them per window/source/set meanwhile."""
@@ -309,7 +355,22 @@ class ValueStore:
             "normalization": NORMALIZATION_RULE,
             "stage_window": self.stage_window,
             "per_example_sets": {k: len(v) for k, v in self.example_ids.items()},
+            "default_view": _default_view(),
+            "views": _view_docs(),
         }
+
+
+def _default_view() -> str:
+    from attribution.views import DEFAULT_VIEW
+
+    return DEFAULT_VIEW
+
+
+def _view_docs() -> dict[str, dict[str, str]]:
+    """Each view's meaning and use, for the manifest; royalties always use the raw `value`."""
+    from attribution.views import VIEWS, column_of
+
+    return {name: {"column": column_of(name), "meaning": v.meaning, "use": v.use} for name, v in VIEWS.items()}
 
 
 def _part_range(path: Path) -> tuple[int, int]:
