@@ -355,7 +355,7 @@ class ValueStore:
             "normalization": NORMALIZATION_RULE,
             "stage_window": self.stage_window,
             "per_example_sets": {k: len(v) for k, v in self.example_ids.items()},
-            "default_view": _default_view(),
+            "default_view": {"view": _default_view(), "column": "attribution"},
             "views": _view_docs(),
         }
 
