@@ -59,10 +59,12 @@ class Run:
 
     @property
     def default_view(self) -> str:
-        """The example-level value column the run recommends ranking by (manifest `default_view`)."""
-        view = self.manifest.get("default_view")
-        if isinstance(view, str) and view in self.example_values.columns:
-            return view
+        """The example-level value column the run recommends ranking by: the attribution view's column
+        (manifest `values.default_view`, see `attribution.views`), else the manifest's `default_view`."""
+        views = (self.manifest.get("values") or {}).get("default_view")
+        for view in (views.get("column") if isinstance(views, dict) else None, self.manifest.get("default_view")):
+            if isinstance(view, str) and view in self.example_values.columns:
+                return view
         return "value"
 
 

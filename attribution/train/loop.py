@@ -642,8 +642,7 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
         "status": status,
         "config": cfg.to_json(),
         "config_sources": sources or {},
-        # example_values column to rank by: `attribution` holds attribution.views.DEFAULT_VIEW (values.default_view)
-        "default_view": "attribution" if store is not None else "value",
+        "default_view": "value",  # the views' default (`attribution` column) is named in values.default_view
         "seed": cfg.seed,
         "corpus": {"specs": cfg.corpus, "fingerprint": data.fingerprint, "n_docs_total": len(data.seqset.docs),
                    "n_docs_trained": len(data.doc_rows), "n_sequences": len(data.train_seqs),
