@@ -24,6 +24,7 @@ from attribution.experiment import CopyrightExperiment, rank_of, run_copyright
 def view_ranks(run_dir: Path, ranks: pd.DataFrame) -> pd.DataFrame:
     """Rank of the original for every (record, view) of one run."""
     ev = pd.read_parquet(run_dir / "example_values.parquet")
+    ev = ev.loc[:, ev.notna().any()]  # value_cosine is null when the run had no gradient norms
     docs = pd.read_parquet(run_dir / "docs.parquet", columns=["doc_id", "n_tokens"])
     train_ids = docs["doc_id"].astype(str).tolist()
     row = {d: i for i, d in enumerate(train_ids)}
