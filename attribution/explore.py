@@ -28,9 +28,9 @@ with warnings.catch_warnings():
     # tqdm.auto (imported by the report package) warns in a Jupyter kernel without ipywidgets; the
     # notebook's widgets are optional, so that warning is noise for a reviewer.
     warnings.filterwarnings("ignore", message="IProgress not found")
-    from attribution.report.evidence import SPAN_N, longest_span_words, shared_spans
+    from attribution.report.evidence import SPAN_N
     from attribution.report.royalty import DEFAULT_RULE
-from attribution.text import containment
+from attribution.analysis.overlap import evidence as pair_evidence
 
 RUN_ENV = "ATTRIBUTION_RUN"
 
@@ -318,17 +318,17 @@ def top_contributors(
 def evidence_table(query: str, documents: list[str], n: int = SPAN_N) -> pd.DataFrame:
     """Lexical and semantic evidence of one query text against each document (row order kept).
 
-    The measures are the report's (`attribution.report.evidence`), so the notebook and the HTML
-    report print the same numbers for the same pair.
+    The measures are the analysis layer's (`attribution.analysis.overlap.evidence`), which the HTML
+    report uses too, so the notebook and the report print the same numbers for the same pair.
     """
     from attribution.embeddings import embed
 
-    spans = [shared_spans(query, d, n) for d in documents]
+    pairs = [pair_evidence(query, d, n=n) for d in documents]
     vecs = embed([query, *documents]) if documents else np.zeros((1, 384), dtype=np.float32)
     return pd.DataFrame(
         {
-            f"ngram{n}_containment": [containment(query, d, n=n) for d in documents],
-            "longest_shared_span": [longest_span_words(d, sp) for d, sp in zip(documents, spans, strict=True)],
+            f"ngram{n}_containment": [p["containment_val_in_doc"] for p in pairs],
+            "longest_shared_span": [p["longest_common_span"] for p in pairs],
             "semantic_similarity": (vecs[1:] @ vecs[0]).astype(float) if documents else [],
         }
     )
@@ -377,11 +377,12 @@ def side_by_side(run: Run, val_id: str, doc_id: str, n: int = SPAN_N) -> str:
         f"semantic similarity {scores['semantic_similarity']:.2f}"
     )
     cell = "vertical-align:top;padding:6px;border:1px solid #ccc;white-space:pre-wrap;font-size:12px"
+    spans = pair_evidence(query, doc, n=n)
     return (
         f"<div>{header}</div><table style='width:100%;table-layout:fixed'><tr>"
         f"<th>validation text {html.escape(str(val_id))}</th><th>training document</th></tr><tr>"
-        f"<td style='{cell}'>{highlight(query, shared_spans(doc, query, n))}</td>"
-        f"<td style='{cell}'>{highlight(doc, shared_spans(query, doc, n))}</td>"
+        f"<td style='{cell}'>{highlight(query, spans['val_spans'])}</td>"
+        f"<td style='{cell}'>{highlight(doc, spans['doc_spans'])}</td>"
         "</tr></table>"
     )
 

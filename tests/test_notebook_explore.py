@@ -129,9 +129,10 @@ def test_top_contributors_ranks_and_evidence(run):
     assert list(top["doc_id"]) == ["d0", "d3"]
     assert list(top["rank"]) == [1, 2]
     assert top.loc[0, "shapley"] == 2.0
-    # the copied opening is a shared span of >= 8 words with the original only
+    # the copied opening is a long shared run of words with the original; the other document shares
+    # at most a stray word or two (the longest common word run, as in `attribution compare`)
     assert top.loc[0, "longest_shared_span"] >= 16
-    assert top.loc[1, "longest_shared_span"] == 0
+    assert top.loc[1, "longest_shared_span"] < 8
     assert top.loc[0, "ngram8_containment"] > 0.3
     assert top.loc[0, "semantic_similarity"] > top.loc[1, "semantic_similarity"]
     with pytest.raises(UserError, match="unknown view"):
