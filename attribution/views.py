@@ -105,7 +105,7 @@ VIEWS: dict[str, View] = {
                             "derived-from questions, robust to gradient scale", ("value_cosine",)),
 }
 
-DEFAULT_VIEW = "contrast"
+DEFAULT_VIEW = "per_token"  # best average rank in the small CPU copyright run (docs/benchmarks.md)
 
 
 def available(ev: pd.DataFrame, docs: pd.DataFrame | None = None) -> list[str]:

@@ -62,9 +62,9 @@ def main() -> None:
     n_train = len(pd.read_parquet(run_dir / "docs.parquet", columns=["doc_id"]))
     table = vr.drop(columns="id").groupby("variant", sort=False).mean().T
     table.index.name = f"view (avg rank of original among {n_train} docs)"
-    print(table.round(1).to_markdown())
+    print(table.round(1).to_string())
     vr.to_csv(args.out / "view_ranks.csv", index=False)
-    (args.out / "views_table.md").write_text(table.round(1).to_markdown() + "\n")
+    (args.out / "views_table.txt").write_text(table.round(1).to_string() + "\n")
     print(json.dumps({"seconds": round(result.seconds), "run": str(run_dir)}))
 
 
