@@ -28,25 +28,17 @@ def fact(mapping: Any, *names: str, default: Any = None) -> Any:
     Why: the manifest layout belongs to the training stage and may nest its configuration; the
     report should find `steps` whether it sits at the top or under `config`.
     """
-    queue = [mapping]
-    while queue:
-        cur = queue.pop(0)
-        if not isinstance(cur, dict):
-            continue
-        for name in names:
-            if name in cur and cur[name] is not None and not isinstance(cur[name], dict):
-                return cur[name]
-        queue.extend(v for v in cur.values() if isinstance(v, dict))
-    # A dict-valued match (e.g. "model": {...}) when nothing scalar was found.
-    queue = [mapping]
-    while queue:
-        cur = queue.pop(0)
-        if not isinstance(cur, dict):
-            continue
-        for name in names:
-            if name in cur and cur[name] is not None:
-                return cur[name]
-        queue.extend(v for v in cur.values() if isinstance(v, dict))
+    for scalar_only in (True, False):  # prefer a scalar; a dict-valued match (e.g. "model": {...}) is the fallback
+        queue = [mapping]
+        while queue:
+            cur = queue.pop(0)
+            if not isinstance(cur, dict):
+                continue
+            for name in names:
+                value = cur.get(name)
+                if value is not None and not (scalar_only and isinstance(value, dict)):
+                    return value
+            queue.extend(v for v in cur.values() if isinstance(v, dict))
     return default
 
 
