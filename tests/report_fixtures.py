@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from train_fixtures import lee_articles, train_micro
 
 SENTENCES = {
     "news": [
@@ -189,25 +190,12 @@ def make_run(
     return out
 
 
-def lee_articles() -> list[str]:
-    """Real news articles (gensim's Lee background corpus, shipped in the gensim wheel)."""
-    import os
-
-    import gensim
-
-    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return [line.strip() for line in fh if line.strip()]
-
-
 def make_real_run(root: Path, steps: int = 6) -> Path:
     """A real `attribution run` (train_and_value, `test-micro` GPT-2) on real news plus hostile documents.
 
     Two publishers own the news; a third source holds documents with script tags and event handlers.
     The validation set has a partial copy of one article and two unseen articles.
     """
-    from attribution.train import RunConfig, train_and_value
-
     news = lee_articles()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
@@ -225,9 +213,4 @@ def make_real_run(root: Path, steps: int = 6) -> Path:
         {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
         {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
     ]
-    with open(root / "val.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(v) + "\n" for v in val)
-    cfg = RunConfig(corpus=[str(root / "corpus.jsonl")], val={"news": str(root / "val.jsonl")},
-                    out=str(root / "run"), preset="test-micro", steps=steps, lr=1e-2, eval_every=2,
-                    cache_dir=str(root / "cache"), progress=False)
-    return Path(train_and_value(cfg))
+    return train_micro(root, val, steps)

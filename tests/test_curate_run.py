@@ -8,21 +8,13 @@ articles.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
-
-def lee_articles() -> list[str]:
-    import gensim
-
-    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return [line.strip() for line in fh if line.strip()]
+from train_fixtures import lee_articles, train_micro
 
 
 def make_tiny_run(root: Path, steps: int = 8) -> Path:
@@ -31,8 +23,6 @@ def make_tiny_run(root: Path, steps: int = 8) -> Path:
     The validation set holds two unseen articles, a partial copy and a paraphrase-like rewrite of a
     training article, so a reviewer's notebook has something to find.
     """
-    from attribution.train import RunConfig, train_and_value
-
     news = lee_articles()
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -54,12 +44,7 @@ def make_tiny_run(root: Path, steps: int = 8) -> Path:
         {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
         {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
     ]
-    with open(root / "val.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(v) + "\n" for v in val)
-    cfg = RunConfig(corpus=[str(root / "corpus.jsonl")], val={"news": str(root / "val.jsonl")},
-                    out=str(root / "run"), preset="test-micro", steps=steps, lr=1e-2, eval_every=2,
-                    cache_dir=str(root / "cache"), progress=False)
-    return Path(train_and_value(cfg))
+    return train_micro(root, val, steps)
 
 
 @pytest.mark.slow

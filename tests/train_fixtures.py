@@ -37,3 +37,27 @@ def write_val(folder: Path, name: str = "val", n: int = 3, seed: int = 1) -> Pat
 
 
 VALUE_FILES = ("doc_values", "example_values", "step_values", "stage_values", "docs")
+
+
+def lee_articles() -> list[str]:
+    """Real news articles (gensim's Lee background corpus, shipped in the gensim wheel)."""
+    import os
+
+    import gensim
+
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def train_micro(root: Path, val: list[dict], steps: int) -> Path:
+    """Write `val` as the `news` validation set and run `train_and_value` on `root/corpus.jsonl`
+    with the `test-micro` model; returns the run directory."""
+    from attribution.train import RunConfig, train_and_value
+
+    with open(root / "val.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(v) + "\n" for v in val)
+    cfg = RunConfig(corpus=[str(root / "corpus.jsonl")], val={"news": str(root / "val.jsonl")},
+                    out=str(root / "run"), preset="test-micro", steps=steps, lr=1e-2, eval_every=2,
+                    cache_dir=str(root / "cache"), progress=False)
+    return Path(train_and_value(cfg))
