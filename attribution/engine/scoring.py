@@ -53,35 +53,42 @@ class ValSide:
         return ValSide(self.m, self.per_example, self.ghost, dense)
 
 
-def materialize_use(u: Use, shape: tuple[int, int], per_sample: bool, dtype: torch.dtype) -> torch.Tensor:
-    """`[n, P0, P1]` per-sample gradients of one use (or `[1, P0, P1]` summed over samples)."""
+def materialize_use(u: Use, shape: tuple[int, int], per_sample: bool, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, P0, P1]` per-sample gradients of one use (or `[1, P0, P1]` summed over samples).
+
+    With `out`, an embedding (index) use is scattered into it in place, so a tied parameter's two
+    uses share one `[n, V, d]` buffer instead of allocating, zero-filling and adding a second.
+    """
     p0, p1 = shape
     n = u.n
     if u.col is None:
         g = u.row.to(dtype).sum(1).unsqueeze(-1)
-        return g if per_sample else g.sum(0, keepdim=True)
+        g = g if per_sample else g.sum(0, keepdim=True)
+        return g if out is None else out.add_(g)
     col = u.col.to(dtype)
     if u.row_index:
         rows = u.row
         if per_sample:
-            offs = torch.arange(n, device=rows.device).unsqueeze(1) * p0
-            out = torch.zeros(n * p0, p1, dtype=dtype, device=col.device)
-            out.index_add_(0, (rows + offs).reshape(-1), col.reshape(-1, p1))
-            return out.view(n, p0, p1)
-        out = torch.zeros(p0, p1, dtype=dtype, device=col.device)
-        out.index_add_(0, rows.reshape(-1), col.reshape(-1, p1))
-        return out.unsqueeze(0)
+            rows = rows + torch.arange(n, device=rows.device).unsqueeze(1) * p0
+        if out is None:
+            out = torch.zeros((n if per_sample else 1), p0, p1, dtype=dtype, device=col.device)
+        out.view(-1, p1).index_add_(0, rows.reshape(-1), col.reshape(-1, p1))
+        return out
     row = u.row.to(dtype)
-    if per_sample:
-        return torch.einsum("ntp,ntq->npq", row, col)
-    return (row.reshape(-1, p0).t() @ col.reshape(-1, p1)).unsqueeze(0)
+    g = torch.einsum("ntp,ntq->npq", row, col) if per_sample else (row.reshape(-1, p0).t() @ col.reshape(-1, p1)).unsqueeze(0)
+    return g if out is None else out.add_(g)
 
 
 def materialize(uses: list[Use], shape: tuple[int, int], per_sample: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Sum over all uses of a parameter (tied parameters add their modules' contributions)."""
-    out = materialize_use(uses[0], shape, per_sample, dtype)
-    for u in uses[1:]:
-        out = out + materialize_use(u, shape, per_sample, dtype)
+    """Sum over all uses of a parameter (tied parameters add their modules' contributions).
+
+    Dense uses first, so that index uses scatter into the dense result without another buffer.
+    """
+    ordered = sorted(uses, key=lambda u: bool(u.row_index and u.col is not None))
+    out = materialize_use(ordered[0], shape, per_sample, dtype)
+    for u in ordered[1:]:
+        out = materialize_use(u, shape, per_sample, dtype, out=out)
     return out
 
 

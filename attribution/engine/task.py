@@ -44,12 +44,11 @@ class LanguageModelingTask:
             kwargs["position_ids"] = torch.arange(t, device=ids.device).unsqueeze(0).expand(n, t)
         out = model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out
-        logits = logits[:, :-1]
-        labels = ids[:, 1:]
-        valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # CE in at least fp32 under autocast; float64 models stay float64
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        ce = ce.view(n, t - 1)
+        # Labels shifted left, the last position ignored: the [n*T, V] logits are a view, never a copy.
+        labels = torch.cat([ids[:, 1:], ids.new_full((n, 1), -100)], dim=1)
+        valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+        ce = F.cross_entropy(logits.reshape(n * t, -1), labels.reshape(-1), reduction="none").view(n, t)[:, :-1]
         count = valid.sum(1)
         return (ce * valid).sum(1) / count.clamp(min=1)

@@ -36,11 +36,10 @@ from torch import nn
 from attribution.errors import UserError
 
 from .capture import Captured, Capturer
-from .ghost import ghost_scores
 from .optimizer import adam_preconditioner, is_adam
 from .planner import Plan, choose, resolve_forced
 from .rules import canonical_shape
-from .scoring import ValSide, build_val_side, score, sq_norms
+from .scoring import ValSide, build_val_side, compute_dtype, materialize, score, sq_norms
 from .task import LanguageModelingTask, Task
 
 
@@ -114,18 +113,23 @@ def _world_size(model: nn.Module) -> int:
     return 1
 
 
-def side_sq_norm(side: ValSide) -> float:
-    """`||g_val||^2` of the whole set (per-example sides are summed first)."""
+def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
+    """`||g_val||^2` of the whole set (per-example sides are summed first).
+
+    Ghost parameters are summed into one dense gradient first: that costs tokens x parameter size,
+    where a ghost self-product would cost tokens^2 x (rows + cols), ruinous for long validation sets.
+    """
     total = 0.0
     for g in side.dense.values():
         total += float((g.sum(0).double() ** 2).sum())
-    for cap_u, w_u in side.ghost:
-        for cap_v, w_v in side.ghost:
-            for pid, uses in cap_u.uses.items():
-                for u in uses:
-                    dtype = torch.float64 if u.row.dtype == torch.float64 else torch.float32
-                    for v in cap_v.uses.get(pid, []):
-                        total += w_u * w_v * float(ghost_scores(u, v, dtype).sum())
+    summed: dict[int, torch.Tensor] = {}
+    for cap, w in side.ghost:
+        for pid, uses in cap.uses.items():
+            dtype = compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row)
+            g = w * materialize(uses, shapes[pid], False, dtype)[0].double()
+            summed[pid] = g if pid not in summed else summed[pid] + g
+    for g in summed.values():
+        total += float((g**2).sum())
     return total
 
 
@@ -239,7 +243,7 @@ class Valuer:
                 sv.per_example[name] = s.numpy()
         if self.grad_norms:
             sv.train_grad_sq_norm = sq_norms(train, self._plans[next(iter(self._plans))]).numpy()
-            sv.val_grad_sq_norm = {k: side_sq_norm(v) for k, v in norms_sides.items()}
+            sv.val_grad_sq_norm = {k: side_sq_norm(v, self.shapes) for k, v in norms_sides.items()}
             sv.val_example_sq_norm = dict(val_norms or {})
         return sv
 
