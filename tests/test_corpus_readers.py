@@ -85,6 +85,16 @@ def test_csv_and_parquet_columns(tmp_path):
         list(read_corpus([tmp_path / "t.csv"]))
 
 
+def test_csv_errors_name_the_physical_line_after_multiline_cells(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('text,source\n"first line\nsecond line\nthird",web\n"",web\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"m\.csv:5: empty text"):  # the header is line 1, the 3-line cell 2-4
+        list(read_corpus([path]))
+    path.write_text('text,source\n"ok",web\n"a","web","extra"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"m\.csv:3: 3 cells, the header has 2"):
+        list(read_corpus([path]))
+
+
 def test_folder_of_shards_and_stats(tmp_path):
     _write(tmp_path / "00.jsonl", _jsonl(RECORDS[:2]))
     _write(tmp_path / "01.jsonl", _jsonl(RECORDS[2:]))

@@ -252,22 +252,29 @@ def _row_record(row: Mapping[str, Any], text_column: str, source_column: str) ->
 
 
 def _csv_records(inp: _Input, text_column: str, source_column: str) -> Iterator[tuple[int, dict | _Bad]]:
-    import pandas as pd
+    """Rows with the *physical* line each starts on (a quoted cell may span lines)."""
+    import csv
+    import sys
 
     path = Path(inp.path)
+    csv.field_size_limit(sys.maxsize)  # scraped texts are far longer than csv's 128 kB default
+    line = 1
     try:
-        reader = pd.read_csv(path, chunksize=4096, dtype=str, keep_default_na=False, encoding="utf-8")
-        row_no = 1  # the header is line 1
-        for frame in reader:
-            if text_column not in frame.columns:
-                raise BadInputError(path, 1, f"no {text_column!r} column (columns: {', '.join(frame.columns)})")
-            for row in frame.to_dict("records"):
-                row_no += 1
-                yield row_no, _row_record(row, text_column, source_column)
-    except UnicodeDecodeError as exc:
-        raise BadInputError(path, None, f"invalid UTF-8 at byte offset {exc.start}") from None
-    except pd.errors.ParserError as exc:
-        raise BadInputError(path, None, f"invalid CSV ({exc})") from None
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if text_column not in header:
+                raise BadInputError(path, 1, f"no {text_column!r} column (columns: {', '.join(header)})")
+            line = reader.line_num + 1
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    raise BadInputError(path, line, f"{len(header) + len(row[None])} cells, the header has {len(header)}")
+                yield line, _row_record({k: ("" if v is None else v) for k, v in row.items()}, text_column, source_column)
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise BadInputError(path, line, "invalid UTF-8 in this row or the next ones") from None
+    except csv.Error as exc:
+        raise BadInputError(path, line, f"invalid CSV ({exc})") from None
 
 
 def _parquet_records(inp: _Input, text_column: str, source_column: str) -> Iterator[tuple[int, dict | _Bad]]:
