@@ -7,6 +7,11 @@ which rank does the original come among all training documents? The same questio
 three retrieval baselines that look only at the text: BM25, MiniLM similarity and word 8-gram
 containment. Rank 1 = top contributor / best match.
 
+In-Run Shapley ranks are given for the raw additive `value` and for every attribution view of the
+same run (`attribution.views`: per-token, contrast, cosine, ...), since "which document is this text
+derived from?" is the question views exist for. The headline table shows the raw value and the
+default view; `ranks.csv` has one `irs_order{1,2}[_<view>]` column per order and view.
+
 What is kept out of training: the variant texts (they are validation data only) and the whole
 similar-topic pool (each "similar" variant is a real corpus document, so it must never be trained
 on). An `exact` copy cannot be valued here: the training loop drops a training document identical to
@@ -37,13 +42,33 @@ from attribution.variants.build import (
 )
 from attribution.variants.rewriters import OfflineRewriter, Rewriter
 
-METHODS = {
-    "irs_order1": "In-Run Shapley, 1st order",
-    "irs_order2": "In-Run Shapley, 2nd order",
-    "bm25": "BM25",
-    "semantic": "MiniLM similarity",
-    "containment": "8-gram containment",
-}
+BASELINES = {"bm25": "BM25", "semantic": "MiniLM similarity", "containment": "8-gram containment"}
+ORDINAL = {"1": "1st", "2": "2nd"}
+
+
+def method_column(order: int, view: str = "value") -> str:
+    """Column of `ranks.csv` for one order and attribution view (`irs_order1` is the raw value)."""
+    return f"irs_order{order}" if view == "value" else f"irs_order{order}_{view}"
+
+
+def method_label(column: str) -> str:
+    """`irs_order2_contrast` -> 'In-Run Shapley 2nd order, contrast'; baselines by name."""
+    if column in BASELINES:
+        return BASELINES[column]
+    order, _, view = column.removeprefix("irs_order").partition("_")
+    return f"In-Run Shapley {ORDINAL.get(order, order)} order, {view or 'value'}"
+
+
+def headline_methods(columns) -> list[str]:
+    """The main table's methods: raw value and the default view per order, then the text baselines."""
+    from attribution.views import DEFAULT_VIEW
+
+    out = []
+    for order in (1, 2):
+        out += [c for c in (method_column(order), method_column(order, DEFAULT_VIEW)) if c in columns and c not in out]
+    return out + [b for b in BASELINES if b in columns]
+
+
 PAPER = {  # average rank of the original among ~320k training corpora (paper, Table 2): 1st, 2nd order, BM25
     "partial": (1, 1, 1),
     "paraphrase": (1, 1, 1),
@@ -56,16 +81,20 @@ PAPER = {  # average rank of the original among ~320k training corpora (paper, T
 class CopyrightExperiment:
     corpus: list[str]
     out: Path
-    pick: int | None = 12
+    pick: int | None = 8
     ids: list[str] | None = None
     kinds: str | Sequence[str] = "partial,paraphrase,significant,similar"
     preset: str = "cpu-tiny"
     steps: int | None = None
     epochs: float | None = 1.0  # used when steps is None: one pass, so every original is trained on
-    max_words: int = 400
+    max_words: int = 150
     orders: Sequence[int] = (1, 2)
     optimizer: str = "adamw"
+    optimizer_aware: bool = True  # AdamW-preconditioned values: closer to the real step (docs/benchmarks.md)
     pool_fraction: float = 0.1
+    # Where "similar" documents come from: None = a `pool_fraction` share of `corpus`, held out of
+    # training; or other corpora (e.g. the full built-in corpus), minus every training document.
+    pool_corpus: list[str] | None = None
     device: str = "auto"
     seed: int = 0
     rewriter: Rewriter = field(default_factory=OfflineRewriter)
@@ -90,6 +119,16 @@ def rank_of(scores: np.ndarray, target: int) -> float:
     return 1.0 + higher + ties / 2.0
 
 
+def outside_pool(candidates: Sequence, training: Sequence) -> list:
+    """Pool documents from another corpus that are not in training, by id or by text."""
+    ids = {d.doc_id for d in training}
+    texts = {d.text.strip() for d in training}
+    pool = [d for d in candidates if d.doc_id not in ids and d.text.strip() not in texts]
+    if not pool:
+        raise UserError("the similar-topic pool corpus has no document outside the training corpus")
+    return pool
+
+
 def _plan(exp: CopyrightExperiment):
     """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl."""
     from attribution.variants.cli import load_docs, write_jsonl
@@ -102,7 +141,12 @@ def _plan(exp: CopyrightExperiment):
         raise UserError("give exactly one of --pick N or --ids ID,...")
     docs = load_docs(tuple(exp.corpus))
     targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed, max_words=exp.max_words)
-    pool = split_pool(docs, targets, exp.pool_fraction, exp.seed) if "similar" in kinds else []
+    if "similar" not in kinds:
+        pool = []
+    elif exp.pool_corpus:
+        pool = outside_pool(load_docs(tuple(exp.pool_corpus)), docs)
+    else:
+        pool = split_pool(docs, targets, exp.pool_fraction, exp.seed)
     records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed,
                              similar_max_words=2 * exp.max_words)
     paths: dict[str, str] = {}
@@ -122,6 +166,7 @@ def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: l
     cfg = RunConfig(
         corpus=list(exp.corpus), val=val, out=str(run_dir), preset=exp.preset, steps=exp.steps,
         epochs=exp.epochs if exp.steps is None else None, order=order, optimizer=exp.optimizer, seed=exp.seed,
+        optimizer_aware=exp.optimizer_aware and exp.optimizer == "adamw",
         exclude_ids=tuple(exclude), device=exp.device, per_example_max=max(64, n_targets), **exp.run_overrides,
     )
     manifest = run_dir / "manifest.json"
@@ -133,25 +178,38 @@ def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: l
     return Path(train_and_value(cfg))
 
 
-def _irs_ranks(run_dir: Path, records: Sequence[dict], train_ids: list[str]) -> tuple[list[float], list[bool]]:
-    """Rank of each record's original among all training documents by its per-example value
-    (documents never sampled have value 0), and whether the original was trained on at all."""
-    ev = pd.read_parquet(run_dir / "example_values.parquet", columns=["doc_id", "val_set", "val_id", "value"])
+def _irs_ranks(run_dir: Path, order: int, records: Sequence[dict], train_ids: list[str]) -> tuple[dict[str, list[float]], list[bool]]:
+    """Rank of each record's original among all training documents under every attribution view of
+    the run's per-example values (a document never sampled scores 0), and whether the original was
+    trained on at all. Keys are `method_column(order, view)`."""
+    from attribution import views
+
+    ev = pd.read_parquet(run_dir / "example_values.parquet")
     dv = pd.read_parquet(run_dir / "doc_values.parquet", columns=["doc_id", "n_seen"])
     seen = set(dv.loc[dv["n_seen"] > 0, "doc_id"].astype(str))
+    names = [v for v in views.VIEWS if views.column_of(v) in ev.columns and ev[views.column_of(v)].notna().all()]
     row = {d: i for i, d in enumerate(train_ids)}
-    ranks, was_seen = [], []
+    ranks: dict[str, list[float]] = {method_column(order, v): [] for v in names}
+    was_seen = []
+    targets = sorted({r["meta"]["target_id"] for r in records})
     groups = {k: g for k, g in ev.groupby(["val_set", "val_id"], sort=False)}
     for r in records:
         kind, target = r["meta"]["variant"], r["meta"]["target_id"]
         g = groups.get((kind, r["id"]))
         if g is None:
             raise UserError(f"{run_dir}: no per-example values for {kind}/{r['id']}")
-        values = np.zeros(len(train_ids), dtype=np.float64)
         idx = g["doc_id"].astype(str).map(row)
         ok = idx.notna().to_numpy()
-        values[idx[ok].astype(int).to_numpy()] = g["value"].to_numpy()[ok]
-        ranks.append(rank_of(values, row[target]))
+        at = idx[ok].astype(int).to_numpy()
+        others = [row[t] for t in targets if t != target]
+        for v in names:
+            scores = np.zeros(len(train_ids), dtype=np.float64)
+            scores[at] = g[views.column_of(v)].to_numpy(dtype=np.float64)[ok]
+            ranks[method_column(order, v)].append(rank_of(scores, row[target]))
+            # control: where the *other* originals rank for this text; about (n+1)/2 for a fair view,
+            # lower when a view simply favours documents like the originals (e.g. short ones)
+            control = float(np.mean([rank_of(scores, o) for o in others])) if others else float("nan")
+            ranks.setdefault(f"control_{method_column(order, v)}", []).append(control)
         was_seen.append(target in seen)
     return ranks, was_seen
 
@@ -185,9 +243,17 @@ def _text_ranks(records: Sequence[dict], train_texts: list[str], train_ids: list
     return {"bm25": bm25, "semantic": semantic, "containment": contain}
 
 
+def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
+    cols = ranks_or_table.columns
+    irs = [c for c in cols if c.startswith("irs_order") and not c.endswith(("_rank", "_share"))]
+    irs += [c.removesuffix("_mean_rank") for c in cols if c.startswith("irs_order") and c.endswith("_mean_rank")]
+    base = [b for b in BASELINES if b in cols or f"{b}_mean_rank" in cols]
+    return list(dict.fromkeys(irs)) + base
+
+
 def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
-    """Per variant kind: mean (and median) rank per method, share ranked first, and the distances."""
-    methods = [m for m in METHODS if m in ranks.columns]
+    """Per variant kind: mean (and median) rank per method, share ranked first / in the top 1%, distances."""
+    methods = _methods(ranks)
     rows = []
     for kind, g in ranks.groupby("variant", sort=False):
         row: dict = {"variant": kind, "n": len(g), "n_train_docs": n_train}
@@ -196,6 +262,8 @@ def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
             row[f"{m}_median_rank"] = float(g[m].median())
             row[f"{m}_top1_share"] = round(float((g[m] <= 1.0).mean()), 3)
             row[f"{m}_top1pct_share"] = round(float((g[m] <= max(1.0, 0.01 * n_train)).mean()), 3)
+        for c in (c for c in g.columns if c.startswith("control_")):
+            row[f"{c}_mean_rank"] = round(float(g[c].mean()), 2)
         for key in ("containment_8", "jaccard_3", "cosine_minilm"):
             row[f"{key}_median"] = round(float(g[key].median()), 4)
         if "target_seen" in g:
@@ -204,21 +272,43 @@ def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cell(r: pd.Series, m: str) -> str:
+    return f"{r[f'{m}_mean_rank']:.1f} ({r[f'{m}_median_rank']:g})"
+
+
 def to_markdown(table: pd.DataFrame, meta: dict) -> str:
-    methods = [m for m in METHODS if f"{m}_mean_rank" in table.columns]
-    head = "| variant | n | " + " | ".join(METHODS[m] for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
+    """The headline table (methods x kinds), then one views x kinds table per order."""
+    from attribution.views import DEFAULT_VIEW, VIEWS
+
+    methods = headline_methods(_methods(table))
+    head = "| variant | n | " + " | ".join(method_label(m) for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
     lines = [
         f"Average rank of the original among {meta['n_train_docs']} training documents "
         f"(1 = top; median in parentheses). Preset {meta['preset']}, {meta['steps']} steps, "
-        f"optimizer {meta['optimizer']}, seed {meta['seed']}.",
+        f"optimizer {meta['optimizer']}{' (optimizer-aware values)' if meta.get('optimizer_aware') else ''}, "
+        f"seed {meta['seed']}. The default attribution view is `{DEFAULT_VIEW}`.",
         "",
         head,
         "|" + "---|" * (2 + len(methods) + 3),
     ]
     for _, r in table.iterrows():
-        cells = [f"{r[f'{m}_mean_rank']:.1f} ({r[f'{m}_median_rank']:g})" for m in methods]
-        lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(cells)
+        lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(_cell(r, m) for m in methods)
                      + f" | {r['containment_8_median']:.3f} | {r['jaccard_3_median']:.3f} | {r['cosine_minilm_median']:.3f} |")
+    kinds = list(table["variant"])
+    for order in (1, 2):
+        present = [v for v in VIEWS if f"{method_column(order, v)}_mean_rank" in table.columns]
+        if not present:
+            continue
+        lines += ["", f"Attribution views, In-Run Shapley {ORDINAL[str(order)]} order (average rank of the original; "
+                  "median in parentheses). Control: the average rank of the *other* originals for the same texts, "
+                  f"about {(meta['n_train_docs'] + 1) / 2:.0f} when a view does not simply favour documents like the originals:",
+                  "", "| view | " + " | ".join(kinds) + " | control |", "|" + "---|" * (2 + len(kinds))]
+        for v in present:
+            name = f"**{v}** (default)" if v == DEFAULT_VIEW else v
+            col = f"control_{method_column(order, v)}_mean_rank"
+            control = f"{table[col].mean():.1f}" if col in table.columns else "n/a"
+            lines.append(f"| {name} | " + " | ".join(_cell(r, method_column(order, v)) for _, r in table.iterrows())
+                         + f" | {control} |")
     lines += ["", "Paper (GPT-2 124M, ~320k training corpora): average rank, 1st order / 2nd order / BM25:", ""]
     lines += [f"- {k}: {a} / {b} / {c}" for k, (a, b, c) in PAPER.items()]
     if "originals_trained_share" in table.columns:
@@ -228,23 +318,23 @@ def to_markdown(table: pd.DataFrame, meta: dict) -> str:
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    """Grouped bars of mean rank (log scale) per variant kind and method."""
+    """Grouped bars of mean rank (log scale) per variant kind for the headline methods."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in METHODS if f"{m}_mean_rank" in table.columns]
+    methods = headline_methods(_methods(table))
     x = np.arange(len(table))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for i, m in enumerate(methods):
-        ax.bar(x + i * width - 0.4 + width / 2, table[f"{m}_mean_rank"], width, label=METHODS[m])
+        ax.bar(x + i * width - 0.4 + width / 2, table[f"{m}_mean_rank"], width, label=method_label(m))
     ax.set_yscale("log")
     ax.set_xticks(x, table["variant"])
     ax.set_ylabel("average rank of the original (log; 1 = top)")
     ax.set_title("Copyright experiment: where does the original rank?")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -256,7 +346,7 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     started = time.time()
     exp.out.mkdir(parents=True, exist_ok=True)
     docs, targets, pool, records, val_paths = _plan(exp)
-    exclude = sorted(d.doc_id for d in pool)
+    exclude = [] if exp.pool_corpus else sorted(d.doc_id for d in pool)  # an outside pool is never in training
     run_dirs = {o: _train(exp, o, val_paths, exclude, len(targets)) for o in exp.orders}
 
     first = next(iter(run_dirs.values()))
@@ -271,7 +361,9 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         for r in records
     ])
     for order, run_dir in run_dirs.items():
-        ranks[f"irs_order{order}"], seen = _irs_ranks(run_dir, records, train_ids)
+        by_view, seen = _irs_ranks(run_dir, order, records, train_ids)
+        for column, values in by_view.items():
+            ranks[column] = values
         ranks["target_seen"] = seen
     for name, values in _text_ranks(records, [text_of[i] for i in train_ids], train_ids).items():
         ranks[name] = values
@@ -279,7 +371,8 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     table = summarize(ranks, len(train_ids))
     manifest = json.loads((first / "manifest.json").read_text())
     meta = {"n_train_docs": len(train_ids), "preset": exp.preset, "steps": manifest["training"]["total_steps"],
-            "optimizer": exp.optimizer, "seed": exp.seed}
+            "optimizer": exp.optimizer, "optimizer_aware": bool(manifest["config"].get("optimizer_aware")),
+            "seed": exp.seed}
     markdown = to_markdown(table, meta)
     with atomic_path(exp.out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -291,7 +384,7 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     seconds = time.time() - started
     summary = {**meta, "seconds": round(seconds, 1), "orders": list(exp.orders),
                "kinds": list(table["variant"]), "originals": [t.doc_id for t in targets],
-               "heldout_pool": len(pool), "distances": distance_summary(records),
+               "heldout_pool": len(pool), "pool_corpus": exp.pool_corpus, "distances": distance_summary(records),
                "runs": {str(o): str(p) for o, p in run_dirs.items()}}
     with atomic_write(exp.out / "experiment.json") as fh:
         json.dump(summary, fh, indent=2)

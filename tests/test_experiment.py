@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from attribution.corpus.document import Document
 from attribution.errors import UserError
-from attribution.experiment import CopyrightExperiment, rank_of, run_copyright
+from attribution.experiment import CopyrightExperiment, outside_pool, rank_of, run_copyright
 from attribution.variants.thesaurus import DEFAULT_PATH
 
 
@@ -74,6 +75,17 @@ def test_copyright_experiment_writes_table_ranks_and_plot(tmp_path):
     docs = pd.read_parquet(result.run_dirs[1] / "docs.parquet")["doc_id"].tolist()
     by_hand = rank_of(np.array([vals.get(d, 0.0) for d in docs]), docs.index(row["target_id"]))
     assert row["irs_order1"] == by_hand
+    # every attribution view gets its own rank column, recomputed here for the default view
+    from attribution.views import DEFAULT_VIEW
+
+    view_col = f"irs_order2_{DEFAULT_VIEW}"
+    assert ranks[view_col].between(1, n_train).all()
+    ev2 = pd.read_parquet(result.run_dirs[2] / "example_values.parquet")
+    g2 = ev2[(ev2["val_set"] == row["variant"]) & (ev2["val_id"] == row["id"])]
+    att = dict(zip(g2["doc_id"], g2["attribution"], strict=True))
+    assert row[view_col] == rank_of(np.array([att.get(d, 0.0) for d in docs]), docs.index(row["target_id"]))
+    assert f"**{DEFAULT_VIEW}** (default)" in result.markdown
+    assert f"{view_col}_mean_rank" in table.columns
     assert "In-Run Shapley, 1st order" in result.markdown and "Paper" in result.markdown
 
     # a rerun with the same settings reuses the finished training runs
@@ -89,3 +101,12 @@ def test_exact_variants_are_refused_with_the_reason(tmp_path):
                               kinds="exact,partial")
     with pytest.raises(UserError, match="identical to a validation text"):
         run_copyright(exp)
+
+
+def test_outside_pool_keeps_only_documents_never_trained_on():
+    train = [Document("a", "alpha text", "news"), Document("b", "beta text", "news")]
+    cands = [Document("a", "alpha text", "news"), Document("b2", " beta text ", "news"),  # same id / same text
+             Document("c", "gamma text", "news")]
+    assert [d.doc_id for d in outside_pool(cands, train)] == ["c"]
+    with pytest.raises(UserError, match="no document outside the training corpus"):
+        outside_pool(cands[:2], train)

@@ -82,6 +82,9 @@ def format_summary(rows: list[dict]) -> str:
               help="Which variants to write, comma-separated.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.")
+@click.option("--optimizer-aware/--sgd-proxy", default=True, show_default=True,
+              help="Value AdamW steps through Adam's preconditioner (closer to the step really taken) "
+                   "or with the plain SGD gradient dot product.")
 @click.option("--pool-fraction", type=float, default=0.1, show_default=True,
               help="Share of the other documents held out as the similar-topic pool. Keep them out of "
                    "training: `attribution run --exclude-ids OUT.heldout.txt`.")
@@ -137,12 +140,13 @@ def experiment() -> None:
 
 
 @experiment.command("copyright")
-@click.option("--corpus", "corpus", multiple=True, default=("builtin:600",), show_default=True,
-              help="Training corpus; repeatable. Default: a 600-document built-in corpus. Every step values all "
-                   "variants, so on a CPU keep the corpus and --pick small (see docs/benchmarks.md).")
+@click.option("--corpus", "corpus", multiple=True, default=("builtin:200",), show_default=True,
+              help="Training corpus; repeatable. Default: a 200-document built-in corpus (about 25 minutes for both "
+                   "orders on 2 CPU cores). Every step values all variants, so on a CPU keep the corpus and --pick "
+                   "small (see docs/benchmarks.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for variants, runs, table.csv, table.md and rank plot.")
-@click.option("--pick", type=int, default=12, show_default=True, help="Number of originals to pick.")
+@click.option("--pick", type=int, default=8, show_default=True, help="Number of originals to pick.")
 @click.option("--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick.")
 @click.option("--kinds", default="partial,paraphrase,significant,similar", show_default=True,
               help="Variant kinds to value ('exact' cannot be: a training document identical to a "
@@ -151,20 +155,28 @@ def experiment() -> None:
 @click.option("--steps", type=int, default=None,
               help="Training steps. Default: one epoch (--epochs 1), so every original is trained on.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps.")
-@click.option("--max-words", type=int, default=400, show_default=True,
+@click.option("--max-words", type=int, default=150, show_default=True,
               help="Longest original --pick may choose (validation cost grows with length).")
-@click.option("--batch-size", type=int, default=None,
-              help="Sequences per training step (default: the preset's); larger = fewer valued steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Sequences per training step; larger = fewer valued steps (each step values every variant). "
+                   "0 = the preset's.")
 @click.option("--orders", default="1,2", show_default=True,
               help="Which In-Run Shapley orders to run (one training run each).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--optimizer-aware/--sgd-proxy", default=True, show_default=True,
+              help="Value AdamW steps through Adam's preconditioner (closer to the step really taken) "
+                   "or with the plain SGD gradient dot product.")
+@click.option("--pool-corpus", multiple=True,
+              help="Corpus to find 'similar' documents in (repeatable); its documents that are in the training "
+                   "corpus are dropped, the rest are never trained on. Default: the full 3000-document built-in "
+                   "corpus when --corpus is built-in, else a --pool-fraction share of --corpus held out of training.")
 @click.option("--pool-fraction", type=float, default=0.1, show_default=True,
-              help="Share of the corpus held out of training as the similar-topic pool.")
+              help="Share of the corpus held out of training as the similar-topic pool (when no --pool-corpus).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @rewriter_options
-def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, batch_size, orders, optimizer, pool_fraction, device, seed,
-                  **kw) -> None:
+def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, batch_size, orders, optimizer,
+                  optimizer_aware, pool_corpus, pool_fraction, device, seed, **kw) -> None:
     """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
 
     Picks originals, builds their variants, keeps the variants and the similar-topic pool out of
@@ -178,11 +190,14 @@ def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_word
     order_list = sorted({int(o) for o in orders.split(",") if o.strip()})
     if not order_list or any(o not in (1, 2) for o in order_list):
         raise UserError(f"--orders must list 1 and/or 2, got {orders!r}")
+    if not pool_corpus and all(str(c).split(":")[0] == "builtin" for c in corpus):
+        pool_corpus = ("builtin",)  # related documents exist in the full built-in corpus, not in a 10% split
     exp = CopyrightExperiment(
         corpus=list(corpus), out=out, pick=None if ids else pick,
         ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
         kinds=kinds, preset=preset, steps=steps, epochs=epochs, max_words=max_words, orders=order_list, optimizer=optimizer,
-        pool_fraction=pool_fraction, device=device, seed=seed, rewriter=make_rewriter_from(kw),
+        optimizer_aware=optimizer_aware,
+        pool_fraction=pool_fraction, pool_corpus=list(pool_corpus) or None, device=device, seed=seed, rewriter=make_rewriter_from(kw),
         run_overrides={"batch_size": batch_size} if batch_size else {},
     )
     result = run_copyright(exp)
