@@ -67,5 +67,14 @@ def _register() -> None:
 
 _register()
 
+
+def entry() -> None:
+    """The `attribution` console script: heavy commands get allocator settings first (see `memory`)."""
+    from attribution.memory import reexec_with_reusing_malloc
+
+    reexec_with_reusing_malloc(sys.argv[1:])
+    main(prog_name="attribution")
+
+
 if __name__ == "__main__":
-    main()
+    main(prog_name="attribution")
