@@ -86,7 +86,7 @@ def test_copyright_experiment_writes_table_ranks_and_plot(tmp_path):
     assert row[view_col] == rank_of(np.array([att.get(d, 0.0) for d in docs]), docs.index(row["target_id"]))
     assert f"**{DEFAULT_VIEW}** (default)" in result.markdown
     assert f"{view_col}_mean_rank" in table.columns
-    assert "In-Run Shapley, 1st order" in result.markdown and "Paper" in result.markdown
+    assert "In-Run Shapley 1st order, value" in result.markdown and "Paper" in result.markdown
 
     # a rerun with the same settings reuses the finished training runs
     stamp = (result.run_dirs[1] / "example_values.parquet").stat().st_mtime_ns
