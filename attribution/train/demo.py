@@ -129,7 +129,8 @@ def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=Non
 
 
 def target_ranks(run_dir: Path) -> list[dict]:
-    """For each rewrite example: the rank of its original among all trained documents (1 = top)."""
+    """For each rewrite example: the rank of its original among all trained documents (1 = top),
+    under the default attribution view (`attribution` column) and under the raw additive `value`."""
     import pandas as pd
 
     ev = pd.read_parquet(run_dir / "example_values.parquet")
@@ -140,10 +141,11 @@ def target_ranks(run_dir: Path) -> list[dict]:
     out = []
     for val_id, frame in ev[ev.val_set == "rewrites"].groupby("val_id"):
         target = meta.get(val_id, {}).get("target_id")
-        ranked = frame.sort_values("value", ascending=False)["doc_id"].tolist()
-        rank = ranked.index(target) + 1 if target in ranked else None
-        out.append({"val_id": val_id, "variant": meta.get(val_id, {}).get("variant"), "target": target,
-                    "rank": rank, "of": len(ranked)})
+        row = {"val_id": val_id, "variant": meta.get(val_id, {}).get("variant"), "target": target, "of": len(frame)}
+        for key, column in (("rank", "attribution" if "attribution" in frame else "value"), ("rank_value", "value")):
+            ranked = frame.sort_values(column, ascending=False, kind="stable")["doc_id"].tolist()
+            row[key] = ranked.index(target) + 1 if target in ranked else None
+        out.append(row)
     return out
 
 
@@ -164,8 +166,11 @@ def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int
     cfg = dataclasses.replace(cfg, val=val_paths, exclude_ids=tuple(held))
     run_dir = train_and_value(cfg, sources={"demo": True})
     paths: dict[str, Path] = {"run": run_dir, "validation_sets": inputs}
+    from attribution.views import DEFAULT_VIEW
+
+    click.echo(f"rank of each rewrite's original, attribution view {DEFAULT_VIEW} (raw value in parentheses):", err=True)
     for row in target_ranks(run_dir):
-        click.echo(f"  {row['val_id']:<40} original ranked {row['rank']} of {row['of']}", err=True)
+        click.echo(f"  {row['val_id']:<40} original ranked {row['rank']} of {row['of']} ({row['rank_value']})", err=True)
     try:
         from attribution.report import build_report
     except ImportError:
