@@ -244,6 +244,8 @@ def _text_ranks(records: Sequence[dict], train_texts: list[str], train_ids: list
 
 
 def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
+    """Method names in a ranks frame (`irs_order1_per_token`, `bm25`) or a summary table (from
+    `irs_order1_per_token_mean_rank`); `control_*` columns are not methods."""
     cols = ranks_or_table.columns
     irs = [c for c in cols if c.startswith("irs_order") and not c.endswith(("_rank", "_share"))]
     irs += [c.removesuffix("_mean_rank") for c in cols if c.startswith("irs_order") and c.endswith("_mean_rank")]
