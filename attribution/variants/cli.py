@@ -141,7 +141,7 @@ def experiment() -> None:
 
 @experiment.command("copyright")
 @click.option("--corpus", "corpus", multiple=True, default=("builtin:200",), show_default=True,
-              help="Training corpus; repeatable. Default: a 200-document built-in corpus (about 25 minutes for both "
+              help="Training corpus; repeatable. Default: a 200-document built-in corpus (about 15 minutes for both "
                    "orders on 2 CPU cores). Every step values all variants, so on a CPU keep the corpus and --pick "
                    "small (see docs/benchmarks.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
