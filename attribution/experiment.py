@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +59,7 @@ def method_label(column: str) -> str:
     return f"In-Run Shapley {ORDINAL.get(order, order)} order, {view or 'value'}"
 
 
-def headline_methods(columns) -> list[str]:
+def headline_methods(columns: Iterable[str]) -> list[str]:
     """The main table's methods: raw value and the default view per order, then the text baselines."""
     from attribution.views import DEFAULT_VIEW
 

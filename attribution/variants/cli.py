@@ -82,9 +82,6 @@ def format_summary(rows: list[dict]) -> str:
               help="Which variants to write, comma-separated.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.")
-@click.option("--optimizer-aware/--sgd-proxy", default=True, show_default=True,
-              help="Value AdamW steps through Adam's preconditioner (closer to the step really taken) "
-                   "or with the plain SGD gradient dot product.")
 @click.option("--pool-fraction", type=float, default=0.1, show_default=True,
               help="Share of the other documents held out as the similar-topic pool. Keep them out of "
                    "training: `attribution run --exclude-ids OUT.heldout.txt`.")
