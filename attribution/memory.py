@@ -4,7 +4,8 @@ Why: glibc serves every allocation above 32 MB with a fresh `mmap` and gives it 
 on free. A valued step allocates and frees several `[n, V, d]` and `[tokens, V]` buffers (hundreds
 of MB each), so every step page-faults them in from scratch: in the copyright experiment on 2 CPU
 cores the kernel time equalled the compute time. With mmap and trimming off, freed blocks stay in
-the heap and the next step reuses them (values() 9.4 s -> 5.0 s per step; docs/benchmarks.md).
+the heap and the next step reuses them (`benchmarks/valuer_step.py`: values() 12.95 s -> 6.25 s
+per step; docs/benchmarks.md).
 The price: the process no longer hands freed memory back, so its peak RSS is higher (demo 2.55 ->
 3.4 GB, copyright experiment 5.8 -> 9.3 GB).
 
