@@ -195,6 +195,8 @@ def test_ddp_wrapped_model_single_process_gloo(tmp_path):
         sv = valuer.values(0.1)
         for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
             assert rel_err(p.grad, q.grad) <= 1e-6, name
-        np.testing.assert_allclose(sv.per_set["v"], ref.numpy(), rtol=1e-4)
+        # float32 sums in another order: tolerance from the values' scale, not per element
+        want = ref.numpy()
+        np.testing.assert_allclose(sv.per_set["v"], want, rtol=0, atol=1e-4 * np.abs(want).max())
     finally:
         dist.destroy_process_group()
