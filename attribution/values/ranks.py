@@ -1,0 +1,19 @@
+"""Where one document ranks among others by a score: the copyright experiment's and the demo's measure.
+
+Tie rule (one definition for every reader): rank 1 = the highest score; documents with equal scores
+share the average of the ranks they occupy, so a tie neither flatters nor penalises the document
+asked about (three documents tied for the top all get rank 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rank_of(scores: np.ndarray, target: int) -> float:
+    """1-based rank of `scores[target]` when sorted high to low; ties share the average rank."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = s[target]
+    higher = int(np.sum(s > t))
+    ties = int(np.sum(s == t)) - 1
+    return 1.0 + higher + ties / 2.0

@@ -1,0 +1,142 @@
+"""Attribution views: other readings of one run's per-example values, next to the raw `value`.
+
+Why: In-Run Shapley values add up, which makes the raw `value` the right number for royalty
+accounting (a source's share is the sum of its documents' values). But "which training documents
+is *this* text derived from?" is answered poorly by raw values: documents that help *every* text
+(generic Wikipedia/news prose) dominate every ranking, and a long document is credited more simply
+because it was seen more often. A view re-scores the same run to answer the attribution question;
+it never replaces `value`, and the royalty tables keep using `value`.
+
+Every view is a pure function of the run's `example_values` rows (columns `doc_id`, `val_set`,
+`val_id`, `value`, plus the optional accumulators `value_normalized`, `value_cosine`) and the
+documents table (`doc_id`, `n_tokens`). `VIEWS` maps a view name to (function, meaning, when to
+use); `DEFAULT_VIEW` is the one a run names in its manifest (`values.default_view`) and readers show as
+the `attribution` column, chosen by measurement on the copyright experiment (see docs/benchmarks.md,
+"Attribution views"). Views are computed when a run is read (`attribution.values.RunValues`), never
+stored: the run directory keeps only the raw accumulators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+
+KEYS = ["doc_id", "val_set", "val_id"]
+
+
+@dataclass(frozen=True)
+class View:
+    """One registered view: how to compute it, what it means, when to use it."""
+
+    fn: Callable[[pd.DataFrame, pd.DataFrame], pd.Series]
+    meaning: str
+    use: str
+    needs: tuple[str, ...] = ("value",)
+
+
+def _tokens(ev: pd.DataFrame, docs: pd.DataFrame) -> np.ndarray:
+    n = ev["doc_id"].astype(str).map(dict(zip(docs["doc_id"].astype(str), docs["n_tokens"], strict=True)))
+    return np.maximum(n.fillna(1).to_numpy(dtype=np.float64), 1.0)
+
+
+def per_token(ev: pd.DataFrame, docs: pd.DataFrame, column: str = "value") -> pd.Series:
+    """`column / n_tokens`: credit per token the document contributed, so length alone does not win."""
+    return pd.Series(ev[column].to_numpy(dtype=np.float64) / _tokens(ev, docs), index=ev.index)
+
+
+def contrast(ev: pd.DataFrame, column: str = "value", reference: str | None = None, lam: float = 1.0) -> pd.Series:
+    """`column` minus `lam` times the document's mean `column` over a reference set (RelatIF idea).
+
+    `reference=None`: the reference is every *other* per-example column of the run (leave-one-out
+    mean over all validation examples but this one), i.e. what the document gives texts in general.
+    `reference=NAME`: the mean over the examples of validation set NAME (e.g. a held-out domain set);
+    for an example of NAME itself the leave-one-out mean within NAME is used.
+    """
+    x = ev[column].to_numpy(dtype=np.float64)
+    doc = ev["doc_id"].astype(str)
+    if reference is None:
+        mask = np.ones(len(ev), dtype=bool)
+    else:
+        mask = (ev["val_set"].astype(str) == reference).to_numpy()
+        if not mask.any():
+            raise UserError(f"reference set {reference!r} has no per-example values in this run")
+    sums = pd.Series(np.where(mask, x, 0.0)).groupby(doc.to_numpy()).sum()
+    counts = pd.Series(mask.astype(np.float64)).groupby(doc.to_numpy()).sum()
+    s = doc.map(sums).to_numpy(dtype=np.float64)
+    c = doc.map(counts).to_numpy(dtype=np.float64)
+    own = mask.astype(np.float64)  # leave the example itself out when it belongs to the reference
+    denom = np.maximum(c - own, 1.0)
+    ref = (s - own * x) / denom
+    return pd.Series(x - lam * ref, index=ev.index)
+
+
+def _col(name: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
+    return lambda ev, docs: ev[name].astype(np.float64)
+
+
+def _contrast_of(base: Callable[[pd.DataFrame, pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
+    def fn(ev: pd.DataFrame, docs: pd.DataFrame) -> pd.Series:
+        tmp = ev[KEYS].copy()
+        tmp["x"] = base(ev, docs).to_numpy()
+        return contrast(tmp, "x")
+    return fn
+
+
+VIEWS: dict[str, View] = {
+    "value": View(_col("value"), "raw In-Run Shapley value (additive; royalties use it)",
+                  "accounting: shares of sources/owners; never for 'derived from' questions alone"),
+    "per_token": View(lambda ev, docs: per_token(ev, docs), "value / tokens the document contributed",
+                      "when long documents crowd the top of a ranking", ("value", "n_tokens")),
+    "normalized": View(_col("value_normalized"), "sum over steps of value / that step's validation-loss reduction",
+                       "when early steps (large gradients) dominate; every step hands out ~one unit",
+                       ("value_normalized",)),
+    "cosine": View(_col("value_cosine"),
+                   "sum over steps of value / (||g_train_seq|| * ||g_val_example||): gradient alignment",
+                   "when documents with large gradients (rare tokens, early steps) dominate", ("value_cosine",)),
+    "contrast": View(_contrast_of(_col("value")), "value minus the document's mean value over the other validation texts",
+                     "'which documents is THIS text derived from': removes generally helpful documents"),
+    "contrast_per_token": View(_contrast_of(lambda ev, docs: per_token(ev, docs)),
+                               "per-token value minus its mean over the other validation texts",
+                               "derived-from questions when document lengths vary a lot", ("value", "n_tokens")),
+    "contrast_cosine": View(_contrast_of(_col("value_cosine")), "cosine view minus its mean over the other validation texts",
+                            "derived-from questions, robust to gradient scale", ("value_cosine",)),
+}
+
+# Chosen by measurement (docs/benchmarks.md, "Attribution views"): on the 80-step demo run, the original
+# of a paraphrase ranked 2.5th on average among 322 trained documents under this view, against 70.5th by raw value.
+DEFAULT_VIEW = "contrast_per_token"
+
+
+def available(ev: pd.DataFrame, docs: pd.DataFrame | None = None) -> list[str]:
+    """Views this run's `example_values` columns (and the documents' `n_tokens`) allow."""
+    cols = set(ev.columns) | ({"n_tokens"} if docs is not None and "n_tokens" in docs.columns else set())
+    return [name for name, v in VIEWS.items() if all(c in cols for c in v.needs)]
+
+
+def compute(ev: pd.DataFrame, docs: pd.DataFrame, names: list[str] | None = None,
+            default: str = DEFAULT_VIEW) -> pd.DataFrame:
+    """`ev` with one `view_<name>` column per view (raw `value` untouched) and `attribution` = `default`
+    (the raw value when `default` is not among the views computed)."""
+    out = ev.copy()
+    names = available(ev, docs) if names is None else names
+    for name in names:
+        if name not in VIEWS:
+            raise UserError(f"unknown view {name!r}; known: {', '.join(VIEWS)}")
+        if name == "value":
+            continue
+        out[f"view_{name}"] = VIEWS[name].fn(ev, docs).to_numpy()
+    default = default if default in names else "value"
+    out["attribution"] = out["value"] if default == "value" else out[f"view_{default}"]
+    return out
+
+
+def column_of(view: str) -> str:
+    """The example_values column that holds a view."""
+    if view not in VIEWS:
+        raise UserError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
+    return "value" if view == "value" else f"view_{view}"
