@@ -47,7 +47,7 @@ from attribution.io import atomic_path, atomic_write
 from attribution.train import checkpoint as ckpt
 from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
-from attribution.train.store import ValueStore, write_json
+from attribution.train.store import ValueStore
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -632,38 +632,43 @@ def _plain_forward_backward(model, ids, mask) -> float:
 def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: dict[str, ValData], info, device: str,
                     dtype: str, total: int, *, status: str, timings: dict, store: ValueStore | None,
                     resumed_from: int | None, final_val: dict[str, float] | None = None) -> None:
-    """manifest.json: enough to repeat the run and to know what its numbers mean."""
-    path = out / "manifest.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    resumes = previous.get("resumed_from", [])
-    if resumed_from is not None and status == "running":
+    """manifest.json (`attribution.values.Manifest`): enough to repeat the run and to know what its numbers mean."""
+    from attribution.values.manifest import CorpusInfo, Manifest, Timings, TrainingInfo, ValSetInfo
+
+    previous = Manifest.read(out) if (out / "manifest.json").exists() else None
+    resumes = previous.resumed_from if previous is not None else []
+    resuming = resumed_from is not None and status == "running"
+    if resuming:
         resumes = [*resumes, resumed_from]
-    manifest = {
-        "status": status,
-        "config": cfg.to_json(),
-        "config_sources": sources or {},
-        "default_view": "value",  # the views' default (`attribution` column) is named in values.default_view
-        "seed": cfg.seed,
-        "corpus": {"specs": cfg.corpus, "fingerprint": data.fingerprint, "n_docs_total": len(data.seqset.docs),
-                   "n_docs_trained": len(data.doc_rows), "n_sequences": len(data.train_seqs),
-                   "excluded_ids": data.excluded, "identical_to_validation": data.dropped_identical},
-        "val_sets": {name: {"path": v.path, "n_docs": len(v.docs), "n_sequences": len(v.ids),
-                            "per_example": v.per_example} for name, v in val.items()},
-        "training": {"total_steps": total, "device": device, "dtype": dtype, "world_size": info.world,
-                     "tokens_per_step": cfg.batch_size * cfg.seq_len, "order": cfg.order,
-                     "optimizer": cfg.optimizer, "values": "sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
-                     "clip": "values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
-                     "weight_decay_credit": "none (data-independent shrink)"},
-        "values": store.describe() if store is not None else None,
-        "final_val_loss": final_val,
-        # the first session's start is kept; each resumed session adds its own start to `resumed_at`
-        "timings": {**previous.get("timings", {}), **timings,
-                    **({"started": previous["timings"]["started"]} if "started" in previous.get("timings", {}) else {}),
-                    **({"resumed_at": [*previous.get("timings", {}).get("resumed_at", []), timings["started"]]}
-                       if resumed_from is not None and status == "running" else {})},
-        "peak_rss_mb": peak_rss_mb(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "resumed_from": resumes,
-    }
-    write_json(path, manifest)
+    # the first session's start is kept; each resumed session adds its own start to `resumed_at`
+    before = previous.timings if previous is not None else Timings()
+    now = Timings(**timings)
+    merged = Timings(started=before.started if before.started is not None else now.started,
+                     finished=now.finished if now.finished is not None else before.finished,
+                     train_seconds=now.train_seconds if now.train_seconds is not None else before.train_seconds,
+                     tokens_per_s=now.tokens_per_s if now.tokens_per_s is not None else before.tokens_per_s,
+                     resumed_at=[*before.resumed_at, now.started] if resuming else before.resumed_at)
+    manifest = Manifest(
+        status=status,
+        config=cfg.to_json(),
+        config_sources=sources or {},
+        seed=cfg.seed,
+        corpus=CorpusInfo(specs=cfg.corpus, fingerprint=data.fingerprint, n_docs_total=len(data.seqset.docs),
+                          n_docs_trained=len(data.doc_rows), n_sequences=len(data.train_seqs),
+                          excluded_ids=data.excluded, identical_to_validation=data.dropped_identical),
+        val_sets={name: ValSetInfo(path=v.path, n_docs=len(v.docs), n_sequences=len(v.ids), per_example=v.per_example)
+                  for name, v in val.items()},
+        training=TrainingInfo(total_steps=total, device=device, dtype=dtype, world_size=info.world,
+                              tokens_per_step=cfg.batch_size * cfg.seq_len, order=cfg.order, optimizer=cfg.optimizer,
+                              values="sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
+                              clip="values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
+                              weight_decay_credit="none (data-independent shrink)"),
+        values=store.describe() if store is not None else None,
+        final_val_loss=final_val,
+        timings=merged,
+        peak_rss_mb=peak_rss_mb(),
+        versions=versions(),
+        git_commit=git_commit(),
+        resumed_from=resumes,
+    )
+    manifest.write(out)

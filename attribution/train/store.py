@@ -23,9 +23,10 @@ Definitions (also recorded in the manifest):
   step's values for one validation text divided by that text's own loss reduction, estimated the
   same way from its column, `max(|sum_j phi_t(j, x)|, 0.1 * sum_j |phi_t(j, x)|)`), `value_cosine`
   (sum over steps of each sequence's value / (||g_seq|| * ||g_val_seq||), ghost norms from the
-  engine; null when the run had no norms), the views of `attribution.views` as `view_<name>`
-  columns and `attribution` = the default view (`attribution.views.DEFAULT_VIEW`, named in the
-  manifest). `value` stays the raw additive value: royalties use it.
+  engine; null when the run had no norms). These are raw accumulators only: the attribution views
+  (`attribution.values.views`) are analysis and are computed when the run is read
+  (`attribution.values.RunValues`); the manifest names the default one. `value` stays the raw
+  additive value: royalties use it.
 - `n_seen`: number of training sequences of the document processed (counting repeats over epochs).
 - `first_step`, `last_step`: 1-based optimizer steps in which the document was first/last trained
   (null if never trained).
@@ -33,7 +34,6 @@ Definitions (also recorded in the manifest):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attribution.io import atomic_path
+from attribution.values.manifest import ValuesInfo
+from attribution.values.views import DEFAULT_VIEW, VIEWS, column_of
 
 NORMALIZATION_RULE = "phi_t / max(|sum_j phi_t(j)|, 0.1 * sum_j |phi_t(j)|), per step and validation set"
 CANCEL_FLOOR = 0.1
@@ -285,21 +287,8 @@ class ValueStore:
             }
         )
         frame = pd.concat(frames, ignore_index=True) if frames else empty
-        frame = self._with_views(frame)
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
-
-    def _with_views(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Add the `view_<name>` columns and `attribution` (the default view); `value` is unchanged."""
-        from attribution import views
-
-        docs = self.docs[["doc_id", "n_tokens"]] if "n_tokens" in self.docs.columns else None
-        base = frame if self.has_cos[0] else frame.drop(columns="value_cosine")
-        out = views.compute(base, docs if docs is not None else pd.DataFrame({"doc_id": []}),
-                            views.available(base, docs))
-        if not self.has_cos[0]:
-            out.insert(list(frame.columns).index("value_cosine"), "value_cosine", frame["value_cosine"])
-        return out
 
     def _write_step_and_stage(self, step_path: Path, stage_path: Path) -> None:
         """Stream the part files into one Parquet file; sum them per window/source/set meanwhile."""
@@ -349,27 +338,15 @@ class ValueStore:
             return []
         return sorted(self.parts_dir.glob("steps-*.parquet"), key=_part_range)
 
-    def describe(self) -> dict[str, object]:
-        """What the manifest records about the value definitions."""
-        return {
-            "normalization": NORMALIZATION_RULE,
-            "stage_window": self.stage_window,
-            "per_example_sets": {k: len(v) for k, v in self.example_ids.items()},
-            "default_view": {"view": _default_view(), "column": "attribution"},
-            "views": _view_docs(),
-        }
-
-
-def _default_view() -> str:
-    from attribution.views import DEFAULT_VIEW
-
-    return DEFAULT_VIEW
+    def describe(self) -> ValuesInfo:
+        """What the manifest records about the value definitions and the views readers compute."""
+        return ValuesInfo(normalization=NORMALIZATION_RULE, stage_window=self.stage_window,
+                          per_example_sets={k: len(v) for k, v in self.example_ids.items()},
+                          default_view=DEFAULT_VIEW, views=_view_docs())
 
 
 def _view_docs() -> dict[str, dict[str, str]]:
     """Each view's meaning and use, for the manifest; royalties always use the raw `value`."""
-    from attribution.views import VIEWS, column_of
-
     return {name: {"column": column_of(name), "meaning": v.meaning, "use": v.use} for name, v in VIEWS.items()}
 
 
@@ -377,11 +354,3 @@ def _part_range(path: Path) -> tuple[int, int]:
     _, first, last = path.stem.split("-")
     return int(first), int(last)
 
-
-def write_json(path: Path, obj: object) -> None:
-    """Atomic pretty JSON (manifest, state)."""
-    from attribution.io import atomic_write
-
-    with atomic_write(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")

@@ -42,7 +42,7 @@ class CorpusInfo:
     n_docs_total: int | None = None
     n_docs_trained: int | None = None
     n_sequences: int | None = None
-    excluded_ids: list[str] = field(default_factory=list)
+    excluded_ids: int | list[str] | None = None  # how many ids were excluded (older runs: the ids)
     identical_to_validation: list[str] = field(default_factory=list)
 
 
