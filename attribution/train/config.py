@@ -65,6 +65,7 @@ class RunConfig:
     eval_every: int | None = None
     log_every: int | None = None
     checkpoint_every: int | None = None
+    keep_every: int | None = None  # replay chain: keep a checkpoint every K steps (and step 0); 0 = none
     stage_window: int | None = None
     cache_dir: str | None = None  # token cache; default: <out>/../.cache/tokens shared by runs
     progress: bool = True
@@ -112,6 +113,8 @@ class RunConfig:
                 raise UserError(f"bad validation-set name {name!r}: use letters, digits, - and _")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.keep_every is not None and self.keep_every < 0:
+            raise UserError("--keep-every must be 0 (no replay chain) or a positive number of steps")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float64 or bfloat16, got {self.dtype!r}")
 
