@@ -136,14 +136,14 @@ def test_plan_is_inspectable_and_overridable(batches):
 
 
 def test_kronecker_projection_is_exact_when_wide_and_approximate_when_narrow(batches, monkeypatch):
-    import attribution.engine.scoring as scoring
+    import attribution.engine.strategies.kronecker as kronecker
 
     tr, tm, va, vm = batches
     model = tiny_gpt2()
     ref = brute_grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm)
-    monkeypatch.setattr(scoring, "KRON_DIM", 64)  # >= every side of every parameter: identity projections
+    monkeypatch.setattr(kronecker, "KRON_DIM", 64)  # >= every side of every parameter: identity projections
     assert rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker"), ref) <= 1e-6
-    monkeypatch.setattr(scoring, "KRON_DIM", 24)
+    monkeypatch.setattr(kronecker, "KRON_DIM", 24)
     got = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker")
     assert rel_err(got, ref) > 1e-6  # really projected
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.5
