@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "attribution.variants.cli",
     "attribution.analysis.cli",
     "attribution.report.cli",
-    "attribution.curate",
+    "attribution.workflows.cli",
 )
 
 

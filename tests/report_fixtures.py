@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 from train_fixtures import lee_articles, train_micro
 
+from attribution.values.manifest import CorpusInfo, Manifest, Timings, TrainingInfo, ValSetInfo, ValuesInfo
+from attribution.values.views import DEFAULT_VIEW
+
 SENTENCES = {
     "news": [
         "The central bank left interest rates unchanged on Thursday, citing slowing inflation.",
@@ -143,7 +146,6 @@ def make_run(
     step_values.to_parquet(out / "step_values.parquet", index=False)
 
     ex = pd.DataFrame([(d, s, v, x) for (d, s, v), x in ex_acc.items()], columns=["doc_id", "val_set", "val_id", "value"])
-    ex["attribution"] = ex["value"]
     ex.to_parquet(out / "example_values.parquet", index=False)
 
     g = step_values.groupby(["doc_id", "val_set"])
@@ -171,22 +173,19 @@ def make_run(
     log["tokens_per_s"] = 1000.0
     log.to_csv(out / "train_log.csv", index=False)
 
-    manifest = {
-        "name": out.name,
-        "preset": "tiny",
-        "seed": seed,
-        "steps": n_steps,
-        "order": 1,
-        "optimizer": "adamw",
-        "optimizer_aware": False,
-        "val_sets": {k: len(v) for k, v in val.items()},
-        "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "n_params": 123456},
-        "corpus": {"spec": "synthetic-fixture", "fingerprint": "f1x7ure0123456789", "n_docs": n},
-        "timings": {"total_s": 12.5},
-        "git_commit": "0000000",
-        "default_view": "value",
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest = Manifest(
+        seed=seed,
+        config={"preset": "tiny", "steps": n_steps, "order": 1, "optimizer": "adamw", "optimizer_aware": False,
+                "n_layer": 2, "n_embd": 32, "n_head": 2, "seq_len": 64},
+        corpus=CorpusInfo(specs=["synthetic-fixture"], fingerprint="f1x7ure0123456789", n_docs_total=n),
+        val_sets={k: ValSetInfo(n_docs=len(v), per_example=True) for k, v in val.items()},
+        training=TrainingInfo(total_steps=n_steps, order=1, optimizer="adamw", values="sgd-proxy"),
+        values=ValuesInfo(default_view=DEFAULT_VIEW),
+        timings=Timings(train_seconds=12.5),
+        git_commit="0000000",
+        extra={"name": out.name},
+    )
+    manifest.write(out)
     return out
 
 

@@ -1,4 +1,4 @@
-"""`attribution.curate`: the selection rules, the steps-to-target measure and the written outputs.
+"""`attribution.workflows.curate`: the selection rules, the steps-to-target measure and the written outputs.
 
 Training-free: the curves are given, so every expected number is worked out by hand. The end-to-end
 retrain is in test_curate_run.py.
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attribution import curate as cu
 from attribution.errors import UserError
+from attribution.workflows import curate as cu
 
 
 def write_values(run_dir, values):

@@ -16,6 +16,8 @@ import pytest
 from click.testing import CliRunner
 from train_fixtures import lee_articles, train_micro
 
+from attribution.values import Manifest
+
 
 def make_tiny_run(root: Path, steps: int = 8) -> Path:
     """A real `train_and_value` run on a few dozen documents with the `test-micro` model.
@@ -72,7 +74,7 @@ def test_curate_end_to_end(tmp_path):
     assert len(pd.read_csv(out / "random_dropped.csv")) == n_drop
     # each retrain really left its documents out, on the same number of steps
     for name, n_out in (("baseline", 0), ("curated", n_drop), ("random", n_drop)):
-        manifest = json.loads((out / "runs" / name / "manifest.json").read_text())
+        manifest = Manifest.read(out / "runs" / name).to_dict()
         assert manifest["corpus"]["excluded_ids"] == n_out
         assert manifest["training"]["total_steps"] == 8
     curves = pd.read_csv(out / "curves.csv").set_index("step")

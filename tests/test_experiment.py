@@ -11,8 +11,9 @@ import pytest
 
 from attribution.corpus.document import Document
 from attribution.errors import UserError
-from attribution.experiment import CopyrightExperiment, outside_pool, rank_of, run_copyright
+from attribution.values import RunValues
 from attribution.variants.thesaurus import DEFAULT_PATH
+from attribution.workflows.experiment import CopyrightExperiment, outside_pool, rank_of, run_copyright
 
 
 def test_rank_of_counts_higher_scores_and_splits_ties():
@@ -76,11 +77,11 @@ def test_copyright_experiment_writes_table_ranks_and_plot(tmp_path):
     by_hand = rank_of(np.array([vals.get(d, 0.0) for d in docs]), docs.index(row["target_id"]))
     assert row["irs_order1"] == by_hand
     # every attribution view gets its own rank column, recomputed here for the default view
-    from attribution.views import DEFAULT_VIEW
+    from attribution.values.views import DEFAULT_VIEW
 
     view_col = f"irs_order2_{DEFAULT_VIEW}"
     assert ranks[view_col].between(1, n_train).all()
-    ev2 = pd.read_parquet(result.run_dirs[2] / "example_values.parquet")
+    ev2 = RunValues.read(result.run_dirs[2]).view()  # the default view, computed when the run is read
     g2 = ev2[(ev2["val_set"] == row["variant"]) & (ev2["val_id"] == row["id"])]
     att = dict(zip(g2["doc_id"], g2["attribution"], strict=True))
     assert row[view_col] == rank_of(np.array([att.get(d, 0.0) for d in docs]), docs.index(row["target_id"]))

@@ -19,7 +19,7 @@ def test_notebook_is_stored_without_outputs():
     assert code, "the notebook has no code cells"
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
-    # logic lives in attribution.explore: no function or class is defined in a cell
+    # logic lives in attribution.workflows.explore: no function or class is defined in a cell
     for cell in code:
         assert "def " not in cell.source and "class " not in cell.source, cell.source[:60]
 
@@ -71,7 +71,7 @@ def test_notebook_runs_top_to_bottom_on_a_real_run(tmp_path, monkeypatch):
     # the reviewer's default pick is the rewrite of news-8; the export holds the top contributors shown
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "para-8" in texts
-    from attribution import explore
+    from attribution.workflows import explore
 
     run = explore.load_run(run_dir)
     top = explore.top_contributors(run, "para-8", k=3, evidence=False)

@@ -1,4 +1,4 @@
-"""Unit tests of `attribution.explore` (the notebook's API) on a hand-made run directory.
+"""Unit tests of `attribution.workflows.explore` (the notebook's API) on a hand-made run directory.
 
 The directory follows the run-directory schema of docs/architecture.md, with values chosen so every
 expected figure can be worked out by hand.
@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attribution import explore
 from attribution.errors import UserError
+from attribution.workflows import explore
 
 ORIGINAL = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

@@ -21,6 +21,7 @@ from attribution.report import build_report
 from attribution.report import tables as T
 from attribution.report.evidence import snippet_segments
 from attribution.report.royalty import RULES, get_rule, split_pool
+from attribution.values import RunValues
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -303,7 +304,7 @@ def test_partial_copy_target_is_highlighted(built, run):
 
 def test_compare_dir_evidence_is_shown(run, tmp_path):
     """Numbers and labels from the analysis layer's comparison.parquet replace the report's own."""
-    ex = pd.read_parquet(run / "example_values.parquet")
+    ex = RunValues.read(run).view()  # the run's default view, as the report computes it on read
     top = ex.sort_values(["val_id", "attribution", "doc_id"], ascending=[True, False, True]).groupby("val_id").head(5)
     comp = top.assign(shapley_rank=1, lexical_rank=2, semantic_rank=3, bm25_rank=4, ngram_containment=0.625,
                       longest_common_span=17, semantic_sim=0.5, label="near-verbatim copy")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -11,6 +9,7 @@ from report_fixtures import make_real_run
 from test_report import assert_outputs_agree, md_rows, read_csv
 
 from attribution.cli import main
+from attribution.values import Manifest
 
 
 @pytest.mark.slow
@@ -33,7 +32,7 @@ def test_report_on_a_real_run(tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     page = (out / "report.html").read_text(encoding="utf-8")
     # Summary facts come from the run's manifest.
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = Manifest.read(run).to_dict()
     assert manifest["corpus"]["fingerprint"] in md
     assert "**Training steps:** `6`" in md and "first-order Taylor" in md and "SGD proxy" in md
     # --by owner leads with the owner table; CIs come from the step bootstrap.

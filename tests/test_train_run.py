@@ -10,6 +10,8 @@ import pytest
 
 from attribution.errors import UserError
 from attribution.train import RunConfig, build_config, train_and_value
+from attribution.values import Manifest
+from attribution.values.views import DEFAULT_VIEW
 from tests.train_fixtures import write_corpus, write_val
 
 
@@ -58,8 +60,11 @@ def test_run_writes_every_file_consistently_and_deterministically(tmp_path):
     log = pd.read_csv(run / "train_log.csv")
     assert list(log.columns) == ["step", "lr", "train_loss", "val_loss[a]", "val_loss[b]", "tokens_per_s"]
     assert log["step"].iloc[0] == 0 and log["step"].iloc[-1] == 4
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["default_view"] == "value"
+    typed = Manifest.read(run)
+    manifest = typed.to_dict()
+    # schema 2: the default view is named once, under values.default_view (no top-level duplicate)
+    assert manifest["status"] == "complete" and typed.default_view == DEFAULT_VIEW and "default_view" not in manifest
+    assert manifest["schema_version"] == 2 and manifest["values"]["default_view"]["view"] == DEFAULT_VIEW
     assert manifest["corpus"]["identical_to_validation"] == ["doc5"]
     assert manifest["corpus"]["fingerprint"] and manifest["versions"]["torch"]
     assert (run / "val_sets" / "a.jsonl").read_text().count("\n") == 3

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_engine_helpers import one_thread, ragged_batch, rel_err, tiny_gpt2  # noqa: F401
 
-from attribution import views
 from attribution.engine import ValSet, Valuer
 from attribution.engine.exact import per_sample_grads
 from attribution.errors import UserError
+from attribution.values import views
 
 
 @pytest.mark.parametrize("order", [1, 2])

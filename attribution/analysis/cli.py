@@ -95,7 +95,8 @@ def info_cmd(index_dir) -> None:
 @click.option("-k", "--top-k", "k", default=10, show_default=True, help="Documents per method and validation example.")
 @click.option("--depth", default=100, show_default=True, help="How deep lexical/semantic rankings are retrieved (ranks beyond are empty).")
 @click.option("--view", default=None,
-              help="Column of example_values.parquet to rank by (default: `attribution` if present, else the run's default view).")
+              help="Attribution view to rank by (`attribution.values.views`, e.g. value, contrast_per_token; "
+                   "default: the run's default view, computed when the run is read).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a label threshold, e.g. --threshold paraphrase_semantic=0.8. Names: verbatim_containment, "
                    "verbatim_span, paraphrase_semantic, low_containment, low_semantic.")

@@ -34,6 +34,9 @@ from attribution.analysis.overlap import longest_common_span, word_spans
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 from attribution.text import containment
+from attribution.values import RunDir, RunValues
+from attribution.values.manifest import ATTRIBUTION_COLUMN
+from attribution.values.views import VIEWS
 
 METHODS = ("shapley", "lexical", "semantic", "bm25")
 LABELS = ("verbatim", "paraphrastic", "non-obvious influence", "none")
@@ -90,31 +93,32 @@ def _num(x: Any) -> float:
 # ---------------------------------------------------------------- reading the run
 
 
-def _view_column(run: Path, values: pd.DataFrame, view: str | None) -> str:
+def _run_values(run: Path, view: str | None) -> tuple[pd.DataFrame, str]:
+    """Per-example scores of the run under `view` (a view name; default: the run's default view),
+    computed at read time, and the name of the view used."""
+    values = RunValues.read(run)
+    if not values.has_examples():
+        raise UserError(f"{run}: no example_values.parquet; was the run written with per-example values?")
     if view is not None:
-        if view not in values.columns:
-            raise UserError(f"{run / 'example_values.parquet'}: no column {view!r} (have {', '.join(values.columns)})")
-        return view
-    if "attribution" in values.columns:
-        return "attribution"
-    manifest = run / "manifest.json"
-    default = json.loads(manifest.read_text()).get("default_view") if manifest.is_file() else None
-    return default if default in values.columns else "value"
+        view = view.removeprefix("view_")  # the column names of runs before manifest schema 2 still work
+        if view == ATTRIBUTION_COLUMN:
+            view = None
+        elif view not in VIEWS:
+            raise UserError(f"{values.run.example_values_path}: no column {view!r}; views: {', '.join(VIEWS)}")
+    table = values.view(view)
+    return table, table.attrs["view"]
 
 
 def _val_examples(run: Path) -> pd.DataFrame:
-    from attribution.corpus import read_validation
-
-    folder = run / "val_sets"
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    if not files:
+    texts = RunDir(run).val_sets()
+    if not texts:
         raise UserError(f"{run}: no val_sets/*.jsonl; is this a run directory written by `attribution run`?")
     rows = []
-    for f in files:
-        for d in read_validation(f):
-            target = d.meta.get("target_id")
-            rows.append({"val_set": f.stem, "val_id": d.doc_id, "text": d.text,
-                         "variant": d.meta.get("variant"), "target_id": str(target) if target not in (None, "") else ""})
+    for name, items in texts.items():
+        for t in items:
+            target = t.meta.get("target_id")
+            rows.append({"val_set": name, "val_id": t.id, "text": t.text,
+                         "variant": t.meta.get("variant"), "target_id": str(target) if target not in (None, "") else ""})
     return pd.DataFrame(rows)
 
 
@@ -204,14 +208,11 @@ def compare_run(
     if k < 1:
         raise UserError("k must be at least 1")
     depth = max(depth or 100, k)
-    values_path = run / "example_values.parquet"
-    if not values_path.is_file():
-        raise UserError(f"{run}: no example_values.parquet; was the run written with per-example values?")
-    table = pd.read_parquet(values_path)
-    column = _view_column(run, table, view)
+    table, column = _run_values(run, view)
     examples = _val_examples(run)
     ix = Indexes.load(index_dir)
-    grouped = {key: g.set_index("doc_id")[column].astype("float64") for key, g in table.groupby(["val_set", "val_id"])}
+    grouped = {key: g.set_index("doc_id")[ATTRIBUTION_COLUMN].astype("float64")
+               for key, g in table.groupby(["val_set", "val_id"])}
     examples = examples[[(s, v) in grouped for s, v in zip(examples.val_set, examples.val_id, strict=True)]]
     if examples.empty:
         raise UserError(f"{run}: example_values.parquet has no values for any validation example in val_sets/")

@@ -42,6 +42,7 @@ from attribution.corpus.document import Document
 from attribution.errors import UserError
 from attribution.io import atomic_write
 from attribution.text import words
+from attribution.values import RunDir
 
 FORMAT = "attribution-index"
 FORMAT_VERSION = 1
@@ -54,8 +55,9 @@ DEFAULT_BM25 = BM25Params()
 
 def _run_docs(path: Path) -> Path | None:
     """The docs.parquet of a run directory (or the file itself), else None."""
-    if path.is_dir() and (path / "docs.parquet").is_file() and (path / "manifest.json").is_file():
-        return path / "docs.parquet"
+    run = RunDir(path)
+    if path.is_dir() and run.docs_path.is_file() and run.manifest_path.is_file():
+        return run.docs_path
     if path.is_file() and path.name == "docs.parquet":
         return path
     return None

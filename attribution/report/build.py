@@ -28,7 +28,8 @@ from attribution.report import evidence as evidence_mod
 from attribution.report import figures, html, markdown, tables
 from attribution.report.model import Figure, GroupTable, ReportModel, TopDoc
 from attribution.report.royalty import DEFAULT_RULE, get_rule
-from attribution.report.rundata import Run, choose_val_sets, fact, load_run
+from attribution.report.rundata import Run, choose_val_sets, load_run
+from attribution.values import Manifest
 
 GROUPINGS = ("source", "owner")
 CSV_NAMES = {"source": "sources.csv", "owner": "owners.csv"}
@@ -97,12 +98,11 @@ def _fmt_seconds(s) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _optimizer_mode(m: dict) -> tuple[str, bool | None]:
-    mode = fact(m, "optimizer_mode", "valuation_optimizer", "values")
-    aware = fact(m, "optimizer_aware")
-    name = fact(m, "optimizer", "optimizer_name")
+def _optimizer_mode(m: Manifest) -> tuple[str, bool | None]:
+    mode = m.training.values
+    aware = m.optimizer_aware
+    name = m.training.optimizer or m.config.get("optimizer")
     if isinstance(mode, str):
-        aware = "aware" in mode.lower() or mode.lower() == "adam"
         text = {"sgd-proxy": "SGD proxy (values use the SGD step formula)"}.get(mode, mode)
     elif aware is not None:
         text = "optimizer-aware (Adam-preconditioned values)" if aware else "SGD proxy (values use the SGD step formula)"
@@ -113,15 +113,8 @@ def _optimizer_mode(m: dict) -> tuple[str, bool | None]:
     return text, (bool(aware) if aware is not None else None)
 
 
-def _model_text(m: dict) -> str:
-    parts = []
-    preset = fact(m, "preset")
-    if preset:
-        parts.append(f"preset {preset}")
-    for k in ("n_layer", "n_embd", "n_head", "seq_len", "n_positions", "vocab_size", "n_params"):
-        v = fact(m, k)
-        if v is not None and not isinstance(v, dict):
-            parts.append(f"{k}={v}")
+def _model_text(m: Manifest) -> str:
+    parts = [f"preset {v}" if k == "preset" else f"{k}={v}" for k, v in m.model().items()]
     return "GPT-2 (" + ", ".join(parts) + ")" if parts else "not recorded"
 
 
@@ -129,9 +122,8 @@ def _listed(v) -> str:
     return ", ".join(str(x) for x in v) if isinstance(v, list | tuple) else str(v)
 
 
-def _time_text(m: dict) -> str:
-    train = fact(m, "train_seconds", "total_s", "wall_s", "elapsed_s", "seconds", "total_seconds")
-    started, finished = fact(m, "started"), fact(m, "finished")
+def _time_text(m: Manifest) -> str:
+    train, started, finished = m.timings.train_seconds, m.timings.started, m.timings.finished
     text = _fmt_seconds(train)
     if isinstance(started, int | float) and isinstance(finished, int | float):
         text += f" training; {_fmt_seconds(finished - started)} wall clock for the whole run"
@@ -139,9 +131,9 @@ def _time_text(m: dict) -> str:
 
 
 def _steps(run: Run) -> int | None:
-    s = fact(run.manifest, "total_steps", "steps", "max_steps", "n_steps")
-    if isinstance(s, int | float):
-        return int(s)
+    s = run.manifest.total_steps
+    if s is not None:
+        return s
     log = run.train_log()
     return int(log.step.max()) if log is not None and "step" in log and len(log) else None
 
@@ -342,15 +334,15 @@ def _figures(runs: list[Run], sets: list[str], dv: tables.DocValues, tabs: dict[
 def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currency: str) -> list[tuple[str, str]]:
     m = runs[0].manifest
     val = runs[0].val_sets()
-    order = fact(m, "order", "taylor_order", "approx_order")
+    order = m.order
     opt_text, _ = _optimizer_mode(m)
-    seeds = [fact(r.manifest, "seed") for r in runs]
-    corpus = fact(m, "specs", "corpus_spec", "spec", "corpus")
-    fp = fact(m, "corpus_fingerprint", "fingerprint")
+    seeds = [r.manifest.seed for r in runs]
+    corpus = m.corpus.specs
+    fp = m.corpus.fingerprint
     docs = runs[0].docs
     set_texts = []
     for name in sorted(set(val) | set(runs[0].doc_values.val_set.unique())):
-        size = len(val.get(name, [])) or fact(m, name)
+        size = len(val.get(name, [])) or (m.val_sets[name].n_docs if name in m.val_sets else None)
         used = "used" if name in sets else "not used"
         set_texts.append(f"{name} ({size if size else '?'} examples, {used})")
     return [
@@ -365,7 +357,7 @@ def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currenc
          if order is not None else "not recorded"),
         ("Optimizer mode", opt_text),
         ("Seed(s)", ", ".join(str(s) for s in seeds)),
-        ("Code version", str(fact(m, "git_commit", "commit") or "not recorded")),
+        ("Code version", str(m.git_commit or "not recorded")),
         ("Royalty rule", rule),
         ("Royalty pool", f"{pool:.2f} {currency}"),
     ]
@@ -433,7 +425,7 @@ def _evidence_note(ev, score_col, compare_dir, semantic, top_k, max_examples, n_
 def _limitations(runs, sets, dv, src_table, have_ci) -> list[str]:
     m = runs[0].manifest
     out = []
-    order = fact(m, "order", "taylor_order", "approx_order")
+    order = m.order
     log = runs[0].train_log()
     lr = float(log.lr.max()) if log is not None and "lr" in log and len(log) else None
     lr_text = f" The run's peak learning rate was {lr:.3g}." if lr is not None else ""

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from attribution.analysis.overlap import evidence as overlap_evidence
 from attribution.errors import BadInputError, UserError
 from attribution.report.rundata import Run
 from attribution.text import words
+from attribution.values import ValText
+from attribution.values.manifest import ATTRIBUTION_COLUMN
 
 SPAN_N = 8  # the same n as the project's "8-gram containment"
 SNIPPET_CHARS = 600
@@ -93,59 +92,43 @@ def _read_comparison(compare_dir: Path) -> pd.DataFrame:
     return comp.drop_duplicates(["val_set", "val_id", "doc_id"]).set_index(["val_set", "val_id", "doc_id"])
 
 
-def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Integer codes and names of a dictionary-encoded column whose chunks share one dictionary."""
-    if col.num_chunks == 0:
-        return np.zeros(0, dtype=np.int64), []
-    names = [str(x) for x in col.chunk(0).dictionary.to_pylist()]
-    idx = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in col.chunks]).astype(np.int64)
-    return idx, names
-
-
 def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: int = 20,
             compare_dir: Path | None = None, semantic: bool = True) -> tuple[list[ExampleEvidence], str]:
-    """Evidence for up to `max_examples` validation examples; also returns the ranking column used."""
-    p = run.path / "example_values.parquet"
-    if not p.exists():
+    """Evidence for up to `max_examples` validation examples; also returns the ranking column used
+    (`attribution`: the run's default view, computed on read; `value` when the run has none)."""
+    if not run.values.has_examples():
         return [], ""
-    names = pq.read_schema(p).names
-    score_col = "attribution" if "attribution" in names else "value"
-    cols = ["doc_id", "val_set", "val_id", "value"] + (["attribution"] if score_col == "attribution" else [])
-    # Set and example ids are read dictionary-encoded: selecting an example is then an integer
-    # comparison instead of millions of string comparisons.
-    tbl = pq.read_table(p, columns=cols, filters=[("val_set", "in", list(val_sets))],
-                        read_dictionary=["val_set", "val_id"]).unify_dictionaries()
-    if tbl.num_rows == 0:
+    frame = run.values.view()  # the view is computed over every set (contrast), then the sets are chosen
+    score_col = "value" if frame.attrs["view"] == "value" else ATTRIBUTION_COLUMN
+    frame = frame[frame["val_set"].isin(list(val_sets))].reset_index(drop=True)
+    if frame.empty:
         return [], score_col
-    set_idx, set_names = _codes(tbl["val_set"])
-    id_idx, id_names = _codes(tbl["val_id"])
-    pairs = np.unique(np.stack([set_idx, id_idx], axis=1), axis=0)
+    groups = frame.groupby(["val_set", "val_id"], sort=False).indices
     texts = run.val_sets()
-    order: list[tuple[str, dict]] = []
+    order: list[tuple[str, ValText]] = []
     for name in val_sets:
-        present = {id_names[j] for i, j in pairs if set_names[i] == name}
-        order += [(name, it) for it in texts.get(name, []) if it["id"] in present]
-        known = {it["id"] for it in texts.get(name, [])}
-        order += [(name, {"id": v, "text": "", "meta": {}}) for v in sorted(present - known)]
+        present = {v for s, v in groups if s == name}
+        order += [(name, it) for it in texts.get(name, []) if it.id in present]
+        known = {it.id for it in texts.get(name, [])}
+        order += [(name, ValText(v, "")) for v in sorted(present - known)]
     order = order[:max_examples]
-    scores_all = tbl[score_col].to_numpy().astype(np.float64)
-    doc_col = tbl["doc_id"]
-    if not pa.types.is_string(doc_col.type):
-        doc_col = pc.cast(doc_col, pa.string())
+    scores_all = frame[ATTRIBUTION_COLUMN].to_numpy(dtype=np.float64)
+    values_all = frame["value"].to_numpy(dtype=np.float64)
+    doc_all = frame["doc_id"].to_numpy()
     # Top k per example by score (descending), doc_id as the tie-break; argpartition keeps this
     # linear in the number of documents.
     tops: dict[tuple[str, str], pd.DataFrame] = {}
     for name, item in order:
-        rows = np.flatnonzero((set_idx == set_names.index(name)) & (id_idx == id_names.index(item["id"])))
+        rows = groups[(name, item.id)]
         scores = scores_all[rows]
         k = min(top_k, len(scores))
         if k == 0:
             continue
         cand = rows[np.argpartition(-scores, k - 1)[:k]] if k < len(scores) else rows
-        part = pd.DataFrame({"doc_id": doc_col.take(pa.array(cand)).to_pylist(), "val_id": item["id"],
-                             "value": tbl["value"].take(pa.array(cand)).to_numpy(), score_col: scores_all[cand]})
-        part = part.sort_values([score_col, "doc_id"], ascending=[False, True], kind="mergesort")
-        tops[(name, item["id"])] = part.assign(rank=np.arange(1, len(part) + 1))
+        part = pd.DataFrame({"doc_id": doc_all[cand], "val_id": item.id, "value": values_all[cand],
+                             "score": scores_all[cand]})
+        part = part.sort_values(["score", "doc_id"], ascending=[False, True], kind="mergesort")
+        tops[(name, item.id)] = part.assign(rank=np.arange(1, len(part) + 1))
     top_ids = sorted({d for t in tops.values() for d in t.doc_id})
     meta = run.docs.set_index("doc_id")
     doc_text = run.texts(top_ids)
@@ -157,18 +140,18 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
     if semantic and (comp is None or "semantic_sim" not in comp.columns or comp["semantic_sim"].isna().any()):
         from attribution.embeddings import embed
 
-        vvec = dict(zip([(n, it["id"]) for n, it in order], embed([it["text"] for _, it in order]), strict=True))
+        vvec = dict(zip([(n, it.id) for n, it in order], embed([it.text for _, it in order]), strict=True))
         dvec = dict(zip(top_ids, embed([doc_text[d] for d in top_ids]), strict=True))
 
     out = []
     for name, item in order:
-        ev = ExampleEvidence(val_set=name, val_id=item["id"], text=item["text"], meta=item["meta"])
-        top = tops.get((name, item["id"]))
+        ev = ExampleEvidence(val_set=name, val_id=item.id, text=item.text, meta=item.meta)
+        top = tops.get((name, item.id))
         for r in [] if top is None else top.itertuples(index=False):
             text = doc_text[r.doc_id]
-            ov = overlap_evidence(item["text"], text, n=SPAN_N)
+            ov = overlap_evidence(item.text, text, n=SPAN_N)
             spans = ov["doc_spans"]
-            key = (name if by_set else "", item["id"], r.doc_id)
+            key = (name if by_set else "", item.id, r.doc_id)
             c = comp.loc[key] if comp is not None and key in comp.index else None
 
             def has(col: str, c=c) -> bool:
@@ -182,13 +165,13 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
             if has("semantic_sim"):
                 sim: float | None = float(c["semantic_sim"])
             elif vvec:
-                sim = float(vvec[(name, item["id"])] @ dvec[r.doc_id])
+                sim = float(vvec[(name, item.id)] @ dvec[r.doc_id])
             else:
                 sim = None
             ev.rows.append(EvidenceRow(
                 rank=int(r.rank), doc_id=r.doc_id,
                 source=str(meta.source.get(r.doc_id, "unknown")), owner=str(meta.owner.get(r.doc_id, "unknown")),
-                score=float(getattr(r, score_col)), value=float(r.value), containment=cont, longest_span=longest,
+                score=float(r.score), value=float(r.value), containment=cont, longest_span=longest,
                 semantic_sim=sim, label=str(c["label"]) if has("label") else None,
                 segments=snippet_segments(text, spans)))
         out.append(ev)

@@ -127,7 +127,7 @@ def demo_command(out, report_dir, steps, seed, resume) -> None:
     3. trains the cpu-tiny GPT-2 with AdamW, valuing every document against both sets;
     4. builds the report (HTML and Markdown) and prints where everything is.
     """
-    from attribution.train.demo import run_demo
+    from attribution.workflows.demo import run_demo
 
     t0 = time.perf_counter()
     paths = run_demo(Path(out), Path(report_dir), steps=steps, seed=seed, resume=resume)

@@ -17,17 +17,20 @@ in the original, word 3-gram Jaccard, and MiniLM cosine (documents are embedded 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from attribution.corpus.document import Document
 from attribution.errors import UserError
+from attribution.io import atomic_write
 from attribution.text import containment, jaccard, words
 from attribution.variants.rewriters import OfflineRewriter, RewriteError, Rewriter
 
@@ -49,6 +52,21 @@ _STOP = frozenset(
     "which who he she they we you i not but have has had will would can could may also into than "
     "their there these those such other more most said says".split()
 )
+
+
+def load_docs(corpus: Sequence[str]) -> list[Document]:
+    """Every document of the corpus specs (paths, `builtin[:N]`, `hf:NAME`), in reading order."""
+    from attribution.corpus import read_corpus, resolve_corpus
+
+    paths = [p for spec in corpus for p in resolve_corpus(spec)]
+    return list(read_corpus(paths))
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """Validation records as JSONL (`{"id", "text", "meta"}` a line, UTF-8 kept as is), atomically."""
+    with atomic_write(path) as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def parse_kinds(spec: str | Sequence[str]) -> list[str]:

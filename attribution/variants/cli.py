@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -46,19 +45,6 @@ def make_rewriter_from(kw: dict):
     return make_rewriter(kw["rewriter"], timeout=kw["rewriter_timeout"], retries=kw["rewriter_retries"],
                          on_failure=kw["on_rewriter_failure"], model=kw["rewriter_model"],
                          key_env=kw["rewriter_key_env"])
-
-
-def load_docs(corpus: tuple[str, ...]) -> list:
-    from attribution.corpus import read_corpus, resolve_corpus
-
-    paths = [p for spec in corpus for p in resolve_corpus(spec)]
-    return list(read_corpus(paths))
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with atomic_write(path) as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -105,10 +91,12 @@ def variants_cmd(corpus, pick, ids, kinds, out, pool_fraction, seed, **kw) -> No
     from attribution.variants.build import (
         build_variants,
         distance_summary,
+        load_docs,
         parse_kinds,
         pick_targets,
         select_ids,
         split_pool,
+        write_jsonl,
     )
 
     kind_list = parse_kinds(kinds)
@@ -182,7 +170,7 @@ def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_word
     (1st, 2nd order), BM25, MiniLM similarity and 8-gram containment, next to the variants'
     distances. Rank 1 = the original is the top contributor.
     """
-    from attribution.experiment import CopyrightExperiment, run_copyright
+    from attribution.workflows.experiment import CopyrightExperiment, run_copyright
 
     order_list = sorted({int(o) for o in orders.split(",") if o.strip()})
     if not order_list or any(o not in (1, 2) for o in order_list):

@@ -2,7 +2,8 @@
 
 The legal-review notebook (`notebooks/legal_review.ipynb`) calls only these functions, so that every
 figure a reviewer sees is computed by tested package code, never by logic pasted into a cell. The
-module only reads the run directory (see `docs/architecture.md`); it writes nothing there.
+module only reads the run directory, through `attribution.values` (see `docs/architecture.md`); it writes
+nothing there.
 
 Sign convention: a positive value means the training document *lowered* validation loss (helped).
 """
@@ -10,19 +11,20 @@ Sign convention: a positive value means the training document *lowered* validati
 from __future__ import annotations
 
 import html
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_path
+from attribution.values import Manifest, RunDir, RunValues
+from attribution.values.manifest import ATTRIBUTION_COLUMN
+from attribution.values.rundir import DOC_VALUES, DOCS, STAGE_VALUES
 
 with warnings.catch_warnings():
     # tqdm.auto (imported by the report package) warns in a Jupyter kernel without ipywidgets; the
@@ -33,6 +35,7 @@ with warnings.catch_warnings():
 from attribution.analysis.overlap import evidence as pair_evidence
 
 RUN_ENV = "ATTRIBUTION_RUN"
+DOC_COLUMNS = ("doc_id", "source", "owner", "license", "n_tokens")
 
 
 @dataclass
@@ -41,16 +44,19 @@ class Run:
 
     Optional files (`example_values`, `stage_values`, `train_log`) are empty DataFrames when the run
     did not write them, so a notebook cell degrades to "nothing to show" instead of failing.
+    `example_values` holds the raw per-example values and every attribution view the run allows
+    (`view_<name>` columns, `attribution` = the run's default view), computed when the run is read.
     """
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     docs: pd.DataFrame
     doc_values: pd.DataFrame
     example_values: pd.DataFrame
     stage_values: pd.DataFrame
     train_log: pd.DataFrame
     val_sets: dict[str, pd.DataFrame] = field(default_factory=dict)
+    values: RunValues | None = field(default=None, repr=False)
 
     @property
     def val_set_names(self) -> list[str]:
@@ -59,18 +65,14 @@ class Run:
 
     @property
     def default_view(self) -> str:
-        """The example-level value column the run recommends ranking by: the attribution view's column
-        (manifest `values.default_view`, see `attribution.views`), else the manifest's `default_view`."""
-        views = (self.manifest.get("values") or {}).get("default_view")
-        for view in (views.get("column") if isinstance(views, dict) else None, self.manifest.get("default_view")):
-            if isinstance(view, str) and view in self.example_values.columns:
-                return view
-        return "value"
+        """The example-level column the run recommends ranking by: `attribution` (the manifest's default
+        view, `Manifest.default_view`), or the raw `value` when the run has no per-example values."""
+        return ATTRIBUTION_COLUMN if ATTRIBUTION_COLUMN in self.example_values.columns else "value"
 
 
 def repo_root() -> Path | None:
     """The source checkout this package runs from, if any (editable installs, notebooks in the repo)."""
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     return here if (here / "pyproject.toml").is_file() else None
 
 
@@ -86,34 +88,15 @@ def default_run_dir() -> Path:
     return root / "runs" / "demo"
 
 
-def _read_parquet(path: Path, required: bool, columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    if not path.is_file():
-        if required:
-            raise UserError(f"{path}: missing; is this a run directory written by `attribution run`?")
-        return pd.DataFrame(columns=list(columns))
-    df = pd.read_parquet(path)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    return df
+def _frame(rd: RunDir, name: str, columns: tuple[str, ...], required: bool = False) -> pd.DataFrame:
+    """One table of the run (every column), checked for `columns`; an absent optional one is empty."""
+    frame = rd.table(name, required=required, needs=columns)
+    return pd.DataFrame(columns=list(columns)) if frame is None else frame
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
+def _val_frame(texts: list) -> pd.DataFrame:
     """A validation set as a DataFrame: `val_id, text` plus one column per `meta` key."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise UserError(f"{path}:{lineno}: expected an object with a 'text' field")
-            meta = obj.get("meta") or {}
-            rows.append({"val_id": str(obj.get("id", f"{path.stem}-{lineno}")), "text": obj["text"], **meta})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"val_id": t.id, "text": t.text, **t.meta} for t in texts])
 
 
 def load_run(path: str | os.PathLike | None = None) -> Run:
@@ -123,26 +106,19 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
         raise UserError(
             f"{run_dir}: no such run directory (run `make demo`, or set {RUN_ENV} to a run directory)"
         )
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
-    docs = _read_parquet(run_dir / "docs.parquet", True, ("doc_id", "source"))
-    doc_values = _read_parquet(run_dir / "doc_values.parquet", True, ("doc_id", "source", "val_set", "value"))
-    example_values = _read_parquet(
-        run_dir / "example_values.parquet", False, ("doc_id", "val_set", "val_id", "value")
-    )
-    stage_values = _read_parquet(
-        run_dir / "stage_values.parquet", False, ("window_start", "window_end", "source", "val_set", "value")
-    )
-    log_path = run_dir / "train_log.csv"
-    train_log = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=["step"])
-    val_sets = {p.stem: read_jsonl(p) for p in sorted((run_dir / "val_sets").glob("*.jsonl"))}
-    for col in ("doc_id",):
-        for df in (docs, doc_values, example_values):
-            if col in df.columns:
-                df[col] = df[col].astype(str)
-    if "val_id" in example_values.columns:
-        example_values["val_id"] = example_values["val_id"].astype(str)
-    return Run(run_dir, manifest, docs, doc_values, example_values, stage_values, train_log, val_sets)
+    rd = RunDir(run_dir)
+    manifest = rd.manifest(required=False)
+    docs = _frame(rd, DOCS, ("doc_id", "source"), required=True)
+    doc_values = _frame(rd, DOC_VALUES, ("doc_id", "source", "val_set", "value"), required=True)
+    values = RunValues.read(rd, docs=docs, doc_values=doc_values, default_view=manifest.default_view)
+    example_values = values.with_views() if values.has_examples() else pd.DataFrame(
+        columns=["doc_id", "val_set", "val_id", "value"])
+    stage_values = _frame(rd, STAGE_VALUES, ("window_start", "window_end", "source", "val_set", "value"))
+    train_log = rd.train_log()
+    if train_log is None:
+        train_log = pd.DataFrame(columns=["step"])
+    val_sets = {name: _val_frame(texts) for name, texts in rd.val_sets().items()}
+    return Run(run_dir, manifest, docs, doc_values, example_values, stage_values, train_log, val_sets, values)
 
 
 def _pick_val_set(run: Run, val_set: str | None) -> str | None:
@@ -157,7 +133,7 @@ def _pick_val_set(run: Run, val_set: str | None) -> str | None:
 
 def describe(run: Run) -> pd.Series:
     """One line per headline fact of the run, for the top of a notebook."""
-    cfg = run.manifest.get("config", {})
+    cfg = run.manifest.config
     totals = doc_totals(run)
     return pd.Series(
         {
@@ -176,11 +152,9 @@ def describe(run: Run) -> pd.Series:
 def doc_totals(run: Run, val_set: str | None = None) -> pd.DataFrame:
     """Per-document value for one validation set, or summed over all of them (`val_set=None`)."""
     val_set = _pick_val_set(run, val_set)
-    dv = run.doc_values if val_set is None else run.doc_values[run.doc_values["val_set"] == val_set]
-    agg = dv.groupby("doc_id", sort=False)["value"].sum()
-    meta_cols = [c for c in ("doc_id", "source", "owner", "license", "n_tokens") if c in run.docs.columns]
-    out = run.docs[meta_cols].merge(agg.rename("value"), left_on="doc_id", right_index=True, how="left")
-    out["value"] = out["value"].fillna(0.0).astype("float64")
+    values = run.values or RunValues.read(run.path, docs=run.docs, doc_values=run.doc_values)
+    out = values.to_dataframe(val_set)
+    out = out[[c for c in (*DOC_COLUMNS, "value") if c in out.columns]]
     return out.sort_values("value", ascending=False, kind="stable").reset_index(drop=True)
 
 

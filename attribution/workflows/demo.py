@@ -15,12 +15,12 @@ The validation sets (recipe also in `corpora/val/README.md`):
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
-from attribution.io import atomic_write
+from attribution.values import Manifest, RunDir, RunValues, rank_of
+from attribution.variants.build import write_jsonl
 
 DEMO_CORPUS = "builtin:400"
 DOMAIN_SOURCE = "news"
@@ -121,30 +121,24 @@ def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=Non
     paths = {}
     for name, rows in (("rewrites", rewrites), (DOMAIN_SOURCE, news)):
         path = folder / f"{name}.jsonl"
-        with atomic_write(path) as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(path, rows)
         paths[name] = str(path)
     return paths, sorted(held_ids)
 
 
 def target_ranks(run_dir: Path) -> list[dict]:
-    """For each rewrite example: the rank of its original among all trained documents (1 = top),
-    under the default attribution view (`attribution` column) and under the raw additive `value`."""
-    import pandas as pd
-
-    ev = pd.read_parquet(run_dir / "example_values.parquet")
-    meta = {}
-    for line in (run_dir / "val_sets" / "rewrites.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        meta[row["id"]] = row["meta"]
+    """For each rewrite example: the rank of its original among all trained documents (1 = top; ties share
+    the average rank, `attribution.values.rank_of`), under the run's default attribution view and under
+    the raw additive `value`."""
+    ev = RunValues.read(run_dir).view()
+    meta = {t.id: t.meta for t in RunDir(run_dir).val_sets().get("rewrites", [])}
     out = []
     for val_id, frame in ev[ev.val_set == "rewrites"].groupby("val_id"):
         target = meta.get(val_id, {}).get("target_id")
+        docs = frame["doc_id"].tolist()
         row = {"val_id": val_id, "variant": meta.get(val_id, {}).get("variant"), "target": target, "of": len(frame)}
-        for key, column in (("rank", "attribution" if "attribution" in frame else "value"), ("rank_value", "value")):
-            ranked = frame.sort_values(column, ascending=False, kind="stable")["doc_id"].tolist()
-            row[key] = ranked.index(target) + 1 if target in ranked else None
+        for key, column in (("rank", "attribution"), ("rank_value", "value")):
+            row[key] = rank_of(frame[column].to_numpy(), docs.index(target)) if target in docs else None
         out.append(row)
     return out
 
@@ -156,6 +150,7 @@ def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int
 
     import click
 
+    from attribution.report import build_report
     from attribution.train.config import RunConfig
     from attribution.train.loop import train_and_value
 
@@ -166,24 +161,18 @@ def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int
     cfg = dataclasses.replace(cfg, val=val_paths, exclude_ids=tuple(held))
     run_dir = train_and_value(cfg, sources={"demo": True})
     paths: dict[str, Path] = {"run": run_dir, "validation_sets": inputs}
-    from attribution.views import DEFAULT_VIEW
-
-    click.echo(f"rank of each rewrite's original, attribution view {DEFAULT_VIEW} (raw value in parentheses):", err=True)
+    view = Manifest.read(run_dir).default_view
+    click.echo(f"rank of each rewrite's original, attribution view {view} (raw value in parentheses):", err=True)
     for row in target_ranks(run_dir):
-        click.echo(f"  {row['val_id']:<40} original ranked {row['rank']} of {row['of']} ({row['rank_value']})", err=True)
-    try:
-        from attribution.report import build_report
-    except ImportError:
-        build_report = None
-    if build_report is not None:
-        result = build_report([run_dir], report_dir)
-        paths["report"] = report_dir
-        for attr in ("html", "markdown", "html_path", "md_path"):
-            if getattr(result, attr, None):
-                paths[f"report_{attr}"] = Path(getattr(result, attr))
-    else:
-        import pandas as pd
-
-        dv = pd.read_parquet(run_dir / "doc_values.parquet")
-        click.echo(dv.groupby(["val_set", "source"])["value"].sum().to_string(), err=True)
+        click.echo(f"  {row['val_id']:<40} original ranked {_rank_text(row['rank'])} of {row['of']} "
+                   f"({_rank_text(row['rank_value'])})", err=True)
+    result = build_report([run_dir], report_dir)
+    paths["report"] = report_dir
+    for attr in ("html", "markdown", "html_path", "md_path"):
+        if getattr(result, attr, None):
+            paths[f"report_{attr}"] = Path(getattr(result, attr))
     return paths
+
+
+def _rank_text(rank: float | None) -> str:
+    return "-" if rank is None else f"{rank:g}"

@@ -30,10 +30,11 @@ from typing import Any
 import click
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
+from attribution.values import Manifest, RunDir, RunValues, read_val_set
+from attribution.values.rundir import DOC_VALUES, DOCS
 
 RUN_NAMES = ("baseline", "curated", "random")  # with --controls N: random, random-2, ..., random-N
 
@@ -74,29 +75,9 @@ def document_values(run_dir: Path, val_set: str | None) -> pd.DataFrame:
     Columns: doc_id, source, owner, n_tokens, value. Documents absent from `doc_values.parquet` (never
     in a batch) get value 0: nothing is known against them.
     """
-    dv_path, docs_path = run_dir / "doc_values.parquet", run_dir / "docs.parquet"
-    for p in (dv_path, docs_path):
-        if not p.is_file():
-            raise UserError(f"{p}: missing; RUN must be a run directory written by `attribution run`")
-    has_seen = "n_seen" in pq.read_schema(dv_path).names
-    dv = pd.read_parquet(dv_path, columns=["doc_id", "val_set", "value"] + (["n_seen"] if has_seen else []))
-    if val_set is not None:
-        known = sorted(dv["val_set"].unique())
-        if val_set not in known:
-            raise UserError(f"unknown validation set {val_set!r}; the run has: {', '.join(known)}")
-        dv = dv[dv["val_set"] == val_set]
-    docs = pd.read_parquet(docs_path)
-    cols = [c for c in ("doc_id", "source", "owner", "n_tokens") if c in docs.columns]
-    docs = docs[cols].copy()
-    docs["doc_id"] = docs["doc_id"].astype(str)
-    grouped = dv.assign(doc_id=dv["doc_id"].astype(str)).groupby("doc_id")
-    out = docs.merge(grouped["value"].sum().rename("value"), left_on="doc_id", right_index=True, how="left")
-    out["value"] = out["value"].fillna(0.0).astype("float64")
-    if has_seen:
-        seen = grouped["n_seen"].max().rename("n_seen")
-        out = out.merge(seen, left_on="doc_id", right_index=True, how="left")
-        out["n_seen"] = out["n_seen"].fillna(0).astype("int64")
-    return out.reset_index(drop=True)
+    RunDir(run_dir).require((DOC_VALUES, DOCS))
+    out = RunValues.read(run_dir).to_dataframe(val_set)
+    return out[[c for c in ("doc_id", "source", "owner", "n_tokens", "value", "n_seen") if c in out.columns]]
 
 
 def select_drop(values: pd.DataFrame, rule: DropRule) -> pd.DataFrame:
@@ -312,11 +293,13 @@ def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series
         fig.savefig(tmp, format="png", dpi=120)
 
 
-def _fmt_steps(s: int | None) -> str:
+def fmt_steps(s: int | None) -> str:
+    """Steps to the target, or 'not reached'."""
     return "not reached" if s is None else str(s)
 
 
-def _fmt_pct(x: float | None) -> str:
+def fmt_pct(x: float | None) -> str:
+    """A signed percentage, or 'n/a'."""
     return "n/a" if x is None else f"{x:+.1%}"
 
 
@@ -344,8 +327,8 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
     for row in table.to_dict("records"):
         name = row["run"]
         lines.append(
-            f"| {name} | {row['documents_dropped']} | {_fmt_steps(r.steps[name])} | "
-            f"{_fmt_pct(r.saving[name])} | {r.final_loss[name]:.4f} |"
+            f"| {name} | {row['documents_dropped']} | {fmt_steps(r.steps[name])} | "
+            f"{fmt_pct(r.saving[name])} | {r.final_loss[name]:.4f} |"
         )
     lines += ["", "Dropped documents by source:", "",
               "| source | documents | dropped | fraction of source | share of dropped |",
@@ -382,19 +365,15 @@ def _load_config(run_dir: Path):
     """
     from attribution.train import RunConfig
 
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{manifest_path}: missing; RUN must be a run directory written by `attribution run`")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("status", "complete") != "complete":
-        raise UserError(f"{run_dir}: the run is not complete (status {manifest.get('status')!r})")
-    raw = dict(manifest.get("config", {}))
+    manifest = Manifest.read(run_dir)
+    if manifest.status != "complete":
+        raise UserError(f"{run_dir}: the run is not complete (status {manifest.status!r})")
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in raw.items() if k in names}).resolved()
-    total = manifest.get("training", {}).get("total_steps") or config.steps
+    config = RunConfig(**{k: v for k, v in manifest.config.items() if k in names}).resolved()
+    total = manifest.training.total_steps or config.steps
     # the run's own copies of its validation sets: the original paths may be relative or gone
-    val = {name: str(run_dir / "val_sets" / f"{name}.jsonl") if (run_dir / "val_sets" / f"{name}.jsonl").is_file()
-           else path for name, path in config.val.items()}
+    copies = RunDir(run_dir).val_set_paths()
+    val = {name: str(copies[name]) if name in copies else path for name, path in config.val.items()}
     return dataclasses.replace(config, steps=int(total), epochs=None, val=val), manifest
 
 
@@ -410,10 +389,9 @@ def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str
         eval_every=eval_every, val=val, value=False,
         resume=False, checkpoint_every=int(config.steps),
     ).resolved()
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        if old.get("status") == "complete" and old.get("config") == json.loads(json.dumps(cfg.to_json())):
+    retrain = RunDir(out)
+    if retrain.manifest_path.is_file():
+        if retrain.finished_with(cfg):
             click.echo(f"curate: reusing the finished retrain in {out}", err=True)
             return out
         raise UserError(f"{out} holds a different or unfinished run; choose another --out")
@@ -423,11 +401,10 @@ def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str
 def split_validation(run_dir: Path, val_set: str, fraction: float, seed: int) -> tuple[list[str], Path, list[str]]:
     """Split a validation set's texts into a *selection* part (ranks documents) and a *held-out* part
     (measures loss). Returns (selection ids, path of the held-out JSONL in the run, held-out ids)."""
-    path = run_dir / "val_sets" / f"{val_set}.jsonl"
+    path = RunDir(run_dir).val_sets_dir / f"{val_set}.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: missing; --holdout needs the run's copy of validation set {val_set!r}")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    ids = [str(json.loads(ln).get("id", f"{val_set}-{i}")) for i, ln in enumerate(lines, 1)]
+    ids = [t.id for t in read_val_set(path)]
     n_hold = int(round(len(ids) * fraction))
     if n_hold < 1 or n_hold >= len(ids):
         raise UserError(f"--holdout {fraction:g} leaves an empty part of the {len(ids)} texts of {val_set!r}")
@@ -438,26 +415,27 @@ def split_validation(run_dir: Path, val_set: str, fraction: float, seed: int) ->
 
 def example_document_values(run_dir: Path, val_set: str, val_ids: list[str]) -> pd.DataFrame:
     """Like `document_values`, but summed over the given validation texts only (from example_values.parquet)."""
-    ev_path = run_dir / "example_values.parquet"
-    if not ev_path.is_file():
-        raise UserError(f"{ev_path}: missing; --holdout needs per-text values (a validation set of at most "
-                        "`per_example_max` texts)")
-    ev = pd.read_parquet(ev_path, columns=["doc_id", "val_set", "val_id", "value"])
-    ev = ev[(ev["val_set"] == val_set) & ev["val_id"].astype(str).isin(val_ids)]
+    run = RunValues.read(run_dir)
+    if not run.has_examples():
+        raise UserError(f"{run.run.example_values_path}: missing; --holdout needs per-text values (a validation "
+                        "set of at most `per_example_max` texts)")
+    ev = run.examples(["value"])
+    ev = ev[(ev["val_set"] == val_set) & ev["val_id"].isin(val_ids)]
     if ev.empty:
-        raise UserError(f"{ev_path}: no per-text values for validation set {val_set!r}")
+        raise UserError(f"{run.run.example_values_path}: no per-text values for validation set {val_set!r}")
     values = document_values(run_dir, val_set)
-    per_doc = ev.assign(doc_id=ev["doc_id"].astype(str)).groupby("doc_id")["value"].sum()
+    per_doc = ev.groupby("doc_id")["value"].sum()
     values["value"] = values["doc_id"].map(per_doc).fillna(0.0).astype("float64")
     return values
 
 
 def _write_heldout(src: Path, ids: list[str], dest: Path) -> Path:
+    """The run's validation texts whose ids are in `ids`, as JSONL (each object as the run wrote it)."""
     keep = set(ids)
     with atomic_write(dest) as fh:
-        for ln in src.read_text(encoding="utf-8").splitlines():
-            if ln.strip() and str(json.loads(ln).get("id")) in keep:
-                fh.write(ln + "\n")
+        for t in read_val_set(src):
+            if t.id in keep:
+                fh.write(json.dumps(t.raw, ensure_ascii=False) + "\n")
     return dest
 
 
@@ -518,47 +496,3 @@ def curate(
     result = analyse(curves, values, dropped, controls, rule, measure_set, out, smooth_window,
                      baseline_reused=reuse_baseline, run_dirs=run_dirs, notes=notes, held_out=bool(holdout))
     return result
-
-
-@click.command("curate")
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--drop", "drop", required=True, metavar="negative|bottom:PCT",
-              help="Which documents to drop: every document with a negative value, or the lowest PCT percent.")
-@click.option("--val-set", default=None, metavar="NAME",
-              help="Rank by value against this validation set and measure its loss (default: all sets, summed).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory: curves.csv/png, steps_to_target.csv, dropped*.csv, summary.md/json, runs/.")
-@click.option("--eval-every", type=int, default=None,
-              help="Evaluate validation loss every N steps in the retrains (default: steps/30).")
-@click.option("--smooth", "smooth_window", type=int, default=3, show_default=True,
-              help="Trailing mean over this many evaluations before comparing with the target (1 = raw).")
-@click.option("--control-seed", type=int, default=0, show_default=True,
-              help="Seed of the (first) random-drop control (same number of documents as the curated drop).")
-@click.option("--controls", "n_controls", type=int, default=1, show_default=True,
-              help="Number of random-drop controls (seeds control-seed, control-seed+1, ...): more show the noise.")
-@click.option("--holdout", type=float, default=0.0, show_default=True, metavar="FRAC",
-              help="Rank documents on 1-FRAC of the validation texts and measure loss on the other FRAC "
-                   "(needs per-text values); 0 = rank and measure on the same texts.")
-@click.option("--reuse-baseline", is_flag=True,
-              help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
-                   "interval then sets the baseline's resolution).")
-def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_every: int | None,
-                   smooth_window: int, control_seed: int, n_controls: int, holdout: float,
-                   reuse_baseline: bool) -> None:
-    """Reproduce the paper's curation experiment on RUN's corpus.
-
-    Retrains on RUN's schedule and seed three times: the full corpus (baseline), the corpus without the
-    dropped documents (curated), and without as many randomly chosen documents (control). Reports how many
-    steps each needs to reach the baseline's final validation loss.
-    """
-    r = curate(run, drop=drop, out=out, val_set=val_set, eval_every=eval_every, smooth_window=smooth_window,
-               control_seed=control_seed, reuse_baseline=reuse_baseline, holdout=holdout, n_controls=n_controls)
-    click.echo(
-        f"dropped {r.n_dropped}/{r.n_docs} documents ({r.dropped_fraction:.1%}); target {r.target:.4f}; "
-        + "; ".join(f"{n}: {_fmt_steps(s)} steps ({_fmt_pct(r.saving[n])})" for n, s in r.steps.items())
-    )
-    click.echo(f"wrote {r.out / 'summary.md'}")
-
-
-curate_command.name = "curate"
-commands = [curate_command]

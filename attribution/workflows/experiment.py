@@ -8,7 +8,7 @@ three retrieval baselines that look only at the text: BM25, MiniLM similarity an
 containment. Rank 1 = top contributor / best match.
 
 In-Run Shapley ranks are given for the raw additive `value` and for every attribution view of the
-same run (`attribution.views`: per-token, contrast, cosine, ...), since "which document is this text
+same run (`attribution.values.views`: per-token, contrast, cosine, ...), since "which document is this text
 derived from?" is the question views exist for. The headline table shows the raw value and the
 default view; `ranks.csv` has one `irs_order{1,2}[_<view>]` column per order and view.
 
@@ -32,13 +32,18 @@ import pandas as pd
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 from attribution.text import ngrams, words
+from attribution.values import Manifest, RunDir, RunValues, rank_of
+from attribution.values.rundir import DOCS, EXAMPLE_VALUES
+from attribution.values.views import DEFAULT_VIEW, VIEWS, column_of
 from attribution.variants.build import (
     build_variants,
     distance_summary,
+    load_docs,
     parse_kinds,
     pick_targets,
     select_ids,
     split_pool,
+    write_jsonl,
 )
 from attribution.variants.rewriters import OfflineRewriter, Rewriter
 
@@ -61,8 +66,6 @@ def method_label(column: str) -> str:
 
 def headline_methods(columns: Iterable[str]) -> list[str]:
     """The main table's methods: raw value and the default view per order, then the text baselines."""
-    from attribution.views import DEFAULT_VIEW
-
     out = []
     for order in (1, 2):
         out += [c for c in (method_column(order), method_column(order, DEFAULT_VIEW)) if c in columns and c not in out]
@@ -110,15 +113,6 @@ class ExperimentResult:
     run_dirs: dict[int, Path]
 
 
-def rank_of(scores: np.ndarray, target: int) -> float:
-    """1-based rank of `scores[target]` when sorted high to low; ties share the average rank."""
-    s = np.asarray(scores, dtype=np.float64)
-    t = s[target]
-    higher = int(np.sum(s > t))
-    ties = int(np.sum(s == t)) - 1
-    return 1.0 + higher + ties / 2.0
-
-
 def outside_pool(candidates: Sequence, training: Sequence) -> list:
     """Pool documents from another corpus that are not in training, by id or by text."""
     ids = {d.doc_id for d in training}
@@ -131,8 +125,6 @@ def outside_pool(candidates: Sequence, training: Sequence) -> list:
 
 def _plan(exp: CopyrightExperiment):
     """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl."""
-    from attribution.variants.cli import load_docs, write_jsonl
-
     kinds = parse_kinds(exp.kinds)
     if "exact" in kinds:
         raise UserError("the copyright experiment cannot value 'exact' variants: the training loop keeps a "
@@ -169,12 +161,8 @@ def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: l
         optimizer_aware=exp.optimizer_aware and exp.optimizer == "adamw",
         exclude_ids=tuple(exclude), device=exp.device, per_example_max=max(64, n_targets), **exp.run_overrides,
     )
-    manifest = run_dir / "manifest.json"
-    if manifest.is_file() and (run_dir / "example_values.parquet").is_file():
-        done = json.loads(manifest.read_text())
-        wanted = json.loads(json.dumps(cfg.resolved().to_json()))
-        if done.get("status") == "complete" and done.get("config") == wanted:
-            return run_dir  # the same run already finished: reuse it
+    if RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
+        return run_dir  # the same run already finished: reuse it
     return Path(train_and_value(cfg))
 
 
@@ -182,12 +170,11 @@ def _irs_ranks(run_dir: Path, order: int, records: Sequence[dict], train_ids: li
     """Rank of each record's original among all training documents under every attribution view of
     the run's per-example values (a document never sampled scores 0), and whether the original was
     trained on at all. Keys are `method_column(order, view)`."""
-    from attribution import views
-
-    ev = pd.read_parquet(run_dir / "example_values.parquet")
-    dv = pd.read_parquet(run_dir / "doc_values.parquet", columns=["doc_id", "n_seen"])
-    seen = set(dv.loc[dv["n_seen"] > 0, "doc_id"].astype(str))
-    names = [v for v in views.VIEWS if views.column_of(v) in ev.columns and ev[views.column_of(v)].notna().all()]
+    values = RunValues.read(run_dir)
+    ev = values.with_views()
+    dv = values.doc_values
+    seen = set(dv.loc[dv["n_seen"] > 0, "doc_id"])
+    names = [v for v in VIEWS if column_of(v) in ev.columns and ev[column_of(v)].notna().all()]
     row = {d: i for i, d in enumerate(train_ids)}
     ranks: dict[str, list[float]] = {method_column(order, v): [] for v in names}
     was_seen = []
@@ -204,7 +191,7 @@ def _irs_ranks(run_dir: Path, order: int, records: Sequence[dict], train_ids: li
         others = [row[t] for t in targets if t != target]
         for v in names:
             scores = np.zeros(len(train_ids), dtype=np.float64)
-            scores[at] = g[views.column_of(v)].to_numpy(dtype=np.float64)[ok]
+            scores[at] = g[column_of(v)].to_numpy(dtype=np.float64)[ok]
             ranks[method_column(order, v)].append(rank_of(scores, row[target]))
             # control: where the *other* originals rank for this text; about (n+1)/2 for a fair view,
             # lower when a view simply favours documents like the originals (e.g. short ones)
@@ -280,8 +267,6 @@ def _cell(r: pd.Series, m: str) -> str:
 
 def to_markdown(table: pd.DataFrame, meta: dict) -> str:
     """The headline table (methods x kinds), then one views x kinds table per order."""
-    from attribution.views import DEFAULT_VIEW, VIEWS
-
     methods = headline_methods(_methods(table))
     head = "| variant | n | " + " | ".join(method_label(m) for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
     lines = [
@@ -352,7 +337,7 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     run_dirs = {o: _train(exp, o, val_paths, exclude, len(targets)) for o in exp.orders}
 
     first = next(iter(run_dirs.values()))
-    train_ids = pd.read_parquet(first / "docs.parquet", columns=["doc_id"])["doc_id"].astype(str).tolist()
+    train_ids = RunDir(first).table(DOCS, ["doc_id"], required=True)["doc_id"].tolist()
     text_of = {d.doc_id: d.text for d in docs}
     missing = [t.doc_id for t in targets if t.doc_id not in set(train_ids)]
     if missing:
@@ -371,9 +356,9 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         ranks[name] = values
 
     table = summarize(ranks, len(train_ids))
-    manifest = json.loads((first / "manifest.json").read_text())
-    meta = {"n_train_docs": len(train_ids), "preset": exp.preset, "steps": manifest["training"]["total_steps"],
-            "optimizer": exp.optimizer, "optimizer_aware": bool(manifest["config"].get("optimizer_aware")),
+    manifest = Manifest.read(first)
+    meta = {"n_train_docs": len(train_ids), "preset": exp.preset, "steps": manifest.total_steps,
+            "optimizer": exp.optimizer, "optimizer_aware": bool(manifest.config.get("optimizer_aware")),
             "seed": exp.seed}
     markdown = to_markdown(table, meta)
     with atomic_path(exp.out / "table.csv") as tmp:
