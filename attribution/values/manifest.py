@@ -137,10 +137,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
         """Build from the JSON layout of any schema version (missing sections get their defaults)."""
-        typed = {"corpus", "val_sets", "training", "values", "timings"}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        typed = {"corpus", "val_sets", "training", "values", "timings", "schema_version"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "schema_version"}
         plain = {k: v for k, v in raw.items() if k in names and k not in typed}
-        extra = {k: v for k, v in raw.items() if k not in names}
+        extra = {k: v for k, v in raw.items() if k not in names and k != "schema_version"}
         sets = raw.get("val_sets")
         return cls(
             **plain,

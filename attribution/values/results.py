@@ -118,7 +118,8 @@ class RunValues:
             raise UserError(f"{self.run.example_values_path}: missing or without per-example values; "
                             "per-text values were not recorded")
         stored = self._stored()
-        want = [c for c in (columns if columns is not None else RAW_COLUMNS) if c in stored and c not in KEYS]
+        asked = dict.fromkeys(columns if columns is not None else RAW_COLUMNS)
+        want = [c for c in asked if c in stored and c not in KEYS]
         need = [c for c in (*KEYS, *want) if c not in self._columns]
         if need:
             frame = self.run.table(EXAMPLE_VALUES, need)
