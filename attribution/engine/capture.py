@@ -4,6 +4,9 @@ Training batch: `loss.backward()` runs as usual (so `.grad` and DDP's all-reduce
 and tensor hooks on module outputs catch `dL/d(output)`. Validation batches: the outputs are kept
 and `torch.autograd.grad(sum_of_losses, outputs)` returns the gradients without touching `.grad`.
 Either way the gradients are rescaled so that each sample's rows belong to that sample's own loss.
+
+Gradient accumulation: the captures of the micro-batches of one optimizer step are joined
+(`join_captures`) into one batch, so every sequence of the step is valued at once.
 """
 
 from __future__ import annotations
@@ -24,10 +27,42 @@ class Captured:
     n: int
     uses: dict[int, list[Use]] = field(default_factory=dict)
     losses: torch.Tensor | None = None  # [n] per-sequence losses (detached)
+    # [n] float64: the weight of each sequence's loss in the loss that was backpropagated; None = 1/n (the mean)
+    weights: torch.Tensor | None = None
 
     def scaled(self, w: float | torch.Tensor) -> Captured:
         """Every factor times a scalar or a per-sample weight `[n]`."""
-        return Captured(self.n, {k: [u.scaled(w) for u in v] for k, v in self.uses.items()}, self.losses)
+        return Captured(self.n, {k: [u.scaled(w) for u in v] for k, v in self.uses.items()}, self.losses,
+                        self.weights)
+
+    def sample_weights(self) -> torch.Tensor:
+        """`[n]` float64 loss weights, the mean's `1/n` when none were given."""
+        return self.weights if self.weights is not None else torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
+
+
+def _pad_tokens(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """`t` (`[n, T, ...]`) padded with zeros (index 0 for token ids) to `tokens` positions: adds nothing."""
+    if t.shape[1] == tokens:
+        return t
+    pad = t.new_zeros((t.shape[0], tokens - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
+
+
+def _join_uses(a: Use, b: Use) -> Use:
+    """One use over the samples of `a` then `b` (zero tokens pad the shorter one: they add nothing)."""
+    tokens = max(a.tokens, b.tokens)
+    row = torch.cat([_pad_tokens(a.row, tokens), _pad_tokens(b.row, tokens)])
+    col = None if a.col is None else torch.cat([_pad_tokens(a.col, tokens), _pad_tokens(b.col, tokens)])
+    return Use(row, col, a.row_index)
+
+
+def join_captures(a: Captured, b: Captured) -> Captured:
+    """The samples of `a` followed by those of `b`: the micro-batches of one accumulated optimizer step."""
+    if a.uses.keys() != b.uses.keys() or any(len(a.uses[k]) != len(b.uses[k]) for k in a.uses):
+        raise RuntimeError("the micro-batches of one optimizer step used the parameters differently")
+    uses = {k: [_join_uses(u, v) for u, v in zip(a.uses[k], b.uses[k], strict=True)] for k in a.uses}
+    weights = None if a.weights is None and b.weights is None else torch.cat([a.sample_weights(), b.sample_weights()])
+    return Captured(a.n + b.n, uses, torch.cat([a.losses, b.losses]), weights)
 
 
 class Capturer:
@@ -66,21 +101,25 @@ class Capturer:
         records, self._records = self._records, []
         return losses, records
 
-    def _build(self, records: list, grads: list[torch.Tensor], n: int, scale: float) -> Captured:
+    def _build(self, records: list, grads: list[torch.Tensor], n: int, scale: float | torch.Tensor) -> Captured:
         cap = Captured(n)
         for (module, inp, _), g in zip(records, grads, strict=True):
             if g is None:  # output did not influence the loss
                 continue
-            if scale != 1.0:
+            if isinstance(scale, torch.Tensor):  # per sample, along the batch dimension
+                g = g * scale.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
+            elif scale != 1.0:
                 g = g * scale
             for p, use in rule_for(module)(module, inp, g.detach(), n):
                 cap.uses.setdefault(id(p), []).append(use)
         return cap
 
-    def train(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Captured]:
+    def train(self, fn: Callable[[], torch.Tensor], weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Captured]:
         """Run `fn` (-> per-sequence losses `[n]`), backward on their mean; `.grad` as plain training.
 
-        Returns the mean loss (detached) and the factors, rescaled to per-sample losses (times n).
+        With `weights` (`[n]`) the backward is on `sum_i weights_i * loss_i` instead (gradient
+        accumulation, token-mean losses). Returns the backpropagated loss (detached) and the factors,
+        rescaled to per-sample losses (times n, or divided by each weight; a zero weight stays zero).
         """
         grads: dict[int, torch.Tensor] = {}
         losses, records = self._run(fn)
@@ -92,14 +131,22 @@ class Capturer:
                 grads[i] = g
 
             handles.append(out.register_hook(keep))
-        loss = losses.mean()
+        if weights is None:
+            loss, scale = losses.mean(), float(n)
+        else:
+            w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+            if w.shape != (n,):
+                raise ValueError(f"weights have shape {tuple(w.shape)}, the batch has {n} sequences")
+            loss = (losses * w.to(losses.device, losses.dtype)).sum()
+            scale = torch.where(w != 0, 1.0 / w, torch.zeros_like(w))
         try:
             loss.backward()
         finally:
             for h in handles:
                 h.remove()
-        cap = self._build(records, [grads.get(i) for i in range(len(records))], n, float(n))
+        cap = self._build(records, [grads.get(i) for i in range(len(records))], n, scale)
         cap.losses = losses.detach()
+        cap.weights = None if weights is None else w
         missed = [name for pid, (name, p) in self.params.items() if pid not in cap.uses and p.grad is not None]
         if missed:  # e.g. gradient checkpointing re-runs modules inside backward, where hooks cannot see them
             raise RuntimeError(f"parameters received gradients the engine did not capture: {missed[:5]} "

@@ -17,6 +17,11 @@ First order costs the plain training step, one validation forward/backward per v
 O(lr^3); the validation gradient at `w'` is computed once in `after_step()` and reused as the next
 step's "before" gradient, so second order needs no second backward pass either.
 
+Gradient accumulation and weighted losses: `forward_backward(ids, mask, weights=w, accumulate=True)`
+backpropagates `sum_i w_i loss_i` and joins this micro-batch's captures to the step's earlier ones;
+`values()` then scores every sequence of the optimizer step, each with `lr * c * w_i` instead of
+`lr * c / n` (the mean is `w_i = 1/n`). The plan is made in `values()` for accumulated steps.
+
 DDP: pass the DDP-wrapped model. `forward_backward` runs the wrapped model (so DDP all-reduces
 `.grad` as usual); the validation passes run the inner module (`model.module`) with
 `torch.autograd.grad`, which DDP never sees. Each rank values its own shard; the per-example step
@@ -35,7 +40,7 @@ from torch import nn
 
 from attribution.errors import UserError
 
-from .capture import Captured, Capturer
+from .capture import Captured, Capturer, join_captures
 from .optimizer import adam_preconditioner, is_adam
 from .planner import Plan, choose, resolve_forced
 from .rules import canonical_shape
@@ -232,7 +237,7 @@ class Valuer:
         return side, loss
 
     def _finish_values(self, train: Captured, sides: dict[str, ValSide], losses: dict[str, float],
-                       lr: float, grad_scale: float, lr_eff: float, norms_sides: dict[str, ValSide],
+                       lr: float, grad_scale: float, lr_eff: float | torch.Tensor, norms_sides: dict[str, ValSide],
                        val_norms: dict[str, np.ndarray] | None = None) -> StepValues:
         sv = StepValues(self.step, {}, {}, losses, lr=lr, grad_scale=grad_scale, order=self.order,
                         optimizer_aware=self.optimizer_aware)
@@ -248,18 +253,28 @@ class Valuer:
         return sv
 
     # -- the contract -----------------------------------------------------------------------------
-    def forward_backward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-        """Train loss (mean of per-sequence losses); `.grad` exactly as plain `loss.backward()`."""
+    def forward_backward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
+                         weights: torch.Tensor | None = None, accumulate: bool = False) -> float:
+        """Train loss (mean of per-sequence losses); `.grad` exactly as plain `loss.backward()`.
+
+        `weights` `[n]`: backpropagate `sum_i weights_i * loss_i` instead of the mean. `accumulate`:
+        this micro-batch belongs to the same optimizer step as the previous ones (`.grad` adds up as
+        torch's does; the captures are joined, so `values()` covers every sequence of the step).
+        """
         if self._pending is not None:
             raise UserError("order-2 valuer: call after_step() after optimizer.step() before the next forward_backward")
         dev = self._device()
         ids = torch.as_tensor(ids).to(dev)
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(dev)
         with self._autocast():
-            loss, cap = self.capturer.train(lambda: self.task.per_sequence_loss(self.model, ids, mask))
+            loss, cap = self.capturer.train(lambda: self.task.per_sequence_loss(self.model, ids, mask), weights)
+        if accumulate and self._train is not None:
+            self._train = join_captures(self._train, cap)
+            return float(loss)
         self.step += 1
         self._train = cap
-        self._plan(cap)
+        if not accumulate:  # an accumulated step is planned once its size is known, in values()
+            self._plan(cap)
         return float(loss)
 
     def values(self, lr: float, *, grad_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None) -> StepValues | None:
@@ -272,6 +287,7 @@ class Valuer:
             raise UserError("values() needs a forward_backward() first")
         pre = None
         train = self._train
+        self._plan(train)  # a no-op unless the step was accumulated
         if self.optimizer_aware:
             if optimizer is None:
                 raise UserError("optimizer_aware=True: pass the optimizer to values()")
@@ -280,7 +296,10 @@ class Valuer:
                 pre = adam_preconditioner(optimizer, params, second_moment=self.second_moment,
                                           batch_size=train.n * _world_size(self.model))
         train, self._train = self._train, None
-        lr_eff = lr * grad_scale / (train.n * _world_size(self.model))
+        if train.weights is None:
+            lr_eff: float | torch.Tensor = lr * grad_scale / (train.n * _world_size(self.model))
+        else:  # [n, 1]: each sequence's own share of the step
+            lr_eff = (lr * grad_scale / _world_size(self.model)) * train.weights.view(-1, 1)
         sides, losses = {}, {}
         for name in self.val_sets:
             sides[name], losses[name] = self._val_side(name)

@@ -1,17 +1,11 @@
 """The training loop: GPT-2 from scratch, nanoGPT style, with the engine valuing every step.
 
-One step, in order (the order matters for what a value means):
-
-1. learning rate for this step (linear warmup, then cosine to `min_lr`);
-2. `valuer.forward_backward(ids, mask)`: the same gradient plain `loss.backward()` leaves, while the
-   engine records what it needs for per-sequence values;
-3. (several processes) gradients averaged over ranks;
-4. gradient clipping; the clip factor `c = min(1, clip / (||g|| + 1e-6))` is exactly what torch
-   multiplies the gradient by, and it is passed to the engine as `grad_scale`, so the values are
-   those of the step actually taken (`eta * c * <g_val, g_z>` at first order);
-5. `valuer.values(...)` (first order), `optimizer.step()`, `valuer.after_step()` (second order:
-   trapezoid between the validation gradients before and after the step);
-6. the values of the batch go to the value store (rank 0), per document.
+One step: the learning rate (linear warmup, then cosine to `min_lr`), then
+`attribution.train.step.ValuedStep.run`, which owns the order that decides what a value means
+(forward/backward through the engine, gradients averaged over ranks, clipping with the clip factor
+passed to the engine, first-order values, `optimizer.step()`, second-order values), then the batch's
+values go to the value store (rank 0), per document. `train_and_value` reads top to bottom: set up,
+resume, train (log, evaluate, checkpoint), finish.
 
 Weight decay (AdamW) shrinks every weight by the same factor whatever the batch, so it is credited
 to no document. With AdamW the default values use the SGD formula as a proxy (as the paper does);
@@ -37,17 +31,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
+from attribution.train import chain
 from attribution.train import checkpoint as ckpt
 from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
 from attribution.train.store import ValueStore
+
+if TYPE_CHECKING:
+    from attribution.train.step import ValuedStep
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -308,48 +306,31 @@ _BF16 = [False]  # set per run from the resolved dtype
 # Valuation
 
 
-def make_valuer(model, val: dict[str, ValData], cfg: RunConfig):
-    """The engine's Valuer over every validation set; per-example where the set is small enough."""
+def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedStep:
+    """The valued step: the engine's Valuer over every validation set (per-example where the set is small
+    enough), or plain training when `cfg.value` is off."""
     import torch
 
     from attribution.engine.valuer import ValSet, Valuer
+    from attribution.train.step import PlainTraining, ValuedStep
 
     device = next(model.parameters()).device
-    sets = {
-        name: ValSet(torch.from_numpy(v.ids).to(device), torch.from_numpy(v.mask).to(device),
-                     [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)])
-        for name, v in val.items()
-    }
+    autocast_dtype = torch.bfloat16 if _BF16[0] and device.type == "cuda" else None
     per_example = [name for name, v in val.items() if v.per_example]
-    # grad_norms: ghost per-sample gradient norms for the cosine view (per-example sets only)
-    return Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware,
-                  grad_norms=bool(per_example),
-                  autocast_dtype=torch.bfloat16 if _BF16[0] and device.type == "cuda" else None)
-
-
-def _per_doc_columns(matrix: np.ndarray, v: ValData) -> np.ndarray:
-    """Sum per-validation-sequence columns into per-validation-document columns."""
-    out = np.zeros((matrix.shape[0], len(v.docs)), dtype=np.float64)
-    np.add.at(out.T, v.seq_doc, matrix.T)
-    return out
-
-
-def _gather_step(info, sv, val: dict[str, ValData], scale: float) -> tuple[dict, dict, dict]:
-    """This step's values for the global batch (rank order), per set and per validation document,
-    and (when the engine gave norms) per document the sum of its sequences' cosine-normalized values."""
-    per_set = {name: dist_util.gather_rows(info, np.asarray(sv.per_set[name], dtype=np.float64) * scale)
-               for name in val}
-    per_example, per_example_cos = {}, {}
-    for name, v in val.items():
-        if v.per_example and name in sv.per_example:
-            raw = np.asarray(sv.per_example[name], dtype=np.float64) * scale
-            per_example[name] = dist_util.gather_rows(info, _per_doc_columns(raw, v))
-            vn = sv.val_example_sq_norm.get(name)
-            if sv.train_grad_sq_norm is not None and vn is not None:
-                denom = np.sqrt(np.outer(np.asarray(sv.train_grad_sq_norm, dtype=np.float64), vn))
-                cos = np.divide(raw, denom, out=np.zeros_like(raw), where=denom > 0)
-                per_example_cos[name] = dist_util.gather_rows(info, _per_doc_columns(cos, v))
-    return per_set, per_example, per_example_cos
+    if cfg.value:
+        sets = {
+            name: ValSet(torch.from_numpy(v.ids).to(device), torch.from_numpy(v.mask).to(device),
+                         [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)])
+            for name, v in val.items()
+        }
+        # grad_norms: ghost per-sample gradient norms for the cosine view (per-example sets only)
+        valuer = Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware,
+                        grad_norms=bool(per_example), autocast_dtype=autocast_dtype)
+    else:
+        valuer = PlainTraining(model, autocast_dtype=autocast_dtype)
+    # per-example values are reported per validation document (the sum of its sequences' columns)
+    columns = {name: (val[name].seq_doc, len(val[name].docs)) for name in per_example}
+    return ValuedStep(model, valuer, info, max_grad_norm=cfg.clip, example_columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,167 +447,239 @@ def _tqdm(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
+@dataclass
+class _Session:
+    """What the phases of one run share; `step` and `position` (in the batch stream) advance as it trains."""
+
+    cfg: RunConfig
+    sources: dict[str, Any] | None
+    info: dist_util.DistInfo
+    device: str
+    dtype: str
+    started: float
+    val: dict[str, ValData]
+    data: TrainData
+    total: int
+    model: Any
+    optimizer: Any
+    valued_step: ValuedStep
+    store: ValueStore | None
+    log: TrainLog
+    step: int = 0
+    position: int = 0
+    resumed_from: int | None = None
+    prior_seconds: float = 0.0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
 def train_and_value(cfg: RunConfig, *, sources: dict[str, Any] | None = None) -> Path:
     """Train GPT-2 on `cfg.corpus` and value every document against every validation set.
 
     Returns the run directory. `sources` (optional) records where each setting came from
     (CLI flags, TOML file) for the manifest.
     """
-    import torch
-
     cfg = cfg.resolved()
-    out = Path(cfg.out)
     device, dtype = resolve_device(cfg)
     _BF16[0] = dtype == "bfloat16"
     info = dist_util.init_from_env(device)
-    if device == "cuda" and info.enabled:
-        device = f"cuda:{info.local_rank}"
-        torch.cuda.set_device(info.local_rank)
-    torch.use_deterministic_algorithms(device == "cpu", warn_only=True)
+    device = _place(device, info)
     started = time.time()
     try:
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume and (out / ckpt.CHECKPOINT_DIR).exists():
-                raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        dist_util.barrier(info)
-        val = load_validation(cfg)
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        data = load_training(cfg, val, cache_dir, info)
-        total = cfg.total_steps(len(data.train_seqs))
-        model = build_model(cfg, device, dtype)
-        optimizer = build_optimizer(model, cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        valuer = make_valuer(model, val, cfg) if cfg.value else None
-        set_names = list(val)
-        store = (
-            ValueStore(
-                out, data.docs, data.store_row_of_seq, set_names,
-                {n: v.example_ids for n, v in val.items() if v.per_example}, cfg.stage_window,
-            )
-            if info.is_main and cfg.value
-            else None
-        )
-        log = TrainLog(out / "train_log.csv", set_names)
-
-        step, position, resumed_from, prior_seconds = 0, 0, None, 0.0
-        if cfg.resume:
-            if info.is_main:
-                ckpt.recover(out)  # repair an interrupted swap once, before every rank reads
-            dist_util.barrier(info)
-            loaded = ckpt.load_checkpoint(out, model, optimizer, device=device)
-            if loaded is not None:
-                state = loaded.state
-                if state["fingerprint"] != data.fingerprint or state["total_steps"] != total:
-                    raise UserError(f"{out}: the checkpoint is of a different corpus or length; use a new --out")
-                step, position = int(state["step"]), int(state["position"])
-                resumed_from, prior_seconds = step, float(state.get("train_seconds", 0.0))
-                torch.set_rng_state(loaded.state["rng"]["torch"])
-                if store is not None:
-                    store.load_state_arrays(loaded.arrays)
-                    store.discard_after(step)
-        if info.is_main:
-            log.start(resumed_from)
-            _write_val_copies(out, val)
-            _write_manifest(out, cfg, sources, data, val, info, device, dtype, total, status="running",
-                            timings={"started": started}, store=store, resumed_from=resumed_from)
-            if step == 0:
-                log.write(0, None, None, evaluate(model, val, device), None)
-
-        sampler = Sampler(data.train_seqs, cfg.seed)
-        rows = dist_util.local_slice(info, cfg.batch_size)
-        local_n = rows.stop - rows.start
-        ids_all, mask_all = data.seqset.ids, data.seqset.mask
-        tokens_done, t_interval, t_train0 = 0, time.perf_counter(), time.perf_counter()
-        flushed_through = step
-        bar = _tqdm(total, step, cfg.progress and info.is_main)
-        last_val: dict[str, float] = {}
-        while step < total:
-            batch_idx = sampler.take(position, cfg.batch_size)
-            mine = batch_idx[rows]
-            ids = torch.from_numpy(np.asarray(ids_all[mine], dtype=np.int64)).to(device)
-            mask = torch.from_numpy(np.asarray(mask_all[mine], dtype=np.int64)).to(device)
-            step += 1
-            lr = lr_at(step, cfg, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if valuer is not None:  # the engine applies autocast itself
-                loss = valuer.forward_backward(ids, mask)
-            else:
-                with _autocast(device, model):
-                    loss = _plain_forward_backward(model, ids, mask)
-            dist_util.average_gradients(info, params)
-            loss = dist_util.average_scalar(info, float(loss))
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            grad_scale = float(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0))
-            sv = None
-            if valuer is not None:
-                kwargs = {"grad_scale": grad_scale}
-                if cfg.optimizer_aware:
-                    kwargs["optimizer"] = optimizer
-                sv = valuer.values(lr, **kwargs)
-            optimizer.step()
-            if valuer is not None:
-                after = valuer.after_step()
-                sv = after if cfg.order == 2 else sv
-            optimizer.zero_grad(set_to_none=True)
-            position += cfg.batch_size
-            if sv is not None:
-                # The engine scales by 1/(its local batch); the step used the mean over the global batch.
-                per_set, per_example, per_example_cos = _gather_step(info, sv, val, local_n / cfg.batch_size)
-                if store is not None:
-                    store.add(step, batch_idx, per_set, per_example, per_example_cos)
-            tokens_done += int(mask.sum()) * info.world
-            bar.update(1)
-            if info.is_main and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == total):
-                now = time.perf_counter()
-                tps = tokens_done / max(now - t_interval, 1e-9)
-                tokens_done, t_interval = 0, now
-                vals = evaluate(model, val, device) if (step % cfg.eval_every == 0 or step == total) else None
-                if vals:
-                    last_val = vals
-                log.write(step, lr, loss, vals, tps)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
-                                **({"val": f"{np.mean(list(last_val.values())):.3f}"} if last_val else {}))
-            if step % cfg.checkpoint_every == 0 or step == total:
-                if store is not None:
-                    store.flush(flushed_through + 1, step)
-                flushed_through = step
-                if info.is_main:
-                    seconds = prior_seconds + time.perf_counter() - t_train0
-                    ckpt.save_checkpoint(
-                        out, model, optimizer,
-                        {"step": step, "position": position, "total_steps": total, "fingerprint": data.fingerprint,
-                         "seed": cfg.seed, "train_seconds": seconds, "config": cfg.to_json()},
-                        store.state_arrays() if store is not None else {},
-                        {"torch": torch.get_rng_state()},
-                    )
-                dist_util.barrier(info)
-        bar.close()
-        if valuer is not None and hasattr(valuer, "finish"):
-            valuer.finish()
-        train_seconds = prior_seconds + time.perf_counter() - t_train0
-        if info.is_main:
-            if store is not None:
-                store.finalize()
-            _write_docs_parquet(out, data)
-            final_val = evaluate(model, val, device)
-            _write_manifest(out, cfg, sources, data, val, info, device, dtype, total, status="complete",
-                            timings={"started": started, "finished": time.time(), "train_seconds": train_seconds,
-                                     "tokens_per_s": total * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9)},
-                            store=store, resumed_from=resumed_from, final_val=final_val)
-        return out
+        run = _setup(cfg, sources, info, device, dtype, started)
+        _resume(run)
+        _start_files(run)
+        train_seconds = _train(run)
+        _finish_files(run, train_seconds)
+        return run.out
     finally:
         dist_util.shutdown(info)
 
 
-def _plain_forward_backward(model, ids, mask) -> float:
-    """Plain training step's loss and backward (the throughput baseline): same loss as the engine's."""
-    from attribution.engine.task import LanguageModelingTask
+def _place(device: str, info: dist_util.DistInfo) -> str:
+    """This rank's device (its own GPU under torchrun); deterministic kernels on CPU."""
+    import torch
 
-    loss = LanguageModelingTask().per_sequence_loss(model, ids, mask).mean()
-    loss.backward()
-    return float(loss.detach())
+    if device == "cuda" and info.enabled:
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(info.local_rank)
+    torch.use_deterministic_algorithms(device == "cpu", warn_only=True)
+    return device
+
+
+def _setup(cfg: RunConfig, sources, info, device: str, dtype: str, started: float) -> _Session:
+    """Check the output folder, read the data, build the model, optimizer, valued step, store and log."""
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and (out / ckpt.CHECKPOINT_DIR).exists():
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    dist_util.barrier(info)
+    val = load_validation(cfg)
+    data = load_training(cfg, val, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), info)
+    total = cfg.total_steps(len(data.train_seqs))
+    model = build_model(cfg, device, dtype)
+    optimizer = build_optimizer(model, cfg)
+    valued_step = make_step(model, val, cfg, info)
+    store = (
+        ValueStore(out, data.docs, data.store_row_of_seq, list(val),
+                   {n: v.example_ids for n, v in val.items() if v.per_example}, cfg.stage_window)
+        if info.is_main and cfg.value
+        else None
+    )
+    return _Session(cfg, sources, info, device, dtype, started, val, data, total, model, optimizer, valued_step,
+                    store, TrainLog(out / "train_log.csv", list(val)))
+
+
+def _resume(run: _Session) -> None:
+    """`--resume`: weights, optimizer, stream position, RNG state and the values so far, from the checkpoint."""
+    import torch
+
+    if not run.cfg.resume:
+        return
+    if run.info.is_main:
+        ckpt.recover(run.out)  # repair an interrupted swap once, before every rank reads
+    dist_util.barrier(run.info)
+    loaded = ckpt.load_checkpoint(run.out, run.model, run.optimizer, device=run.device)
+    if loaded is None:
+        return
+    state = loaded.state
+    if state["fingerprint"] != run.data.fingerprint or state["total_steps"] != run.total:
+        raise UserError(f"{run.out}: the checkpoint is of a different corpus or length; use a new --out")
+    run.step, run.position = int(state["step"]), int(state["position"])
+    run.resumed_from, run.prior_seconds = run.step, float(state.get("train_seconds", 0.0))
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.info.is_main:
+        chain.discard_after(run.out, run.step)
+    if run.store is not None:
+        run.store.load_state_arrays(loaded.arrays)
+        run.store.discard_after(run.step)
+
+
+def _start_files(run: _Session) -> None:
+    """Rank 0: the log, copies of the validation sets, a "running" manifest, and step 0's validation loss."""
+    if not run.info.is_main:
+        return
+    run.log.start(run.resumed_from)
+    _write_val_copies(run.out, run.val)
+    _write_manifest(run.out, run.cfg, run.sources, run.data, run.val, run.info, run.device, run.dtype, run.total,
+                    status="running", timings={"started": run.started}, store=run.store,
+                    resumed_from=run.resumed_from)
+    if run.step == 0:
+        run.log.write(0, None, None, evaluate(run.model, run.val, run.device), None)
+        _keep_link(run)
+
+
+def _train(run: _Session) -> float:
+    """The loop, one valued step per batch; returns the training seconds (resumed sessions included)."""
+    cfg = run.cfg
+    sampler = Sampler(run.data.train_seqs, cfg.seed)
+    rows = dist_util.local_slice(run.info, cfg.batch_size)
+    progress = _Progress(run)
+    t_train0 = time.perf_counter()
+    flushed_through = run.step
+    while run.step < run.total:
+        batch_idx = sampler.take(run.position, cfg.batch_size)
+        ids, mask = _on_device(run.data, batch_idx[rows], run.device)
+        run.step += 1
+        lr = lr_at(run.step, cfg, run.total)
+        loss, values = run.valued_step.run(ids, mask, lr, run.optimizer)
+        run.position += cfg.batch_size
+        if values is not None and run.store is not None:
+            run.store.add(run.step, batch_idx, values.per_set, values.per_example, values.per_example_cos)
+        progress.update(run, lr, loss, int(mask.sum()) * run.info.world)
+        if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
+            _checkpoint(run, flushed_through, run.prior_seconds + time.perf_counter() - t_train0)
+            flushed_through = run.step
+        _keep_link(run)
+    progress.close()
+    run.valued_step.finish()
+    return run.prior_seconds + time.perf_counter() - t_train0
+
+
+def _on_device(data: TrainData, seqs: np.ndarray, device: str):
+    """(ids, mask) int64 tensors of these training sequences."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(data.seqset.ids[seqs], dtype=np.int64)).to(device)
+    mask = torch.from_numpy(np.asarray(data.seqset.mask[seqs], dtype=np.int64)).to(device)
+    return ids, mask
+
+
+class _Progress:
+    """The progress bar and, on rank 0, the train_log.csv rows (throughput since the previous row)."""
+
+    def __init__(self, run: _Session):
+        self.bar = _tqdm(run.total, run.step, run.cfg.progress and run.info.is_main)
+        self.tokens, self.since = 0, time.perf_counter()
+        self.last_val: dict[str, float] = {}
+
+    def update(self, run: _Session, lr: float, loss: float, tokens: int) -> None:
+        """Count the step; every `log_every` steps a log row, every `eval_every` (and at the end) validation loss."""
+        self.tokens += tokens
+        self.bar.update(1)
+        cfg, step = run.cfg, run.step
+        evaluating = step % cfg.eval_every == 0 or step == run.total
+        if not run.info.is_main or not (step % cfg.log_every == 0 or evaluating):
+            return
+        now = time.perf_counter()
+        tps = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        vals = evaluate(run.model, run.val, run.device) if evaluating else None
+        self.last_val = vals or self.last_val
+        run.log.write(step, lr, loss, vals, tps)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
+                             **({"val": f"{np.mean(list(self.last_val.values())):.3f}"} if self.last_val else {}))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _checkpoint(run: _Session, flushed_through: int, train_seconds: float) -> None:
+    """Flush the values since the last checkpoint, then (rank 0) save weights, optimizer, position and RNG."""
+    import torch
+
+    if run.store is not None:
+        run.store.flush(flushed_through + 1, run.step)
+    if run.info.is_main:
+        cfg = run.cfg
+        ckpt.save_checkpoint(
+            run.out, run.model, run.optimizer,
+            {"step": run.step, "position": run.position, "total_steps": run.total, "fingerprint": run.data.fingerprint,
+             "seed": cfg.seed, "train_seconds": train_seconds, "config": cfg.to_json()},
+            run.store.state_arrays() if run.store is not None else {},
+            {"torch": torch.get_rng_state()},
+        )
+    dist_util.barrier(run.info)
+
+
+def _keep_link(run: _Session) -> None:
+    """Rank 0: a replay-chain link at step 0, every `keep_every` steps and at the last step (claims replay them)."""
+    import torch
+
+    every = run.cfg.keep_every
+    if not every or not run.info.is_main or not (run.step % every == 0 or run.step == run.total):
+        return
+    chain.save_link(run.out, run.step, run.model, run.optimizer, {"position": run.position, "total_steps": run.total},
+                    {"torch": torch.get_rng_state()}, keep_every=every)
+
+
+def _finish_files(run: _Session, train_seconds: float) -> None:
+    """Rank 0: the value files, docs.parquet, the final validation loss and the "complete" manifest."""
+    if not run.info.is_main:
+        return
+    cfg = run.cfg
+    if run.store is not None:
+        run.store.finalize()
+    _write_docs_parquet(run.out, run.data)
+    final_val = evaluate(run.model, run.val, run.device)
+    timings = {"started": run.started, "finished": time.time(), "train_seconds": train_seconds,
+               "tokens_per_s": run.total * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9)}
+    _write_manifest(run.out, cfg, run.sources, run.data, run.val, run.info, run.device, run.dtype, run.total,
+                    status="complete", timings=timings, store=run.store, resumed_from=run.resumed_from,
+                    final_val=final_val)
 
 
 def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: dict[str, ValData], info, device: str,
