@@ -319,31 +319,3 @@ def build_sequences(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SequenceSet.load(final)
-
-
-def corpus_sequences(
-    specs: Iterable[str | os.PathLike],
-    seq_len: int,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    on_bad_line: str = "error",
-    owner_map: str | os.PathLike | None = None,
-    max_docs: int | None = None,
-    stats=None,
-) -> SequenceSet:
-    """From `--corpus` values to cached sequences in one call (what `attribution run` needs).
-
-    `specs` are paths, `builtin[:N[:SEED]]` or `hf:NAME[:split]`; the cache defaults to
-    `$ATTRIBUTION_CACHE/tokens` (or ~/.cache/attribution/tokens). The owner map keys the cache, since
-    owners are stored in it; skipping bad lines does not (with no bad lines both modes agree).
-    """
-    from attribution.corpus.builtin import cache_root, resolve_corpus
-    from attribution.corpus.owners import load_owner_map
-    from attribution.corpus.readers import corpus_fingerprint, read_corpus
-
-    paths = [p for spec in specs for p in resolve_corpus(spec)]
-    owners = load_owner_map(owner_map) if owner_map else None
-    fingerprint = corpus_fingerprint(paths, owner_map=owners)
-    docs = read_corpus(paths, on_bad_line=on_bad_line, owner_map=owners, stats=stats)  # type: ignore[arg-type]
-    return build_sequences(docs, seq_len, Path(cache_dir) if cache_dir else cache_root() / "tokens", fingerprint,
-                           max_docs=max_docs)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from attribution.tokens import SequenceSet
 
 ON_BAD_LINE = click.option(
     "--on-bad-line",
@@ -141,7 +146,6 @@ def tokenize_cmd(
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from attribution.corpus.readers import ReadStats
-    from attribution.tokens import corpus_sequences
 
     stats = ReadStats()
     seqs = corpus_sequences(paths, seq_len, cache_dir=cache_dir, on_bad_line=on_bad_line, owner_map=owner_map,
@@ -150,6 +154,38 @@ def tokenize_cmd(
     click.echo(f"cache: {seqs.path}")
     if stats.files:
         _report_skips(stats)
+
+
+def corpus_sequences(
+    specs: Iterable[str | os.PathLike],
+    seq_len: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    on_bad_line: str = "error",
+    owner_map: str | os.PathLike | None = None,
+    max_docs: int | None = None,
+    stats=None,
+) -> SequenceSet:
+    """From `--corpus` values to cached sequences in one call (`attribution corpus tokenize`).
+
+    It lives with the command, not in `attribution.tokens`, so that tokens depend on the corpus and never
+    the other way round (only this command-line module sees both).
+
+    `specs` are paths, `builtin[:N[:SEED]]` or `hf:NAME[:split]`; the cache defaults to
+    `$ATTRIBUTION_CACHE/tokens` (or ~/.cache/attribution/tokens). The owner map keys the cache, since
+    owners are stored in it; skipping bad lines does not (with no bad lines both modes agree).
+    """
+    from attribution.corpus.builtin import cache_root, resolve_corpus
+    from attribution.corpus.owners import load_owner_map
+    from attribution.corpus.readers import corpus_fingerprint, read_corpus
+    from attribution.tokens import build_sequences
+
+    paths = [p for spec in specs for p in resolve_corpus(spec)]
+    owners = load_owner_map(owner_map) if owner_map else None
+    fingerprint = corpus_fingerprint(paths, owner_map=owners)
+    docs = read_corpus(paths, on_bad_line=on_bad_line, owner_map=owners, stats=stats)  # type: ignore[arg-type]
+    return build_sequences(docs, seq_len, Path(cache_dir) if cache_dir else cache_root() / "tokens", fingerprint,
+                           max_docs=max_docs)
 
 
 commands = [corpus]
