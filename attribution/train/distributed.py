@@ -106,6 +106,18 @@ def average_scalar(info: DistInfo, value: float) -> float:
     return float(t.item()) / info.world
 
 
+def sum_over_ranks(info: DistInfo, values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few numbers, in float64 (counts stay exact below 2**53)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu()]
+
+
 def gather_rows(info: DistInfo, array: np.ndarray) -> np.ndarray:
     """Concatenate every rank's `[rows, ...]` float64 array in rank order (same shape on all ranks)."""
     if not info.enabled:
