@@ -14,10 +14,10 @@ from attribution.workflows.claim import claim
 from tests.train_fixtures import write_corpus, write_val
 
 
-def _run(tmp_path, name: str, **kw) -> "object":
+def _run(tmp_path, name: str, **kw) -> object:
     cfg = RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"a": str(tmp_path / "a.jsonl")},
                     out=str(tmp_path / name), preset="test-micro", steps=6, seed=3, device="cpu",
-                    cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+                    cache_dir=str(tmp_path / "cache"), progress=False, **{"reference": 4, **kw})
     return train_and_value(cfg)
 
 
@@ -35,12 +35,125 @@ def corpus_dir(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize(("order", "aware"), [(1, False), (2, True)])
-def test_replay_equals_in_run_bitwise(corpus_dir, tmp_path, order, aware):
-    run = _run(corpus_dir, f"run{order}{aware}", order=order, optimizer_aware=aware)
+@pytest.mark.parametrize(("order", "aware", "dtype"), [(1, False, "float32"), (1, True, "float32"),
+                                                     (2, False, "float32"), (2, True, "float64")])
+def test_replay_equals_in_run_bitwise(corpus_dir, tmp_path, order, aware, dtype):
+    """In float64 the contract is 1e-9 relative; it is in fact bitwise here too, so one check serves both."""
+    run = _run(corpus_dir, f"run{order}{aware}{dtype}", order=order, optimizer_aware=aware, dtype=dtype)
     out = claim(run, corpus_dir / "a.jsonl", tmp_path / "claim", report=False, progress=False)
     got, want = _examples(out, "claims"), _examples(run, "a")
     assert len(want) > 0
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["claim"]["verified"] == "bitwise" and manifest["claim"]["replayed_steps"] == 6
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus_dir):
+    return _run(corpus_dir, "base")
+
+
+def _texts(path, texts: dict[str, str]):
+    with open(path, "w", encoding="utf-8") as fh:
+        for k, v in texts.items():
+            fh.write(json.dumps({"id": k, "text": v}) + "\n")
+    return path
+
+
+def _claims(corpus_dir) -> dict[str, str]:
+    rows = [json.loads(line) for line in (corpus_dir / "corpus.jsonl").read_text().splitlines()]
+    return {"c1": rows[0]["text"][:120], "c2": "the court held that the model must credit every owner"}
+
+
+def test_a_claim_does_not_depend_on_the_other_claims(corpus_dir, tmp_path):
+    """Structural independence, checked in float64: float32 sums over other groupings differ by rounding only."""
+    from attribution.values.results import RunValues
+
+    run = _run(corpus_dir, "base64", dtype="float64")
+    alone = claim(run, _texts(tmp_path / "one.jsonl", {"c1": _claims(corpus_dir)["c1"]}), tmp_path / "one",
+                  report=False, progress=False)
+    more = {**_claims(corpus_dir), "c3": "news of the books and the authors", "c4": "reviewers read evidence"}
+    both = claim(run, _texts(tmp_path / "all.jsonl", more), tmp_path / "all", report=False, progress=False)
+    a = RunValues.read(alone).view().query("val_set == 'claims' and val_id == 'c1'").set_index("doc_id")
+    b = RunValues.read(both).view().query("val_set == 'claims' and val_id == 'c1'").set_index("doc_id")
+    assert len(a) > 0
+    for col in ["value", "attribution"] if "attribution" in a.columns else ["value"]:
+        x, y = a[col].sort_index().to_numpy(), b.loc[a.index, col].sort_index().to_numpy()
+        np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-12 * np.abs(x).max())
+
+
+def test_workers_and_targeted_replay_give_the_sequential_values(corpus_dir, base_run, tmp_path):
+    texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
+    seq = claim(base_run, texts, tmp_path / "seq", report=False, progress=False)
+    par = claim(base_run, texts, tmp_path / "par", workers=2, report=False, progress=False)
+    want = _examples(seq, "claims")
+    pd.testing.assert_frame_equal(_examples(par, "claims"), want, check_exact=True)
+    steps = pd.read_parquet(seq / "step_values.parquet")
+    late = sorted(set(steps[steps.step > 4].doc_id) - set(steps[steps.step <= 4].doc_id))[:2]
+    assert late, "some document is first trained in the last segment"
+    tgt = claim(base_run, texts, tmp_path / "tgt", docs=late, report=False, progress=False)
+    got = _examples(tgt, "claims")
+    assert set(got.doc_id) == set(late)
+    pd.testing.assert_frame_equal(got, want[want.doc_id.isin(late)].reset_index(drop=True), check_exact=True)
+    info = json.loads((tgt / "manifest.json").read_text())["claim"]
+    assert info["replayed_steps"] < 6 and info["targeted_docs"] == late
+
+
+def test_kill_9_then_resume_gives_identical_values(corpus_dir, base_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
+    want = _examples(claim(base_run, texts, tmp_path / "ref", report=False, progress=False), "claims")
+    out = tmp_path / "killed"
+    code = ("import sys; from attribution.workflows.claim import claim; "
+            "claim(sys.argv[1], sys.argv[2], sys.argv[3], report=False, progress=False)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(base_run), str(texts), str(out)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / ".segments").glob("*.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list((out / ".segments").glob("*.json"))
+    assert done and not (out / "example_values.parquet").exists(), "killed after a segment, before the merge"
+    resumed = claim(base_run, texts, out, resume=True, report=False, progress=False)
+    pd.testing.assert_frame_equal(_examples(resumed, "claims"), want, check_exact=True)
+
+
+def test_tampered_checkpoint_and_changed_corpus_are_refused(corpus_dir, tmp_path):
+    import shutil
+
+    from attribution.train import chain
+
+    local = tmp_path / "data"
+    shutil.copytree(corpus_dir, local, ignore=shutil.ignore_patterns("base", "run*", "cache"))
+    run = _run(local, "r")
+    texts = _texts(tmp_path / "c.jsonl", _claims(local))
+    link = chain.links(run)[2]
+    data = bytearray((link.path / "model.safetensors").read_bytes())
+    data[-5] ^= 0x10
+    (link.path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"step {link.step}"):
+        claim(run, texts, tmp_path / "o1", report=False, progress=False)
+    with open(local / "corpus.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "new", "text": "an added document"}) + "\n")
+    with pytest.raises(UserError, match=r"corpus\.jsonl.*fingerprint.*differs"):
+        claim(run, texts, tmp_path / "o2", report=False, progress=False)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_bad_claims_file_and_run_without_chain(corpus_dir, base_run, tmp_path):
+    from attribution.errors import BadInputError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "text": "fine"}\n{"id": "y", "txt": "no text field"}\n', encoding="utf-8")
+    with pytest.raises(BadInputError, match=r"bad\.jsonl:2"):
+        claim(base_run, bad, tmp_path / "o", report=False, progress=False)
+    assert not (tmp_path / "o").exists()
+    plain = _run(corpus_dir, "nochain", keep_every=0)
+    with pytest.raises(UserError, match="--keep-every"):
+        claim(plain, _texts(tmp_path / "c.jsonl", {"a": "text"}), tmp_path / "o3", report=False, progress=False)

@@ -65,6 +65,7 @@ class RunConfig:
     eval_every: int | None = None
     log_every: int | None = None
     checkpoint_every: int | None = None
+    reference: int | None = None  # documents held out as the fixed reference set of the contrast views; 0 = none
     keep_every: int | None = None  # replay chain: keep a checkpoint every K steps (and step 0); 0 = none
     stage_window: int | None = None
     cache_dir: str | None = None  # token cache; default: <out>/../.cache/tokens shared by runs
@@ -108,6 +109,10 @@ class RunConfig:
             raise UserError("give at least one --corpus")
         if self.value and not self.val:
             raise UserError("give at least one validation set: --val NAME=PATH")
+        if "reference" in self.val:
+            raise UserError("the validation-set name 'reference' is reserved for the run's fixed reference set")
+        if self.reference is not None and self.reference < 0:
+            raise UserError("--reference must be 0 (none) or a number of documents")
         for name in self.val:
             if not name or "/" in name or name.startswith("."):
                 raise UserError(f"bad validation-set name {name!r}: use letters, digits, - and _")

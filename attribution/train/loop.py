@@ -38,7 +38,7 @@ import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
-from attribution.train import chain
+from attribution.train import chain, reference
 from attribution.train import checkpoint as ckpt
 from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
@@ -79,6 +79,7 @@ class TrainData:
     store_row_of_seq: np.ndarray  # int64 [n_seq_all] -> row in the store's docs (-1 if excluded)
     dropped_identical: list[str] = field(default_factory=list)
     excluded: int = 0
+    reference_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # seqset.docs rows
 
     @property
     def docs(self) -> pd.DataFrame:
@@ -153,7 +154,10 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
             f"{len(identical)} training document(s) are identical to a validation text and are not trained on: {shown}",
             stacklevel=2,
         )
-    keep = ~seqset.docs["doc_id"].astype(str).isin(excluded | set(identical)).to_numpy()
+    held_out = set(identical) | excluded
+    ref_rows = reference.choose(seqset.docs, cfg.reference or 0, cfg.seed, exclude=held_out)
+    held_out |= set(seqset.docs["doc_id"].astype(str).iloc[ref_rows])
+    keep = ~seqset.docs["doc_id"].astype(str).isin(held_out).to_numpy()
     doc_rows = np.flatnonzero(keep)
     store_row = np.full(len(seqset.docs), -1, dtype=np.int64)
     store_row[doc_rows] = np.arange(len(doc_rows))
@@ -169,7 +173,26 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
         store_row_of_seq=store_row_of_seq,
         dropped_identical=identical,
         excluded=int(seqset.docs["doc_id"].astype(str).isin(excluded).sum()),
+        reference_rows=np.asarray(ref_rows, dtype=np.int64),
     )
+
+
+def reference_set(data: TrainData) -> ValData | None:
+    """The run's fixed reference set (`attribution.train.reference`): each held-out document's first sequence."""
+    from attribution.corpus import Document
+
+    rows = data.reference_rows
+    if len(rows) == 0:
+        return None
+    seqset = data.seqset
+    first = {int(d): i for i, d in reversed(list(enumerate(np.asarray(seqset.seq_doc))))}
+    seqs = np.asarray([first[int(r)] for r in rows], dtype=np.int64)
+    meta = seqset.docs.iloc[rows]
+    docs = [Document(str(m.doc_id), seqset.text(str(m.doc_id)), str(m.source), str(m.owner),
+                     meta={"reference": True, "valued_on": "first sequence"}) for m in meta.itertuples()]
+    return ValData(name=reference.NAME, path="(held out of the training corpus)", docs=docs,
+                   ids=np.asarray(seqset.ids[seqs], dtype=np.int64), mask=np.asarray(seqset.mask[seqs], dtype=np.int64),
+                   seq_doc=np.arange(len(rows), dtype=np.int64), per_example=True)
 
 
 class Sampler:
@@ -519,6 +542,9 @@ def _setup(cfg: RunConfig, sources, info, device: str, dtype: str, started: floa
     dist_util.barrier(info)
     val = load_validation(cfg)
     data = load_training(cfg, val, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), info)
+    ref = reference_set(data) if cfg.value else None
+    if ref is not None:
+        val[ref.name] = ref
     total = cfg.total_steps(len(data.train_seqs))
     model = build_model(cfg, device, dtype)
     optimizer = build_optimizer(model, cfg)

@@ -28,6 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 5,
         "checkpoint_every": 40,
         "keep_every": 20,
+        "reference": 24,
         "stage_window": 20,
         "dtype": "float32",
     },
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 50,
         "checkpoint_every": 1000,
         "keep_every": 1000,
+        "reference": 64,
         "stage_window": 1000,
         "dtype": "auto",
     },
@@ -70,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 1,
         "checkpoint_every": 3,
         "keep_every": 2,
+        "reference": 0,  # tests that need one ask for it; the others keep every document in training
         "stage_window": 3,
         "dtype": "float32",
     },

@@ -110,10 +110,22 @@ class ValueStore:
         per_set: Mapping[str, np.ndarray],
         per_example: Mapping[str, np.ndarray] | None = None,
         per_example_cos: Mapping[str, np.ndarray] | None = None,
+        keep: np.ndarray | None = None,
     ) -> None:
         """Add one step's values. `seq_idx`: global sequence indices of the batch, in the order of
         the value arrays (`per_set[name]`: float64 `[batch]`; `per_example[name]`: `[batch, n_ex]`;
-        `per_example_cos[name]`: the same values divided by the gradient norms, `[batch, n_ex]`)."""
+        `per_example_cos[name]`: the same values divided by the gradient norms, `[batch, n_ex]`).
+
+        `keep` (bool `[batch]`): store only these rows (a targeted claim replay). The normalizers are
+        still those of the whole batch, so the kept documents get exactly the values a full store would."""
+        divisors = {name: normalizer(np.asarray(per_set[name], dtype=np.float64)) for name in self.set_names}
+        ex_div = {name: np.maximum(np.abs(np.sum(m, 0)), CANCEL_FLOOR * np.abs(m).sum(0))
+                  for name, m in ((k, np.asarray(v, dtype=np.float64)) for k, v in (per_example or {}).items())}
+        if keep is not None:
+            seq_idx = np.asarray(seq_idx)[keep]
+            per_set = {k: np.asarray(v)[keep] for k, v in per_set.items()}
+            per_example = {k: np.asarray(v)[keep] for k, v in (per_example or {}).items()}
+            per_example_cos = {k: np.asarray(v)[keep] for k, v in (per_example_cos or {}).items()}
         rows = self.seq_doc[np.asarray(seq_idx, dtype=np.int64)]
         uniq, inv = np.unique(rows, return_inverse=True)
         self.n_seen += np.bincount(rows, minlength=len(self.n_seen))
@@ -125,7 +137,7 @@ class ValueStore:
             if v.shape != rows.shape:
                 raise ValueError(f"values for {name!r} have shape {v.shape}, batch is {rows.shape}")
             doc_sum = np.bincount(inv, weights=v, minlength=len(uniq))
-            div = normalizer(v)
+            div = divisors[name]
             doc_norm = doc_sum / div if div > 0 else np.zeros_like(doc_sum)
             self.value[uniq, s] += doc_sum
             self.value_norm[uniq, s] += doc_norm
@@ -141,7 +153,7 @@ class ValueStore:
             acc = np.zeros((len(uniq), m.shape[1]), dtype=np.float64)
             np.add.at(acc, inv, m)
             self.example[name][uniq] += acc
-            div = np.maximum(np.abs(m.sum(0)), CANCEL_FLOOR * np.abs(m).sum(0))  # per validation text
+            div = ex_div[name]  # per validation text
             self.example_norm[name][uniq] += np.divide(acc, div, out=np.zeros_like(acc), where=div > 0)
             cos = (per_example_cos or {}).get(name)
             if cos is not None:

@@ -18,6 +18,7 @@ stored: the run directory keeps only the raw accumulators.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,10 +80,22 @@ def _col(name: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
     return lambda ev, docs: ev[name].astype(np.float64)
 
 
+REFERENCE_SET = "reference"  # the run's fixed reference set (attribution.train.reference)
+
+
 def _contrast_of(base: Callable[[pd.DataFrame, pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
+    """The contrast of `base` against the run's fixed reference set.
+
+    Runs made before the reference set existed fall back to the leave-one-out mean over the other
+    validation texts, with a warning: that reference depends on which texts were asked about."""
     def fn(ev: pd.DataFrame, docs: pd.DataFrame) -> pd.Series:
         tmp = ev[KEYS].copy()
         tmp["x"] = base(ev, docs).to_numpy()
+        if (tmp["val_set"].astype(str) == REFERENCE_SET).any():
+            return contrast(tmp, "x", reference=REFERENCE_SET)
+        warnings.warn("this run has no fixed reference set (made before it existed, or with --reference 0): the "
+                      "contrast views subtract the mean over the run's other validation texts, so a text's ranking "
+                      "depends on which other texts were valued", UserWarning, stacklevel=2)
         return contrast(tmp, "x")
     return fn
 

@@ -41,13 +41,14 @@ import numpy as np
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 from attribution.train import chain
+from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
+from attribution.train.reference import NAME as REFERENCE_SET
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
 
 CLAIM_SET = "claims"
 SEGMENTS_DIR = ".segments"
-REFERENCE_SET = "reference"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ def _load(job: ClaimJob):
     val = loop.load_validation(dataclasses.replace(cfg, val=dict(job.val)))
     for v in val.values():
         v.per_example = True  # a claim is always valued per text
+    ref = loop.reference_set(data)  # a claim is valued next to the run's fixed reference, never other claims
+    if ref is not None:
+        val[ref.name] = ref
     return cfg, data, val
 
 
@@ -173,8 +177,6 @@ def replay_segment(job: ClaimJob, seg: Segment) -> Path:
     position = int(state["position"])
     stepper = loop.make_step(model, val, cfg, DistInfo())
     sampler = loop.Sampler(data.train_seqs, cfg.seed)
-    keep = None if job.targets is None else set(job.targets)
-    doc_ids = data.seqset.docs["doc_id"].astype(str).to_numpy()
     arrays: dict[str, np.ndarray] = {}
     losses = []
     for step in range(seg.start + 1, seg.end + 1):
@@ -184,14 +186,12 @@ def replay_segment(job: ClaimJob, seg: Segment) -> Path:
         loss, values = stepper.run(ids, mask, loop.lr_at(step, cfg, job.total), optimizer)
         position += cfg.batch_size
         losses.append(loss)
-        rows = np.arange(len(batch_idx)) if keep is None else np.flatnonzero(
-            np.isin(doc_ids[np.asarray(data.seqset.seq_doc)[batch_idx]], list(keep)))
-        arrays[f"{step}/batch"] = batch_idx[rows]
+        arrays[f"{step}/batch"] = batch_idx  # whole batches: the per-step normalizers need every row
         for name in val:
-            arrays[f"{step}/set/{name}"] = values.per_set[name][rows]
-            arrays[f"{step}/example/{name}"] = values.per_example[name][rows]
+            arrays[f"{step}/set/{name}"] = values.per_set[name]
+            arrays[f"{step}/example/{name}"] = values.per_example[name]
             if name in values.per_example_cos:
-                arrays[f"{step}/cos/{name}"] = values.per_example_cos[name][rows]
+                arrays[f"{step}/cos/{name}"] = values.per_example_cos[name]
     stepper.finish()
     worst = chain.deviation(model, links[seg.end])
     if worst > job.tolerance:
@@ -241,12 +241,44 @@ def _train_steps(cfg: RunConfig, data, total: int) -> dict[int, set[str]]:
 def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence[str] | None = None,
           workers: int = 1, resume: bool = False, tolerance: float | None = None, report: bool = True,
           progress: bool = True) -> Path:
-    """Value the texts in `texts` (JSONL) against the finished run `run` by replay; returns the output run dir."""
+    """Value the texts in `texts` (JSONL) against the finished run `run` by replay; returns the output run dir.
+
+    Under torchrun, each rank replays every world-th segment and rank 0 merges them."""
     run, texts, out = Path(run), Path(texts), Path(out)
     started = time.time()
     manifest, parent_cfg, links = _parent(run)
     n_claims = _read_claims(texts)
     _check_corpus(parent_cfg, manifest)
+    info = dist_util.init_from_env("cpu")
+    try:
+        if info.is_main:
+            _prepare_out(run, out, resume)
+        dist_util.barrier(info)
+        job, cfg, data, val_data = _job(run, texts, out, manifest, parent_cfg, n_claims, docs, tolerance)
+        total = job.total
+        segs = segments_for(links, _train_steps(cfg, data, total) if docs else None, job.targets)
+        todo = [s for s in segs if not (resume and _segment_done(out, s))]
+        n_steps = sum(s.end - s.start for s in segs)
+        if info.is_main:
+            print(f"claim: {n_claims} text(s); replaying {len(segs)} of {len(links) - 1} segment(s), {n_steps} of "
+                  f"{total} steps ({len(segs) - len(todo)} already done), {workers * info.world} worker(s)",
+                  file=sys.stderr)
+        _run_segments(job, todo[info.rank :: info.world], workers, progress and info.is_main)
+        dist_util.barrier(info)
+        if not info.is_main:
+            return out
+        run_dir = _merge(out, cfg, data, val_data, segs, job, manifest, started=started, n_steps=n_steps,
+                         workers=workers * info.world)
+    finally:
+        dist_util.shutdown(info)
+    if report:
+        from attribution.report.claims import write_claims_report
+
+        write_claims_report(run_dir, run_dir, val_set=CLAIM_SET)
+    return run_dir
+
+
+def _prepare_out(run: Path, out: Path, resume: bool) -> None:
     if out.resolve() == run.resolve():
         raise UserError(f"{out}: --out must not be the run directory itself")
     if out.exists() and any(out.iterdir()) and not resume:
@@ -255,17 +287,18 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
         shutil.rmtree(out / SEGMENTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
 
-    rd = RunDir(run)
-    parent_val = {name: str(p) for name, p in rd.val_set_paths().items()}
+
+def _job(run: Path, texts: Path, out: Path, manifest: Manifest, parent_cfg: RunConfig, n_claims: int,
+         docs: Sequence[str] | None, tolerance: float | None):
+    """The replay job, and the data it reads (the parent's training data, the claims as validation sets)."""
+    # the reference is rebuilt from the corpus (same seed, same documents), not read back as a validation set
+    parent_val = {name: str(p) for name, p in RunDir(run).val_set_paths().items() if name != REFERENCE_SET}
     val = {CLAIM_SET: str(texts)}
-    if REFERENCE_SET in parent_val:
-        val[REFERENCE_SET] = parent_val[REFERENCE_SET]
-    total = int(manifest.total_steps)
     cfg = dataclasses.replace(parent_cfg, out=str(out), resume=False, progress=False,
                               per_example_max=max(parent_cfg.per_example_max, n_claims))
     job = ClaimJob(run=str(run), out=str(out), config=cfg.to_json() | {"betas": cfg.betas,
                                                                          "exclude_ids": cfg.exclude_ids},
-                   val=val, parent_val=parent_val, total=total,
+                   val=val, parent_val=parent_val, total=int(manifest.total_steps),
                    targets=[str(d) for d in docs] if docs else None, threads=None,
                    tolerance=_tolerance(tolerance, manifest))
     _, data, val_data = _load(job)
@@ -274,21 +307,7 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
         unknown = [d for d in docs if str(d) not in known]
         if unknown:
             raise UserError(f"--docs: not trained documents of {run}: {', '.join(map(str, unknown[:5]))}")
-    steps_docs = _train_steps(cfg, data, total) if docs else None
-    segs = segments_for(links, steps_docs, job.targets)
-    todo = [s for s in segs if not (resume and _segment_done(out, s))]
-    n_steps = sum(s.end - s.start for s in segs)
-    print(f"claim: {n_claims} text(s), {len(segs)} of {len(links) - 1} segment(s), {n_steps} of {total} steps to "
-          f"replay ({len(segs) - len(todo)} already done), {workers} worker(s)", file=sys.stderr)
-    _run_segments(job, todo, workers, progress)
-
-    run_dir = _merge(out, cfg, data, val_data, segs, job, manifest, started=started, n_steps=n_steps,
-                     workers=workers)
-    if report:
-        from attribution.report.claims import write_claims_report
-
-        write_claims_report(run_dir, run_dir, val_set=CLAIM_SET)
-    return run_dir
+    return job, cfg, data, val_data
 
 
 def _tolerance(tolerance: float | None, manifest: Manifest) -> float:
@@ -348,9 +367,11 @@ def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: Claim
         worst = max(worst, float(meta["deviation"]))
         for step, loss in zip(range(seg.start + 1, seg.end + 1), meta["losses"], strict=True):
             get = {name: arrays.get(f"{step}/cos/{name}") for name in val}
-            store.add(step, arrays[f"{step}/batch"], {n: arrays[f"{step}/set/{n}"] for n in val},
+            batch = arrays[f"{step}/batch"]
+            store.add(step, batch, {n: arrays[f"{step}/set/{n}"] for n in val},
                       {n: arrays[f"{step}/example/{n}"] for n in val},
-                      {n: c for n, c in get.items() if c is not None})
+                      {n: c for n, c in get.items() if c is not None},
+                      keep=None if job.targets is None else seq_row[batch] >= 0)
             log.write(step, loop.lr_at(step, cfg, job.total), loss, None, None)
     store.flush(1, job.total)
     store.finalize()
