@@ -64,6 +64,12 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
               help="File of document ids (one a line) kept out of training.")
 @click.option("--steps-per-checkpoint", "checkpoint_every", type=int, default=None,
               help="Checkpoint every K steps (and at the end).")
+@click.option("--keep-every", type=int, default=None,
+              help="Replay chain: keep a checkpoint at step 0 and every K steps (default: the preset's; cpu-tiny 20). "
+                   "`attribution claim` replays from them; 0 keeps none (the run cannot answer claims).")
+@click.option("--reference", type=int, default=None,
+              help="Documents held out of training as the fixed reference set of the contrast views (default: the "
+                   "preset's; cpu-tiny 24); 0 = none (views then fall back to the other validation texts).")
 @click.option("--per-example-max", type=int, default=None,
               help="Per-example values for validation sets with at most this many documents (default 64).")
 @click.option("--no-values", "plain", is_flag=True, default=False,
@@ -74,13 +80,14 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Token cache (default $ATTRIBUTION_CACHE/tokens or ~/.cache/attribution/tokens).")
 def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optimizer_aware, seed, device, resume,
-                config_path, exclude_ids, checkpoint_every, per_example_max, plain, batch_size, seq_len, lr,
-                cache_dir) -> None:
+                config_path, exclude_ids, checkpoint_every, keep_every, reference, per_example_max, plain, batch_size,
+                seq_len, lr, cache_dir) -> None:
     """Train GPT-2 from scratch on a corpus and value every document against validation sets.
 
     \b
     Writes into --out: doc_values.parquet, example_values.parquet, stage_values.parquet,
-    step_values.parquet, docs.parquet, train_log.csv, manifest.json, val_sets/, checkpoints/.
+    step_values.parquet, docs.parquet, train_log.csv, manifest.json, val_sets/, checkpoints/, and
+    replay/ (the kept checkpoints `attribution claim` replays when a text arrives after training).
     Example:
       attribution run --corpus builtin --val rewrites=val.jsonl --out runs/x --preset cpu-tiny
     Several processes:  torchrun --nproc_per_node 2 -m attribution.cli run ...
@@ -91,7 +98,8 @@ def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optim
         "corpus": list(corpus) or None, "val": _parse_val(val), "out": out, "preset": preset, "steps": steps,
         "epochs": epochs, "order": order, "optimizer": optimizer, "optimizer_aware": optimizer_aware,
         "seed": seed, "device": device, "resume": resume, "exclude_ids": _read_ids(exclude_ids),
-        "checkpoint_every": checkpoint_every, "per_example_max": per_example_max,
+        "checkpoint_every": checkpoint_every, "keep_every": keep_every, "reference": reference,
+        "per_example_max": per_example_max,
         "value": False if plain else None, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
         "cache_dir": cache_dir,
     }

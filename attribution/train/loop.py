@@ -706,6 +706,11 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
     _write_manifest(run.out, cfg, run.sources, run.data, run.val, run.info, run.device, run.dtype, run.total,
                     status="complete", timings=timings, store=run.store, resumed_from=run.resumed_from,
                     final_val=final_val)
+    if cfg.keep_every and cfg.progress:
+        kept = chain.links(run.out)
+        print(f"replay chain: {len(kept)} checkpoints (every {cfg.keep_every} steps), "
+              f"{chain.storage(run.out) / 2**20:.1f} MiB in {run.out / chain.REPLAY_DIR}; "
+              "`attribution claim` can value texts against this run later", file=sys.stderr)
 
 
 def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: dict[str, ValData], info, device: str,
@@ -749,5 +754,7 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
         versions=versions(),
         git_commit=git_commit(),
         resumed_from=resumes,
+        # the replay chain's links with their content hashes (attribution.train.chain); claims replay from them
+        extra={"replay": chain.read_index(out)} if cfg.keep_every else {},
     )
     manifest.write(out)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -54,3 +55,46 @@ def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_ev
 
 
 commands: list[click.Command] = [curate_command]
+
+
+@click.command("claim")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--texts", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSONL of the claim texts, one {\"id\", \"text\", \"meta\"} object a line.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output run directory (same files as a run, plus claims.md and claims.html).")
+@click.option("--docs", default=None, metavar="ID,...",
+              help="Targeted mode: replay only the segments that train these documents and value only them.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Replay this many segments in parallel processes (values add up over steps: same result).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted claim replay in --out (finished segments are kept).")
+@click.option("--tolerance", type=float, default=None,
+              help="Largest weight difference allowed at a kept checkpoint (default 0 = bitwise on CPU float32; "
+                   "1e-3 for GPU/bf16 runs, whose deviation is reported).")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Documents per claim in claims.md / claims.html.")
+def claim_command(run: Path, texts: Path, out: Path, docs: str | None, workers: int, resume: bool,
+                  tolerance: float | None, top_k: int) -> None:
+    """Value texts that arrive after training against the finished run RUN, by exact replay.
+
+    \b
+    Replays RUN's training steps from its kept checkpoints (replay/), with the same batches and
+    optimizer steps, valuing every training document against each claim text and against the run's
+    fixed reference set. At every kept checkpoint the replayed weights must equal the stored ones
+    (bitwise on CPU); a changed corpus or an altered checkpoint is refused with the step or file named.
+    Example:
+      attribution claim runs/demo --texts disputed.jsonl --out runs/demo-claims
+    Several machines:  torchrun --nproc_per_node 2 -m attribution.cli claim ...
+    """
+    from attribution.report.claims import write_claims_report
+    from attribution.workflows.claim import claim
+
+    t0 = time.perf_counter()
+    ids = [d.strip() for d in docs.split(",") if d.strip()] if docs else None
+    run_dir = claim(run, texts, out, docs=ids, workers=workers, resume=resume, tolerance=tolerance, report=False)
+    if (run_dir / "manifest.json").is_file():  # rank 0 (the other torchrun ranks return after their segments)
+        md, page = write_claims_report(run_dir, run_dir, top_k=top_k)
+        click.echo(f"claims valued in {time.perf_counter() - t0:.1f} s: {run_dir} ({md.name}, {page.name})", err=True)
+
+
+commands = [curate_command, claim_command]
