@@ -157,3 +157,27 @@ def test_bad_claims_file_and_run_without_chain(corpus_dir, base_run, tmp_path):
     plain = _run(corpus_dir, "nochain", keep_every=0)
     with pytest.raises(UserError, match="--keep-every"):
         claim(plain, _texts(tmp_path / "c.jsonl", {"a": "text"}), tmp_path / "o3", report=False, progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_give_the_sequential_values(corpus_dir, base_run, tmp_path):
+    """`torchrun -m attribution.cli claim`: each rank replays its share of segments, rank 0 merges."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
+    want = _examples(claim(base_run, texts, tmp_path / "seq", report=False, progress=False), "claims")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "attribution.cli", "claim", str(base_run),
+           "--texts", str(texts), "--out", str(tmp_path / "two")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pd.testing.assert_frame_equal(_examples(tmp_path / "two", "claims"), want, check_exact=True)
+    assert (tmp_path / "two" / "claims.html").is_file() and (tmp_path / "two" / "claims.md").is_file()
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["claim"]["workers"] == 2
