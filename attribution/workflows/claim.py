@@ -82,7 +82,8 @@ class ClaimJob:
 # Setup and checks (before any work)
 
 
-def _parent(run: Path) -> tuple[Manifest, RunConfig, list[chain.Link]]:
+def read_parent(run: Path) -> tuple[Manifest, RunConfig, list[chain.Link]]:
+    """The finished run's manifest, configuration and replay chain (UserError when it cannot be replayed)."""
     rd = RunDir(run)
     rd.require(("manifest.json", "docs.parquet"))
     manifest = rd.manifest()
@@ -246,7 +247,7 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
     Under torchrun, each rank replays every world-th segment and rank 0 merges them."""
     run, texts, out = Path(run), Path(texts), Path(out)
     started = time.time()
-    manifest, parent_cfg, links = _parent(run)
+    manifest, parent_cfg, links = read_parent(run)
     n_claims = _read_claims(texts)
     _check_corpus(parent_cfg, manifest)
     info = dist_util.init_from_env("cpu")
