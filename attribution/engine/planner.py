@@ -8,11 +8,15 @@ optimizer-aware values); an approximate one (`kronecker`) is used only when the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from attribution.errors import UserError
 
 from .rules import Use
 from .strategies import CostInputs, Strategy, get_strategy, registered
+
+if TYPE_CHECKING:
+    from .memory import MemoryModel
 
 BYTE_WEIGHT = 8.0  # flop-equivalents per byte written: memory traffic is slow next to matmuls
 MEMORY_BUDGET = 2 << 30  # bytes a strategy may hold for one parameter
@@ -33,6 +37,8 @@ class LayerPlan:
     strategy: str
     costs: dict[str, float]
     reason: str
+    # per use: (row is an index, has a column factor); what the memory model needs to size the captures
+    use_kinds: tuple[tuple[bool, bool], ...] = ()
 
 
 @dataclass
@@ -56,6 +62,15 @@ class Plan:
                 f"{lp.name:<40} {str(lp.shape):>14} {lp.n_uses:>4} {lp.strategy:>11}  {' '.join(c)}  {lp.reason}"
             )
         return "\n".join(lines)
+
+    def memory(self, *, name: str = "val", order: int = 1, optimizer_aware: bool = False,
+               grad_norms: bool = False, itemsize: int = 4, per_example: bool | None = None) -> MemoryModel:
+        """Bytes the valued step holds with this plan (one validation set); see `attribution.engine.memory`."""
+        from .memory import step_memory
+
+        each = None if per_example is None else ([name] if per_example else [])
+        return step_memory({name: self}, order=order, optimizer_aware=optimizer_aware, grad_norms=grad_norms,
+                           itemsize=itemsize, per_example=each)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -84,13 +99,14 @@ def choose(
     """Pick the cheapest allowed strategy (or the forced one) for one parameter."""
     est = estimate_costs(shape, uses, sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], sizes["groups"])
     costs = {s: f + BYTE_WEIGHT * b for s, (f, b) in est.items()}
+    kinds = tuple((u.row_index, u.col is not None) for u in uses)
     if forced is not None:
         strategy = get_strategy(forced, param=name)
         if optimizer_aware and not strategy.preconditionable:
             usable = " or ".join(repr(s.name) for s in registered() if s.preconditionable)
             raise UserError(f"{name}: optimizer-aware values need {usable} (elementwise preconditioner)")
         why = "forced by caller" + ("" if strategy.exact else f"; approximate ({strategy.approximation})")
-        return LayerPlan(name, shape, len(uses), forced, costs, why)
+        return LayerPlan(name, shape, len(uses), forced, costs, why, kinds)
     exact = exact_strategies()
     usable = [s.name for s in exact if s.preconditionable or not optimizer_aware]
     allowed = [s for s in usable if est[s][1] <= MEMORY_BUDGET]
@@ -106,7 +122,7 @@ def choose(
         why += f"; over memory budget: {','.join(dropped)}"
     if len(uses) > 1:
         why += f"; {len(uses)} uses (tied, cross terms included)"
-    return LayerPlan(name, shape, len(uses), best, costs, why)
+    return LayerPlan(name, shape, len(uses), best, costs, why, kinds)
 
 
 def resolve_forced(name: str, strategy: str | dict[str, str] | None) -> str | None:

@@ -1,0 +1,118 @@
+"""The valued step's memory model (attribution.engine.memory) against the tensors the Valuer holds, and
+the per-component cost-floor benchmark (benchmarks/cost_floor.py) on the demo shape."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attribution.engine import ValSet, Valuer
+from attribution.engine.memory import (
+    BEFORE,
+    COMBINED,
+    PRE,
+    PRE_SIDE,
+    SCORES,
+    SIDE,
+    TRAIN,
+    held_bytes,
+    step_memory,
+    use_tensors,
+)
+from attribution.engine.optimizer import adam_preconditioner
+
+VOCAB = 97
+
+
+def _model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def _sets() -> dict[str, ValSet]:
+    g = torch.Generator().manual_seed(1)
+    long = torch.randint(0, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(long)
+    mask[2, 7:] = 0
+    return {"each": ValSet(long, mask), "whole": ValSet(torch.randint(0, VOCAB, (2, 6), generator=g))}
+
+
+def _side_tensors(side) -> list:
+    return [x for cap, _ in side.ghost for x in use_tensors(cap.uses)] + list(side.dense.values())
+
+
+@pytest.mark.parametrize(("strategy", "n"), [(None, 4), (None, 1), ("project", 4), ("ghost", 4),
+                                             ({"*": "materialize", "transformer.wte": "kronecker"}, 4)])
+def test_memory_terms_equal_held_tensors(strategy, n) -> None:
+    """Every term of the model is the byte count of the tensors the Valuer actually holds for it."""
+    model = _model()
+    sets = _sets()
+    valuer = Valuer(model, sets, per_example=["each"], strategy=strategy, grad_norms=True)
+    ids = torch.randint(0, VOCAB, (n, 10), generator=torch.Generator().manual_seed(2))
+    valuer.forward_backward(ids)
+    mem = step_memory(valuer.plans(), grad_norms=True, per_example=["each"])
+    assert mem.get(TRAIN) == held_bytes(use_tensors(valuer._train.uses))
+    sv = valuer.values(0.1)
+    for name in sets:
+        assert mem.get(SIDE, name) == held_bytes(_side_tensors(valuer._cache[name][1])), name
+        arrays = [sv.per_set[name], *([sv.per_example[name]] if name in sv.per_example else [])]
+        assert mem.get(SCORES, name) == sum(a.nbytes for a in arrays)
+    assert mem.total > mem.get(TRAIN) > 0
+    assert "| **total** |" in str(mem)
+
+
+def test_memory_order2_and_optimizer_aware() -> None:
+    """Second order holds the 'before' side while the 'after' one is built, and the combined side;
+    optimizer-aware values hold one float per parameter and a preconditioned copy of each side."""
+    model = _model()
+    sets = _sets()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    valuer = Valuer(model, sets, order=2, optimizer_aware=True, per_example=["each"])
+    valuer.forward_backward(torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(3)))
+    params = {pid: p for pid, (_, p) in valuer.capturer.params.items()}
+    pre = adam_preconditioner(opt, params, batch_size=4)
+    assert valuer.values(0.1, optimizer=opt) is None
+    mem = step_memory(valuer.plans(), order=2, optimizer_aware=True, per_example=["each"])
+    assert mem.get(PRE) == held_bytes(pre.values())
+    before = valuer._pending["sides"]
+    opt.step()
+    for name in sets:
+        assert mem.get(BEFORE, name) == held_bytes(_side_tensors(before[name]))
+        after = valuer._val_side(name)[0]
+        combined = before[name].combine(after, 0.5, 0.5)
+        assert mem.get(COMBINED, name) == held_bytes(combined.dense.values())
+        assert mem.get(PRE_SIDE, name) == held_bytes(combined.precondition(pre).dense.values())
+    assert valuer.after_step() is not None
+    plan = valuer.plans()["each"]
+    assert plan.memory(name="each", order=2, optimizer_aware=True).get(BEFORE) == mem.get(BEFORE, "each")
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_floor.py"
+    spec = importlib.util.spec_from_file_location("cost_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_floor_demo_table(tmp_path, capsys) -> None:
+    """The demo shape, one round: every component in the table, with positive times, flops and floors."""
+    bench = _load_benchmark()
+    out = tmp_path / "floor.json"
+    res = bench.main(["--shape", "demo", "--rounds", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    for component in bench.COMPONENTS:
+        assert f"| {component}" in table, component
+    assert "| whole valued step" in table and "| **total** |" in table
+    rows = res["components"]
+    assert {r["component"] for r in rows} >= set(bench.COMPONENTS)
+    for r in rows:
+        assert r["seconds"] > 0 and r["flops"] > 0 and r["floor_s"] > 0 and r["measured_over_floor"] > 0, r
+    assert res["gemm_flops_per_s"] > 0 and res["valued_over_plain"] > 0 and res["memory"]["total"] > 0
+    assert json.loads(out.read_text())["shape"]["n_layer"] == 2
