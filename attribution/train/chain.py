@@ -76,9 +76,7 @@ def _write_index(out: Path, index: dict[str, Any]) -> None:
 def save_link(out: str | Path, step: int, model, optimizer, state: dict[str, Any], rng: dict[str, Any],
               keep_every: int) -> Link:
     """Write the link for `step` (model, optimizer, RNG, sampler position in `state`) atomically."""
-    from safetensors.torch import save_file, save_model
-
-    from attribution.train.checkpoint import optimizer_to_tensors
+    from attribution.train.checkpoint import write_training_state
 
     out = Path(out)
     final = link_dir(out, step)
@@ -86,15 +84,7 @@ def save_link(out: str | Path, step: int, model, optimizer, state: dict[str, Any
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, meta = optimizer_to_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    with open(tmp / "state.json", "w", encoding="utf-8") as fh:
-        json.dump({**state, "step": int(step), "optimizer": meta}, fh, indent=2, default=str)
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+    write_training_state(tmp, model, optimizer, {**state, "step": int(step)}, rng)
     if final.exists():  # a link rewritten after a resume: the trajectory is deterministic
         shutil.rmtree(final)
     os.replace(tmp, final)

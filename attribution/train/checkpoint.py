@@ -83,6 +83,22 @@ def optimizer_from_tensors(optimizer, tensors: Mapping[str, Any], meta: Mapping[
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def write_training_state(folder: Path, model, optimizer, state: Mapping[str, Any],
+                         rng: Mapping[str, Any] | None) -> None:
+    """Model, optimizer, RNG and `state.json` (written last, with the optimizer's JSON part) into `folder`,
+    each file fsynced: what both the latest checkpoint and a replay-chain link hold."""
+    from safetensors.torch import save_file, save_model
+
+    save_model(model, str(folder / "model.safetensors"))
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    save_file(opt_tensors, str(folder / "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in (rng or {}).items()}, str(folder / "rng.safetensors"))
+    with open(folder / "state.json", "w", encoding="utf-8") as fh:
+        json.dump({**state, "optimizer": opt_meta}, fh, indent=2, default=str)
+    for f in folder.iterdir():
+        _fsync_file(f)
+
+
 def save_checkpoint(
     out: str | Path,
     model,
@@ -93,7 +109,6 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint and swap it in atomically. Returns the checkpoint folder."""
     from safetensors.numpy import save_file as save_numpy
-    from safetensors.torch import save_file, save_model
 
     out = Path(out)
     final = out / CHECKPOINT_DIR
@@ -101,17 +116,8 @@ def save_checkpoint(
     if new.exists():
         shutil.rmtree(new)
     new.mkdir(parents=True)
-    save_model(model, str(new / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    save_file(opt_tensors, str(new / "optimizer.safetensors"))
     save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(new / "store.safetensors"))
-    save_file({k: v.contiguous() for k, v in (rng or {}).items()}, str(new / "rng.safetensors"))
-    full_state = dict(state)
-    full_state["optimizer"] = opt_meta
-    with open(new / "state.json", "w", encoding="utf-8") as fh:
-        json.dump(full_state, fh, indent=2, default=str)
-    for f in new.iterdir():
-        _fsync_file(f)
+    write_training_state(new, model, optimizer, state, rng)
     _fsync_dir(new)
     old = out / _OLD
     if old.exists():
