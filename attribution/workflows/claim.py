@@ -44,8 +44,9 @@ from attribution.train import chain
 from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
 from attribution.train.reference import NAME as REFERENCE_SET
+from attribution.values.manifest import FILENAME as MANIFEST_FILE
 from attribution.values.manifest import Manifest
-from attribution.values.rundir import RunDir
+from attribution.values.rundir import DOCS, RunDir
 
 CLAIM_SET = "claims"
 SEGMENTS_DIR = ".segments"
@@ -85,7 +86,7 @@ class ClaimJob:
 def read_parent(run: Path) -> tuple[Manifest, RunConfig, list[chain.Link]]:
     """The finished run's manifest, configuration and replay chain (UserError when it cannot be replayed)."""
     rd = RunDir(run)
-    rd.require(("manifest.json", "docs.parquet"))
+    rd.require((MANIFEST_FILE, DOCS))
     manifest = rd.manifest()
     if manifest.status != "complete":
         raise UserError(f"{run}: the run is not finished (status {manifest.status!r}); finish it with --resume first")
@@ -376,10 +377,10 @@ def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: Claim
             log.write(step, loop.lr_at(step, cfg, job.total), loss, None, None)
     store.flush(1, job.total)
     store.finalize()
-    parent_docs = RunDir(job.run).table("docs.parquet", required=True)
+    parent_docs = RunDir(job.run).table(DOCS, required=True)
     if job.targets is not None:
         parent_docs = parent_docs[parent_docs["doc_id"].isin(set(job.targets))]
-    with atomic_path(out / "docs.parquet") as tmp:
+    with atomic_path(out / DOCS) as tmp:
         parent_docs.to_parquet(tmp, index=False)
     loop._write_val_copies(out, val)
     finished = time.time()
