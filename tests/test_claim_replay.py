@@ -139,6 +139,13 @@ def test_tampered_checkpoint_and_changed_corpus_are_refused(corpus_dir, tmp_path
     (link.path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(UserError, match=rf"step {link.step}"):
         claim(run, texts, tmp_path / "o1", report=False, progress=False)
+    assert not (tmp_path / "o1").exists()  # nothing half-written
+    # the same alteration with the recorded hash forged too: the replay itself finds the divergence
+    index = json.loads((run / chain.REPLAY_DIR / chain.INDEX).read_text())
+    index["links"][str(link.step)]["sha256"]["model.safetensors"] = chain._sha256(link.path / "model.safetensors")
+    (run / chain.REPLAY_DIR / chain.INDEX).write_text(json.dumps(index))
+    with pytest.raises(UserError, match=rf"diverged from the run at step {link.step}"):
+        claim(run, texts, tmp_path / "o1", report=False, progress=False)
     with open(local / "corpus.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"id": "new", "text": "an added document"}) + "\n")
     with pytest.raises(UserError, match=r"corpus\.jsonl.*fingerprint.*differs"):

@@ -252,6 +252,7 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
     n_claims = _read_claims(texts)
     _check_corpus(parent_cfg, manifest)
     info = dist_util.init_from_env("cpu")
+    fresh = not resume and not out.exists()
     try:
         if info.is_main:
             _prepare_out(run, out, resume)
@@ -271,6 +272,10 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
             return out
         run_dir = _merge(out, cfg, data, val_data, segs, job, manifest, started=started, n_steps=n_steps,
                          workers=workers * info.world)
+    except UserError:
+        if fresh and info.is_main:  # a refused replay (diverged, tampered, bad --docs) leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         dist_util.shutdown(info)
     if report:
