@@ -74,14 +74,19 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
               help="Per-example values for validation sets with at most this many documents (default 64).")
 @click.option("--no-values", "plain", is_flag=True, default=False,
               help="Train without valuation (a throughput baseline); writes logs and checkpoints only.")
+@click.option("--sketch-dim", type=click.IntRange(min=1), default=None,
+              help="Dimension of the in-run gradient sketch index (sketch/index.faiss) that `attribution claim "
+                   "--fast` searches (default 256: 1 KiB per document).")
+@click.option("--no-sketch", "no_sketch", is_flag=True, default=False,
+              help="Write no gradient sketch index (claims then need the exact replay).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (overrides the preset).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (overrides the preset).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (overrides the preset).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Token cache (default $ATTRIBUTION_CACHE/tokens or ~/.cache/attribution/tokens).")
 def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optimizer_aware, seed, device, resume,
-                config_path, exclude_ids, checkpoint_every, keep_every, reference, per_example_max, plain, batch_size,
-                seq_len, lr, cache_dir) -> None:
+                config_path, exclude_ids, checkpoint_every, keep_every, reference, per_example_max, plain, sketch_dim,
+                no_sketch, batch_size, seq_len, lr, cache_dir) -> None:
     """Train GPT-2 from scratch on a corpus and value every document against validation sets.
 
     \b
@@ -100,7 +105,8 @@ def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optim
         "seed": seed, "device": device, "resume": resume, "exclude_ids": _read_ids(exclude_ids),
         "checkpoint_every": checkpoint_every, "keep_every": keep_every, "reference": reference,
         "per_example_max": per_example_max,
-        "value": False if plain else None, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "value": False if plain else None, "sketch": False if no_sketch else None, "sketch_dim": sketch_dim,
+        "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
         "cache_dir": cache_dir,
     }
     given = {k: v for k, v in flags.items() if v is not None}

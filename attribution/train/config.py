@@ -48,6 +48,8 @@ class RunConfig:
     value: bool = True  # False = plain training (throughput baseline); no value files are written
     per_example_max: int = 64  # per-example values for validation sets with at most this many documents
     optimizer_aware: bool = False  # Adam-preconditioned values (engine option), instead of the SGD proxy
+    sketch: bool = True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
+    sketch_dim: int = 256  # dimension of the sketch vectors (1 KiB float32 per document)
     # Model and optimizer (None = from preset).
     n_layer: int | None = None
     n_head: int | None = None
@@ -120,6 +122,8 @@ class RunConfig:
             raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.keep_every is not None and self.keep_every < 0:
             raise UserError("--keep-every must be 0 (no replay chain) or a positive number of steps")
+        if self.sketch_dim < 1:
+            raise UserError(f"--sketch-dim must be a positive number, got {self.sketch_dim}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float64 or bfloat16, got {self.dtype!r}")
 

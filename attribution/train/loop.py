@@ -488,6 +488,7 @@ class _Session:
     valued_step: ValuedStep
     store: ValueStore | None
     log: TrainLog
+    sketch: Any = None  # attribution.train.sketch.InRunSketch, or None (--no-sketch, no values)
     step: int = 0
     position: int = 0
     resumed_from: int | None = None
@@ -556,7 +557,20 @@ def _setup(cfg: RunConfig, sources, info, device: str, dtype: str, started: floa
         else None
     )
     return _Session(cfg, sources, info, device, dtype, started, val, data, total, model, optimizer, valued_step,
-                    store, TrainLog(out / "train_log.csv", list(val)))
+                    store, TrainLog(out / "train_log.csv", list(val)), _make_sketch(cfg, model, valued_step, data,
+                                                                                      total, info))
+
+
+def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData, total: int, info):
+    """The in-run gradient sketch (`attribution.train.sketch`), fed by the valuer's captures; needs values."""
+    if not (cfg.sketch and cfg.value):
+        return None
+    from attribution.train.sketch import InRunSketch, segments
+
+    sketch = InRunSketch(model, cfg.sketch_dim, cfg.seed, segments(cfg.keep_every or 0, total), data.store_row_of_seq,
+                         data.docs["doc_id"].astype(str).tolist(), info)
+    sketch.attach(valued_step.valuer)
+    return sketch
 
 
 def _resume(run: _Session) -> None:
@@ -582,6 +596,9 @@ def _resume(run: _Session) -> None:
     if run.store is not None:
         run.store.load_state_arrays(loaded.arrays)
         run.store.discard_after(run.step)
+    if run.sketch is not None and not run.sketch.load_state_arrays(loaded.arrays):
+        warnings.warn("the checkpoint holds no gradient sketch; this run will write none", stacklevel=2)
+        run.sketch = None
 
 
 def _start_files(run: _Session) -> None:
@@ -615,6 +632,8 @@ def _train(run: _Session) -> float:
         run.position += cfg.batch_size
         if values is not None and run.store is not None:
             run.store.add(run.step, batch_idx, values.per_set, values.per_example, values.per_example_cos)
+        if run.sketch is not None:
+            run.sketch.add(run.step, batch_idx)
         progress.update(run, lr, loss, int(mask.sum()) * run.info.world)
         if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
             _checkpoint(run, flushed_through, run.prior_seconds + time.perf_counter() - t_train0)
@@ -675,7 +694,8 @@ def _checkpoint(run: _Session, flushed_through: int, train_seconds: float) -> No
             run.out, run.model, run.optimizer,
             {"step": run.step, "position": run.position, "total_steps": run.total, "fingerprint": run.data.fingerprint,
              "seed": cfg.seed, "train_seconds": train_seconds, "config": cfg.to_json()},
-            run.store.state_arrays() if run.store is not None else {},
+            {**(run.store.state_arrays() if run.store is not None else {}),
+             **(run.sketch.state_arrays() if run.sketch is not None else {})},
             {"torch": torch.get_rng_state()},
         )
     dist_util.barrier(run.info)
@@ -700,6 +720,8 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
     if run.store is not None:
         run.store.finalize()
     _write_docs_parquet(run.out, run.data)
+    if run.sketch is not None:
+        run.sketch.write(run.out)
     final_val = evaluate(run.model, run.val, run.device)
     timings = {"started": run.started, "finished": time.time(), "train_seconds": train_seconds,
                "tokens_per_s": run.total * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9)}
@@ -717,9 +739,10 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
                     dtype: str, total: int, *, status: str, timings: dict, store: ValueStore | None,
                     resumed_from: int | None, final_val: dict[str, float] | None = None) -> None:
     """manifest.json (`attribution.values.Manifest`): enough to repeat the run and to know what its numbers mean."""
+    from attribution.values.manifest import FILENAME as MANIFEST_FILE
     from attribution.values.manifest import CorpusInfo, Manifest, Timings, TrainingInfo, ValSetInfo
 
-    previous = Manifest.read(out) if (out / "manifest.json").exists() else None
+    previous = Manifest.read(out) if (out / MANIFEST_FILE).exists() else None
     resumes = previous.resumed_from if previous is not None else []
     resuming = resumed_from is not None and status == "running"
     if resuming:

@@ -73,8 +73,16 @@ commands: list[click.Command] = [curate_command]
                    "1e-3 for GPU/bf16 runs, whose deviation is reported).")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Documents per claim in claims.md / claims.html.")
+@click.option("--fast", is_flag=True,
+              help="Candidates from the run's gradient-sketch index in seconds, then confirmed by targeted exact "
+                   "replay; writes fast.csv and fast.md (estimate, exact value, exact rank among the candidates).")
+@click.option("--k", "fast_k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="--fast: candidate documents per claim.")
+@click.option("--view", "fast_view", default=None, metavar="NAME",
+              help="--fast: the view the sketch ranks by (value, per_token, cosine, contrast, contrast_per_token, "
+                   "contrast_cosine; default: the run's default view).")
 def claim_command(run: Path, texts: Path, out: Path, docs: str | None, workers: int, resume: bool,
-                  tolerance: float | None, top_k: int) -> None:
+                  tolerance: float | None, top_k: int, fast: bool, fast_k: int, fast_view: str | None) -> None:
     """Value texts that arrive after training against the finished run RUN, by exact replay.
 
     \b
@@ -87,14 +95,33 @@ def claim_command(run: Path, texts: Path, out: Path, docs: str | None, workers: 
     Several machines:  torchrun --nproc_per_node 2 -m attribution.cli claim ...
     """
     from attribution.report.claims import write_claims_report
+    from attribution.values.rundir import RunDir
     from attribution.workflows.claim import claim
 
     t0 = time.perf_counter()
+    if fast:
+        _fast(run, texts, out, docs, resume, fast_k, fast_view, workers, tolerance, t0)
+        return
     ids = [d.strip() for d in docs.split(",") if d.strip()] if docs else None
     run_dir = claim(run, texts, out, docs=ids, workers=workers, resume=resume, tolerance=tolerance, report=False)
-    if (run_dir / "manifest.json").is_file():  # rank 0 (the other torchrun ranks return after their segments)
+    if RunDir(run_dir).manifest_path.is_file():  # rank 0 (the other torchrun ranks return after their segments)
         md, page = write_claims_report(run_dir, run_dir, top_k=top_k)
         click.echo(f"claims valued in {time.perf_counter() - t0:.1f} s: {run_dir} ({md.name}, {page.name})", err=True)
+
+
+def _fast(run: Path, texts: Path, out: Path, docs: str | None, resume: bool, k: int, view: str | None, workers: int,
+          tolerance: float | None, t0: float) -> None:
+    from attribution.errors import UserError
+    from attribution.workflows.claim_fast import fast_claim
+
+    if docs or resume:
+        raise UserError("--fast chooses the documents itself and cannot resume; drop --docs / --resume")
+    r = fast_claim(run, texts, out, k=k, view=view, workers=workers, tolerance=tolerance)
+    for note in r.notes:
+        click.echo(f"note: {note}", err=True)
+    what = "confirmed by targeted exact replay" if r.confirmed else "estimates only (no replay chain)"
+    click.echo(f"{r.table['claim_id'].nunique()} claim(s), top {k} by the {r.view!r} sketch, {what}, in "
+               f"{time.perf_counter() - t0:.1f} s: {r.out / 'fast.md'}", err=True)
 
 
 commands = [curate_command, claim_command]

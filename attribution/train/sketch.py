@@ -1,0 +1,304 @@
+"""In-run gradient sketches: every training document's weighted gradient, projected, as a FAISS index.
+
+Why: exact claim replay (`attribution.workflows.claim`) re-runs training. A sketch made while the run
+trains lets `attribution claim --fast` answer in seconds with one inner product per document, and
+then confirm only the top candidates by targeted exact replay.
+
+The projection `R_s` of segment s (the steps between two kept checkpoints of the replay chain) is
+`M_s (R0 (x) R1)`: per parameter, fixed Gaussian row and column projections `R0`, `R1` (a side of at
+most `SIDE` is kept exact) applied to the engine's captured token factors, so the per-sample gradient
+`sum_t row_t col_t^T` becomes `sum_t (R0 row_t)(R1 col_t)^T` without ever being materialized; the
+parameters' small blocks are concatenated and mixed into `dim` numbers by a Gaussian `M_s` drawn per
+segment. All entries are N(0, 1/k), so `E[R_s^T R_s] = I` and inner products of sketches are unbiased
+estimates of gradient dot products.
+
+A document's vector is `sum over its sequences and steps of lr * clip factor * loss weight * R_s g`,
+i.e. the segments' sketches concatenated and projected once more block by block (`[M_1 ... M_S]`):
+independent `M_s` make the cross-segment terms vanish in expectation, so a claim vector
+`sum_s M_s P g_claim(segment s)` scores a document as `sum_s <g_claim, weighted sum of g>` with a
+dimension that does not grow with the number of segments (memory: n_docs x dim).
+Weighting is the SGD formula; for optimizer-aware runs it is the SGD proxy (Adam's preconditioner is
+not applied to sketches).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution.engine.capture import Captured
+from attribution.engine.rules import Use
+from attribution.engine.scoring import factor_dtype
+from attribution.engine.strategies.materialize import materialize
+from attribution.errors import UserError
+from attribution.io import atomic_path, atomic_write
+
+SIDE = 32  # per-parameter Kronecker side: rows and columns larger than this are projected to SIDE
+DEFAULT_DIM = 256  # index dimension: 1 KiB float32 per document, < 50 ms flat search over 1M documents
+SKETCH_DIR = "sketch"
+INDEX = "index.faiss"
+UNIT_INDEX = "index_unit.faiss"
+META = "meta.json"
+
+
+def segments(keep_every: int, total: int) -> list[tuple[int, int]]:
+    """`(start, end]` step ranges between the replay chain's links (one segment when none are kept)."""
+    bounds = [0, *range(keep_every, total, keep_every), total] if keep_every else [0, total]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def segment_of(segs: Sequence[tuple[int, int]], step: int) -> int:
+    """Index of the segment that trains 1-based `step`."""
+    return bisect.bisect_left([end for _, end in segs], step)
+
+
+class Projection:
+    """`R_s` for one model: per-parameter `R0 (x) R1`, concatenated, then the segment's `M_s`.
+
+    Seeded by `seed` and the parameter names only, so training and `claim --fast` draw the same
+    matrices in different processes. `params`: name -> canonical shape, in the model's order.
+    """
+
+    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, side: int = SIDE):
+        self.params = dict(params)
+        self.dim, self.seed, self.side = int(dim), int(seed), int(side)
+        self.blocks = {name: (min(p0, side), min(p1, side)) for name, (p0, p1) in self.params.items()}
+        self.width = sum(a * b for a, b in self.blocks.values())
+        self._factors: dict[tuple[str, torch.device, torch.dtype], tuple[Any, Any]] = {}
+        self._mix: tuple[tuple[int, torch.device, torch.dtype], torch.Tensor] | None = None
+
+    def _gaussian(self, rows: int, cols: int, *key: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(zlib.crc32(json.dumps([self.seed, self.side, *key]).encode()))
+        return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / rows**0.5
+
+    def factors(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        """`(R0, R1)` of a parameter (`None` = that side is kept exact)."""
+        key = (name, device, dtype)
+        if key not in self._factors:
+            (p0, p1), tag = self.params[name], zlib.crc32(name.encode())
+            r0 = self._gaussian(self.side, p0, tag, 0).to(device, dtype) if p0 > self.side else None
+            r1 = self._gaussian(self.side, p1, tag, 1).to(device, dtype) if p1 > self.side else None
+            self._factors[key] = (r0, r1)
+        return self._factors[key]
+
+    def mixer(self, segment: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`M_s^T` (`[width, dim]`), kept for the segment in use."""
+        key = (int(segment), device, dtype)
+        if self._mix is None or self._mix[0] != key:
+            self._mix = (key, self._gaussian(self.dim, self.width, -1, int(segment)).t().to(device, dtype))
+        return self._mix[1]
+
+    def _block(self, name: str, uses: list[Use]) -> torch.Tensor:
+        dtype = factor_dtype(uses)
+        dev = uses[0].row.device
+        r0, r1 = self.factors(name, dev, dtype)
+        p0 = self.params[name][0]
+        small = []
+        for u in uses:
+            if u.row_index:
+                row = r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype)
+            else:
+                row = u.row.to(dtype) @ r0.t() if r0 is not None else u.row.to(dtype)
+            col = None if u.col is None else (u.col.to(dtype) @ r1.t() if r1 is not None else u.col.to(dtype))
+            small.append(Use(row, col, False))
+        return materialize(small, self.blocks[name], True, dtype).reshape(uses[0].n, -1)
+
+    def kronecker(self, cap: Captured, names: Mapping[int, str]) -> torch.Tensor:
+        """`[n, width]` per-sample `(R0 (x) R1) g` of every parameter, concatenated (no gradient is built)."""
+        by_name = {names[pid]: uses for pid, uses in cap.uses.items()}
+        first = next(iter(cap.uses.values()))
+        dtype, dev = factor_dtype(first), first[0].row.device
+        parts = []
+        for name, (a, b) in self.blocks.items():
+            uses = by_name.get(name)
+            parts.append(self._block(name, uses) if uses else torch.zeros(cap.n, a * b, dtype=dtype, device=dev))
+        return torch.cat(parts, dim=1)
+
+    def mix(self, kron: torch.Tensor, segment: int) -> torch.Tensor:
+        """`[n, dim]` = `M_s` applied to `kronecker(...)` rows."""
+        return kron @ self.mixer(segment, kron.device, kron.dtype)
+
+    def apply_dense(self, grads: Mapping[str, torch.Tensor], segment: int) -> torch.Tensor:
+        """`R_s g` of one dense gradient (name -> canonical `[P0, P1]`): the reference the tests compare with."""
+        parts = []
+        for name in self.blocks:
+            g = grads[name].to(torch.float64)
+            r0, r1 = self.factors(name, g.device, torch.float64)
+            g = g if r0 is None else r0 @ g
+            g = g if r1 is None else g @ r1.t()
+            parts.append(g.reshape(-1))
+        return self.mix(torch.cat(parts).unsqueeze(0), segment)[0]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": n, "shape": list(self.params[n]), "block": list(self.blocks[n])} for n in self.blocks]
+
+
+def model_params(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], dict[int, str]]:
+    """(name -> canonical shape, id(param) -> name) of the trainable parameters, tied ones once."""
+    from attribution.engine.rules import canonical_shape, trainable_params
+
+    params = trainable_params(model)
+    return {name: canonical_shape(p) for name, p in params.values()}, {pid: name for pid, (name, _) in params.items()}
+
+
+class InRunSketch:
+    """Accumulates `lr * c * w_i * R_s g_i` per document while a run trains; writes the FAISS indexes.
+
+    `attach(valuer)` taps `Valuer.values` (called after clipping, before the optimizer step) and reads
+    the training capture the valuer holds at that moment: no extra backward. The loop then calls
+    `add(step, batch_idx)` with the global batch (every rank, like the values).
+    """
+
+    def __init__(self, model: torch.nn.Module, dim: int, seed: int, segs: list[tuple[int, int]],
+                 store_row_of_seq: np.ndarray, doc_ids: Sequence[str], info=None):
+        shapes, self.names = model_params(model)
+        self.projection = Projection(shapes, dim, seed)
+        self.segs = segs
+        self.store_row_of_seq = np.asarray(store_row_of_seq, dtype=np.int64)
+        self.doc_ids = [str(d) for d in doc_ids]
+        self.acc = np.zeros((len(self.doc_ids), int(dim)), dtype=np.float64)
+        self.info = info
+        self.world = 1 if info is None else info.world
+        self._pending: torch.Tensor | None = None  # the step's weighted (R0 (x) R1) g rows, until add()
+
+    # -- feeding ------------------------------------------------------------------------------
+    def attach(self, valuer) -> None:
+        """Wrap this valuer's `values()` so each step's capture is sketched before the valuer drops it."""
+        inner = valuer.values
+
+        def values(lr: float, *, grad_scale: float = 1.0, optimizer=None):
+            cap = getattr(valuer, "_train", None)
+            if cap is not None:
+                self.observe(cap, lr * grad_scale)
+            return inner(lr, grad_scale=grad_scale, optimizer=optimizer)
+
+        valuer.values = values
+
+    def observe(self, cap: Captured, step_size: float) -> None:
+        """Weight each sequence as its value is weighted: `lr * c * w_i / world` (`w_i` = 1/n for the mean)."""
+        kron = self.projection.kronecker(cap, self.names)
+        w = cap.sample_weights().to(kron.device, kron.dtype) * (step_size / self.world)
+        self._pending = kron * w.view(-1, 1)
+
+    def add(self, step: int, batch_idx: np.ndarray) -> None:
+        """Mix the pending rows with the step's segment and add them to their documents (global batch)."""
+        from attribution.train import distributed as dist_util
+
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(f"sketch: step {step} was not observed (the valuer's values() never ran)")
+        rows = self.project_rows(pending, step)
+        if self.info is not None:
+            rows = dist_util.gather_rows(self.info, rows)
+        self.accumulate(rows, np.asarray(batch_idx, dtype=np.int64))
+
+    def project_rows(self, kron: torch.Tensor, step: int) -> np.ndarray:
+        return self.projection.mix(kron, segment_of(self.segs, step)).double().cpu().numpy()
+
+    def accumulate(self, rows: np.ndarray, seqs: np.ndarray) -> None:
+        docs = self.store_row_of_seq[seqs]
+        keep = docs >= 0
+        np.add.at(self.acc, docs[keep], rows[keep])
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"sketch.acc": self.acc}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        """Restore the accumulator; False when the checkpoint has none (made without a sketch)."""
+        saved = arrays.get("sketch.acc")
+        if saved is None or np.asarray(saved).shape != self.acc.shape:
+            return False
+        self.acc = np.asarray(saved, dtype=np.float64).copy()
+        return True
+
+    # -- output -------------------------------------------------------------------------------
+    def write(self, out: str | Path) -> Path:
+        """`sketch/index.faiss` (raw vectors), `index_unit.faiss` (unit-normalized) and `meta.json`.
+
+        Only trained documents are indexed (a document no step used has no vector and no value)."""
+        folder = Path(out) / SKETCH_DIR
+        norms = np.linalg.norm(self.acc, axis=1)
+        trained = np.flatnonzero(norms > 0)
+        write_index(folder / INDEX, self.acc[trained].astype(np.float32))
+        write_index(folder / UNIT_INDEX, (self.acc[trained] / norms[trained, None]).astype(np.float32))
+        meta = {
+            "dim": self.projection.dim, "seed": self.projection.seed, "side": self.projection.side,
+            "layers": self.projection.describe(), "segments": [list(s) for s in self.segs],
+            "doc_ids": [self.doc_ids[i] for i in trained], "files": {"raw": INDEX, "unit": UNIT_INDEX},
+            "weighting": "lr * clip factor * loss weight per sequence (the SGD formula; the SGD proxy for "
+                         "optimizer-aware runs)",
+            "projection": "per segment s: M_s (R0 (x) R1 per parameter, blocks concatenated); Gaussian N(0, 1/k)",
+        }
+        with atomic_write(folder / META) as fh:
+            json.dump(meta, fh)
+        return folder
+
+
+def write_index(path: Path, vectors: np.ndarray) -> None:
+    """A flat inner-product FAISS index of `vectors`, written atomically."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+@dataclass
+class SketchIndex:
+    """A run's sketch as `claim --fast` reads it."""
+
+    folder: Path
+    meta: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        return [(int(a), int(b)) for a, b in self.meta["segments"]]
+
+    def projection(self) -> Projection:
+        return Projection({x["name"]: tuple(x["shape"]) for x in self.meta["layers"]}, self.dim,
+                          int(self.meta["seed"]), int(self.meta["side"]))
+
+    def load(self, kind: str = "raw"):
+        """The FAISS index (`raw` or `unit`); its dimension must be the run's."""
+        import faiss
+
+        path = self.folder / self.meta["files"][kind]
+        if not path.is_file():
+            raise UserError(f"{path}: sketch index file is missing")
+        index = faiss.read_index(str(path))
+        if index.d != self.dim or index.ntotal != len(self.meta["doc_ids"]):
+            raise UserError(f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, but the run's sketch "
+                            f"meta says {len(self.meta['doc_ids'])} of dimension {self.dim}; rebuild the run's sketch")
+        return index
+
+
+def read_sketch(run: str | Path, config: Mapping[str, Any] | None = None) -> SketchIndex:
+    """The run's sketch index; one clear line when there is none or it does not match the run."""
+    folder = Path(run) / SKETCH_DIR
+    if not (folder / META).is_file() or not (folder / INDEX).is_file():
+        raise UserError(f"{run}: this run has no sketch index ({SKETCH_DIR}/{INDEX}); it was trained with "
+                        "--no-sketch, without values, or before sketches existed: use `attribution claim` without "
+                        "--fast (exact replay)")
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{folder / META}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    want = (config or {}).get("sketch_dim")
+    if want is not None and int(want) != int(meta.get("dim", -1)):
+        raise UserError(f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim "
+                        f"{want}: the index is not this run's")
+    return SketchIndex(folder, meta)

@@ -1,0 +1,283 @@
+"""`attribution claim --fast`: a claim's top documents from the run's sketch index, then confirmed exactly.
+
+Why: exact replay (`attribution.workflows.claim`) costs a valued re-run. The run wrote each document's
+weighted gradient sketch (`attribution.train.sketch`); a claim's sketched gradient at every kept
+checkpoint, with the same projections, scores every document with one inner product. The top `k`
+candidates per claim are then replayed exactly (targeted mode, `claim(..., docs=...)`), and both
+numbers are reported: the estimate, and the exact value with its rank among the candidates.
+
+The claim's gradient for segment (a, b] is the trapezoid `(g(w_a) + g(w_b)) / 2` of the kept
+checkpoints around it (the run's values use the weights of every step between). A run that kept no
+chain is answered with the gradient at its final weights for every segment, as an estimate only.
+
+Ranking follows a view (default: the run's default view), so the fast candidates are the top of the
+ranking the exact values are read by. The views are linear in the sketch: `per_token` divides the
+document vectors by the tokens the document contributed, `contrast` subtracts the mean reference-set
+query vector from the claim's, `cosine` uses the unit-normalized index and query (TrackStar style;
+an analogue of, not the same number as, the run's per-step cosine view).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+from attribution.io import atomic_write
+from attribution.train import chain
+from attribution.train.config import RunConfig
+from attribution.train.sketch import Projection, SketchIndex, model_params, read_sketch
+from attribution.values.manifest import Manifest
+from attribution.values.rundir import RunDir
+
+FAST_VIEWS = ("value", "per_token", "cosine", "contrast", "contrast_per_token", "contrast_cosine")
+CHUNK = 16  # claim sequences per gradient pass
+
+
+@dataclass
+class FastClaims:
+    """What `fast_claim` found: one row per (claim, candidate), and how far it got."""
+
+    out: Path
+    table: pd.DataFrame
+    view: str
+    confirmed: bool
+    notes: list[str]
+
+
+def _config(manifest: Manifest) -> RunConfig:
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in manifest.config.items() if k in fields})
+    return dataclasses.replace(cfg, betas=tuple(cfg.betas) if cfg.betas is not None else None,
+                               exclude_ids=tuple(cfg.exclude_ids), progress=False, resume=False)
+
+
+def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]) -> str:
+    name = view or manifest.default_view
+    if name not in FAST_VIEWS:
+        if view is not None:
+            raise UserError(f"--view {name}: the sketch can rank by {', '.join(FAST_VIEWS)}")
+        notes.append(f"the run's default view {name!r} is not linear in the sketch; ranked by raw value")
+        name = "value"
+    if name.startswith("contrast") and not cfg.reference:
+        base = name.removeprefix("contrast").lstrip("_") or "value"
+        notes.append(f"the run has no fixed reference set, so {name!r} is ranked as {base!r}")
+        name = base
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim gradients at the kept checkpoints
+
+
+class _Gradients:
+    """`(R0 (x) R1) g` of texts at the weights loaded into `model` (sum of each text's sequences)."""
+
+    def __init__(self, model, projection: Projection):
+        from attribution.engine.capture import Capturer
+
+        self.model = model
+        self.projection = projection
+        self.capturer = Capturer(model)
+        self.names = model_params(model)[1]
+
+    def kron(self, ids: np.ndarray, mask: np.ndarray, owner: np.ndarray, n_texts: int):
+        import torch
+
+        from attribution.engine.task import LanguageModelingTask
+        from attribution.engine.valuer import eval_mode
+
+        task = LanguageModelingTask()
+        dev = next(self.model.parameters()).device
+        out = None
+        for s in range(0, len(ids), CHUNK):
+            i = torch.from_numpy(ids[s : s + CHUNK]).to(dev)
+            m = torch.from_numpy(mask[s : s + CHUNK]).to(dev)
+            with eval_mode(self.model), torch.enable_grad():
+                cap = self.capturer.grads_only(lambda i=i, m=m: task.per_sequence_loss(self.model, i, m))
+            rows = self.projection.kronecker(cap, self.names).double().cpu()
+            out = torch.zeros(n_texts, rows.shape[1], dtype=torch.float64) if out is None else out
+            out.index_add_(0, torch.from_numpy(owner[s : s + CHUNK]), rows)
+        return out
+
+
+def query_vectors(run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *, progress: bool = False
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`name -> [n_texts, dim]` sketched claim-side vectors for each text set in `texts` (ValData).
+
+    Per segment, the trapezoid of the two kept checkpoints around it; without a chain, the final weights."""
+    from tqdm import tqdm
+
+    from attribution.train import checkpoint as ckpt
+    from attribution.train import loop
+
+    notes: list[str] = []
+    device, dtype = loop.resolve_device(cfg)
+    model = loop.build_model(cfg, device, "float64" if dtype == "float64" else "float32")
+    optimizer = loop.build_optimizer(model, cfg)
+    projection = sketch.projection()
+    if model_params(model)[0] != projection.params:
+        raise UserError(f"{sketch.folder}: the sketch's layers are not this run's model (shapes differ)")
+    grads = _Gradients(model, projection)
+    segs = sketch.segments
+    links = {lk.step: lk for lk in chain.links(run)}
+    bounds = sorted({a for a, _ in segs} | {b for _, b in segs})
+    out = {name: np.zeros((len(v.docs), sketch.dim)) for name, v in texts.items()}
+
+    def add(weights: list[tuple[int, float]]) -> None:
+        for name, v in texts.items():
+            kron = grads.kron(v.ids, v.mask, v.seq_doc, len(v.docs))
+            for s, w in weights:
+                out[name] += w * projection.mix(kron, s).numpy()
+
+    if all(b in links for b in bounds):
+        for b in tqdm(bounds, desc="claim gradients", unit="checkpoint", disable=not progress, file=sys.stderr):
+            chain.load_link(links[b], model, optimizer, device=device)
+            # the link ends the segment before it and starts the one after it: half of each trapezoid
+            add([(i, 0.5) for i, (a, e) in enumerate(segs) if b in (a, e)])
+    elif not links:
+        if ckpt.load_checkpoint(run, model, optimizer, device=device) is None:
+            raise UserError(f"{run}: no checkpoint to take the claim gradient at (checkpoints/ is missing)")
+        add([(i, 1.0) for i in range(len(segs))])
+        notes.append("the run kept no replay chain: every segment uses the claim gradient at the final weights, "
+                     "and the candidates cannot be confirmed by exact replay (estimates only)")
+    else:
+        missing = [b for b in bounds if b not in links]
+        raise UserError(f"{run}: the replay chain lacks the kept checkpoints at steps {missing[:5]} that the sketch's "
+                        "segments end at")
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def _doc_index(sketch: SketchIndex, view: str, run: Path):
+    """The FAISS index the view ranks: raw, unit-normalized, or raw divided by each document's tokens."""
+    import faiss
+
+    if "cosine" in view:
+        return sketch.load("unit")
+    index = sketch.load("raw")
+    if "per_token" not in view:
+        return index
+    docs = RunDir(run).table("docs.parquet", ["doc_id", "n_tokens"], required=True)
+    tokens = docs.set_index(docs["doc_id"].astype(str))["n_tokens"].reindex(sketch.meta["doc_ids"]).fillna(1)
+    vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    scaled = faiss.IndexFlatIP(index.d)
+    scaled.add(np.ascontiguousarray(vectors / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None], np.float32))
+    return scaled
+
+
+def rank_queries(claims: np.ndarray, reference: np.ndarray | None, view: str) -> np.ndarray:
+    """The query vectors of a view: unit-normalized for cosine views, minus the reference mean for contrast."""
+    q = _unit(claims) if "cosine" in view else claims
+    if view.startswith("contrast") and reference is not None and len(reference):
+        q = q - (_unit(reference) if "cosine" in view else reference).mean(0, keepdims=True)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _texts(run: Path, cfg: RunConfig, texts: Path, contrast: bool) -> dict:
+    from attribution.corpus import read_validation
+    from attribution.train import loop
+    from attribution.train.distributed import DistInfo
+    from attribution.train.reference import NAME as REFERENCE
+
+    if not texts.is_file():
+        raise UserError(f"{texts}: no such file (--texts expects JSONL, one {{\"id\", \"text\"}} object a line)")
+    if not read_validation(texts):
+        raise UserError(f"{texts}: no claim texts")
+    out = {"claims": loop.load_validation(dataclasses.replace(cfg, val={"claims": str(texts)}))["claims"]}
+    if contrast:  # the run's fixed reference set, rebuilt from the corpus as the replay does
+        parent = {n: str(p) for n, p in RunDir(run).val_set_paths().items() if n != REFERENCE}
+        pcfg = dataclasses.replace(cfg, val=parent)
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else loop.default_cache_dir()
+        ref = loop.reference_set(loop.load_training(pcfg, loop.load_validation(pcfg), cache, DistInfo()))
+        if ref is not None:
+            out[REFERENCE] = ref
+    return out
+
+
+def estimate(run: str | Path, texts: str | Path, *, view: str | None = None, k: int | None = None,
+             progress: bool = False) -> tuple[pd.DataFrame, str, list[str], bool]:
+    """Top-`k` documents per claim by the sketch (all documents when `k` is None).
+
+    Returns (rows `claim_id, rank, doc_id, estimate`, the view used, notes, whether a chain exists)."""
+    run, texts = Path(run), Path(texts)
+    manifest = RunDir(run).manifest()
+    cfg = _config(manifest)
+    sketch = read_sketch(run, manifest.config)
+    notes: list[str] = []
+    view = _view(view, manifest, cfg, notes)
+    sets = _texts(run, cfg, texts, view.startswith("contrast"))
+    vectors, more = query_vectors(run, cfg, sketch, sets, progress=progress)
+    notes += more
+    q = rank_queries(vectors["claims"], vectors.get("reference"), view)
+    index = _doc_index(sketch, view, run)
+    k = index.ntotal if k is None else min(int(k), index.ntotal)
+    scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+    doc_ids = np.asarray(sketch.meta["doc_ids"], dtype=object)
+    claim_ids = sets["claims"].example_ids
+    table = pd.DataFrame({
+        "claim_id": np.repeat(claim_ids, k), "rank": np.tile(np.arange(1, k + 1), len(claim_ids)),
+        "doc_id": doc_ids[rows.reshape(-1)], "estimate": scores.reshape(-1).astype(np.float64),
+    })
+    return table, view, notes, bool(chain.links(run))
+
+
+def fast_claim(run: str | Path, texts: str | Path, out: str | Path, *, k: int = 10, view: str | None = None,
+               workers: int = 1, tolerance: float | None = None, progress: bool = True) -> FastClaims:
+    """Candidates from the sketch index, confirmed by targeted exact replay; writes `fast.csv` and `fast.md`."""
+    from attribution.values.results import RunValues
+    from attribution.workflows.claim import CLAIM_SET, claim
+
+    run, texts, out = Path(run), Path(texts), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists; choose another --out")
+    table, view, notes, has_chain = estimate(run, texts, view=view, k=k, progress=progress)
+    if has_chain:
+        candidates = sorted(set(table["doc_id"]))
+        replay = claim(run, texts, out / "replay", docs=candidates, workers=workers, tolerance=tolerance,
+                       report=False, progress=progress)
+        exact = RunValues.read(replay).view(view)
+        exact = exact[exact["val_set"] == CLAIM_SET]
+        exact = exact.rename(columns={"val_id": "claim_id", "value": "exact_value", "attribution": "exact"})
+        table = table.merge(exact[["claim_id", "doc_id", "exact_value", "exact"]], on=["claim_id", "doc_id"],
+                            how="left")
+        table["exact_rank"] = table.groupby("claim_id")["exact"].rank(ascending=False, method="average")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "fast.csv") as fh:
+        table.to_csv(fh, index=False)
+    with atomic_write(out / "fast.md") as fh:
+        fh.write(_markdown(table, view, notes, run, has_chain))
+    return FastClaims(out, table, view, has_chain, notes)
+
+
+def _markdown(table: pd.DataFrame, view: str, notes: list[str], run: Path, confirmed: bool) -> str:
+    lines = [f"# Fast claims against {run}", "",
+             f"Candidates from the run's gradient-sketch index, ranked by the `{view}` view "
+             + ("and confirmed by targeted exact replay (`exact`: the exact value under that view, `exact_rank`: "
+                "its rank among the candidates)." if confirmed else "(estimates only, not confirmed)."), ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    cols = ["rank", "doc_id", "estimate"] + (["exact", "exact_value", "exact_rank"] if confirmed else [])
+    for claim_id, rows in table.groupby("claim_id", sort=False):
+        lines += [f"## {claim_id}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        for r in rows.itertuples(index=False):
+            cells = [f"{getattr(r, c):.6g}" if isinstance(getattr(r, c), float) else str(getattr(r, c)) for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

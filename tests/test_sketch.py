@@ -1,0 +1,102 @@
+"""In-run gradient sketches: `R_s` of the captured factors is `R_s` of the per-sample gradient, unbiased, and
+each document accumulates its sequences' weighted sketches over steps and segments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.engine.capture import Capturer
+from attribution.engine.rules import canonical_shape, trainable_params
+from attribution.engine.task import LanguageModelingTask
+from attribution.engine.valuer import ValSet, Valuer
+from attribution.train.sketch import InRunSketch, Projection, model_params, segment_of, segments
+from tests.test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401 (fixture)
+
+SIDE = 8  # below the tiny model's widths (16, 31, 48, 64): both projected and exact sides are exercised
+
+
+def _per_sample_grads(model, ids, mask) -> list[dict[str, torch.Tensor]]:
+    """Brute force: autograd of each sequence's own loss, in each parameter's canonical shape."""
+    task = LanguageModelingTask()
+    params = trainable_params(model)
+    out = []
+    for i in range(len(ids)):
+        model.zero_grad()
+        task.per_sequence_loss(model, ids[i : i + 1], mask[i : i + 1]).sum().backward()
+        out.append({name: p.grad.detach().clone().reshape(canonical_shape(p)) for name, p in params.values()})
+    model.zero_grad()
+    return out
+
+
+def _projection(model, dim: int, seed: int) -> Projection:
+    return Projection(model_params(model)[0], dim, seed, side=SIDE)
+
+
+def test_sketch_of_the_factors_is_the_projection_of_the_per_sample_gradient():
+    model = tiny_gpt2()
+    ids, mask = ragged_batch(3, 10, seed=1)
+    proj = _projection(model, 24, seed=5)
+    assert any(b != tuple(s) for b, s in zip(proj.blocks.values(), proj.params.values(), strict=True))
+    _, cap = Capturer(model).train(lambda: LanguageModelingTask().per_sequence_loss(model, ids, mask))
+    names = model_params(model)[1]
+    for segment in (0, 3):
+        got = proj.mix(proj.kronecker(cap, names), segment)
+        want = torch.stack([proj.apply_dense(g, segment) for g in _per_sample_grads(model, ids, mask)])
+        assert got.dtype == torch.float64 and got.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+
+
+def test_sketch_inner_products_are_unbiased():
+    """Mean over independent seeds of `<R g, R h>` is `<g, h>` within 4 standard errors; one seed is not exact."""
+    model = tiny_gpt2()
+    ids, mask = ragged_batch(2, 8, seed=2)
+    g, h = _per_sample_grads(model, ids, mask)
+    exact = sum(float((g[n] * h[n]).sum()) for n in g)
+    est = []
+    for seed in range(300):
+        proj = _projection(model, 16, seed)
+        est.append(float(proj.apply_dense(g, seed % 3) @ proj.apply_dense(h, seed % 3)))
+    est = np.asarray(est)
+    se = est.std(ddof=1) / np.sqrt(len(est))
+    assert se > 1e-6 * abs(exact)
+    assert abs(est.mean() - exact) < 4 * se
+
+
+def test_segments_follow_the_replay_chain():
+    assert segments(2, 5) == [(0, 2), (2, 4), (4, 5)]
+    assert segments(0, 5) == [(0, 5)]
+    segs = segments(2, 5)
+    assert [segment_of(segs, t) for t in range(1, 6)] == [0, 0, 1, 1, 2]
+
+
+def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
+    """Fed through the Valuer tap like the loop: lr * clip * (1/n) * R_s g_i, summed per document."""
+    model = tiny_gpt2()
+    val_ids, val_mask = ragged_batch(2, 8, seed=9)
+    valuer = Valuer(model, {"v": ValSet(val_ids, val_mask)})
+    seq_doc = np.array([0, 0, 1, 2, 2, 1])  # six sequences, three documents
+    segs = segments(2, 4)
+    sketch = InRunSketch(model, 12, seed=4, segs=segs, store_row_of_seq=seq_doc, doc_ids=["a", "b", "c"])
+    sketch.projection = Projection(sketch.projection.params, 12, 4, side=SIDE)
+    sketch.attach(valuer)
+    ids_all, mask_all = ragged_batch(6, 10, seed=3)
+    want = np.zeros((3, 12))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (batch, lr, clip) in enumerate([([0, 3], 0.1, 1.0), ([1, 2], 0.2, 0.5), ([4, 5], 0.3, 0.7),
+                                              ([3, 0], 0.4, 1.0)], start=1):
+        b = np.asarray(batch)
+        ids, mask = ids_all[b], mask_all[b]
+        grads = _per_sample_grads(model, ids, mask)
+        for i, g in zip(b, grads, strict=True):
+            want[seq_doc[i]] += lr * clip / len(b) * sketch.projection.apply_dense(g, segment_of(segs, step)).numpy()
+        valuer.forward_backward(ids, mask)
+        valuer.values(lr, grad_scale=clip)
+        sketch.add(step, b)
+        opt.step()
+        opt.zero_grad()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(sketch.acc, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    with pytest.raises(RuntimeError, match="not observed"):
+        sketch.add(5, np.array([0]))

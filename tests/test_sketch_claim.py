@@ -1,0 +1,128 @@
+"""`attribution claim --fast` end to end on a test-micro run: sketch index, candidates, exact confirmation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from attribution.errors import UserError
+from attribution.values.results import RunValues
+from attribution.workflows.claim import claim
+from attribution.workflows.claim_fast import estimate, fast_claim
+from tests.test_claim_replay import _claims, _run, _texts
+from tests.train_fixtures import write_corpus, write_val
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fast")
+    write_corpus(tmp)
+    write_val(tmp, "a", 3)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def run(corpus_dir):
+    return _run(corpus_dir, "base")
+
+
+@pytest.fixture(scope="module")
+def texts(corpus_dir):
+    return _texts(corpus_dir / "claims.jsonl", _claims(corpus_dir))
+
+
+@pytest.fixture(scope="module")
+def full(run, texts, tmp_path_factory):
+    """The full exact replay of every document, to compare the confirmations with."""
+    return claim(run, texts, tmp_path_factory.mktemp("full") / "claim", report=False, progress=False)
+
+
+def test_the_run_writes_the_sketch_index(run):
+    import faiss
+
+    meta = json.loads((run / "sketch" / "meta.json").read_text())
+    docs = pd.read_parquet(run / "docs.parquet")
+    assert meta["dim"] == 256 and meta["segments"] == [[0, 2], [2, 4], [4, 6]]
+    values = pd.read_parquet(run / "doc_values.parquet")
+    trained = set(values.loc[values["n_seen"] > 0, "doc_id"].astype(str))
+    order = docs["doc_id"].astype(str)
+    assert 0 < len(trained) < len(docs), "the 6 steps leave some documents untrained: they get no vector"
+    assert meta["doc_ids"] == order[order.isin(trained)].tolist()
+    raw, unit = (faiss.read_index(str(run / "sketch" / f)) for f in ("index.faiss", "index_unit.faiss"))
+    assert raw.ntotal == unit.ntotal == len(trained) and raw.d == unit.d == 256
+    v = faiss.rev_swig_ptr(unit.get_xb(), unit.ntotal * unit.d).reshape(unit.ntotal, unit.d)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("view", ["value", "contrast_per_token"])
+def test_fast_candidates_are_confirmed_with_the_full_replay_values_bitwise(run, texts, full, tmp_path, view):
+    r = fast_claim(run, texts, tmp_path / "fast", k=4, view=view, progress=False)
+    assert r.confirmed and r.view == view
+    table = pd.read_csv(tmp_path / "fast" / "fast.csv")
+    assert table.groupby("claim_id").size().to_dict() == {"c1": 4, "c2": 4}
+    want = RunValues.read(full).view(view).query("val_set == 'claims'").set_index(["val_id", "doc_id"])
+    got = r.table.set_index(["claim_id", "doc_id"])
+    assert (got["exact_value"].to_numpy() == want.loc[got.index, "value"].to_numpy()).all()
+    assert (got["exact"].to_numpy() == want.loc[got.index, "attribution"].to_numpy()).all()
+    assert set(r.table["exact_rank"]) <= {1, 1.5, 2, 2.5, 3, 3.5, 4}
+    assert "exact_rank" in (tmp_path / "fast" / "fast.md").read_text()
+
+
+def test_raw_estimates_track_the_exact_values(run, texts, full):
+    """Over all documents the sketch estimate ranks like the exact raw value (the fidelity the index is for)."""
+    est, _, _, _ = estimate(run, texts, view="value")
+    exact = RunValues.read(full).view("value").query("val_set == 'claims'")
+    both = est.merge(exact.rename(columns={"val_id": "claim_id"}), on=["claim_id", "doc_id"])
+    assert len(both) == len(est) > 10
+    for _, g in both.groupby("claim_id"):
+        assert g["estimate"].corr(g["value"], method="spearman") > 0.5
+        scale = g["value"].abs().max()
+        assert (g["estimate"] - g["value"]).abs().max() < scale  # same units: a value, not a cosine
+
+
+def test_a_run_without_chain_answers_with_estimates_only(corpus_dir, texts, tmp_path):
+    run = _run(corpus_dir, "nochain", keep_every=0)
+    r = fast_claim(run, texts, tmp_path / "est", k=3, progress=False)
+    assert not r.confirmed and "exact" not in r.table.columns and len(r.table) == 6
+    assert any("no replay chain" in n for n in r.notes)
+    assert "estimates only" in (tmp_path / "est" / "fast.md").read_text()
+
+
+def test_missing_index_and_dimension_mismatch_are_one_line_errors(corpus_dir, run, texts, tmp_path):
+    import faiss
+
+    from attribution.cli import main
+
+    plain = _run(corpus_dir, "nosketch", sketch=False)
+    with pytest.raises(UserError, match="no sketch index"):
+        fast_claim(plain, texts, tmp_path / "o1", progress=False)
+    res = CliRunner().invoke(main, ["claim", str(plain), "--texts", str(texts), "--out", str(tmp_path / "o2"), "--fast"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "no sketch index" in res.output
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    index = faiss.IndexFlatIP(8)
+    index.add(np.zeros((len(json.loads((run / "sketch" / "meta.json").read_text())["doc_ids"]), 8), np.float32))
+    faiss.write_index(index, str(copy / "sketch" / "index.faiss"))
+    with pytest.raises(UserError, match=r"index\.faiss: index holds .* dimension 8.*dimension 256"):
+        fast_claim(copy, texts, tmp_path / "o3", view="value", progress=False)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["sketch_dim"] = 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="sketch dimension 256 differs from the run's --sketch-dim 64"):
+        fast_claim(copy, texts, tmp_path / "o4", progress=False)
+
+
+def test_cli_fast(run, texts, tmp_path):
+    from attribution.cli import main
+
+    res = CliRunner().invoke(main, ["claim", str(run), "--texts", str(texts), "--out", str(tmp_path / "f"), "--fast",
+                                    "--k", "2", "--view", "cosine"])
+    assert res.exit_code == 0, res.output
+    assert "confirmed by targeted exact replay" in res.output
+    assert len(pd.read_csv(tmp_path / "f" / "fast.csv")) == 4
