@@ -16,7 +16,7 @@ from ..rules import Use
 from .registry import CostInputs, Param, Strategy, register_strategy
 
 if TYPE_CHECKING:
-    from ..scoring import ValSide
+    from ..sides import ValSide
 
 
 def _score(uses: list[Use], side: ValSide, param: Param) -> torch.Tensor:

@@ -19,7 +19,7 @@ from attribution.errors import UserError
 from ..rules import Use
 
 if TYPE_CHECKING:
-    from ..scoring import ValSide
+    from ..sides import ValSide
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,45 @@
+"""`ValSide`: what the training side of a step is scored against, for one validation set.
+
+Its own module so that the strategies (which take a side) and the scorer (which builds one) both
+import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import Captured
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) is scored in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class ValSide:
+    """What training samples are scored against, for one validation set."""
+
+    m: int
+    per_example: bool
+    ghost: list[tuple[Captured, float]] = field(default_factory=list)
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return self.m if self.per_example else 1
+
+    def combine(self, other: ValSide, w_self: float, w_other: float) -> ValSide:
+        """`w_self * self + w_other * other` (same validation set at two weight vectors)."""
+        ghost = [(c, w * w_self) for c, w in self.ghost] + [(c, w * w_other) for c, w in other.ghost]
+        dense = {k: w_self * g + w_other * other.dense[k] for k, g in self.dense.items()}
+        return ValSide(self.m, self.per_example, ghost, dense)
+
+    def precondition(self, pre: dict[int, torch.Tensor]) -> ValSide:
+        """Elementwise preconditioner on the materialized gradients (ghost parameters cannot take one)."""
+        if any(k in pre for cap, _ in self.ghost for k in cap.uses):
+            raise ValueError("ghost-strategy parameters cannot be preconditioned; use 'project'")
+        dense = {k: g * pre[k].reshape(g.shape[1:]).to(g.dtype) if k in pre else g for k, g in self.dense.items()}
+        return ValSide(self.m, self.per_example, self.ghost, dense)
