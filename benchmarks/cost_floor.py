@@ -1,0 +1,338 @@
+"""Per-component cost floor of one valued step: measured seconds against FLOPs / this machine's GEMM rate.
+
+First the machine's rates: `torch.matmul` on sizes of the shape (tokens x d x 4d, tokens x d x V,
+d x tokens x 4d; the best is the GEMM rate) and an elementwise add (the memory bandwidth). Then, in
+one process, rounds alternate: a plain step (forward/backward, clip, AdamW) on a copy of the model, a
+whole valued step, and each component of a valued step on the valued model: the capturing
+forward/backward, each validation set's forward/backward, scoring per set, parameter group and planned
+strategy (the strategy's validation gradient plus its score, timed per parameter), gradient norms, the
+Adam preconditioner and the second-order extra (combining the two sides, and the ghost parameters'
+second Gram product; the validation pass at the new weights is the next step's "before" pass, so it
+adds none). Medians over rounds.
+
+FLOPs: scoring from the planner's `estimate_costs` (the same numbers the plan compares); a training
+step `6 x dense params x tokens + 12 x layers x T x d x tokens` (attention); a validation pass
+`4 x dense params + 12 x layers x T x d` per token (backward to activations only); norms by the ghost
+formula per sample. Elementwise work (AdamW, the preconditioner, combining sides) is bandwidth-bound:
+its floor adds estimated bytes moved / measured bandwidth. floor = flops / GEMM rate + bytes / bandwidth.
+Components that the step does not run (the preconditioner unless --optimizer-aware, the order-2 extra
+at first order) are timed too and marked "no"; sums use the others only.
+
+    .venv/bin/python benchmarks/cost_floor.py --shape demo --rounds 3
+    .venv/bin/python benchmarks/cost_floor.py --shape twelve-text --rounds 3
+    .venv/bin/python benchmarks/cost_floor.py --shape gpt2-small-cpu --rounds 2 --json /tmp/floor.json
+
+Presets: `demo` is the `attribution demo` step (cpu-tiny; its two validation sets `rewrites` and `news`,
+8 texts each, approximated as 60 tokens per text, one 64-token sequence; per-example; first order;
+gradient norms on). Runs made since the reference set also value 24 held-out documents: add them with
+--reference 24. `twelve-text`: cpu-tiny, 12 per-example texts of 205-206 tokens (2,461 in all, cut into
+64-token sequences as the loop does: 48 sequences), second order. `gpt2-small-cpu`: 12 layers, d = 768,
+batch 16 x 128, 4 per-example texts of 64 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attribution.engine import ValSet, Valuer
+from attribution.engine.capture import Captured
+from attribution.engine.memory import held_bytes, step_memory, use_tensors
+from attribution.engine.optimizer import PATH_POINTS, adam_preconditioner
+from attribution.engine.planner import estimate_costs
+from attribution.engine.scoring import ValSide, _param, build_val_side, score, sq_norms
+from attribution.engine.strategies import CostInputs, get_strategy
+from attribution.engine.task import LanguageModelingTask
+from attribution.engine.valuer import eval_mode, side_sq_norm
+
+VOCAB = 50257
+COMPONENTS = ["plain step", "train forward/backward (capturing)", "validation forward/backward", "scoring",
+              "gradient norms", "Adam preconditioner", "order-2 extra"]
+# elementwise traffic, in float accesses per parameter: AdamW's foreach step (p, g, m, v and temporaries),
+# the preconditioner's passes (a few per Gauss-Legendre point), combining two sides (two scalings, one add)
+ADAMW_ACCESSES = 16
+PRE_ACCESSES = 8 + 32 * PATH_POINTS
+PRE_FLOPS = 5 + 16 * PATH_POINTS
+COMBINE_ACCESSES = 7
+
+SHAPES: dict[str, dict] = {
+    "demo": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq_len": 64, "batch": 16, "order": 1,
+             "sets": {"rewrites": [60] * 8, "news": [60] * 8}},
+    "twelve-text": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq_len": 64, "batch": 16, "order": 2,
+                    "sets": {"texts": [205] * 11 + [206]}},
+    "gpt2-small-cpu": {"n_layer": 12, "n_embd": 768, "n_head": 12, "seq_len": 128, "batch": 16, "order": 1,
+                       "sets": {"texts": [64] * 4}},
+}
+
+
+@dataclass
+class Row:
+    """One component: its timings over rounds, FLOPs, elementwise bytes, and whether the step runs it."""
+
+    component: str
+    in_step: bool
+    flops: float
+    bytes_moved: float = 0.0
+    times: list[float] = field(default_factory=list)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def gemm_rate(tokens: int, d: int, vocab: int) -> dict[str, float]:
+    """flop/s of `torch.matmul` on sizes this shape multiplies (best of a few runs each)."""
+    out = {}
+    for m, k, n in ((tokens, d, 4 * d), (tokens, d, vocab), (d, tokens, 4 * d)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = float("inf")
+        for _ in range(3):
+            best = min(best, timed(lambda a=a, b=b: a @ b)[0])
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best
+    return out
+
+
+def bandwidth() -> float:
+    """bytes/s of an elementwise add over 16M floats (two reads, one write)."""
+    a, b, c = torch.randn(1 << 24), torch.randn(1 << 24), torch.empty(1 << 24)
+    best = min(timed(lambda: torch.add(a, b, out=c))[0] for _ in range(3))
+    return 3 * a.numel() * 4 / best
+
+
+def val_set(lengths: list[int], seq_len: int, vocab: int, gen: torch.Generator) -> ValSet:
+    """Texts of these token counts cut into `seq_len` sequences, the last one of each padded (mask 0)."""
+    rows, masks = [], []
+    for n_tokens in lengths:
+        for start in range(0, n_tokens, seq_len):
+            real = min(seq_len, n_tokens - start)
+            rows.append(torch.randint(0, vocab, (seq_len,), generator=gen))
+            masks.append(torch.arange(seq_len) < real)
+    return ValSet(torch.stack(rows), torch.stack(masks).long())
+
+
+def group_of(name: str, shape: tuple[int, int]) -> str:
+    """Parameters scored alike: one row per weight across layers; every 1-D parameter together."""
+    if shape[1] == 1:
+        return "1-D (biases, LayerNorms)"
+    parts = ["*" if p.isdigit() else p for p in name.removeprefix("transformer.").split(".")]
+    return ".".join(parts)
+
+
+def dense_params(valuer: Valuer, train: Captured) -> float:
+    """Parameters used as matmul weights (the tied head once; index-only embeddings not at all)."""
+    total = 0.0
+    for pid, uses in train.uses.items():
+        p0, p1 = valuer.shapes[pid]
+        total += sum(p0 * p1 for u in uses if not u.row_index and u.col is not None)
+    return total
+
+
+def norm_flops(uses: list, shape: tuple[int, int], n: int, tokens_per_sample: int) -> float:
+    """Ghost self-norms: the ghost cost of one sample against itself, times the samples."""
+    c = CostInputs(shape, uses, 1, tokens_per_sample, 1, tokens_per_sample, 1)
+    return n * get_strategy("ghost").cost(c)[0]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
+    for flag in ("n-layer", "n-embd", "n-head", "seq-len", "batch", "val-texts", "val-tokens-per-text",
+                 "order", "reference"):
+        ap.add_argument(f"--{flag}", type=int, default=None)
+    ap.add_argument("--per-example", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--optimizer-aware", action="store_true")
+    ap.add_argument("--grad-norms", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: on when per-example (as the training loop does)")
+    ap.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (tests shrink it; GPT-2's is 50257)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    shape = dict(SHAPES[args.shape])
+    for key in ("n_layer", "n_embd", "n_head", "seq_len", "batch", "order"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    sets = {k: list(v) for k, v in shape["sets"].items()}
+    for name, lengths in sets.items():
+        texts = args.val_texts or len(lengths)
+        sets[name] = [args.val_tokens_per_text] * texts if args.val_tokens_per_text else (lengths * texts)[:texts]
+    if args.reference:
+        sets["reference"] = [shape["seq_len"]] * args.reference
+    shape["sets"] = sets
+    args.shape_spec = shape
+    args.grad_norms = args.per_example if args.grad_norms is None else args.grad_norms
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    s = args.shape_spec
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"], vocab_size=args.vocab,
+                     n_positions=max(1024, s["seq_len"]), bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    plain_model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    sets = {name: val_set(lengths, s["seq_len"], args.vocab, gen) for name, lengths in s["sets"].items()}
+    per_example = list(sets) if args.per_example else []
+    valuer = Valuer(model, sets, order=s["order"], per_example=per_example, optimizer_aware=args.optimizer_aware,
+                    grad_norms=args.grad_norms)
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+            for m in (model, plain_model)}
+    task = LanguageModelingTask()
+    batches = [torch.randint(0, args.vocab, (s["batch"], s["seq_len"]), generator=gen) for _ in range(2)]
+    tokens = s["batch"] * s["seq_len"]
+    rates = gemm_rate(tokens, s["n_embd"], args.vocab)
+    rate, bw = max(rates.values()), bandwidth()
+
+    def plain_step(ids: torch.Tensor) -> None:
+        task.per_sequence_loss(plain_model, ids, None).mean().backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
+        opts[plain_model].step()
+        opts[plain_model].zero_grad(set_to_none=True)
+
+    def clip() -> float:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        return float(torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+
+    def valued_step(ids: torch.Tensor) -> None:
+        valuer.forward_backward(ids)
+        aware = opts[model] if args.optimizer_aware else None
+        out = valuer.values(1e-4, grad_scale=clip(), optimizer=aware)
+        opts[model].step()
+        out = out or valuer.after_step()
+        assert out is not None
+        opts[model].zero_grad(set_to_none=True)
+
+    plain_step(batches[1])  # warm-up: plans, allocations, optimizer state
+    valued_step(batches[1])
+    rows: dict[str, Row] = {}
+
+    def add(key: str, in_step: bool, flops: float, seconds: float, bytes_moved: float = 0.0) -> None:
+        row = rows.setdefault(key, Row(key, in_step, 0.0, 0.0))
+        row.flops, row.bytes_moved = flops, bytes_moved  # the same every round
+        row.times.append(seconds)
+
+    whole: dict[str, list[float]] = {"plain": [], "valued": []}
+    n_params = sum(p.numel() for p in model.parameters())
+    mem = measured = None
+    for r in range(args.rounds):
+        ids = batches[r % len(batches)]
+        whole["plain"].append(timed(lambda ids=ids: plain_step(ids))[0])
+        whole["valued"].append(timed(lambda ids=ids: valued_step(ids))[0])
+        # the components, on the valued model's state; no optimizer step here, so its weights stay put
+        t_fb = timed(lambda ids=ids: valuer.forward_backward(ids))[0] + timed(clip)[0]
+        train, plans = valuer._train, valuer.plans()
+        dense = dense_params(valuer, train)
+        step_flops = 6 * dense * tokens + 12 * s["n_layer"] * s["seq_len"] * s["n_embd"] * tokens
+        add("plain step (fwd/bwd + clip + AdamW)", True, step_flops, whole["plain"][-1], ADAMW_ACCESSES * 4 * n_params)
+        add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
+        t_norms = 0.0
+        if args.grad_norms:
+            t_norms += timed(lambda train=train, plans=plans: sq_norms(train, plans[next(iter(plans))]))[0]
+        n_flops = sum(norm_flops(u, valuer.shapes[pid], train.n, s["seq_len"]) for pid, u in train.uses.items())
+        t_o2, o2_flops, o2_bytes, pre = 0.0, 0.0, 0.0, None
+        params = {pid: p for pid, (_, p) in valuer.capturer.params.items()}
+        t_pre, pre = timed(lambda params=params, n=train.n: adam_preconditioner(opts[model], params, batch_size=n))
+        pre_bytes = PRE_ACCESSES * 4 * n_params
+        for name, vs in sets.items():
+            plan, pe = plans[name], name in per_example
+            with eval_mode(valuer.inner), torch.enable_grad():
+                t_val, cap = timed(lambda vs=vs: valuer.capturer.grads_only(
+                    lambda: task.per_sequence_loss(valuer.inner, vs.ids, vs.mask)))
+            val_tokens = vs.ids.numel()
+            add(f"validation forward/backward [{name}]", True,
+                4 * dense * val_tokens + 12 * s["n_layer"] * vs.ids.shape[1] * s["n_embd"] * val_tokens, t_val)
+            side = build_val_side(cap, plan, valuer.shapes, pe)
+            sz = plan.sizes
+            for pid, uses in train.uses.items():
+                lp = plan.layers[pid]
+                strat = get_strategy(lp.strategy)
+                param = _param(pid, uses, plan, valuer.shapes)
+                t = 0.0
+                if strat.val_gradient is not None:
+                    t += timed(lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: f(u, param, pe))[0]
+                t_score = timed(lambda f=strat.score, uses=uses, side=side, param=param: f(uses, side, param))[0]
+                est = estimate_costs(lp.shape, uses, sz["n"], sz["train_tokens"], sz["m"], sz["val_tokens"], sz["groups"])
+                flops = est[lp.strategy][0] if lp.strategy in est else 0.0
+                add(f"scoring [{name}] {group_of(lp.name, lp.shape)} ({lp.strategy})", True, flops, t + t_score)
+                if strat.val_gradient is None:  # order 2 scores ghost parameters against both captures
+                    t_o2, o2_flops = t_o2 + t_score, o2_flops + flops
+            _ = score  # the engine's per-set loop is what the rows above time, one parameter at a time
+            if args.grad_norms:
+                t_norms += timed(lambda side=side: side_sq_norm(side, valuer.shapes))[0]
+                n_flops += sum(2.0 * g.numel() for g in side.dense.values())
+                if pe:
+                    t_norms += timed(lambda cap=cap, plan=plan: sq_norms(cap, plan))[0]
+                    n_flops += sum(norm_flops(u, valuer.shapes[pid], cap.n, vs.ids.shape[1])
+                                   for pid, u in cap.uses.items())
+            t_o2 += timed(lambda side=side: side.combine(side, 0.5, 0.5))[0]
+            elements = sum(g.numel() for g in side.dense.values())
+            o2_flops, o2_bytes = o2_flops + 3.0 * elements, o2_bytes + COMBINE_ACCESSES * 4 * elements
+            if pre is not None:
+                t_pre += timed(lambda side=side, pre=pre: ValSide.precondition(side, pre))[0]
+                pre_bytes += 3 * 4 * elements
+        add("gradient norms", args.grad_norms, max(n_flops, 1.0), max(t_norms, 1e-9))
+        add("Adam preconditioner (+ preconditioning the sides)", args.optimizer_aware, PRE_FLOPS * n_params, t_pre,
+            pre_bytes)
+        add("order-2 extra (combine sides + 2nd ghost scoring)", s["order"] == 2, max(o2_flops, 1.0), t_o2, o2_bytes)
+        if mem is None:
+            mem = step_memory(plans, order=s["order"], optimizer_aware=args.optimizer_aware,
+                              grad_norms=args.grad_norms, per_example=per_example)
+            measured = {"train captures": held_bytes(use_tensors(train.uses))}
+        valuer._train = None  # the next round's valued step starts afresh
+    return report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer)
+
+
+def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict:
+    out_rows = []
+    for row in rows.values():
+        sec = statistics.median(row.times)
+        floor = row.flops / rate + row.bytes_moved / bw
+        out_rows.append({"component": row.component, "in_step": row.in_step, "seconds": sec, "flops": row.flops,
+                         "bytes_moved": row.bytes_moved, "floor_s": floor, "measured_over_floor": sec / floor})
+    plain, valued = statistics.median(whole["plain"]), statistics.median(whole["valued"])
+    plain_floor = next(r["floor_s"] for r in out_rows if r["component"].startswith("plain"))
+    floors = sum(r["floor_s"] for r in out_rows  # what valuation adds (the capturing pass replaces the plain one)
+                 if r["in_step"] and not r["component"].startswith(("plain", "train")))
+    res = {"shape": {k: v for k, v in s.items() if k != "sets"} | {
+        "val_sets": {k: {"texts": len(v), "tokens": sum(v), "sequences": len(valuer.val_sets[k])} for k, v in s["sets"].items()},
+        "per_example": args.per_example, "optimizer_aware": args.optimizer_aware, "grad_norms": args.grad_norms},
+        "rounds": args.rounds, "threads": torch.get_num_threads(), "gemm_flops_per_s_by_size": rates,
+        "gemm_flops_per_s": rate, "bandwidth_bytes_per_s": bw, "components": out_rows,
+        "plain_s": plain, "valued_s": valued, "valued_over_plain": valued / plain,
+        "valuation_floors_s": floors, "sum_of_floors_s": plain_floor + floors,
+        "valued_over_sum_of_floors": valued / (plain_floor + floors),
+        "plans": {k: p.counts() for k, p in valuer.plans().items()},
+        "memory": {"total": mem.total, "by_what": mem.by_what(), "measured": measured,
+                   "terms": [t.__dict__ for t in mem.terms]}}
+    print(f"shape {args.shape}: {json.dumps(res['shape'])}")
+    print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (best of {', '.join(f'{k}: {v / 1e9:.1f}' for k, v in rates.items())}); "
+          f"bandwidth {bw / 1e9:.1f} GB/s; {res['threads']} threads; plans {json.dumps(res['plans'])}\n")
+    print("| component | in step | seconds (median) | GFLOP | est. bytes moved | floor (s) | measured / floor |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in out_rows:
+        print(f"| {r['component']} | {'yes' if r['in_step'] else 'no'} | {r['seconds']:.4f} | {r['flops'] / 1e9:.3f} | "
+              f"{r['bytes_moved']:,.0f} | {r['floor_s']:.5f} | {r['measured_over_floor']:.1f}x |")
+    print(f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
+          f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.1f}x |")
+    print(f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s")
+    print(f"\nmemory held by the valued step (model; measured train captures {measured['train captures']:,} bytes):\n")
+    print(mem)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
