@@ -126,3 +126,23 @@ def test_cli_fast(run, texts, tmp_path):
     assert res.exit_code == 0, res.output
     assert "confirmed by targeted exact replay" in res.output
     assert len(pd.read_csv(tmp_path / "f" / "fast.csv")) == 4
+
+
+def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_path):
+    """The accumulator rides in the checkpoint: resuming the finished run rewrites the same index bitwise."""
+    import faiss
+
+    from attribution.train import RunConfig, train_and_value
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    (copy / "sketch" / "index.faiss").unlink()
+    cfg = RunConfig(**{**json.loads((run / "manifest.json").read_text())["config"], "out": str(copy), "resume": True})
+    train_and_value(cfg)
+
+    def vectors(path):
+        index = faiss.read_index(str(path / "sketch" / "index.faiss"))
+        return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).copy()
+
+    want = vectors(run)
+    assert np.abs(want).max() > 0 and (vectors(copy) == want).all()
