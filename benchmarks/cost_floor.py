@@ -48,7 +48,8 @@ from attribution.engine.capture import Captured
 from attribution.engine.memory import held_bytes, step_memory, use_tensors
 from attribution.engine.optimizer import PATH_POINTS, adam_preconditioner
 from attribution.engine.planner import estimate_costs
-from attribution.engine.scoring import ValSide, _param, build_val_side, score, sq_norms
+from attribution.engine.scoring import _param, build_val_side, sq_norms
+from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import eval_mode, side_sq_norm
@@ -267,7 +268,6 @@ def main(argv: list[str] | None = None) -> dict:
                 add(f"scoring [{name}] {group_of(lp.name, lp.shape)} ({lp.strategy})", True, flops, t + t_score)
                 if strat.val_gradient is None:  # order 2 scores ghost parameters against both captures
                     t_o2, o2_flops = t_o2 + t_score, o2_flops + flops
-            _ = score  # the engine's per-set loop is what the rows above time, one parameter at a time
             if args.grad_norms:
                 t_norms += timed(lambda side=side: side_sq_norm(side, valuer.shapes))[0]
                 n_flops += sum(2.0 * g.numel() for g in side.dense.values())
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
             elements = sum(g.numel() for g in side.dense.values())
             o2_flops, o2_bytes = o2_flops + 3.0 * elements, o2_bytes + COMBINE_ACCESSES * 4 * elements
             if pre is not None:
-                t_pre += timed(lambda side=side, pre=pre: ValSide.precondition(side, pre))[0]
+                dense_side = ValSide(side.m, side.per_example, [], side.dense)  # ghost sides take none
+                t_pre += timed(lambda side=dense_side, pre=pre: side.precondition(pre))[0]
                 pre_bytes += 3 * 4 * elements
         add("gradient norms", args.grad_norms, max(n_flops, 1.0), max(t_norms, 1e-9))
         add("Adam preconditioner (+ preconditioning the sides)", args.optimizer_aware, PRE_FLOPS * n_params, t_pre,
