@@ -37,7 +37,8 @@ def make_claims(run: Path, out: Path, n_docs: int = 4, seed: int = 0) -> Path:
     rd = RunDir(run)
     used = {t.meta.get("target_id") for texts in rd.val_sets().values() for t in texts}
     docs = rd.table("docs.parquet", required=True)
-    docs = docs[~docs["doc_id"].isin(used) & (docs["n_seqs"] <= 3)]
+    seen = rd.table("doc_values.parquet", required=True).query("n_seen > 0")["doc_id"]
+    docs = docs[~docs["doc_id"].isin(used) & docs["doc_id"].isin(set(seen)) & (docs["n_seqs"] <= 3)]
     cands = [Document(r.doc_id, r.text, r.source, r.owner) for r in docs.itertuples()]
     targets = pick_targets(cands, n_docs, seed=seed)
     rewriter = OfflineRewriter()
