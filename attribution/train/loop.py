@@ -739,6 +739,8 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
                     dtype: str, total: int, *, status: str, timings: dict, store: ValueStore | None,
                     resumed_from: int | None, final_val: dict[str, float] | None = None) -> None:
     """manifest.json (`attribution.values.Manifest`): enough to repeat the run and to know what its numbers mean."""
+    import torch
+
     from attribution.values.manifest import FILENAME as MANIFEST_FILE
     from attribution.values.manifest import CorpusInfo, Manifest, Timings, TrainingInfo, ValSetInfo
 
@@ -769,7 +771,7 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
                               tokens_per_step=cfg.batch_size * cfg.seq_len, order=cfg.order, optimizer=cfg.optimizer,
                               values="sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
                               clip="values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
-                              weight_decay_credit="none (data-independent shrink)"),
+                              weight_decay_credit="none (data-independent shrink)", threads=torch.get_num_threads()),
         values=store.describe() if store is not None else None,
         final_val_loss=final_val,
         timings=merged,

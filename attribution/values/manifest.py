@@ -70,6 +70,7 @@ class TrainingInfo:
     values: str | None = None  # "sgd-proxy" or "adam-aware"
     clip: str | None = None
     weight_decay_credit: str | None = None
+    threads: int | None = None  # torch intra-op threads: float32 sums depend on them, so claim replay uses the same
 
 
 @dataclass

@@ -166,7 +166,7 @@ def replay_segment(job: ClaimJob, seg: Segment) -> Path:
     from attribution.train import loop
     from attribution.train.distributed import DistInfo
 
-    if job.threads:
+    if job.threads:  # the run's intra-op thread count: float32 sums, hence the trajectory, depend on it
         torch.set_num_threads(job.threads)
     cfg, data, val = _load(job)
     device, dtype = loop.resolve_device(cfg)
@@ -198,8 +198,8 @@ def replay_segment(job: ClaimJob, seg: Segment) -> Path:
     worst = chain.deviation(model, links[seg.end])
     if worst > job.tolerance:
         raise UserError(f"{links[seg.end].path}: replay diverged from the run at step {seg.end} "
-                        f"(largest weight difference {worst:.3g} > tolerance {job.tolerance:g}); "
-                        "the checkpoints, corpus or software differ from the run's")
+                        f"(largest weight difference {worst:.3g} > tolerance {job.tolerance:g}); the checkpoints, "
+                        f"corpus, software or thread count ({torch.get_num_threads()} here) differ from the run's")
     return _write_segment(Path(job.out), seg, arrays, {"deviation": worst, "losses": losses, "device": device,
                                                        "dtype": dtype})
 
@@ -306,7 +306,7 @@ def _job(run: Path, texts: Path, out: Path, manifest: Manifest, parent_cfg: RunC
     job = ClaimJob(run=str(run), out=str(out), config=cfg.to_json() | {"betas": cfg.betas,
                                                                          "exclude_ids": cfg.exclude_ids},
                    val=val, parent_val=parent_val, total=int(manifest.total_steps),
-                   targets=[str(d) for d in docs] if docs else None, threads=None,
+                   targets=[str(d) for d in docs] if docs else None, threads=manifest.training.threads,
                    tolerance=_tolerance(tolerance, manifest))
     _, data, val_data = _load(job)
     if docs:
@@ -331,14 +331,23 @@ def _run_segments(job: ClaimJob, todo: list[Segment], workers: int, progress: bo
     bar = tqdm(total=len(todo), desc="replay", unit="segment", disable=not progress, file=sys.stderr)
     try:
         if workers <= 1 or len(todo) <= 1:
-            for seg in todo:
-                replay_segment(job, seg)
-                bar.update(1)
-            return
-        import torch
+            import torch
 
-        threads = max(1, torch.get_num_threads() // workers)
-        job = dataclasses.replace(job, threads=threads)
+            before = torch.get_num_threads()
+            try:
+                for seg in todo:
+                    replay_segment(job, seg)
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(before)  # replay_segment set the run's count; the caller keeps its own
+            return
+        import os
+
+        # every worker keeps the run's thread count (float32 sums depend on it), even when that oversubscribes
+        threads = job.threads or 1
+        if threads * min(workers, len(todo)) > (os.cpu_count() or 1):
+            print(f"claim: {workers} workers x {threads} threads (the run's) share {os.cpu_count()} cores; "
+                  "values stay bitwise, the speedup is smaller", file=sys.stderr)
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(min(workers, len(todo))) as pool:
             for _ in pool.imap_unordered(_replay_star, [(job, s) for s in todo]):
