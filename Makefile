@@ -30,11 +30,13 @@ system-deps:
 demo: install system-deps
 	$(BIN)/attribution demo --out runs/demo --report reports/demo
 
-test: install-test
+test: install-test lint
 	$(BIN)/python -m pytest -q
 
+# CI runs it first (make test): the linter and the formatter both clean.
 lint:
 	$(BIN)/ruff check attribution tests benchmarks
+	$(BIN)/ruff format --check attribution tests benchmarks
 
 clean:
 	rm -rf $(VENV) .cache runs

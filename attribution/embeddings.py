@@ -27,7 +27,10 @@ def embed(texts: list[str], batch_size: int = 64, show_progress: bool = False) -
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
     vecs = load_minilm().encode(
-        texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=show_progress,
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        show_progress_bar=show_progress,
         convert_to_numpy=True,
     )
     return np.asarray(vecs, dtype=np.float32)

@@ -227,7 +227,9 @@ def _batches(docs: Iterable[Document], max_docs: int | None) -> Iterator[list[Do
         yield batch
 
 
-def _write_cache(tmp: Path, docs: Iterable[Document], seq_len: int, fingerprint: str, max_docs: int | None) -> None:
+def _write_cache(
+    tmp: Path, docs: Iterable[Document], seq_len: int, fingerprint: str, max_docs: int | None
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -266,7 +268,9 @@ def _write_cache(tmp: Path, docs: Iterable[Document], seq_len: int, fingerprint:
                 ):
                     rows[key].append(value)
             f_text.write_table(
-                pa.table({"doc_id": [d.doc_id for d in batch], "text": [d.text for d in batch]}, schema=text_schema)
+                pa.table(
+                    {"doc_id": [d.doc_id for d in batch], "text": [d.text for d in batch]}, schema=text_schema
+                )
             )
             bar.update(len(batch))
     if not rows["doc_id"]:

@@ -45,10 +45,20 @@ def make_claims(run: Path, out: Path, n_docs: int = 4, seed: int = 0) -> Path:
     records = []
     for doc in targets:
         text, _ = partial_copy(doc, random.Random(f"{seed}:{doc.doc_id}"))
-        records.append({"id": f"{doc.doc_id}::partial", "text": text,
-                        "meta": {"variant": "partial", "target_id": doc.doc_id}})
-        records.append({"id": f"{doc.doc_id}::paraphrase", "text": rewriter.rewrite(doc.text, "paraphrase", seed).text,
-                        "meta": {"variant": "paraphrase", "target_id": doc.doc_id}})
+        records.append(
+            {
+                "id": f"{doc.doc_id}::partial",
+                "text": text,
+                "meta": {"variant": "partial", "target_id": doc.doc_id},
+            }
+        )
+        records.append(
+            {
+                "id": f"{doc.doc_id}::paraphrase",
+                "text": rewriter.rewrite(doc.text, "paraphrase", seed).text,
+                "meta": {"variant": "paraphrase", "target_id": doc.doc_id},
+            }
+        )
     path = out / "claims.jsonl"
     write_jsonl(path, records)
     return path
@@ -67,9 +77,15 @@ def ranks(run: Path, val_set: str, texts: Path) -> pd.DataFrame:
     for t in read_val_set(texts):
         g = frame[frame["val_id"] == t.id].reset_index(drop=True)
         target = int(np.flatnonzero(g["doc_id"].to_numpy() == t.meta["target_id"])[0])
-        rows.append({"text": t.id, "kind": t.meta["variant"], "of": len(g),
-                     "rank_value": rank_of(g["value"].to_numpy(), target),
-                     f"rank_{frame.attrs.get('view', 'view')}": rank_of(g["attribution"].to_numpy(), target)})
+        rows.append(
+            {
+                "text": t.id,
+                "kind": t.meta["variant"],
+                "of": len(g),
+                "rank_value": rank_of(g["value"].to_numpy(), target),
+                f"rank_{frame.attrs.get('view', 'view')}": rank_of(g["attribution"].to_numpy(), target),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -100,8 +116,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     texts = make_claims(args.run, args.out)
     manifest = Manifest.read(args.run)
-    timing = {"run_train_seconds": manifest.timings.train_seconds,
-              "run_wall_seconds": (manifest.timings.finished or 0) - (manifest.timings.started or 0)}
+    timing = {
+        "run_train_seconds": manifest.timings.train_seconds,
+        "run_wall_seconds": (manifest.timings.finished or 0) - (manifest.timings.started or 0),
+    }
     for workers in (1, args.workers):
         t0 = time.perf_counter()
         claim(args.run, texts, args.out / f"claim_w{workers}", workers=workers, report=False, progress=False)
@@ -113,21 +131,37 @@ def main() -> None:
     table = ranks(args.out / "claim_w1", "claims", texts).add_prefix("replay_")
     if not args.skip_in_run:
         _, cfg, _ = read_parent(args.run)
-        val = {p.stem: str(p) for p in sorted((args.run / "val_sets").glob("*.jsonl")) if p.stem != "reference"}
-        cfg = dataclasses.replace(cfg, out=str(args.out / "inrun"), val={**val, "claims": str(texts)}, progress=False,
-                                  per_example_max=max(cfg.per_example_max, 8))
+        val = {
+            p.stem: str(p) for p in sorted((args.run / "val_sets").glob("*.jsonl")) if p.stem != "reference"
+        }
+        cfg = dataclasses.replace(
+            cfg,
+            out=str(args.out / "inrun"),
+            val={**val, "claims": str(texts)},
+            progress=False,
+            per_example_max=max(cfg.per_example_max, 8),
+        )
         t0 = time.perf_counter()
         train_and_value(cfg)
         timing["inrun_train_seconds"] = time.perf_counter() - t0
         table = pd.concat([table, ranks(args.out / "inrun", "claims", texts).add_prefix("inrun_")], axis=1)
     links = chain.links(args.run)
     small = gpt2_small_link_bytes()
-    report = {"timing": timing, "workers_equal_sequential": bool(equal),
-              "speedup": timing["claim_seconds_workers_1"] / timing[f"claim_seconds_workers_{args.workers}"],
-              "chain": {"links": len(links), "bytes": chain.storage(args.run),
-                        "keep_every": chain.read_index(args.run)["keep_every"]},
-              "gpt2_small": {"bytes_per_link": small, "links_100k_steps_every_1000": 101,
-                             "total_gb": small * 101 / 1e9}}
+    report = {
+        "timing": timing,
+        "workers_equal_sequential": bool(equal),
+        "speedup": timing["claim_seconds_workers_1"] / timing[f"claim_seconds_workers_{args.workers}"],
+        "chain": {
+            "links": len(links),
+            "bytes": chain.storage(args.run),
+            "keep_every": chain.read_index(args.run)["keep_every"],
+        },
+        "gpt2_small": {
+            "bytes_per_link": small,
+            "links_100k_steps_every_1000": 101,
+            "total_gb": small * 101 / 1e9,
+        },
+    }
     print(json.dumps(report, indent=2))
     print(table.to_string(index=False))
     table.to_csv(args.out / "ranks.csv", index=False)

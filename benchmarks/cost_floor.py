@@ -55,8 +55,15 @@ from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import eval_mode, side_sq_norm
 
 VOCAB = 50257
-COMPONENTS = ["plain step", "train forward/backward (capturing)", "validation forward/backward", "scoring",
-              "gradient norms", "Adam preconditioner", "order-2 extra"]
+COMPONENTS = [
+    "plain step",
+    "train forward/backward (capturing)",
+    "validation forward/backward",
+    "scoring",
+    "gradient norms",
+    "Adam preconditioner",
+    "order-2 extra",
+]
 # elementwise traffic, in float accesses per parameter: AdamW's foreach step (p, g, m, v and temporaries),
 # the preconditioner's passes (a few per Gauss-Legendre point), combining two sides (two scalings, one add)
 ADAMW_ACCESSES = 16
@@ -65,12 +72,33 @@ PRE_FLOPS = 5 + 16 * PATH_POINTS
 COMBINE_ACCESSES = 7
 
 SHAPES: dict[str, dict] = {
-    "demo": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq_len": 64, "batch": 16, "order": 1,
-             "sets": {"rewrites": [60] * 8, "news": [60] * 8}},
-    "twelve-text": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq_len": 64, "batch": 16, "order": 2,
-                    "sets": {"texts": [205] * 11 + [206]}},
-    "gpt2-small-cpu": {"n_layer": 12, "n_embd": 768, "n_head": 12, "seq_len": 128, "batch": 16, "order": 1,
-                       "sets": {"texts": [64] * 4}},
+    "demo": {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 2,
+        "seq_len": 64,
+        "batch": 16,
+        "order": 1,
+        "sets": {"rewrites": [60] * 8, "news": [60] * 8},
+    },
+    "twelve-text": {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 2,
+        "seq_len": 64,
+        "batch": 16,
+        "order": 2,
+        "sets": {"texts": [205] * 11 + [206]},
+    },
+    "gpt2-small-cpu": {
+        "n_layer": 12,
+        "n_embd": 768,
+        "n_head": 12,
+        "seq_len": 128,
+        "batch": 16,
+        "order": 1,
+        "sets": {"texts": [64] * 4},
+    },
 }
 
 
@@ -147,14 +175,29 @@ def norm_flops(uses: list, shape: tuple[int, int], n: int, tokens_per_sample: in
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
-    for flag in ("n-layer", "n-embd", "n-head", "seq-len", "batch", "val-texts", "val-tokens-per-text",
-                 "order", "reference"):
+    for flag in (
+        "n-layer",
+        "n-embd",
+        "n-head",
+        "seq-len",
+        "batch",
+        "val-texts",
+        "val-tokens-per-text",
+        "order",
+        "reference",
+    ):
         ap.add_argument(f"--{flag}", type=int, default=None)
     ap.add_argument("--per-example", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--optimizer-aware", action="store_true")
-    ap.add_argument("--grad-norms", action=argparse.BooleanOptionalAction, default=None,
-                    help="default: on when per-example (as the training loop does)")
-    ap.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (tests shrink it; GPT-2's is 50257)")
+    ap.add_argument(
+        "--grad-norms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when per-example (as the training loop does)",
+    )
+    ap.add_argument(
+        "--vocab", type=int, default=VOCAB, help="vocabulary size (tests shrink it; GPT-2's is 50257)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -165,7 +208,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     sets = {k: list(v) for k, v in shape["sets"].items()}
     for name, lengths in sets.items():
         texts = args.val_texts or len(lengths)
-        sets[name] = [args.val_tokens_per_text] * texts if args.val_tokens_per_text else (lengths * texts)[:texts]
+        sets[name] = (
+            [args.val_tokens_per_text] * texts if args.val_tokens_per_text else (lengths * texts)[:texts]
+        )
     if args.reference:
         sets["reference"] = [shape["seq_len"]] * args.reference
     shape["sets"] = sets
@@ -178,17 +223,32 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     s = args.shape_spec
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"], vocab_size=args.vocab,
-                     n_positions=max(1024, s["seq_len"]), bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        n_layer=s["n_layer"],
+        n_embd=s["n_embd"],
+        n_head=s["n_head"],
+        vocab_size=args.vocab,
+        n_positions=max(1024, s["seq_len"]),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(cfg)
     plain_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     sets = {name: val_set(lengths, s["seq_len"], args.vocab, gen) for name, lengths in s["sets"].items()}
     per_example = list(sets) if args.per_example else []
-    valuer = Valuer(model, sets, order=s["order"], per_example=per_example, optimizer_aware=args.optimizer_aware,
-                    grad_norms=args.grad_norms)
-    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-            for m in (model, plain_model)}
+    valuer = Valuer(
+        model,
+        sets,
+        order=s["order"],
+        per_example=per_example,
+        optimizer_aware=args.optimizer_aware,
+        grad_norms=args.grad_norms,
+    )
+    opts = {
+        m: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        for m in (model, plain_model)
+    }
     task = LanguageModelingTask()
     batches = [torch.randint(0, args.vocab, (s["batch"], s["seq_len"]), generator=gen) for _ in range(2)]
     tokens = s["batch"] * s["seq_len"]
@@ -235,24 +295,41 @@ def main(argv: list[str] | None = None) -> dict:
         train, plans = valuer._train, valuer.plans()
         dense = dense_params(valuer, train)
         step_flops = 6 * dense * tokens + 12 * s["n_layer"] * s["seq_len"] * s["n_embd"] * tokens
-        add("plain step (fwd/bwd + clip + AdamW)", True, step_flops, whole["plain"][-1], ADAMW_ACCESSES * 4 * n_params)
+        add(
+            "plain step (fwd/bwd + clip + AdamW)",
+            True,
+            step_flops,
+            whole["plain"][-1],
+            ADAMW_ACCESSES * 4 * n_params,
+        )
         add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
         t_norms = 0.0
         if args.grad_norms:
             t_norms += timed(lambda train=train, plans=plans: sq_norms(train, plans[next(iter(plans))]))[0]
-        n_flops = sum(norm_flops(u, valuer.shapes[pid], train.n, s["seq_len"]) for pid, u in train.uses.items())
+        n_flops = sum(
+            norm_flops(u, valuer.shapes[pid], train.n, s["seq_len"]) for pid, u in train.uses.items()
+        )
         t_o2, o2_flops, o2_bytes, pre = 0.0, 0.0, 0.0, None
         params = {pid: p for pid, (_, p) in valuer.capturer.params.items()}
-        t_pre, pre = timed(lambda params=params, n=train.n: adam_preconditioner(opts[model], params, batch_size=n))
+        t_pre, pre = timed(
+            lambda params=params, n=train.n: adam_preconditioner(opts[model], params, batch_size=n)
+        )
         pre_bytes = PRE_ACCESSES * 4 * n_params
         for name, vs in sets.items():
             plan, pe = plans[name], name in per_example
             with eval_mode(valuer.inner), torch.enable_grad():
-                t_val, cap = timed(lambda vs=vs: valuer.capturer.grads_only(
-                    lambda: task.per_sequence_loss(valuer.inner, vs.ids, vs.mask)))
+                t_val, cap = timed(
+                    lambda vs=vs: valuer.capturer.grads_only(
+                        lambda: task.per_sequence_loss(valuer.inner, vs.ids, vs.mask)
+                    )
+                )
             val_tokens = vs.ids.numel()
-            add(f"validation forward/backward [{name}]", True,
-                4 * dense * val_tokens + 12 * s["n_layer"] * vs.ids.shape[1] * s["n_embd"] * val_tokens, t_val)
+            add(
+                f"validation forward/backward [{name}]",
+                True,
+                4 * dense * val_tokens + 12 * s["n_layer"] * vs.ids.shape[1] * s["n_embd"] * val_tokens,
+                t_val,
+            )
             side = build_val_side(cap, plan, valuer.shapes, pe)
             sz = plan.sizes
             for pid, uses in train.uses.items():
@@ -261,11 +338,22 @@ def main(argv: list[str] | None = None) -> dict:
                 param = _param(pid, uses, plan, valuer.shapes)
                 t = 0.0
                 if strat.val_gradient is not None:
-                    t += timed(lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: f(u, param, pe))[0]
-                t_score = timed(lambda f=strat.score, uses=uses, side=side, param=param: f(uses, side, param))[0]
-                est = estimate_costs(lp.shape, uses, sz["n"], sz["train_tokens"], sz["m"], sz["val_tokens"], sz["groups"])
+                    t += timed(
+                        lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: f(u, param, pe)
+                    )[0]
+                t_score = timed(
+                    lambda f=strat.score, uses=uses, side=side, param=param: f(uses, side, param)
+                )[0]
+                est = estimate_costs(
+                    lp.shape, uses, sz["n"], sz["train_tokens"], sz["m"], sz["val_tokens"], sz["groups"]
+                )
                 flops = est[lp.strategy][0] if lp.strategy in est else 0.0
-                add(f"scoring [{name}] {group_of(lp.name, lp.shape)} ({lp.strategy})", True, flops, t + t_score)
+                add(
+                    f"scoring [{name}] {group_of(lp.name, lp.shape)} ({lp.strategy})",
+                    True,
+                    flops,
+                    t + t_score,
+                )
                 if strat.val_gradient is None:  # order 2 scores ghost parameters against both captures
                     t_o2, o2_flops = t_o2 + t_score, o2_flops + flops
             if args.grad_norms:
@@ -273,8 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
                 n_flops += sum(2.0 * g.numel() for g in side.dense.values())
                 if pe:
                     t_norms += timed(lambda cap=cap, plan=plan: sq_norms(cap, plan))[0]
-                    n_flops += sum(norm_flops(u, valuer.shapes[pid], cap.n, vs.ids.shape[1])
-                                   for pid, u in cap.uses.items())
+                    n_flops += sum(
+                        norm_flops(u, valuer.shapes[pid], cap.n, vs.ids.shape[1])
+                        for pid, u in cap.uses.items()
+                    )
             t_o2 += timed(lambda side=side: side.combine(side, 0.5, 0.5))[0]
             elements = sum(g.numel() for g in side.dense.values())
             o2_flops, o2_bytes = o2_flops + 3.0 * elements, o2_bytes + COMBINE_ACCESSES * 4 * elements
@@ -283,12 +373,28 @@ def main(argv: list[str] | None = None) -> dict:
                 t_pre += timed(lambda side=dense_side, pre=pre: side.precondition(pre))[0]
                 pre_bytes += 3 * 4 * elements
         add("gradient norms", args.grad_norms, max(n_flops, 1.0), max(t_norms, 1e-9))
-        add("Adam preconditioner (+ preconditioning the sides)", args.optimizer_aware, PRE_FLOPS * n_params, t_pre,
-            pre_bytes)
-        add("order-2 extra (combine sides + 2nd ghost scoring)", s["order"] == 2, max(o2_flops, 1.0), t_o2, o2_bytes)
+        add(
+            "Adam preconditioner (+ preconditioning the sides)",
+            args.optimizer_aware,
+            PRE_FLOPS * n_params,
+            t_pre,
+            pre_bytes,
+        )
+        add(
+            "order-2 extra (combine sides + 2nd ghost scoring)",
+            s["order"] == 2,
+            max(o2_flops, 1.0),
+            t_o2,
+            o2_bytes,
+        )
         if mem is None:
-            mem = step_memory(plans, order=s["order"], optimizer_aware=args.optimizer_aware,
-                              grad_norms=args.grad_norms, per_example=per_example)
+            mem = step_memory(
+                plans,
+                order=s["order"],
+                optimizer_aware=args.optimizer_aware,
+                grad_norms=args.grad_norms,
+                per_example=per_example,
+            )
             measured = {"train captures": held_bytes(use_tensors(train.uses))}
         valuer._train = None  # the next round's valued step starts afresh
     return report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer)
@@ -299,35 +405,79 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
     for row in rows.values():
         sec = statistics.median(row.times)
         floor = row.flops / rate + row.bytes_moved / bw
-        out_rows.append({"component": row.component, "in_step": row.in_step, "seconds": sec, "flops": row.flops,
-                         "bytes_moved": row.bytes_moved, "floor_s": floor, "measured_over_floor": sec / floor})
+        out_rows.append(
+            {
+                "component": row.component,
+                "in_step": row.in_step,
+                "seconds": sec,
+                "flops": row.flops,
+                "bytes_moved": row.bytes_moved,
+                "floor_s": floor,
+                "measured_over_floor": sec / floor,
+            }
+        )
     plain, valued = statistics.median(whole["plain"]), statistics.median(whole["valued"])
     plain_floor = next(r["floor_s"] for r in out_rows if r["component"].startswith("plain"))
-    floors = sum(r["floor_s"] for r in out_rows  # what valuation adds (the capturing pass replaces the plain one)
-                 if r["in_step"] and not r["component"].startswith(("plain", "train")))
-    res = {"shape": {k: v for k, v in s.items() if k != "sets"} | {
-        "val_sets": {k: {"texts": len(v), "tokens": sum(v), "sequences": len(valuer.val_sets[k])} for k, v in s["sets"].items()},
-        "per_example": args.per_example, "optimizer_aware": args.optimizer_aware, "grad_norms": args.grad_norms},
-        "rounds": args.rounds, "threads": torch.get_num_threads(), "gemm_flops_per_s_by_size": rates,
-        "gemm_flops_per_s": rate, "bandwidth_bytes_per_s": bw, "components": out_rows,
-        "plain_s": plain, "valued_s": valued, "valued_over_plain": valued / plain,
-        "valuation_floors_s": floors, "sum_of_floors_s": plain_floor + floors,
+    floors = sum(
+        r["floor_s"]
+        for r in out_rows  # what valuation adds (the capturing pass replaces the plain one)
+        if r["in_step"] and not r["component"].startswith(("plain", "train"))
+    )
+    res = {
+        "shape": {k: v for k, v in s.items() if k != "sets"}
+        | {
+            "val_sets": {
+                k: {"texts": len(v), "tokens": sum(v), "sequences": len(valuer.val_sets[k])}
+                for k, v in s["sets"].items()
+            },
+            "per_example": args.per_example,
+            "optimizer_aware": args.optimizer_aware,
+            "grad_norms": args.grad_norms,
+        },
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "gemm_flops_per_s_by_size": rates,
+        "gemm_flops_per_s": rate,
+        "bandwidth_bytes_per_s": bw,
+        "components": out_rows,
+        "plain_s": plain,
+        "valued_s": valued,
+        "valued_over_plain": valued / plain,
+        "valuation_floors_s": floors,
+        "sum_of_floors_s": plain_floor + floors,
         "valued_over_sum_of_floors": valued / (plain_floor + floors),
         "plans": {k: p.counts() for k, p in valuer.plans().items()},
-        "memory": {"total": mem.total, "by_what": mem.by_what(), "measured": measured,
-                   "terms": [t.__dict__ for t in mem.terms]}}
+        "memory": {
+            "total": mem.total,
+            "by_what": mem.by_what(),
+            "measured": measured,
+            "terms": [t.__dict__ for t in mem.terms],
+        },
+    }
     print(f"shape {args.shape}: {json.dumps(res['shape'])}")
-    print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (best of {', '.join(f'{k}: {v / 1e9:.1f}' for k, v in rates.items())}); "
-          f"bandwidth {bw / 1e9:.1f} GB/s; {res['threads']} threads; plans {json.dumps(res['plans'])}\n")
-    print("| component | in step | seconds (median) | GFLOP | est. bytes moved | floor (s) | measured / floor |")
+    print(
+        f"GEMM rate {rate / 1e9:.1f} GFLOP/s (best of {', '.join(f'{k}: {v / 1e9:.1f}' for k, v in rates.items())}); "
+        f"bandwidth {bw / 1e9:.1f} GB/s; {res['threads']} threads; plans {json.dumps(res['plans'])}\n"
+    )
+    print(
+        "| component | in step | seconds (median) | GFLOP | est. bytes moved | floor (s) | measured / floor |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in out_rows:
-        print(f"| {r['component']} | {'yes' if r['in_step'] else 'no'} | {r['seconds']:.4f} | {r['flops'] / 1e9:.3f} | "
-              f"{r['bytes_moved']:,.0f} | {r['floor_s']:.5f} | {r['measured_over_floor']:.1f}x |")
-    print(f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
-          f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.1f}x |")
-    print(f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s")
-    print(f"\nmemory held by the valued step (model; measured train captures {measured['train captures']:,} bytes):\n")
+        print(
+            f"| {r['component']} | {'yes' if r['in_step'] else 'no'} | {r['seconds']:.4f} | {r['flops'] / 1e9:.3f} | "
+            f"{r['bytes_moved']:,.0f} | {r['floor_s']:.5f} | {r['measured_over_floor']:.1f}x |"
+        )
+    print(
+        f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
+        f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.1f}x |"
+    )
+    print(
+        f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s"
+    )
+    print(
+        f"\nmemory held by the valued step (model; measured train captures {measured['train captures']:,} bytes):\n"
+    )
     print(mem)
     if args.json:
         with open(args.json, "w") as fh:

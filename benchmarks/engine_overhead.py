@@ -43,7 +43,9 @@ def build(args: argparse.Namespace):
     n_layer, n_embd, n_head, seq_len, batch = MODELS[args.model]
     seq_len = args.seq_len or seq_len
     batch = args.batch or batch
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, n_positions=max(1024, seq_len))
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, n_positions=max(1024, seq_len)
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -62,10 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--val-seqs", type=int, default=1)
-    ap.add_argument("--val-len", type=int, default=32, help="tokens per validation sequence (0 = train length)")
+    ap.add_argument(
+        "--val-len", type=int, default=32, help="tokens per validation sequence (0 = train length)"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--modes", default="plain,order1,order2", help="comma list of plain,order1,order2,aware,vmap")
+    ap.add_argument(
+        "--modes", default="plain,order1,order2", help="comma list of plain,order1,order2,aware,vmap"
+    )
     ap.add_argument("--strategy", default=None, help="force one strategy for every parameter")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -88,7 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def plain() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(args.device.split(":")[0], dtype=amp) if amp else torch.autocast("cpu", enabled=False):
+        with (
+            torch.autocast(args.device.split(":")[0], dtype=amp)
+            if amp
+            else torch.autocast("cpu", enabled=False)
+        ):
             loss = task.per_sequence_loss(model, ids, mask).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,8 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    fns = {"plain": plain, "order1": lambda: valued("order1"), "order2": lambda: valued("order2"),
-           "aware": lambda: valued("aware"), "vmap": vmap_grads}
+    fns = {
+        "plain": plain,
+        "order1": lambda: valued("order1"),
+        "order2": lambda: valued("order2"),
+        "aware": lambda: valued("aware"),
+        "vmap": vmap_grads,
+    }
     times: dict[str, list[float]] = {m: [] for m in modes}
     failed: dict[str, str] = {}
     for rep in range(args.warmup + args.reps):
@@ -151,10 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
         valuers["order2"].finish()
     if args.plan and "order1" in modes:
         print(valuers["order1"].plans()["val"], file=sys.stderr)
-    res = {"model": args.model, "device": args.device, "dtype": args.dtype, "batch": ids.shape[0], "seq_len": ids.shape[1],
-           "val_seqs": len(vs), "val_len": vs.ids.shape[1], "reps": args.reps, "threads": torch.get_num_threads(),
-           "median_s": {m: statistics.median(t) for m, t in times.items() if t},
-           "ratio": {}, "failed": failed}
+    res = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": ids.shape[0],
+        "seq_len": ids.shape[1],
+        "val_seqs": len(vs),
+        "val_len": vs.ids.shape[1],
+        "reps": args.reps,
+        "threads": torch.get_num_threads(),
+        "median_s": {m: statistics.median(t) for m, t in times.items() if t},
+        "ratio": {},
+        "failed": failed,
+    }
     for m, t in times.items():
         if m != "plain" and t and times.get("plain"):
             res["ratio"][m] = statistics.median(a / b for a, b in zip(t, times["plain"], strict=False))
@@ -163,8 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     for m in modes:
         if m in res["median_s"]:
             r = res["ratio"].get(m, 1.0)
-            print(f"| {args.model} ({args.dtype}, {args.device}) | {ids.shape[0]} x {ids.shape[1]} | {len(vs)} x "
-                  f"{vs.ids.shape[1]} | {m} | {res['median_s'][m]:.3f} | {r:.2f}x |")
+            print(
+                f"| {args.model} ({args.dtype}, {args.device}) | {ids.shape[0]} x {ids.shape[1]} | {len(vs)} x "
+                f"{vs.ids.shape[1]} | {m} | {res['median_s'][m]:.3f} | {r:.2f}x |"
+            )
         elif m in failed:
             print(f"| {args.model} | | | {m} | failed: {failed[m]} | |")
     if args.json:

@@ -88,7 +88,9 @@ def bench_signing(n: int, jobs: int) -> dict:
         signer.sign(texts)
         multi_wall = time.perf_counter() - t0
     return {
-        "docs": n, "one_process_docs_per_s_wall": round(n / one_wall), "one_process_docs_per_s_cpu": round(n / one_cpu),
+        "docs": n,
+        "one_process_docs_per_s_wall": round(n / one_wall),
+        "one_process_docs_per_s_cpu": round(n / one_cpu),
         f"{jobs}_processes_docs_per_s_wall": round(n / multi_wall),
         "load_average_1min": os.getloadavg()[0],
     }
@@ -99,8 +101,15 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int, bm25: bool 
     from attribution.analysis.index import Indexes, build_index
 
     t0, c0 = time.perf_counter(), time.process_time()
-    meta = build_index(synthetic_docs(n), out, semantic=None, bm25=BM25Params() if bm25 else None, jobs=jobs,
-                       overwrite=True, batch=20_000)
+    meta = build_index(
+        synthetic_docs(n),
+        out,
+        semantic=None,
+        bm25=BM25Params() if bm25 else None,
+        jobs=jobs,
+        overwrite=True,
+        batch=20_000,
+    )
     build_wall, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     ix = Indexes.load(out)
     rng = np.random.default_rng(7)
@@ -109,7 +118,11 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int, bm25: bool 
     filler = " ".join(next(synthetic_docs(1, seed=99)).text.split()[:15])
     for i, t in enumerate(targets):
         text = ix.store[int(t)]
-        query = text if i % 2 == 0 else filler + " " + " ".join(text.split()[: max(20, len(text.split()) * 2 // 3)])
+        query = (
+            text
+            if i % 2 == 0
+            else filler + " " + " ".join(text.split()[: max(20, len(text.split()) * 2 // 3)])
+        )
         t1, c1 = time.perf_counter(), time.process_time()
         hits = ix.lexical.search(query, 100)
         lat.append(time.perf_counter() - t1)
@@ -128,10 +141,15 @@ def bench_lexical_bm25(n: int, out: Path, jobs: int, n_queries: int, bm25: bool 
     codes_bytes = meta["lexical"]["n_windows"] * meta["lexical"]["params"]["num_perm"] // 8
     per_m = 1_000_000 / n
     return {
-        "docs": n, "windows": meta["lexical"]["n_windows"], "lexical_kind": meta["lexical"]["kind"],
-        "build_wall_s": round(build_wall, 1), "build_cpu_s_main_process": round(build_cpu, 1),
-        "lexical_top100": percentiles(lat, cpu), "exact_copy_first": f"{hit_exact}/{(n_queries + 1) // 2}",
-        "partial_copy_first": f"{hit_partial}/{n_queries // 2}", "bm25_top100": percentiles(bm_lat) if bm_lat else None,
+        "docs": n,
+        "windows": meta["lexical"]["n_windows"],
+        "lexical_kind": meta["lexical"]["kind"],
+        "build_wall_s": round(build_wall, 1),
+        "build_cpu_s_main_process": round(build_cpu, 1),
+        "lexical_top100": percentiles(lat, cpu),
+        "exact_copy_first": f"{hit_exact}/{(n_queries + 1) // 2}",
+        "partial_copy_first": f"{hit_partial}/{n_queries // 2}",
+        "bm25_top100": percentiles(bm_lat) if bm_lat else None,
         "disk_bytes_per_million_docs": {k: int(v * per_m) for k, v in sizes.items()},
         "faiss_codes_in_memory_bytes_per_million_docs": int(codes_bytes * per_m),
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
@@ -157,8 +175,14 @@ def bench_bm25_from(index_dir: Path, n_queries: int = 50) -> dict:
         lat.append(time.perf_counter() - t1)
         cpu_lat.append(time.process_time() - c1)
         hit += top[0][0] == r
-    return {"docs": len(texts), "build_wall_s": round(wall, 1), "build_cpu_s": round(cpu, 1),
-            "top100": percentiles(lat, cpu_lat), "exact_copy_first": f"{hit}/{n_queries}", "disk_bytes": du(out)}
+    return {
+        "docs": len(texts),
+        "build_wall_s": round(wall, 1),
+        "build_cpu_s": round(cpu, 1),
+        "top100": percentiles(lat, cpu_lat),
+        "exact_copy_first": f"{hit}/{n_queries}",
+        "disk_bytes": du(out),
+    }
 
 
 def bench_semantic(n_embed: int, n_vectors: int) -> dict:
@@ -175,9 +199,16 @@ def bench_semantic(n_embed: int, n_vectors: int) -> dict:
     vecs = rng.standard_normal((n_vectors, 384)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     faiss.omp_set_num_threads(1)
-    out: dict = {"embedded_docs": n_embed, "embed_docs_per_s_wall": round(n_embed / wall, 1),
-                 "embed_docs_per_s_cpu": round(n_embed / cpu, 1), "vectors": n_vectors}
-    for kind, index in (("flat", faiss.IndexFlatIP(384)), ("hnsw32", faiss.IndexHNSWFlat(384, 32, faiss.METRIC_INNER_PRODUCT))):
+    out: dict = {
+        "embedded_docs": n_embed,
+        "embed_docs_per_s_wall": round(n_embed / wall, 1),
+        "embed_docs_per_s_cpu": round(n_embed / cpu, 1),
+        "vectors": n_vectors,
+    }
+    for kind, index in (
+        ("flat", faiss.IndexFlatIP(384)),
+        ("hnsw32", faiss.IndexHNSWFlat(384, 32, faiss.METRIC_INNER_PRODUCT)),
+    ):
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         t0 = time.perf_counter()
         index.add(vecs)
@@ -189,8 +220,11 @@ def bench_semantic(n_embed: int, n_vectors: int) -> dict:
             index.search(q[None, :], 100)
             lat.append(time.perf_counter() - t1)
         size = len(faiss.serialize_index(index))
-        out[kind] = {"build_s": round(build, 1), **percentiles(lat),
-                     "bytes_per_million_vectors": int(size * 1_000_000 / n_vectors)}
+        out[kind] = {
+            "build_s": round(build, 1),
+            **percentiles(lat),
+            "bytes_per_million_vectors": int(size * 1_000_000 / n_vectors),
+        }
     return out
 
 
@@ -218,8 +252,9 @@ def main() -> None:
         report["signing"] = bench_signing(args.sign_docs, args.jobs)
         print(json.dumps(report["signing"]), flush=True)
     if "lexical" not in args.skip:
-        report["lexical_bm25"] = bench_lexical_bm25(args.n_docs, out / "index", args.jobs, args.queries,
-                                                   bm25="bm25" not in args.skip)
+        report["lexical_bm25"] = bench_lexical_bm25(
+            args.n_docs, out / "index", args.jobs, args.queries, bm25="bm25" not in args.skip
+        )
         print(json.dumps(report["lexical_bm25"]), flush=True)
     if "semantic" not in args.skip:
         report["semantic"] = bench_semantic(args.embed_docs, args.semantic_vectors)

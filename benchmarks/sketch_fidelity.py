@@ -28,22 +28,35 @@ def _tiny_run(out: Path) -> tuple[Path, Path]:
     """A 40-step test-micro run on 60 generated documents, and 4 claims (3 excerpts, 1 unrelated text)."""
     from attribution.train import RunConfig, train_and_value
 
-    words = ("the court held that copyright protects original expression but not ideas facts or methods and a model "
-             "trained on licensed text must still credit every owner whose work lowered its loss").split()
+    words = (
+        "the court held that copyright protects original expression but not ideas facts or methods and a model "
+        "trained on licensed text must still credit every owner whose work lowered its loss"
+    ).split()
     rng = random.Random(0)
     out.mkdir(parents=True, exist_ok=True)
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(10, 70))) for _ in range(60)]
     with open(out / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps({"id": f"d{i}", "text": t, "meta": {"pile_set_name": "s"}}) + "\n"
-                      for i, t in enumerate(docs))
+        fh.writelines(
+            json.dumps({"id": f"d{i}", "text": t, "meta": {"pile_set_name": "s"}}) + "\n"
+            for i, t in enumerate(docs)
+        )
     with open(out / "val.jsonl", "w", encoding="utf-8") as fh:
         fh.write(json.dumps({"id": "v0", "text": " ".join(rng.choice(words) for _ in range(30))}) + "\n")
     claims = {f"c{i}": docs[i][:150] for i in range(3)} | {"c_other": "an unrelated note about the weather"}
     with open(out / "claims.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"id": k, "text": v}) + "\n" for k, v in claims.items())
-    cfg = RunConfig(corpus=[str(out / "corpus.jsonl")], val={"v": str(out / "val.jsonl")}, out=str(out / "run"),
-                    preset="test-micro", steps=40, keep_every=10, reference=4, device="cpu", progress=False,
-                    cache_dir=str(out / "cache"))
+    cfg = RunConfig(
+        corpus=[str(out / "corpus.jsonl")],
+        val={"v": str(out / "val.jsonl")},
+        out=str(out / "run"),
+        preset="test-micro",
+        steps=40,
+        keep_every=10,
+        reference=4,
+        device="cpu",
+        progress=False,
+        cache_dir=str(out / "cache"),
+    )
     return train_and_value(cfg), out / "claims.jsonl"
 
 
@@ -72,7 +85,9 @@ def main() -> None:
     from attribution.workflows.claim_fast import estimate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=None, help="a finished run with a replay chain (default: a tiny one)")
+    ap.add_argument(
+        "--run", type=Path, default=None, help="a finished run with a replay chain (default: a tiny one)"
+    )
     ap.add_argument("--claims", type=Path, default=None, help="JSONL claim texts (required with --run)")
     ap.add_argument("--dims", default="32,256", help="sketch dimensions, comma separated")
     ap.add_argument("--out", type=Path, default=Path("/tmp/sketch_fidelity"))
@@ -99,9 +114,17 @@ def main() -> None:
             both = est.merge(exact, on=["claim_id", "doc_id"])
             for claim_id, g in both.groupby("claim_id"):
                 g = g.set_index("doc_id")
-                rows.append({"dim": dim, "view": used, "claim_id": claim_id, "n_docs": len(g),
-                             "spearman": g["estimate"].corr(g["attribution"], method="spearman"),
-                             "recall@10": _recall(g["estimate"], g["attribution"]), "estimate_s": seconds})
+                rows.append(
+                    {
+                        "dim": dim,
+                        "view": used,
+                        "claim_id": claim_id,
+                        "n_docs": len(g),
+                        "spearman": g["estimate"].corr(g["attribution"], method="spearman"),
+                        "recall@10": _recall(g["estimate"], g["attribution"]),
+                        "estimate_s": seconds,
+                    }
+                )
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "fidelity.csv", index=False)

@@ -39,12 +39,21 @@ def query_times(n: int, dim: int, queries: int, k: int, seed: int = 0) -> dict[s
     index.search(q, k)
     batch = time.perf_counter() - t0
     ms = 1000 * np.asarray(times)
-    return {"n": n, "dim": dim, "k": k, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "batched_ms_per_query": 1000 * batch / queries, "threads": faiss.omp_get_max_threads(),
-            "index_gib": n * dim * 4 / 2**30}
+    return {
+        "n": n,
+        "dim": dim,
+        "k": k,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "batched_ms_per_query": 1000 * batch / queries,
+        "threads": faiss.omp_get_max_threads(),
+        "index_gib": n * dim * 4 / 2**30,
+    }
 
 
-def claim_gradient_times(preset: str, dim: int, seq_len: int | None, device: str, repeats: int) -> dict[str, float]:
+def claim_gradient_times(
+    preset: str, dim: int, seq_len: int | None, device: str, repeats: int
+) -> dict[str, float]:
     import torch
 
     from attribution.train import loop
@@ -67,8 +76,13 @@ def claim_gradient_times(preset: str, dim: int, seq_len: int | None, device: str
         kron = grads.kron(ids, mask, np.zeros(1, dtype=np.int64), 1)
         projection.mix(kron, 0)
         times.append(time.perf_counter() - t0)
-    return {"preset": preset, "seq_len": cfg.seq_len, "device": dev, "width": projection.width,
-            "per_checkpoint_s": float(np.median(times[1:]))}
+    return {
+        "preset": preset,
+        "seq_len": cfg.seq_len,
+        "device": dev,
+        "width": projection.width,
+        "per_checkpoint_s": float(np.median(times[1:])),
+    }
 
 
 def main() -> None:
@@ -79,13 +93,19 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=DEFAULT_DIM)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--preset", default="test-micro", help="model of the claim-gradient timing (full: gpt2-small)")
+    ap.add_argument(
+        "--preset", default="test-micro", help="model of the claim-gradient timing (full: gpt2-small)"
+    )
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    out = {"query": query_times(args.n, args.dim, args.queries, args.k),
-           "claim_gradient": claim_gradient_times(args.preset, args.dim, args.seq_len, args.device, args.repeats)}
+    out = {
+        "query": query_times(args.n, args.dim, args.queries, args.k),
+        "claim_gradient": claim_gradient_times(
+            args.preset, args.dim, args.seq_len, args.device, args.repeats
+        ),
+    }
     print(json.dumps(out, indent=2))
 
 

@@ -52,11 +52,16 @@ def write_shard(path: Path, size_bytes: int, compress: bool) -> tuple[int, int]:
         out = zstandard.ZstdCompressor(level=3).stream_writer(raw) if compress else raw
         while written < size_bytes:
             doc = seed_docs[n % len(seed_docs)]
-            line = json.dumps({
-                "id": f"copy{n // len(seed_docs)}/{doc.doc_id}",
-                "text": doc.text,
-                "meta": {"pile_set_name": doc.source, "owner": doc.owner},
-            }).encode() + b"\n"
+            line = (
+                json.dumps(
+                    {
+                        "id": f"copy{n // len(seed_docs)}/{doc.doc_id}",
+                        "text": doc.text,
+                        "meta": {"pile_set_name": doc.source, "owner": doc.owner},
+                    }
+                ).encode()
+                + b"\n"
+            )
             out.write(line)
             written += len(line)
             n += 1
@@ -70,7 +75,9 @@ def run_child(args: list[str]) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
-    peak = next((int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), -1)
+    peak = next(
+        (int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), -1
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"child failed with status {proc.returncode}: {args}")
@@ -90,8 +97,17 @@ def main() -> None:
         n_docs, n_bytes = write_shard(shard, int(args.size_gb * 1024**3), args.zst)
         gen_s = time.perf_counter() - start
         read = run_child(["corpus", "stats", str(shard), "--no-tokens"])
-        tok = run_child(["corpus", "tokenize", str(shard), "--seq-len", str(args.seq_len),
-                         "--cache-dir", str(work / "cache")])
+        tok = run_child(
+            [
+                "corpus",
+                "tokenize",
+                str(shard),
+                "--seq-len",
+                str(args.seq_len),
+                "--cache-dir",
+                str(work / "cache"),
+            ]
+        )
         result = {
             "shard": shard.name,
             "json_bytes": n_bytes,

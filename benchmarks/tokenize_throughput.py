@@ -56,20 +56,24 @@ def main() -> None:
         seqs = build_sequences(iter(docs), args.seq_len, cache, f"bench-{time.time_ns()}")
         end_to_end = seqs.n_tokens / (time.perf_counter() - start)
         n_seq = len(seqs)
-    print(json.dumps({
-        "threads": args.threads,
-        "docs": len(docs),
-        "chars": sum(map(len, texts)),
-        "tokens": n_tokens,
-        "encode_tokens_per_s_median": round(statistics.median(rates)),
-        "encode_tokens_per_s_best": round(max(rates)),
-        "encode_tokens_per_cpu_s_median": round(statistics.median(cpu_rates)),
-        "build_sequences_tokens_per_s": round(end_to_end),
-        "sequences": n_seq,
-        "seq_len": args.seq_len,
-        "cpus_visible": os.cpu_count(),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "docs": len(docs),
+                "chars": sum(map(len, texts)),
+                "tokens": n_tokens,
+                "encode_tokens_per_s_median": round(statistics.median(rates)),
+                "encode_tokens_per_s_best": round(max(rates)),
+                "encode_tokens_per_cpu_s_median": round(statistics.median(cpu_rates)),
+                "build_sequences_tokens_per_s": round(end_to_end),
+                "sequences": n_seq,
+                "seq_len": args.seq_len,
+                "cpus_visible": os.cpu_count(),
+                "loadavg_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
     sys.stdout.flush()
 
 

@@ -76,11 +76,15 @@ def main() -> None:
             times[mode].append((time.perf_counter() - t0) / args.steps)
     tokens = B * T
     result = {
-        "preset": args.preset, "device": args.device, "threads": torch.get_num_threads(),
+        "preset": args.preset,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
         "tokens_per_step": tokens,
         "tokens_per_s": {m: tokens / statistics.median(t) for m, t in times.items()},
         "s_per_step": {m: statistics.median(t) for m, t in times.items()},
-        "slowdown_vs_plain": {m: statistics.median(t) / statistics.median(times["plain"]) for m, t in times.items()},
+        "slowdown_vs_plain": {
+            m: statistics.median(t) / statistics.median(times["plain"]) for m, t in times.items()
+        },
         "all_s_per_step": times,
     }
     print(json.dumps(result, indent=2))

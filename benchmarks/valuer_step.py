@@ -51,9 +51,16 @@ def main() -> None:
         if step:  # the first step warms up allocations and plans
             fb.append(t1 - t0)
             val.append(t2 - t1)
-    print(json.dumps({"forward_backward_s": round(statistics.median(fb), 2),
-                      "values_s": round(statistics.median(val), 2), "steps": args.steps,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "forward_backward_s": round(statistics.median(fb), 2),
+                "values_s": round(statistics.median(val), 2),
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,20 @@ from pathlib import Path
 import websocket
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
-         "--disable-extensions", "--mute-audio", "--remote-debugging-port=0", "--window-size=1280,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--remote-debugging-port=0",
+    "--window-size=1280,900",
+]
 
 
 @dataclass
@@ -38,7 +49,11 @@ class PageResult:
 
     @property
     def errors(self) -> list[str]:
-        out = [f"console.{c.get('type')}: {c.get('args')}" for c in self.console if c.get("type") in ("error", "assert")]
+        out = [
+            f"console.{c.get('type')}: {c.get('args')}"
+            for c in self.console
+            if c.get("type") in ("error", "assert")
+        ]
         out += [f"exception: {e.get('exceptionDetails', {}).get('text')}" for e in self.exceptions]
         out += [f"log {e.get('level')}: {e.get('text')}" for e in self.log if e.get("level") == "error"]
         return out
@@ -99,8 +114,12 @@ def render(path: Path, expression: str, *, timeout: float = 60.0) -> PageResult:
     if not os.path.exists(CHROMIUM):
         raise FileNotFoundError(f"{CHROMIUM} is missing: the browser test needs Debian's chromium package")
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = _devtools_port(proc, timeout)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as resp:
@@ -117,9 +136,12 @@ def render(path: Path, expression: str, *, timeout: float = 60.0) -> PageResult:
         res.value = value.get("result", {}).get("value")
         metrics = s.call("Page.getLayoutMetrics")
         size = metrics.get("cssContentSize") or metrics["contentSize"]
-        shot = s.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                      clip={"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 16000),
-                            "scale": 1})
+        shot = s.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 16000), "scale": 1},
+        )
         res.screenshot = base64.b64decode(shot["data"])
         for e in s.events:
             p = e.get("params", {})

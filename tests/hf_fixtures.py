@@ -22,8 +22,18 @@ def tiny_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).double()
 
 
@@ -50,23 +60,42 @@ def docs() -> pd.DataFrame:
     return pd.DataFrame({"doc_id": [f"d{i:02d}" for i in range(N_ROWS)], "source": "s", "owner": "o"})
 
 
-def train_valued(out: Path, *, batch: int, accumulation: int, steps: int, loss_mean: str = "sequence",
-                 order: int = 1) -> Path:
+def train_valued(
+    out: Path, *, batch: int, accumulation: int, steps: int, loss_mean: str = "sequence", order: int = 1
+) -> Path:
     """Train with ValuedTrainer (constant lr, clipping active); returns the value directory."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
     from attribution.train.hf import ValuedTrainer
 
-    args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=batch,
-                             gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=LR,
-                             lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM, report_to=[],
-                             save_strategy="no", use_cpu=True, logging_steps=1, seed=0, dataloader_num_workers=0,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out / "hf"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_grad_norm=MAX_GRAD_NORM,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     data = {k: v.tolist() for k, v in rows().items()}
-    trainer = ValuedTrainer(model=tiny_model(), args=args, train_dataset=Dataset.from_dict(data),
-                            val_sets={"v": val_set()}, docs=docs(), value_dir=out / "values", order=order,
-                            loss_mean=loss_mean)
+    trainer = ValuedTrainer(
+        model=tiny_model(),
+        args=args,
+        train_dataset=Dataset.from_dict(data),
+        val_sets={"v": val_set()},
+        docs=docs(),
+        value_dir=out / "values",
+        order=order,
+        loss_mean=loss_mean,
+    )
     trainer.train()
     return out / "values"
 
@@ -74,5 +103,10 @@ def train_valued(out: Path, *, batch: int, accumulation: int, steps: int, loss_m
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, batch, accumulation, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    train_valued(out, batch=batch, accumulation=accumulation, steps=steps,
-                 loss_mean=sys.argv[5] if len(sys.argv) > 5 else "sequence")
+    train_valued(
+        out,
+        batch=batch,
+        accumulation=accumulation,
+        steps=steps,
+        loss_mean=sys.argv[5] if len(sys.argv) > 5 else "sequence",
+    )

@@ -58,7 +58,7 @@ OWNERS = {
 HOSTILE = [
     "Breaking: <script>window.__pwned=1</script> markets rally as investors cheer.",
     'Photo caption <img src=x onerror="window.__pwned=1"> shows the harbour at dawn.',
-    "Read more [here](javascript:window.__pwned=1) or <a href=\"javascript:window.__pwned=1\">there</a>.",
+    'Read more [here](javascript:window.__pwned=1) or <a href="javascript:window.__pwned=1">there</a>.',
     'Tracking pixel <img src="http://evil.example/pixel.png"> and <iframe src="https://evil.example/"></iframe>'
     ' <link rel="stylesheet" href="http://evil.example/x.css"> | pipes | `ticks` *stars* $x^2$',
 ]
@@ -90,12 +90,26 @@ def make_run(
         picks = corpus_rng.choice(len(SENTENCES[src]), size=k, replace=True)
         text = ("\n" if src == "code" else " ").join(SENTENCES[src][j] for j in picks)
         owners = OWNERS[src]
-        rows.append({"doc_id": f"{src}-{i:04d}", "source": src, "owner": owners[i % len(owners)],
-                     "license": "CC-BY-4.0" if src != "code" else "PSF-2.0", "text": text})
+        rows.append(
+            {
+                "doc_id": f"{src}-{i:04d}",
+                "source": src,
+                "owner": owners[i % len(owners)],
+                "license": "CC-BY-4.0" if src != "code" else "PSF-2.0",
+                "text": text,
+            }
+        )
     if hostile:
         for j, text in enumerate(HOSTILE):
-            rows.append({"doc_id": f"web-hostile-{j}", "source": "web<script>window.__pwned=1</script>",
-                         "owner": '<img src=x onerror="window.__pwned=1">', "license": None, "text": text})
+            rows.append(
+                {
+                    "doc_id": f"web-hostile-{j}",
+                    "source": "web<script>window.__pwned=1</script>",
+                    "owner": '<img src=x onerror="window.__pwned=1">',
+                    "license": None,
+                    "text": text,
+                }
+            )
     docs = pd.DataFrame(rows)
     if owner_override:
         docs["owner"] = [owner_override.get(d, o) for d, o in zip(docs.doc_id, docs.owner, strict=True)]
@@ -135,17 +149,23 @@ def make_run(
             batch_idx = np.unique(np.concatenate([np.flatnonzero(boost), batch_idx]))
         scale = 1.0 / (1.0 + 0.2 * step)
         for name, items in val.items():
-            per_ex = (doc_mean[batch_idx, None] + rng.normal(0, 1e-3, size=(len(batch_idx), len(items)))) * scale
+            per_ex = (
+                doc_mean[batch_idx, None] + rng.normal(0, 1e-3, size=(len(batch_idx), len(items)))
+            ) * scale
             for r, d in enumerate(batch_idx):
                 if boost[d]:
                     per_ex[r, 0] += 5e-3 * scale
                 step_rows.append((step, docs.doc_id[d], name, float(per_ex[r].sum())))
                 for e, it in enumerate(items):
-                    ex_acc[(docs.doc_id[d], name, it["id"])] = ex_acc.get((docs.doc_id[d], name, it["id"]), 0.0) + per_ex[r, e]
+                    ex_acc[(docs.doc_id[d], name, it["id"])] = (
+                        ex_acc.get((docs.doc_id[d], name, it["id"]), 0.0) + per_ex[r, e]
+                    )
     step_values = pd.DataFrame(step_rows, columns=["step", "doc_id", "val_set", "value"])
     step_values.to_parquet(out / "step_values.parquet", index=False)
 
-    ex = pd.DataFrame([(d, s, v, x) for (d, s, v), x in ex_acc.items()], columns=["doc_id", "val_set", "val_id", "value"])
+    ex = pd.DataFrame(
+        [(d, s, v, x) for (d, s, v), x in ex_acc.items()], columns=["doc_id", "val_set", "val_id", "value"]
+    )
     ex.to_parquet(out / "example_values.parquet", index=False)
 
     g = step_values.groupby(["doc_id", "val_set"])
@@ -155,7 +175,19 @@ def make_run(
     dv["last_step"] = g["step"].max()
     dv = dv.reset_index().merge(docs[["doc_id", "source", "owner"]], on="doc_id")
     dv["value_normalized"] = dv["value"] / dv["value"].abs().sum()
-    dv = dv[["doc_id", "source", "owner", "val_set", "value", "value_normalized", "n_seen", "first_step", "last_step"]]
+    dv = dv[
+        [
+            "doc_id",
+            "source",
+            "owner",
+            "val_set",
+            "value",
+            "value_normalized",
+            "n_seen",
+            "first_step",
+            "last_step",
+        ]
+    ]
     dv.to_parquet(out / "doc_values.parquet", index=False)
 
     window = 6
@@ -163,7 +195,9 @@ def make_run(
     sv["window_start"] = sv.step // window * window
     sv["window_end"] = sv.window_start + window - 1
     st = sv.groupby(["window_start", "window_end", "source", "val_set"], as_index=False)["value"].sum()
-    st["value_normalized"] = st["value"] / st.groupby(["window_start", "val_set"])["value"].transform(lambda x: x.abs().sum())
+    st["value_normalized"] = st["value"] / st.groupby(["window_start", "val_set"])["value"].transform(
+        lambda x: x.abs().sum()
+    )
     st.to_parquet(out / "stage_values.parquet", index=False)
 
     lr = [6e-4 * (1 - s / n_steps) for s in range(n_steps)]
@@ -175,8 +209,17 @@ def make_run(
 
     manifest = Manifest(
         seed=seed,
-        config={"preset": "tiny", "steps": n_steps, "order": 1, "optimizer": "adamw", "optimizer_aware": False,
-                "n_layer": 2, "n_embd": 32, "n_head": 2, "seq_len": 64},
+        config={
+            "preset": "tiny",
+            "steps": n_steps,
+            "order": 1,
+            "optimizer": "adamw",
+            "optimizer_aware": False,
+            "n_layer": 2,
+            "n_embd": 32,
+            "n_head": 2,
+            "seq_len": 64,
+        },
         corpus=CorpusInfo(specs=["synthetic-fixture"], fingerprint="f1x7ure0123456789", n_docs_total=n),
         val_sets={k: ValSetInfo(n_docs=len(v), per_example=True) for k, v in val.items()},
         training=TrainingInfo(total_steps=n_steps, order=1, optimizer="adamw", values="sgd-proxy"),
@@ -200,15 +243,32 @@ def make_real_run(root: Path, steps: int = 6) -> Path:
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
         for i, text in enumerate(news[:16]):
             owner = ("Daily Ledger Ltd", "Metro Press")[i % 2]
-            fh.write(json.dumps({"id": f"news-{i}", "text": text,
-                                 "meta": {"pile_set_name": "news", "owner": owner}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"id": f"news-{i}", "text": text, "meta": {"pile_set_name": "news", "owner": owner}}
+                )
+                + "\n"
+            )
         for i, text in enumerate(HOSTILE):
-            fh.write(json.dumps({"id": f"web-{i}", "text": text + " " + news[40 + i],
-                                 "meta": {"pile_set_name": "web<script>window.__pwned=1</script>",
-                                          "owner": '<img src=x onerror="window.__pwned=1">'}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"web-{i}",
+                        "text": text + " " + news[40 + i],
+                        "meta": {
+                            "pile_set_name": "web<script>window.__pwned=1</script>",
+                            "owner": '<img src=x onerror="window.__pwned=1">',
+                        },
+                    }
+                )
+                + "\n"
+            )
     val = [
-        {"id": "copy-3", "text": "Quote the report. " + " ".join(news[3].split()[:50]),
-         "meta": {"variant": "partial_copy", "target_id": "news-3"}},
+        {
+            "id": "copy-3",
+            "text": "Quote the report. " + " ".join(news[3].split()[:50]),
+            "meta": {"variant": "partial_copy", "target_id": "news-3"},
+        },
         {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
         {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
     ]

@@ -60,25 +60,36 @@ def one_faiss_thread():
 @pytest.fixture(scope="module")
 def corpus() -> list[Document]:
     texts = _lee()
-    return [Document(f"lee-{i:03d}", _short(t), "news" if i % 2 else "wire", owner=f"owner{i % 3}")
-            for i, t in enumerate(texts[:N_DOCS])]
+    return [
+        Document(f"lee-{i:03d}", _short(t), "news" if i % 2 else "wire", owner=f"owner{i % 3}")
+        for i, t in enumerate(texts[:N_DOCS])
+    ]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, corpus) -> str:
     """A run directory as `attribution run` writes it: docs, example values, val sets, manifest."""
     run = tmp_path_factory.mktemp("run")
-    pd.DataFrame({
-        "doc_id": [d.doc_id for d in corpus], "source": [d.source for d in corpus],
-        "owner": [d.owner for d in corpus], "license": [None] * len(corpus),
-        "n_tokens": [len(d.text.split()) for d in corpus], "n_seqs": 1, "text": [d.text for d in corpus],
-    }).to_parquet(run / "docs.parquet", index=False)
+    pd.DataFrame(
+        {
+            "doc_id": [d.doc_id for d in corpus],
+            "source": [d.source for d in corpus],
+            "owner": [d.owner for d in corpus],
+            "license": [None] * len(corpus),
+            "n_tokens": [len(d.text.split()) for d in corpus],
+            "n_seqs": 1,
+            "text": [d.text for d in corpus],
+        }
+    ).to_parquet(run / "docs.parquet", index=False)
     lee = _lee()
     d12 = corpus[12].text.split()
     val = [
         {"id": "v-exact", "text": corpus[5].text, "meta": {"variant": "exact", "target_id": "lee-005"}},
-        {"id": "v-partial", "text": _short(lee[200], 30) + " " + " ".join(d12[10:50]),
-         "meta": {"variant": "partial", "target_id": "lee-012"}},
+        {
+            "id": "v-partial",
+            "text": _short(lee[200], 30) + " " + " ".join(d12[10:50]),
+            "meta": {"variant": "partial", "target_id": "lee-012"},
+        },
         {"id": "v-para", "text": PARAPHRASE_7, "meta": {"variant": "paraphrase", "target_id": "lee-007"}},
         {"id": "v-none", "text": _short(lee[250], 60), "meta": {"variant": "unrelated"}},
     ]
@@ -194,8 +205,18 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     for name in ("comparison.parquet", "summary.csv", "summary.md", "compare.json"):
         assert (out / name).is_file()
     saved = pd.read_parquet(out / "comparison.parquet")
-    required = ["val_id", "doc_id", "shapley_rank", "lexical_rank", "semantic_rank", "bm25_rank",
-                "ngram_containment", "longest_common_span", "semantic_sim", "label"]
+    required = [
+        "val_id",
+        "doc_id",
+        "shapley_rank",
+        "lexical_rank",
+        "semantic_rank",
+        "bm25_rank",
+        "ngram_containment",
+        "longest_common_span",
+        "semantic_sim",
+        "label",
+    ]
     assert set(required) <= set(saved.columns) and len(saved) == len(table)
 
     def pair(val_id, doc_id):
@@ -238,28 +259,51 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
 def test_cli_build_compare_and_errors(tmp_path, run_dir):
     runner = CliRunner()
     idx = tmp_path / "idx"
-    res = runner.invoke(main, ["index", "build", "--corpus", run_dir, "--out", str(idx), "--no-semantic", "--jobs", "1"])
+    res = runner.invoke(
+        main, ["index", "build", "--corpus", run_dir, "--out", str(idx), "--no-semantic", "--jobs", "1"]
+    )
     assert res.exit_code == 0, res.output
     extra = tmp_path / "more.jsonl"
-    extra.write_text("".join(json.dumps({"id": f"more-{i}", "text": t, "meta": {"pile_set_name": "more"}}) + "\n"
-                             for i, t in enumerate(_lee()[200:203])))
+    extra.write_text(
+        "".join(
+            json.dumps({"id": f"more-{i}", "text": t, "meta": {"pile_set_name": "more"}}) + "\n"
+            for i, t in enumerate(_lee()[200:203])
+        )
+    )
     res = runner.invoke(main, ["index", "add", str(idx), "--corpus", str(extra), "--jobs", "1"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["index", "info", str(idx)])
     info = json.loads(res.output)
     assert info["generation"] == 2 and info["n_docs"] == N_DOCS + 3 and info["history"][-1]["added"] == 3
-    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "c"), "-k", "3",
-                               "--threshold", "verbatim_span=30"])
+    res = runner.invoke(
+        main,
+        [
+            "compare",
+            run_dir,
+            "--index",
+            str(idx),
+            "--out",
+            str(tmp_path / "c"),
+            "-k",
+            "3",
+            "--threshold",
+            "verbatim_span=30",
+        ],
+    )
     assert res.exit_code == 0, res.output
     saved = pd.read_parquet(tmp_path / "c" / "comparison.parquet")
     assert saved.semantic_sim.isna().all() and saved.semantic_rank.isna().all()
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["thresholds"]["verbatim_span"] == 30
     res = runner.invoke(main, ["compare", run_dir, "--index", str(tmp_path), "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "not an index directory" in res.output
-    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"), "--view", "nope"])
+    res = runner.invoke(
+        main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"), "--view", "nope"]
+    )
     assert res.exit_code == 2 and "no column 'nope'" in res.output
-    res = runner.invoke(main, ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"),
-                               "--threshold", "bogus=1"])
+    res = runner.invoke(
+        main,
+        ["compare", run_dir, "--index", str(idx), "--out", str(tmp_path / "d"), "--threshold", "bogus=1"],
+    )
     assert res.exit_code == 2 and "unknown threshold" in res.output
 
 
@@ -271,22 +315,40 @@ def test_compare_on_a_real_tiny_run(tmp_path):
     lee = _lee()
     with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as fh:
         for i, text in enumerate(lee[:16]):
-            fh.write(json.dumps({"id": f"lee-{i}", "text": _short(text, 90), "meta": {"pile_set_name": "news"}}) + "\n")
+            fh.write(
+                json.dumps({"id": f"lee-{i}", "text": _short(text, 90), "meta": {"pile_set_name": "news"}})
+                + "\n"
+            )
     val = [
-        {"id": "copy-3", "text": "As reported: " + _short(lee[3], 60), "meta": {"variant": "partial_copy", "target_id": "lee-3"}},
+        {
+            "id": "copy-3",
+            "text": "As reported: " + _short(lee[3], 60),
+            "meta": {"variant": "partial_copy", "target_id": "lee-3"},
+        },
         {"id": "para-7", "text": PARAPHRASE_7, "meta": {"variant": "paraphrase", "target_id": "lee-7"}},
         {"id": "other", "text": _short(lee[150], 60), "meta": {"variant": "unrelated"}},
     ]
     with open(tmp_path / "val.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(v) + "\n" for v in val)
-    cfg = RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"news": str(tmp_path / "val.jsonl")},
-                    out=str(tmp_path / "run"), preset="test-micro", steps=6, cache_dir=str(tmp_path / "cache"),
-                    progress=False)
+    cfg = RunConfig(
+        corpus=[str(tmp_path / "corpus.jsonl")],
+        val={"news": str(tmp_path / "val.jsonl")},
+        out=str(tmp_path / "run"),
+        preset="test-micro",
+        steps=6,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     run = train_and_value(cfg)
     runner = CliRunner()
-    res = runner.invoke(main, ["index", "build", "--corpus", str(run), "--out", str(tmp_path / "idx"), "--jobs", "1"])
+    res = runner.invoke(
+        main, ["index", "build", "--corpus", str(run), "--out", str(tmp_path / "idx"), "--jobs", "1"]
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["compare", str(run), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "cmp"), "-k", "5"])
+    res = runner.invoke(
+        main,
+        ["compare", str(run), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "cmp"), "-k", "5"],
+    )
     assert res.exit_code == 0, res.output
     saved = pd.read_parquet(tmp_path / "cmp" / "comparison.parquet")
     assert set(saved.val_id) == {"copy-3", "para-7", "other"}
@@ -303,7 +365,9 @@ def test_compare_on_a_real_tiny_run(tmp_path):
 def test_large_corpus_lexical_kinds_find_copies(tmp_path, corpus, kind):
     from attribution.analysis.lexical import LexicalParams
 
-    meta = build_index(corpus, tmp_path / kind, lexical=LexicalParams(kind=kind), semantic=None, bm25=None, jobs=1)
+    meta = build_index(
+        corpus, tmp_path / kind, lexical=LexicalParams(kind=kind), semantic=None, bm25=None, jobs=1
+    )
     assert meta["lexical"]["kind"] == kind and "bm25" not in meta
     ix = Indexes.load(tmp_path / kind)
     for i in (3, 31, 59):

@@ -15,9 +15,18 @@ from tests.train_fixtures import write_corpus, write_val
 
 
 def _run(tmp_path, name: str, **kw) -> object:
-    cfg = RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"a": str(tmp_path / "a.jsonl")},
-                    out=str(tmp_path / name), preset="test-micro", steps=6, seed=3, device="cpu",
-                    cache_dir=str(tmp_path / "cache"), progress=False, **{"reference": 4, **kw})
+    cfg = RunConfig(
+        corpus=[str(tmp_path / "corpus.jsonl")],
+        val={"a": str(tmp_path / "a.jsonl")},
+        out=str(tmp_path / name),
+        preset="test-micro",
+        steps=6,
+        seed=3,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        **{"reference": 4, **kw},
+    )
     return train_and_value(cfg)
 
 
@@ -35,8 +44,10 @@ def corpus_dir(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize(("order", "aware", "dtype"), [(1, False, "float32"), (1, True, "float32"),
-                                                     (2, False, "float32"), (2, True, "float64")])
+@pytest.mark.parametrize(
+    ("order", "aware", "dtype"),
+    [(1, False, "float32"), (1, True, "float32"), (2, False, "float32"), (2, True, "float64")],
+)
 def test_replay_equals_in_run_bitwise(corpus_dir, tmp_path, order, aware, dtype):
     """In float64 the contract is 1e-9 relative; it is in fact bitwise here too, so one check serves both."""
     run = _run(corpus_dir, f"run{order}{aware}{dtype}", order=order, optimizer_aware=aware, dtype=dtype)
@@ -70,8 +81,13 @@ def test_a_claim_does_not_depend_on_the_other_claims(corpus_dir, tmp_path):
     from attribution.values.results import RunValues
 
     run = _run(corpus_dir, "base64", dtype="float64")
-    alone = claim(run, _texts(tmp_path / "one.jsonl", {"c1": _claims(corpus_dir)["c1"]}), tmp_path / "one",
-                  report=False, progress=False)
+    alone = claim(
+        run,
+        _texts(tmp_path / "one.jsonl", {"c1": _claims(corpus_dir)["c1"]}),
+        tmp_path / "one",
+        report=False,
+        progress=False,
+    )
     more = {**_claims(corpus_dir), "c3": "news of the books and the authors", "c4": "reviewers read evidence"}
     both = claim(run, _texts(tmp_path / "all.jsonl", more), tmp_path / "all", report=False, progress=False)
     a = RunValues.read(alone).view().query("val_set == 'claims' and val_id == 'c1'").set_index("doc_id")
@@ -109,8 +125,10 @@ def test_kill_9_then_resume_gives_identical_values(corpus_dir, base_run, tmp_pat
     texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
     want = _examples(claim(base_run, texts, tmp_path / "ref", report=False, progress=False), "claims")
     out = tmp_path / "killed"
-    code = ("import sys; from attribution.workflows.claim import claim; "
-            "claim(sys.argv[1], sys.argv[2], sys.argv[3], report=False, progress=False)")
+    code = (
+        "import sys; from attribution.workflows.claim import claim; "
+        "claim(sys.argv[1], sys.argv[2], sys.argv[3], report=False, progress=False)"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(base_run), str(texts), str(out)], env=env)
     deadline = time.time() + 300
@@ -142,7 +160,9 @@ def test_tampered_checkpoint_and_changed_corpus_are_refused(corpus_dir, tmp_path
     assert not (tmp_path / "o1").exists()  # nothing half-written
     # the same alteration with the recorded hash forged too: the replay itself finds the divergence
     index = json.loads((run / chain.REPLAY_DIR / chain.INDEX).read_text())
-    index["links"][str(link.step)]["sha256"]["model.safetensors"] = chain._sha256(link.path / "model.safetensors")
+    index["links"][str(link.step)]["sha256"]["model.safetensors"] = chain._sha256(
+        link.path / "model.safetensors"
+    )
     (run / chain.REPLAY_DIR / chain.INDEX).write_text(json.dumps(index))
     with pytest.raises(UserError, match=rf"diverged from the run at step {link.step}"):
         claim(run, texts, tmp_path / "o1", report=False, progress=False)
@@ -163,7 +183,9 @@ def test_bad_claims_file_and_run_without_chain(corpus_dir, base_run, tmp_path):
     assert not (tmp_path / "o").exists()
     plain = _run(corpus_dir, "nochain", keep_every=0)
     with pytest.raises(UserError, match="--keep-every"):
-        claim(plain, _texts(tmp_path / "c.jsonl", {"a": "text"}), tmp_path / "o3", report=False, progress=False)
+        claim(
+            plain, _texts(tmp_path / "c.jsonl", {"a": "text"}), tmp_path / "o3", report=False, progress=False
+        )
 
 
 @pytest.mark.slow
@@ -179,9 +201,27 @@ def test_torchrun_two_gloo_ranks_give_the_sequential_values(corpus_dir, base_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "attribution.cli", "claim", str(base_run),
-           "--texts", str(texts), "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "attribution.cli",
+        "claim",
+        str(base_run),
+        "--texts",
+        str(texts),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -31,12 +31,19 @@ DOCS = [  # doc_id, source, owner, text, n_tokens
     ("doc-d", "code", "PSF", "def f(x):\n    return x | 1", 5),
     ("doc-e", "legal", "OSI", "Permission is hereby granted, free of charge, to any person.", 60),
 ]
-CLAIMS = [{"id": "claim-0", "text": CLAIM_0, "meta": {}},
-          {"id": f"claim-{SCRIPT}", "text": f"A second claim {IMG} about | pipes and {SCRIPT}.", "meta": {}}]
+CLAIMS = [
+    {"id": "claim-0", "text": CLAIM_0, "meta": {}},
+    {"id": f"claim-{SCRIPT}", "text": f"A second claim {IMG} about | pipes and {SCRIPT}.", "meta": {}},
+]
 # Raw values per (doc, claim): doc-b's large raw value comes with many tokens and helps both claims alike,
 # so the default view (contrast per token) must rank it below doc-a and doc-c for claim 0.
-VALUES = {"doc-a": (0.020, -0.001), f"doc-{IMG}": (0.050, 0.048), "doc-c": (0.004, 0.0), "doc-d": (-0.003, 0.002),
-          "doc-e": (0.001, 0.001)}
+VALUES = {
+    "doc-a": (0.020, -0.001),
+    f"doc-{IMG}": (0.050, 0.048),
+    "doc-c": (0.004, 0.0),
+    "doc-d": (-0.003, 0.002),
+    "doc-e": (0.001, 0.001),
+}
 
 
 def make_claim_run(root: Path) -> Path:
@@ -45,7 +52,9 @@ def make_claim_run(root: Path) -> Path:
     docs = pd.DataFrame(DOCS, columns=["doc_id", "source", "owner", "text", "n_tokens"])
     docs["license"] = None
     docs["n_seqs"] = 1
-    docs[["doc_id", "source", "owner", "license", "n_tokens", "n_seqs", "text"]].to_parquet(root / "docs.parquet")
+    docs[["doc_id", "source", "owner", "license", "n_tokens", "n_seqs", "text"]].to_parquet(
+        root / "docs.parquet"
+    )
     rows = [(d, "claims", c["id"], v[j]) for d, v in VALUES.items() for j, c in enumerate(CLAIMS)]
     ev = pd.DataFrame(rows, columns=["doc_id", "val_set", "val_id", "value"])
     ev["value_normalized"] = ev["value"] * 10
@@ -58,7 +67,9 @@ def make_claim_run(root: Path) -> Path:
     with open(root / "val_sets" / "claims.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(c) + "\n" for c in CLAIMS)
     # Written by hand: the run names its default view under values.default_view.
-    (root / "manifest.json").write_text(json.dumps({"status": "complete", "values": {"default_view": DEFAULT_VIEW}}))
+    (root / "manifest.json").write_text(
+        json.dumps({"status": "complete", "values": {"default_view": DEFAULT_VIEW}})
+    )
     return root
 
 
@@ -83,8 +94,14 @@ def _html_doc_ids(page: str) -> list[list[str]]:
     import html
 
     tables = re.findall(r"<table>(.*?)</table>", page, flags=re.S)
-    return [[html.unescape(r[1]) for r in (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in t.split("<tr>")) if r]
-            for t in tables]
+    return [
+        [
+            html.unescape(r[1])
+            for r in (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in t.split("<tr>"))
+            if r
+        ]
+        for t in tables
+    ]
 
 
 def _md_rows(md: str) -> list[list[str]]:
@@ -106,8 +123,12 @@ def _md_rows(md: str) -> list[list[str]]:
 def test_ranking_follows_the_default_view_in_both_files(written):
     run, md, page = written
     exp = [expected(run, c["id"]) for c in CLAIMS]
-    raw_order = pd.read_parquet(run / "example_values.parquet").query("val_id == 'claim-0'") \
-        .sort_values("value", ascending=False)["doc_id"].tolist()
+    raw_order = (
+        pd.read_parquet(run / "example_values.parquet")
+        .query("val_id == 'claim-0'")
+        .sort_values("value", ascending=False)["doc_id"]
+        .tolist()
+    )
     assert exp[0]["doc_id"].tolist()[:4] != raw_order[:4]  # the test can tell view from raw value
 
     tables = _html_doc_ids(page)
@@ -181,8 +202,11 @@ def test_semantic_similarity(tmp_path):
 def test_claims_html_in_chromium(tmp_path):
     run = make_claim_run(tmp_path / "run")
     _, page = write_claims_report(run, top_k=3, semantic=False)
-    res = render(page, "JSON.stringify({probe: " + PROBE + ", tables: document.querySelectorAll('table').length,"
-                       " rows: Array.from(document.querySelectorAll('table')).map(t => t.rows.length)})")
+    res = render(
+        page,
+        "JSON.stringify({probe: " + PROBE + ", tables: document.querySelectorAll('table').length,"
+        " rows: Array.from(document.querySelectorAll('table')).map(t => t.rows.length)})",
+    )
     got = json.loads(res.value)
     probe = json.loads(got["probe"])
     assert res.errors == [] and res.remote_requests == []

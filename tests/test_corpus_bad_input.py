@@ -61,7 +61,9 @@ def test_bad_line_errors_then_skips(tmp_path, case):
     _one_error_line(result, f"error: {shard}:2: {reason}")
     assert not cache.exists() or not any(cache.iterdir()), "a failed tokenize left a partial cache"
 
-    result = _run("corpus", "tokenize", shard, "--seq-len", "8", "--cache-dir", cache, "--on-bad-line", "skip")
+    result = _run(
+        "corpus", "tokenize", shard, "--seq-len", "8", "--cache-dir", cache, "--on-bad-line", "skip"
+    )
     assert result.exit_code == 0, result.output
     assert "2 documents" in result.stdout
     assert "skipped 1 bad record" in result.stderr and f"{shard}:2:" in result.stderr
@@ -69,7 +71,9 @@ def test_bad_line_errors_then_skips(tmp_path, case):
 
 
 def test_truncated_zst(tmp_path):
-    lines = [json.dumps({"text": f"document {i} says {i * 7919 % 104729}", "id": f"d{i}"}) for i in range(40_000)]
+    lines = [
+        json.dumps({"text": f"document {i} says {i * 7919 % 104729}", "id": f"d{i}"}) for i in range(40_000)
+    ]
     whole = zstandard.ZstdCompressor().compress("\n".join(lines).encode() + b"\n")
     path = tmp_path / "cut.jsonl.zst"
     path.write_bytes(whole[: len(whole) // 2])
@@ -98,7 +102,9 @@ def test_zero_byte_file(tmp_path):
 def test_missing_path_is_an_error_even_when_skipping(tmp_path):
     missing = tmp_path / "nope.jsonl"
     for extra in ([], ["--on-bad-line", "skip"]):
-        _one_error_line(_run("corpus", "stats", missing, *extra), f"error: {missing}: no such file or directory")
+        _one_error_line(
+            _run("corpus", "stats", missing, *extra), f"error: {missing}: no such file or directory"
+        )
 
 
 def test_fifty_megabyte_document(tmp_path):
@@ -116,7 +122,9 @@ def test_exit_status_and_single_line_in_a_real_process(tmp_path):
     shard = _shard(tmp_path, BAD_LINES["invalid_json"][0])
     proc = subprocess.run(
         [sys.executable, "-m", "attribution.cli", "corpus", "stats", str(shard)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

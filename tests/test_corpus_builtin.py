@@ -18,7 +18,9 @@ N = 140  # 20 per source
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("builtin") / "corpus"
-    result = CliRunner().invoke(main, ["corpus", "build", "builtin", "--out", str(out), "--n-docs", str(N), "--seed", "3"])
+    result = CliRunner().invoke(
+        main, ["corpus", "build", "builtin", "--out", str(out), "--n-docs", str(N), "--seed", "3"]
+    )
     assert result.exit_code == 0, result.output
     return out, result.stdout
 

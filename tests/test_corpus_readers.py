@@ -20,7 +20,10 @@ from attribution.errors import UserError
 
 RECORDS = [
     {"text": "The first document.", "meta": {"pile_set_name": "Pile-CC", "owner": "Alice"}, "id": "d1"},
-    {"text": "Second, with its id in meta.", "meta": {"pile_set_name": "Github", "id": "d2", "license": "MIT"}},
+    {
+        "text": "Second, with its id in meta.",
+        "meta": {"pile_set_name": "Github", "id": "d2", "license": "MIT"},
+    },
     {"text": "Third has no id at all.", "meta": {"pile_set_name": "Pile-CC"}},
 ]
 
@@ -79,7 +82,10 @@ def test_csv_and_parquet_columns(tmp_path):
     frame.to_parquet(tmp_path / "t.parquet", index=False)
     for name in ("t.csv", "t.parquet"):
         docs = list(read_corpus([tmp_path / name], text_column="body", source_column="site"))
-        assert [(d.text, d.source, d.owner) for d in docs] == [("alpha text", "s1", "O1"), ("beta text", "s2", "unknown")]
+        assert [(d.text, d.source, d.owner) for d in docs] == [
+            ("alpha text", "s1", "O1"),
+            ("beta text", "s2", "unknown"),
+        ]
         assert docs[0].doc_id == "a" and docs[1].doc_id.startswith("t:")
     with pytest.raises(UserError, match="no 'text' column"):
         list(read_corpus([tmp_path / "t.csv"]))
@@ -108,7 +114,10 @@ def test_hf_local_dataset_streams(tmp_path):
     pytest.importorskip("datasets")
     folder = tmp_path / "hfset"
     folder.mkdir()
-    _write(folder / "train.jsonl", b'{"text": "from the hub", "source": "web", "id": "h1"}\n{"text": "two", "source": "web"}\n')
+    _write(
+        folder / "train.jsonl",
+        b'{"text": "from the hub", "source": "web", "id": "h1"}\n{"text": "two", "source": "web"}\n',
+    )
     docs = list(read_corpus([f"hf:{folder}:train"]))
     assert [(d.doc_id, d.text, d.source) for d in docs[:1]] == [("h1", "from the hub", "web")]
     assert len(docs) == 2
@@ -121,7 +130,9 @@ def test_owner_map_toml_and_csv(tmp_path):
         '[[ids]]\npattern = "d1"\nowner = "Alice Ltd"\n'
     )
     csv = tmp_path / "owners.csv"
-    csv.write_text("kind,pattern,owner,license\nid,d1,Alice Ltd,\nsource,Github,GitHub users,various\nsource,Pile-*,Common Crawl,\n")
+    csv.write_text(
+        "kind,pattern,owner,license\nid,d1,Alice Ltd,\nsource,Github,GitHub users,various\nsource,Pile-*,Common Crawl,\n"
+    )
     shard = _write(tmp_path / "s.jsonl", _jsonl(RECORDS))
     for path in (toml, csv):
         owners = load_owner_map(path)
@@ -137,7 +148,9 @@ def test_owner_map_toml_and_csv(tmp_path):
 
 def test_repo_owner_map_loads():
     owners = load_owner_map(Path(__file__).parents[1] / "corpora" / "owners.toml")
-    assert owners.lookup("github/cpython/Lib/json/decoder.py#0", "github").owner == "Python Software Foundation"
+    assert (
+        owners.lookup("github/cpython/Lib/json/decoder.py#0", "github").owner == "Python Software Foundation"
+    )
 
 
 def test_fingerprint_tracks_content_not_location(tmp_path):
@@ -155,10 +168,12 @@ def test_fingerprint_tracks_content_not_location(tmp_path):
 def test_read_validation_source_and_meta(tmp_path):
     path = _write(
         tmp_path / "heldout.jsonl",
-        _jsonl([
-            {"id": "v1", "text": "A paraphrase.", "meta": {"variant": "paraphrase", "target_id": "d1"}},
-            {"id": "v2", "text": "Plain.", "meta": {"source": "wiki"}},
-        ]),
+        _jsonl(
+            [
+                {"id": "v1", "text": "A paraphrase.", "meta": {"variant": "paraphrase", "target_id": "d1"}},
+                {"id": "v2", "text": "Plain.", "meta": {"source": "wiki"}},
+            ]
+        ),
     )
     docs = read_validation(path)
     assert [d.source for d in docs] == ["heldout", "wiki"]

@@ -32,8 +32,11 @@ VOCAB = 97
 
 def _model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
 
 
 def _sets() -> dict[str, ValSet]:
@@ -48,8 +51,16 @@ def _side_tensors(side) -> list:
     return [x for cap, _ in side.ghost for x in use_tensors(cap.uses)] + list(side.dense.values())
 
 
-@pytest.mark.parametrize(("strategy", "n"), [(None, 4), (None, 1), ("project", 4), ("ghost", 4),
-                                             ({"*": "materialize", "transformer.wte": "kronecker"}, 4)])
+@pytest.mark.parametrize(
+    ("strategy", "n"),
+    [
+        (None, 4),
+        (None, 1),
+        ("project", 4),
+        ("ghost", 4),
+        ({"*": "materialize", "transformer.wte": "kronecker"}, 4),
+    ],
+)
 def test_memory_terms_equal_held_tensors(strategy, n) -> None:
     """Every term of the model is the byte count of the tensors the Valuer actually holds for it."""
     model = _model()
@@ -121,7 +132,9 @@ def _check_table(args: list[str], tmp_path, capsys) -> dict:
 
 def test_cost_floor_table_small_vocabulary(tmp_path, capsys) -> None:
     """The demo shape with a 500-token vocabulary, second order and AdamW-aware: every component runs."""
-    res = _check_table(["--shape", "demo", "--vocab", "500", "--order", "2", "--optimizer-aware"], tmp_path, capsys)
+    res = _check_table(
+        ["--shape", "demo", "--vocab", "500", "--order", "2", "--optimizer-aware"], tmp_path, capsys
+    )
     assert all(r["in_step"] for r in res["components"])
 
 

@@ -22,11 +22,18 @@ def write_values(run_dir, values):
     n = len(values)
     ids = [f"doc{i}" for i in range(n)]
     sources = ["web" if i % 2 else "books" for i in range(n)]
-    pd.DataFrame({"doc_id": ids, "source": sources, "owner": "o", "n_tokens": np.arange(1, n + 1) * 10}).to_parquet(
-        run_dir / "docs.parquet")
+    pd.DataFrame(
+        {"doc_id": ids, "source": sources, "owner": "o", "n_tokens": np.arange(1, n + 1) * 10}
+    ).to_parquet(run_dir / "docs.parquet")
     # split each value over two validation sets so the "all sets" total is the given value
-    dv = pd.DataFrame({"doc_id": ids * 2, "source": sources * 2, "val_set": ["a"] * n + ["b"] * n,
-                       "value": [v * 0.25 for v in values] + [v * 0.75 for v in values]})
+    dv = pd.DataFrame(
+        {
+            "doc_id": ids * 2,
+            "source": sources * 2,
+            "val_set": ["a"] * n + ["b"] * n,
+            "value": [v * 0.25 for v in values] + [v * 0.75 for v in values],
+        }
+    )
     dv.to_parquet(run_dir / "doc_values.parquet")
     return run_dir
 
@@ -70,8 +77,15 @@ def test_bottom_pct_and_random_control(tmp_path):
 
 
 def test_val_loss_curve_reads_the_log_layouts():
-    log = pd.DataFrame({"step": [1, 2, 3, 4], "lr": 0.1, "train_loss": 5.0,
-                        "val_loss[a]": [np.nan, 4.0, np.nan, 3.0], "val_loss[b]": [np.nan, 6.0, np.nan, 5.0]})
+    log = pd.DataFrame(
+        {
+            "step": [1, 2, 3, 4],
+            "lr": 0.1,
+            "train_loss": 5.0,
+            "val_loss[a]": [np.nan, 4.0, np.nan, 3.0],
+            "val_loss[b]": [np.nan, 6.0, np.nan, 5.0],
+        }
+    )
     assert cu.val_loss_curve(log, "a").to_dict() == {2: 4.0, 4: 3.0}
     assert cu.val_loss_curve(log, None).to_dict() == {2: 5.0, 4: 4.0}
     other = log.rename(columns={"val_loss[a]": "val_loss_a", "val_loss[b]": "val_loss_b"})
@@ -102,14 +116,24 @@ def test_analyse_writes_consistent_outputs(tmp_path):
         "random": pd.Series([5.0, 4.1, 3.6, 3.3, 3.2], index=steps),  # never reaches it
     }
     out = tmp_path / "out"
-    r = cu.analyse(curves, v, dropped, {"random": ctrl}, rule, None, out, smooth_window=1, baseline_reused=False)
+    r = cu.analyse(
+        curves, v, dropped, {"random": ctrl}, rule, None, out, smooth_window=1, baseline_reused=False
+    )
     assert r.target == 3.0
     assert r.steps == {"baseline": 50, "curated": 30, "random": None}
     assert r.saving["curated"] == pytest.approx(0.4) and r.saving["random"] is None
     assert r.dropped_fraction == pytest.approx(0.25) == r.negative_fraction
     assert r.dropped_token_fraction == pytest.approx((20 + 40) / 360)
-    for name in ("curves.csv", "curves.png", "steps_to_target.csv", "dropped.csv", "random_dropped.csv",
-                 "dropped_sources.csv", "summary.md", "summary.json"):
+    for name in (
+        "curves.csv",
+        "curves.png",
+        "steps_to_target.csv",
+        "dropped.csv",
+        "random_dropped.csv",
+        "dropped_sources.csv",
+        "summary.md",
+        "summary.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(out / "steps_to_target.csv").set_index("run")

@@ -34,14 +34,25 @@ def make_tiny_run(root: Path, steps: int = 8) -> Path:
             fh.write(json.dumps({"id": f"news-{i}", "text": text, "meta": meta}) + "\n")
         for i in range(6):
             noise = " ".join(rng.bytes(6).hex() for _ in range(60))
-            fh.write(json.dumps({"id": f"noise-{i}", "text": noise,
-                                 "meta": {"pile_set_name": "noise", "owner": "Scraper Ltd"}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"noise-{i}",
+                        "text": noise,
+                        "meta": {"pile_set_name": "noise", "owner": "Scraper Ltd"},
+                    }
+                )
+                + "\n"
+            )
     target = news[8].split()  # news-8 is in several batches of this seed's 8 steps
     # a light rewrite: every 10th word replaced, so runs of 9 words survive (8-gram evidence to highlight)
     light = [("indeed" if k % 10 == 9 else w) for k, w in enumerate(target[:80])]
     val = [
-        {"id": "copy-8", "text": "Please quote the article. " + " ".join(target[:60]),
-         "meta": {"variant": "partial_copy", "target_id": "news-8"}},
+        {
+            "id": "copy-8",
+            "text": "Please quote the article. " + " ".join(target[:60]),
+            "meta": {"variant": "partial_copy", "target_id": "news-8"},
+        },
         {"id": "para-8", "text": " ".join(light), "meta": {"variant": "paraphrase", "target_id": "news-8"}},
         {"id": "unseen-a", "text": news[100], "meta": {"variant": "unrelated"}},
         {"id": "unseen-b", "text": news[101], "meta": {"variant": "unrelated"}},
@@ -63,7 +74,18 @@ def test_curate_end_to_end(tmp_path):
     n_drop = round(len(docs) * 0.25)
     lowest = set(totals.reset_index().sort_values(["value", "doc_id"]).head(n_drop)["doc_id"])
     out = tmp_path / "cur"
-    args = ["curate", str(run), "--drop", "bottom:25", "--out", str(out), "--eval-every", "2", "--smooth", "1"]
+    args = [
+        "curate",
+        str(run),
+        "--drop",
+        "bottom:25",
+        "--out",
+        str(out),
+        "--eval-every",
+        "2",
+        "--smooth",
+        "1",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -96,7 +118,9 @@ def test_curate_end_to_end(tmp_path):
 def test_curate_rejects_bad_input(tmp_path):
     from attribution.cli import main
 
-    res = CliRunner().invoke(main, ["curate", str(tmp_path / "nope"), "--drop", "negative", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        main, ["curate", str(tmp_path / "nope"), "--drop", "negative", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2 and "no such run directory" in res.output
     res = CliRunner().invoke(main, ["curate", str(tmp_path), "--drop", "top:3", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--drop must be" in res.output

@@ -23,12 +23,31 @@ def _free_port() -> int:
 
 def _run(prefix: list[str], tmp_path, out) -> subprocess.CompletedProcess:
     (tmp_path / "run.toml").write_text('dtype = "float64"\nbatch_size = 4\nsteps = 4\ncheckpoint_every = 2\n')
-    args = ["run", "--config", str(tmp_path / "run.toml"), "--corpus", str(tmp_path / "corpus.jsonl"),
-            "--val", f"a={tmp_path / 'a.jsonl'}", "--val", f"b={tmp_path / 'b.jsonl'}", "--out", str(out),
-            "--preset", "test-micro", "--device", "cpu", "--seed", "5", "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "run",
+        "--config",
+        str(tmp_path / "run.toml"),
+        "--corpus",
+        str(tmp_path / "corpus.jsonl"),
+        "--val",
+        f"a={tmp_path / 'a.jsonl'}",
+        "--val",
+        f"b={tmp_path / 'b.jsonl'}",
+        "--out",
+        str(out),
+        "--preset",
+        "test-micro",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.run([*prefix, "-m", "attribution.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [*prefix, "-m", "attribution.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -38,14 +57,28 @@ def test_two_gloo_processes_equal_one(tmp_path):
     write_val(tmp_path, "b", 2, seed=2)
     one = _run([sys.executable], tmp_path, tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
     two = _run(torchrun, tmp_path, tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
 
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]["world_size"] == 2
-    for name, keys in (("doc_values", ["doc_id", "val_set"]), ("example_values", ["doc_id", "val_set", "val_id"]),
-                       ("step_values", ["step", "doc_id", "val_set"])):
+    for name, keys in (
+        ("doc_values", ["doc_id", "val_set"]),
+        ("example_values", ["doc_id", "val_set", "val_id"]),
+        ("step_values", ["step", "doc_id", "val_set"]),
+    ):
         a = pd.read_parquet(tmp_path / "one" / f"{name}.parquet").sort_values(keys).reset_index(drop=True)
         b = pd.read_parquet(tmp_path / "two" / f"{name}.parquet").sort_values(keys).reset_index(drop=True)
         assert len(a) == len(b) > 0

@@ -80,7 +80,10 @@ def test_generic_modules_linear_embedding_layernorm():
     va, vm = ragged_batch(3, 7, seed=6, vocab=23)
     ref = brute_grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm)
     for strategy in STRATEGIES:
-        assert rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy=strategy), ref) <= 1e-6
+        assert (
+            rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy=strategy), ref)
+            <= 1e-6
+        )
 
 
 def test_unsupported_trainable_module_raises_naming_it():
@@ -142,7 +145,10 @@ def test_kronecker_projection_is_exact_when_wide_and_approximate_when_narrow(bat
     model = tiny_gpt2()
     ref = brute_grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm)
     monkeypatch.setattr(kronecker, "KRON_DIM", 64)  # >= every side of every parameter: identity projections
-    assert rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker"), ref) <= 1e-6
+    assert (
+        rel_err(grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker"), ref)
+        <= 1e-6
+    )
     monkeypatch.setattr(kronecker, "KRON_DIM", 24)
     got = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="kronecker")
     assert rel_err(got, ref) > 1e-6  # really projected

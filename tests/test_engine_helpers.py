@@ -9,13 +9,29 @@ from transformers import GPT2Config, GPT2LMHeadModel
 VOCAB = 31
 
 
-def tiny_gpt2(*, dtype: torch.dtype = torch.float64, tied: bool = True, eager: bool = False, seed: int = 0,
-              n_embd: int = 16, vocab: int = VOCAB) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    *,
+    dtype: torch.dtype = torch.float64,
+    tied: bool = True,
+    eager: bool = False,
+    seed: int = 0,
+    n_embd: int = 16,
+    vocab: int = VOCAB,
+) -> GPT2LMHeadModel:
     """A random 2-layer GPT-2 with dropout 0 (tied wte/lm_head unless told otherwise)."""
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_layer=2, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
         **({"attn_implementation": "eager"} if eager else {}),
     )
     model = GPT2LMHeadModel(cfg)

@@ -32,10 +32,21 @@ def test_sgd_step_values_against_exact_shapley():
         first, second = exact_second_order(model, tr, tm, va, vm, lr)
         # first order is exactly the Taylor first-order term; the trapezoid is second order up to O(lr^3)
         assert torch.allclose(v1, first, rtol=1e-9, atol=1e-15)
-        rows.append((lr, spearmanr(v1, exact)[0], spearmanr(v2, exact)[0], _rmse(v1, exact), _rmse(v2, exact),
-                     _rmse(second, exact), float((v2 - second).abs().max() / second.abs().max())))
+        rows.append(
+            (
+                lr,
+                spearmanr(v1, exact)[0],
+                spearmanr(v2, exact)[0],
+                _rmse(v1, exact),
+                _rmse(v2, exact),
+                _rmse(second, exact),
+                float((v2 - second).abs().max() / second.abs().max()),
+            )
+        )
     print("\nSGD, batch 8, exact Shapley over 256 subsets")
-    print("lr | spearman 1st | spearman 2nd | RMSE 1st | RMSE 2nd (trapezoid) | RMSE 2nd (HVP Taylor) | trapezoid vs HVP")
+    print(
+        "lr | spearman 1st | spearman 2nd | RMSE 1st | RMSE 2nd (trapezoid) | RMSE 2nd (HVP Taylor) | trapezoid vs HVP"
+    )
     for r in rows:
         print(f"{r[0]:g} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.3e} | {r[4]:.3e} | {r[5]:.3e} | {r[6]:.2e}")
     small = rows[0]
@@ -65,12 +76,25 @@ def test_adamw_step_values_against_exact_shapley():
             va, vm = ragged_batch(3, 10, seed=31 + draw)
             exact = exact_step_shapley(model, tr, tm, va, vm, lr, optimizer=opt)
             aware = step_values(model, tr, va, lr, optimizer=opt, train_mask=tm, val_mask=vm)
-            plain = step_values(model, tr, va, lr, optimizer=opt, train_mask=tm, val_mask=vm, second_moment=False)
+            plain = step_values(
+                model, tr, va, lr, optimizer=opt, train_mask=tm, val_mask=vm, second_moment=False
+            )
             sgd = step_values(model, tr, va, lr, train_mask=tm, val_mask=vm)
-            rows.append((lr, draw, spearmanr(aware, exact)[0], spearmanr(plain, exact)[0], spearmanr(sgd, exact)[0],
-                         _rmse(aware, exact), _rmse(plain, exact)))
+            rows.append(
+                (
+                    lr,
+                    draw,
+                    spearmanr(aware, exact)[0],
+                    spearmanr(plain, exact)[0],
+                    spearmanr(sgd, exact)[0],
+                    _rmse(aware, exact),
+                    _rmse(plain, exact),
+                )
+            )
     print("\nAdamW (5 warm steps), batch 8, exact Shapley of the real AdamW step over 256 subsets")
-    print("lr | draw | spearman aware | spearman aware (v fixed) | spearman SGD proxy | RMSE aware | RMSE aware (v fixed)")
+    print(
+        "lr | draw | spearman aware | spearman aware (v fixed) | spearman SGD proxy | RMSE aware | RMSE aware (v fixed)"
+    )
     for r in rows:
         print(f"{r[0]:g} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.4f} | {r[5]:.3e} | {r[6]:.3e}")
     for lr in (1e-4, 1e-3):

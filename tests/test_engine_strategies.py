@@ -24,7 +24,9 @@ BUILT_IN = ["ghost", "project", "materialize", "kronecker"]
 @pytest.fixture
 def toy_strategy():
     """A renamed copy of `materialize`, registered for one test only."""
-    toy = register_strategy(dataclasses.replace(get_strategy("materialize"), name="toy", label="toy", order=90))
+    toy = register_strategy(
+        dataclasses.replace(get_strategy("materialize"), name="toy", label="toy", order=90)
+    )
     try:
         yield toy
     finally:
@@ -42,8 +44,9 @@ def test_registered_toy_strategy_is_planned_and_scores_like_materialize(toy_stra
     got = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="toy")
     ref = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm, strategy="materialize")
     assert torch.equal(got, ref)
-    mixed = grad_dot_products(model, tr, va, train_mask=tm, val_mask=vm,
-                              strategy={"transformer.h.0": "toy", "*": "materialize"})
+    mixed = grad_dot_products(
+        model, tr, va, train_mask=tm, val_mask=vm, strategy={"transformer.h.0": "toy", "*": "materialize"}
+    )
     assert torch.equal(mixed, ref)
 
 

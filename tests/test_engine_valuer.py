@@ -122,8 +122,9 @@ def test_order2_loop_reuses_validation_gradient_and_matches_step_values():
     with pytest.raises(UserError):
         valuer.forward_backward(tr, tm)  # after_step() missing
     flushed = valuer.finish()  # no step was taken: first-order values
-    np.testing.assert_allclose(flushed.per_set["v"], step_values(model, tr, va, 0.2, train_mask=tm, val_mask=vm).numpy(),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        flushed.per_set["v"], step_values(model, tr, va, 0.2, train_mask=tm, val_mask=vm).numpy(), rtol=1e-9
+    )
 
 
 def test_optimizer_aware_loop_matches_step_values_and_leaves_optimizer_alone():
@@ -132,7 +133,9 @@ def test_optimizer_aware_loop_matches_step_values_and_leaves_optimizer_alone():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     valuer = Valuer(model, vs, optimizer_aware=True)
     with pytest.raises(UserError):
-        Valuer(model, vs, optimizer_aware=True, strategy="ghost").forward_backward(*ragged_batch(2, 5, seed=1))
+        Valuer(model, vs, optimizer_aware=True, strategy="ghost").forward_backward(
+            *ragged_batch(2, 5, seed=1)
+        )
     for step in range(3):
         tr, tm = ragged_batch(5, 10, seed=80 + step)
         ref = step_values(model, tr, va, 1e-3, optimizer=opt, train_mask=tm, val_mask=vm)

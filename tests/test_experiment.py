@@ -28,7 +28,9 @@ def _news_corpus(path: Path, n: int = 14, words: int = 70) -> list[str]:
     import gensim
 
     src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    articles = [a for a in src.read_text(encoding="utf-8", errors="replace").splitlines() if len(a.split()) > words]
+    articles = [
+        a for a in src.read_text(encoding="utf-8", errors="replace").splitlines() if len(a.split()) > words
+    ]
     ids = []
     with open(path, "w", encoding="utf-8") as fh:
         for i, article in enumerate(articles[:n]):
@@ -45,14 +47,31 @@ def test_copyright_experiment_writes_table_ranks_and_plot(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     ids = _news_corpus(corpus)
     exp = CopyrightExperiment(
-        corpus=[str(corpus)], out=tmp_path / "exp", pick=None, ids=ids[:2], preset="test-micro",
-        steps=None, epochs=1.0, orders=(1, 2), pool_fraction=0.25, device="cpu", seed=0,
+        corpus=[str(corpus)],
+        out=tmp_path / "exp",
+        pick=None,
+        ids=ids[:2],
+        preset="test-micro",
+        steps=None,
+        epochs=1.0,
+        orders=(1, 2),
+        pool_fraction=0.25,
+        device="cpu",
+        seed=0,
         run_overrides={"cache_dir": str(tmp_path / "tokens"), "progress": False},
     )
     result = run_copyright(exp)
     out = tmp_path / "exp"
-    for name in ("table.csv", "table.md", "ranks.csv", "ranks.png", "experiment.json",
-                 "variants/partial.jsonl", "variants/similar.jsonl", "variants/heldout_ids.txt"):
+    for name in (
+        "table.csv",
+        "table.md",
+        "ranks.csv",
+        "ranks.png",
+        "experiment.json",
+        "variants/partial.jsonl",
+        "variants/similar.jsonl",
+        "variants/heldout_ids.txt",
+    ):
         assert (out / name).is_file(), name
 
     table = pd.read_csv(out / "table.csv")
@@ -98,16 +117,20 @@ def test_copyright_experiment_writes_table_ranks_and_plot(tmp_path):
 def test_exact_variants_are_refused_with_the_reason(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     ids = _news_corpus(corpus, n=4)
-    exp = CopyrightExperiment(corpus=[str(corpus)], out=tmp_path / "exp", pick=None, ids=ids[:1],
-                              kinds="exact,partial")
+    exp = CopyrightExperiment(
+        corpus=[str(corpus)], out=tmp_path / "exp", pick=None, ids=ids[:1], kinds="exact,partial"
+    )
     with pytest.raises(UserError, match="identical to a validation text"):
         run_copyright(exp)
 
 
 def test_outside_pool_keeps_only_documents_never_trained_on():
     train = [Document("a", "alpha text", "news"), Document("b", "beta text", "news")]
-    cands = [Document("a", "alpha text", "news"), Document("b2", " beta text ", "news"),  # same id / same text
-             Document("c", "gamma text", "news")]
+    cands = [
+        Document("a", "alpha text", "news"),
+        Document("b2", " beta text ", "news"),  # same id / same text
+        Document("c", "gamma text", "news"),
+    ]
     assert [d.doc_id for d in outside_pool(cands, train)] == ["c"]
     with pytest.raises(UserError, match="no document outside the training corpus"):
         outside_pool(cands[:2], train)

@@ -30,8 +30,11 @@ def kernel_for_this_python(tmp_path: Path, monkeypatch) -> str:
     name = "attribution-test"
     spec_dir = tmp_path / "jupyter" / "kernels" / name
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": name, "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name,
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return name
@@ -42,8 +45,12 @@ def execute_notebook(run_dir: Path, workdir: Path, tmp_path: Path, monkeypatch) 
 
     monkeypatch.setenv("ATTRIBUTION_RUN", str(run_dir))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=300, kernel_name=kernel_for_this_python(tmp_path, monkeypatch),
-                            resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name=kernel_for_this_python(tmp_path, monkeypatch),
+        resources={"metadata": {"path": str(workdir)}},
+    )
     client.execute()
     return nb
 

@@ -71,14 +71,32 @@ def make_run(root: Path) -> Path:
         }
     )
     sv.to_parquet(run / "stage_values.parquet")
-    pd.DataFrame({"step": [10, 20], "lr": [1e-3, 1e-3], "train_loss": [5.0, 4.0],
-                  "val_loss[copyright]": [5.5, 4.5], "tokens_per_s": [100, 100]}).to_csv(
-        run / "train_log.csv", index=False)
+    pd.DataFrame(
+        {
+            "step": [10, 20],
+            "lr": [1e-3, 1e-3],
+            "train_loss": [5.0, 4.0],
+            "val_loss[copyright]": [5.5, 4.5],
+            "tokens_per_s": [100, 100],
+        }
+    ).to_csv(run / "train_log.csv", index=False)
     with open(run / "val_sets" / "copyright.jsonl", "w") as fh:
-        fh.write(json.dumps({"id": "v-partial", "text": PARTIAL, "meta": {"variant": "partial_copy",
-                                                                         "target_id": "d0"}}) + "\n")
-        fh.write(json.dumps({"id": "v-topic", "text": "A story about two cities in a revolution.",
-                             "meta": {"variant": "similar_topic", "target_id": "d0"}}) + "\n")
+        fh.write(
+            json.dumps(
+                {"id": "v-partial", "text": PARTIAL, "meta": {"variant": "partial_copy", "target_id": "d0"}}
+            )
+            + "\n"
+        )
+        fh.write(
+            json.dumps(
+                {
+                    "id": "v-topic",
+                    "text": "A story about two cities in a revolution.",
+                    "meta": {"variant": "similar_topic", "target_id": "d0"},
+                }
+            )
+            + "\n"
+        )
     (run / "manifest.json").write_text(json.dumps({"config": {"steps": 20}, "default_view": "value"}))
     return run
 

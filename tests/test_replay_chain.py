@@ -40,7 +40,9 @@ def test_link_round_trip_is_bitwise_and_hashes_are_recorded(tmp_path):
 
 def test_an_altered_tensor_is_named_with_its_step(tmp_path):
     model, opt = _trained()
-    link = chain.save_link(tmp_path, 4, model, opt, {"position": 8}, {"torch": torch.get_rng_state()}, keep_every=2)
+    link = chain.save_link(
+        tmp_path, 4, model, opt, {"position": 8}, {"torch": torch.get_rng_state()}, keep_every=2
+    )
     path = link.path / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # one bit of the last weight
@@ -52,9 +54,14 @@ def test_an_altered_tensor_is_named_with_its_step(tmp_path):
 def test_discard_after_drops_later_links_only(tmp_path):
     model, opt = _trained()
     for step in (0, 2, 4, 6):
-        chain.save_link(tmp_path, step, model, opt, {"position": step}, {"torch": torch.get_rng_state()}, keep_every=2)
+        chain.save_link(
+            tmp_path, step, model, opt, {"position": step}, {"torch": torch.get_rng_state()}, keep_every=2
+        )
     (tmp_path / chain.REPLAY_DIR / ".step_0000008.tmp-123").mkdir()  # a link a kill interrupted
     chain.discard_after(tmp_path, 2)
     assert [lk.step for lk in chain.links(tmp_path)] == [0, 2]
-    assert sorted(p.name for p in (tmp_path / chain.REPLAY_DIR).iterdir()) == ["chain.json", "step_0000000",
-                                                                               "step_0000002"]
+    assert sorted(p.name for p in (tmp_path / chain.REPLAY_DIR).iterdir()) == [
+        "chain.json",
+        "step_0000000",
+        "step_0000002",
+    ]

@@ -89,8 +89,18 @@ def assert_outputs_agree(out: Path, pool: str, currency: str) -> None:
     md = md_rows((out / "report.md").read_text(encoding="utf-8"))
     for by, name in (("source", "sources.csv"), ("owner", "owners.csv")):
         rows = read_csv(out / name)
-        assert list(rows[0]) == [by, "n_docs", "n_tokens", "value", "value_per_token", "share", "royalty",
-                                 "neg_fraction", "ci_low", "ci_high"]
+        assert list(rows[0]) == [
+            by,
+            "n_docs",
+            "n_tokens",
+            "value",
+            "value_per_token",
+            "share",
+            "royalty",
+            "neg_fraction",
+            "ci_low",
+            "ci_high",
+        ]
         # Royalties sum exactly to the pool; shares to 1 (within the 6-decimal formatting).
         assert sum(Decimal(r["royalty"]) for r in rows) == Decimal(pool)
         assert abs(sum(float(r["share"]) for r in rows) - 1) < 1e-5
@@ -126,8 +136,13 @@ def test_numbers_match_an_independent_computation(built, run):
     frame = docs.set_index("doc_id").assign(value=per_doc, share=share)
     for by, name in (("source", "sources.csv"), ("owner", "owners.csv")):
         got = {r[by]: r for r in read_csv(out / name)}
-        exp = frame.groupby(by).agg(value=("value", "sum"), share=("share", "sum"), n=("value", "size"),
-                                    tok=("n_tokens", "sum"), neg=("value", lambda v: (v < 0).mean()))
+        exp = frame.groupby(by).agg(
+            value=("value", "sum"),
+            share=("share", "sum"),
+            n=("value", "size"),
+            tok=("n_tokens", "sum"),
+            neg=("value", lambda v: (v < 0).mean()),
+        )
         assert set(got) == set(exp.index)
         for g, e in exp.iterrows():
             r = got[g]
@@ -215,21 +230,44 @@ def test_bootstrap_over_steps_matches_a_plain_loop(run):
     counts = np.random.default_rng(5).multinomial(len(uniq), np.full(len(uniq), 1 / len(uniq)), size=7)
     for b in range(7):
         w = dict(zip(uniq, counts[b], strict=True))
-        vals = (steps.value * steps.step.map(w)).groupby(steps.doc_id).sum().reindex(dv.docs.doc_id, fill_value=0)
+        vals = (
+            (steps.value * steps.step.map(w))
+            .groupby(steps.doc_id)
+            .sum()
+            .reindex(dv.docs.doc_id, fill_value=0)
+        )
         sh = pd.Series(rule.shares(vals.to_numpy()), index=dv.docs.source.to_numpy()).groupby(level=0).sum()
         assert np.allclose(fast[b], sh.reindex(names).to_numpy())
 
 
 def test_several_runs_report_seed_spread(tmp_path):
     runs = [make_run(tmp_path / f"s{k}", seed=k) for k in range(3)]
-    res = CliRunner().invoke(main, ["report", str(runs[0]), "--runs", str(runs[1]), str(runs[2]),
-                                    "--out", str(tmp_path / "rep"), "--no-semantic", "--bootstrap", "50"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(runs[0]),
+            "--runs",
+            str(runs[1]),
+            str(runs[2]),
+            "--out",
+            str(tmp_path / "rep"),
+            "--no-semantic",
+            "--bootstrap",
+            "50",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = read_csv(tmp_path / "rep" / "sources.csv")
     assert "share_seed_sd" in rows[0]
     assert all(float(r["share_seed_sd"]) > 0 for r in rows)
-    vals = [pd.read_parquet(p / "doc_values.parquet").merge(pd.read_parquet(p / "docs.parquet")[["doc_id"]])
-            .groupby("source")["value"].sum() for p in runs]
+    vals = [
+        pd.read_parquet(p / "doc_values.parquet")
+        .merge(pd.read_parquet(p / "docs.parquet")[["doc_id"]])
+        .groupby("source")["value"]
+        .sum()
+        for p in runs
+    ]
     mean = sum(vals) / 3
     for r in rows:
         assert float(r["value"]) == pytest.approx(mean[r["source"]], rel=1e-5)
@@ -244,12 +282,23 @@ def test_markdown_cannot_render_live_html_or_links(built):
     text = (out / "report.md").read_text(encoding="utf-8")
     rendered = MarkdownIt("commonmark", {"html": True}).enable("table").render(text)
     low = rendered.lower()
-    for bad in ("<script", "<img src=x", "<img src=\"http", "<iframe", "<link", 'href="javascript', "href=\"http"):
+    for bad in (
+        "<script",
+        "<img src=x",
+        '<img src="http',
+        "<iframe",
+        "<link",
+        'href="javascript',
+        'href="http',
+    ):
         assert bad not in low, bad
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in rendered  # shown, as text
     # Images in the rendered Markdown are only our figures.
     assert re.findall(r'<img src="([^"]+)"', rendered) == [
-        "figures/stage_shares.png", "figures/value_distribution.png", "figures/top_documents.png"]
+        "figures/stage_shares.png",
+        "figures/value_distribution.png",
+        "figures/top_documents.png",
+    ]
 
 
 def test_html_source_has_no_live_markup_from_documents(built):
@@ -258,17 +307,17 @@ def test_html_source_has_no_live_markup_from_documents(built):
     assert "<script" not in page.lower()
     assert "<img src=x" not in page and "<iframe" not in page and 'href="javascript' not in page
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page
-    assert "http-equiv=\"Content-Security-Policy\"" in page
+    assert 'http-equiv="Content-Security-Policy"' in page
     assert re.findall(r"<img [^>]*src=\"(?!data:image/png;base64,)", page) == []
 
 
 def test_csv_neutralizes_formulas(tmp_path):
-    docs_owner = {f"news-{i:04d}": "=HYPERLINK(\"http://evil.example\",\"x\")" for i in range(0, 48, 4)}
+    docs_owner = {f"news-{i:04d}": '=HYPERLINK("http://evil.example","x")' for i in range(0, 48, 4)}
     run = make_run(tmp_path / "run", owner_override=docs_owner)
     build_report(run, tmp_path / "rep", semantic=False, n_boot=20)
     rows = read_csv(tmp_path / "rep" / "owners.csv")
     names = [r["owner"] for r in rows]
-    assert "'=HYPERLINK(\"http://evil.example\",\"x\")" in names
+    assert '\'=HYPERLINK("http://evil.example","x")' in names
     assert not any(n.startswith("=") for n in names)
 
 
@@ -287,10 +336,16 @@ def test_val_set_choice_and_user_errors(run, tmp_path):
 
 
 def test_copied_passage_is_the_highlighted_segment():
-    doc = "Intro words here. " + "x" * 700 + " The quick brown fox jumps over the lazy dog again and again. Tail."
+    doc = (
+        "Intro words here. "
+        + "x" * 700
+        + " The quick brown fox jumps over the lazy dog again and again. Tail."
+    )
     query = "Prompt: the quick brown fox jumps over the lazy dog again and again!"
     segs = snippet_segments(doc, overlap_evidence(query, doc)["doc_spans"])
-    assert [t for t, shared in segs if shared] == ["The quick brown fox jumps over the lazy dog again and again"]
+    assert [t for t, shared in segs if shared] == [
+        "The quick brown fox jumps over the lazy dog again and again"
+    ]
     assert segs[0] == ("… ", False)  # the window starts near the shared passage, not at the top
     assert snippet_segments("no overlap at all", []) == [("no overlap at all", False)]
 
@@ -305,11 +360,36 @@ def test_partial_copy_target_is_highlighted(built, run):
 def test_compare_dir_evidence_is_shown(run, tmp_path):
     """Numbers and labels from the analysis layer's comparison.parquet replace the report's own."""
     ex = RunValues.read(run).view()  # the run's default view, as the report computes it on read
-    top = ex.sort_values(["val_id", "attribution", "doc_id"], ascending=[True, False, True]).groupby("val_id").head(5)
-    comp = top.assign(shapley_rank=1, lexical_rank=2, semantic_rank=3, bm25_rank=4, ngram_containment=0.625,
-                      longest_common_span=17, semantic_sim=0.5, label="near-verbatim copy")
-    comp = comp[["val_set", "val_id", "doc_id", "shapley_rank", "lexical_rank", "semantic_rank", "bm25_rank",
-                 "ngram_containment", "longest_common_span", "semantic_sim", "label"]]
+    top = (
+        ex.sort_values(["val_id", "attribution", "doc_id"], ascending=[True, False, True])
+        .groupby("val_id")
+        .head(5)
+    )
+    comp = top.assign(
+        shapley_rank=1,
+        lexical_rank=2,
+        semantic_rank=3,
+        bm25_rank=4,
+        ngram_containment=0.625,
+        longest_common_span=17,
+        semantic_sim=0.5,
+        label="near-verbatim copy",
+    )
+    comp = comp[
+        [
+            "val_set",
+            "val_id",
+            "doc_id",
+            "shapley_rank",
+            "lexical_rank",
+            "semantic_rank",
+            "bm25_rank",
+            "ngram_containment",
+            "longest_common_span",
+            "semantic_sim",
+            "label",
+        ]
+    ]
     (tmp_path / "cmp").mkdir()
     comp.to_parquet(tmp_path / "cmp" / "comparison.parquet", index=False)
     build_report(run, tmp_path / "rep", compare_dir=tmp_path / "cmp", n_boot=20)
@@ -326,7 +406,9 @@ def test_the_stated_command_reproduces_the_report(run, tmp_path):
     import shlex
 
     out = tmp_path / "rep"
-    build_report(run, out, pool="250", currency="GBP", val_set="news", semantic=False, n_boot=30, max_examples=3)
+    build_report(
+        run, out, pool="250", currency="GBP", val_set="news", semantic=False, n_boot=30, max_examples=3
+    )
     before = {n: (out / n).read_bytes() for n in ("sources.csv", "owners.csv", "report.md", "report.html")}
     line = next(x for x in before["report.md"].decode().splitlines() if x.startswith("- **Reproduce with"))
     argv = shlex.split(line.split("`", 1)[1].rsplit("`", 1)[0])

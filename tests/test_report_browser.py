@@ -61,8 +61,10 @@ def test_report_renders_safely_in_chromium(tmp_path):
 
 def test_detector_sees_an_unescaped_payload(tmp_path):
     page = tmp_path / "control.html"
-    page.write_text('<!DOCTYPE html><html><body><p>control</p><img src=x onerror="window.__pwned=1">'
-                    '<img src="http://evil.example/pixel.png"></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><body><p>control</p><img src=x onerror="window.__pwned=1">'
+        '<img src="http://evil.example/pixel.png"></body></html>'
+    )
     res = render(Path(page), "JSON.stringify({pwned: window.__pwned === undefined ? null : window.__pwned})")
     assert json.loads(res.value)["pwned"] == 1
     assert any(u.startswith("http://evil.example/") for u in res.remote_requests)
@@ -77,11 +79,20 @@ def test_dump_dom_and_screenshot_flags(tmp_path):
     run = make_run(tmp_path / "run", seed=1)
     out = tmp_path / "report"
     build_report(run, out, semantic=False, n_boot=20)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'p'}",
+    ]
     url = (out / "report.html").resolve().as_uri()
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert "<h1>Training-data contribution and royalty report" in dom
     tags: list[tuple[str, list]] = []
 
@@ -92,8 +103,15 @@ def test_dump_dom_and_screenshot_flags(tmp_path):
     Collect().feed(dom)
     assert not [t for t, _ in tags if t in ("script", "iframe", "object", "embed", "link", "a")]
     assert not [(t, a) for t, attrs in tags for a, _ in attrs if a.startswith("on")]
-    assert [v[:22] for t, attrs in tags if t == "img" for a, v in attrs if a == "src"] == ["data:image/png;base64,"] * 3
+    assert [v[:22] for t, attrs in tags if t == "img" for a, v in attrs if a == "src"] == [
+        "data:image/png;base64,"
+    ] * 3
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in dom
-    subprocess.run([CHROMIUM, *flags, "--screenshot", "--window-size=1280,2000", url], cwd=tmp_path,
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [CHROMIUM, *flags, "--screenshot", "--window-size=1280,2000", url],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert (tmp_path / "screenshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

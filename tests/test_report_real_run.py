@@ -16,8 +16,23 @@ from attribution.values import Manifest
 def test_report_on_a_real_run(tmp_path):
     run = make_real_run(tmp_path)
     out = tmp_path / "report"
-    res = CliRunner().invoke(main, ["report", str(run), "--out", str(out), "--pool", "2500", "--currency", "EUR",
-                                    "--by", "owner", "--bootstrap", "100"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(run),
+            "--out",
+            str(out),
+            "--pool",
+            "2500",
+            "--currency",
+            "EUR",
+            "--by",
+            "owner",
+            "--bootstrap",
+            "100",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert_outputs_agree(out, "2500", "EUR")
 
@@ -25,7 +40,11 @@ def test_report_on_a_real_run(tmp_path):
     dv = pd.read_parquet(run / "doc_values.parquet")
     owners = {r["owner"]: float(r["value"]) for r in read_csv(out / "owners.csv")}
     exp = dv.groupby("owner")["value"].sum()
-    assert set(owners) == set(exp.index) == {"Daily Ledger Ltd", "Metro Press", '<img src=x onerror="window.__pwned=1">'}
+    assert (
+        set(owners)
+        == set(exp.index)
+        == {"Daily Ledger Ltd", "Metro Press", '<img src=x onerror="window.__pwned=1">'}
+    )
     for k, v in exp.items():
         assert owners[k] == pytest.approx(v, rel=1e-5, abs=1e-12)
 

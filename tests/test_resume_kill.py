@@ -18,16 +18,44 @@ STEPS, EVERY = 10, 3
 
 
 def _args(tmp_path, out, order=1):
-    return ["run", "--order", str(order), "--corpus", str(tmp_path / "corpus.jsonl"), "--val", f"a={tmp_path / 'a.jsonl'}",
-            "--val", f"b={tmp_path / 'b.jsonl'}", "--out", str(out), "--preset", "test-micro",
-            "--steps", str(STEPS), "--steps-per-checkpoint", str(EVERY), "--seed", "3", "--device", "cpu",
-            "--cache-dir", str(tmp_path / "cache"), "--per-example-max", "3"]
+    return [
+        "run",
+        "--order",
+        str(order),
+        "--corpus",
+        str(tmp_path / "corpus.jsonl"),
+        "--val",
+        f"a={tmp_path / 'a.jsonl'}",
+        "--val",
+        f"b={tmp_path / 'b.jsonl'}",
+        "--out",
+        str(out),
+        "--preset",
+        "test-micro",
+        "--steps",
+        str(STEPS),
+        "--steps-per-checkpoint",
+        str(EVERY),
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--per-example-max",
+        "3",
+    ]
 
 
 def _cli(args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "attribution.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "attribution.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def _checkpoint_step(out) -> int:

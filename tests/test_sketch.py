@@ -84,13 +84,16 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
     ids_all, mask_all = ragged_batch(6, 10, seed=3)
     want = np.zeros((3, 12))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step, (batch, lr, clip) in enumerate([([0, 3], 0.1, 1.0), ([1, 2], 0.2, 0.5), ([4, 5], 0.3, 0.7),
-                                              ([3, 0], 0.4, 1.0)], start=1):
+    for step, (batch, lr, clip) in enumerate(
+        [([0, 3], 0.1, 1.0), ([1, 2], 0.2, 0.5), ([4, 5], 0.3, 0.7), ([3, 0], 0.4, 1.0)], start=1
+    ):
         b = np.asarray(batch)
         ids, mask = ids_all[b], mask_all[b]
         grads = _per_sample_grads(model, ids, mask)
         for i, g in zip(b, grads, strict=True):
-            want[seq_doc[i]] += lr * clip / len(b) * sketch.projection.apply_dense(g, segment_of(segs, step)).numpy()
+            want[seq_doc[i]] += (
+                lr * clip / len(b) * sketch.projection.apply_dense(g, segment_of(segs, step)).numpy()
+            )
         valuer.forward_backward(ids, mask)
         valuer.values(lr, grad_scale=clip)
         sketch.add(step, b)

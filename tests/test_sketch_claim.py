@@ -101,13 +101,17 @@ def test_missing_index_and_dimension_mismatch_are_one_line_errors(corpus_dir, ru
     plain = _run(corpus_dir, "nosketch", sketch=False)
     with pytest.raises(UserError, match="no sketch index"):
         fast_claim(plain, texts, tmp_path / "o1", progress=False)
-    res = CliRunner().invoke(main, ["claim", str(plain), "--texts", str(texts), "--out", str(tmp_path / "o2"), "--fast"])
+    res = CliRunner().invoke(
+        main, ["claim", str(plain), "--texts", str(texts), "--out", str(tmp_path / "o2"), "--fast"]
+    )
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "no sketch index" in res.output
 
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     index = faiss.IndexFlatIP(8)
-    index.add(np.zeros((len(json.loads((run / "sketch" / "meta.json").read_text())["doc_ids"]), 8), np.float32))
+    index.add(
+        np.zeros((len(json.loads((run / "sketch" / "meta.json").read_text())["doc_ids"]), 8), np.float32)
+    )
     faiss.write_index(index, str(copy / "sketch" / "index.faiss"))
     with pytest.raises(UserError, match=r"index\.faiss: index holds .* dimension 8.*dimension 256"):
         fast_claim(copy, texts, tmp_path / "o3", view="value", progress=False)
@@ -121,8 +125,22 @@ def test_missing_index_and_dimension_mismatch_are_one_line_errors(corpus_dir, ru
 def test_cli_fast(run, texts, tmp_path):
     from attribution.cli import main
 
-    res = CliRunner().invoke(main, ["claim", str(run), "--texts", str(texts), "--out", str(tmp_path / "f"), "--fast",
-                                    "--k", "2", "--view", "cosine"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "claim",
+            str(run),
+            "--texts",
+            str(texts),
+            "--out",
+            str(tmp_path / "f"),
+            "--fast",
+            "--k",
+            "2",
+            "--view",
+            "cosine",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "confirmed by targeted exact replay" in res.output
     assert len(pd.read_csv(tmp_path / "f" / "fast.csv")) == 4
@@ -137,7 +155,9 @@ def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_p
     copy = tmp_path / "resumed"
     shutil.copytree(run, copy)
     (copy / "sketch" / "index.faiss").unlink()
-    cfg = RunConfig(**{**json.loads((run / "manifest.json").read_text())["config"], "out": str(copy), "resume": True})
+    cfg = RunConfig(
+        **{**json.loads((run / "manifest.json").read_text())["config"], "out": str(copy), "resume": True}
+    )
     train_and_value(cfg)
 
     def vectors(path):

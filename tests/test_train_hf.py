@@ -19,29 +19,63 @@ def test_valued_trainer_writes_values_matching_a_direct_computation(tmp_path):
     from attribution.train.hf import ValuedTrainer, valset_from_texts
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50257,
+            n_positions=16,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
     init = copy.deepcopy(model)
     rng = np.random.default_rng(0)
     n, t = 12, 16
     ids = rng.integers(0, 500, (n, t))
     docs = pd.DataFrame({"doc_id": [f"d{i}" for i in range(n)], "source": "s", "owner": "o"})
-    rows = {"input_ids": ids.tolist(), "attention_mask": np.ones((n, t), int).tolist(), "doc_row": list(range(n))}
-    val = valset_from_texts(["the court held that copyright protects expression", "owners are paid"], seq_len=t)
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=3,
-                             learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.5,
-                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, seed=0,
-                             dataloader_num_workers=0)
-    trainer = ValuedTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
-                            val_sets={"v": val}, docs=docs, value_dir=tmp_path / "values")
+    rows = {
+        "input_ids": ids.tolist(),
+        "attention_mask": np.ones((n, t), int).tolist(),
+        "doc_row": list(range(n)),
+    }
+    val = valset_from_texts(
+        ["the court held that copyright protects expression", "owners are paid"], seq_len=t
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = ValuedTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        val_sets={"v": val},
+        docs=docs,
+        value_dir=tmp_path / "values",
+    )
     trainer.train()
 
     dv = pd.read_parquet(tmp_path / "values" / "doc_values.parquet")
     steps = pd.read_parquet(tmp_path / "values" / "step_values.parquet")
     assert set(steps["step"]) == {1, 2, 3}
     assert dv["n_seen"].sum() == 12  # 3 steps x 4 rows
-    np.testing.assert_allclose(dv.set_index("doc_id")["value"].sort_index(),
-                               steps.groupby("doc_id")["value"].sum().reindex(sorted(dv.doc_id), fill_value=0))
+    np.testing.assert_allclose(
+        dv.set_index("doc_id")["value"].sort_index(),
+        steps.groupby("doc_id")["value"].sum().reindex(sorted(dv.doc_id), fill_value=0),
+    )
     ev = pd.read_parquet(tmp_path / "values" / "example_values.parquet")
     assert set(ev["val_id"]) == {"0", "1"}
 

@@ -18,8 +18,11 @@ from hf_fixtures import LR, MAX_GRAD_NORM, rows, tiny_model, train_valued, val_s
 
 from attribution.engine.exact import per_sample_grads
 
-KEYS = {"step_values": ["step", "doc_id", "val_set"], "doc_values": ["doc_id", "val_set"],
-        "example_values": ["doc_id", "val_set", "val_id"]}
+KEYS = {
+    "step_values": ["step", "doc_id", "val_set"],
+    "doc_values": ["doc_id", "val_set"],
+    "example_values": ["doc_id", "val_set", "val_id"],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +49,9 @@ def assert_same_values(a: Path, b: Path) -> None:
 @pytest.mark.parametrize(("order", "loss_mean"), [(1, "sequence"), (2, "sequence"), (1, "token")])
 def test_gradient_accumulation_gives_the_values_of_the_big_batch(tmp_path, order, loss_mean):
     big = train_valued(tmp_path / "big", batch=8, accumulation=1, steps=2, order=order, loss_mean=loss_mean)
-    accumulated = train_valued(tmp_path / "acc", batch=2, accumulation=4, steps=2, order=order, loss_mean=loss_mean)
+    accumulated = train_valued(
+        tmp_path / "acc", batch=2, accumulation=4, steps=2, order=order, loss_mean=loss_mean
+    )
     assert set(pd.read_parquet(big / "step_values.parquet")["step"]) == {1, 2}
     assert_same_values(big, accumulated)
 
@@ -61,11 +66,27 @@ def _free_port() -> int:
 def test_two_gloo_processes_equal_one(tmp_path):
     script = Path(__file__).with_name("hf_fixtures.py")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
     # 2 ranks x micro-batch 2 x accumulation 2 = the single process's batch of 8
-    two = subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "2", "2", "2"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [*torchrun, str(script), str(tmp_path / "two"), "2", "2", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = train_valued(tmp_path / "one", batch=8, accumulation=1, steps=2)
     assert_same_values(one, tmp_path / "two" / "values")
@@ -75,8 +96,9 @@ def _token_mean_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """HF's causal-LM loss over a whole step: summed cross-entropy of every label token / their number."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     labels = ids[:, 1:].masked_fill(~((mask[:, 1:] > 0) & (mask[:, :-1] > 0)), -100)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           reduction="sum", ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+    )
     return ce / (labels != -100).sum()
 
 
@@ -127,15 +149,31 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     model = GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=16, n_layer=1, n_head=2))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50257, (8, 16))
-    train_ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(),
-                                  "doc_row": list(range(8))})
+    train_ds = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(), "doc_row": list(range(8))}
+    )
     docs = pd.DataFrame({"doc_id": [f"d{i}" for i in range(8)], "source": "s", "owner": "o"})
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, max_steps=2, report_to=[], save_strategy="no",
-                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"),  # noqa: S102 - the README's own example
-         {"model": model, "args": args, "train_ds": train_ds, "docs": docs,
-          "my_texts": ["the court held that copyright protects expression", "owners are paid"]})
+    exec(
+        compile(code, "README.md", "exec"),  # noqa: S102 - the README's own example
+        {
+            "model": model,
+            "args": args,
+            "train_ds": train_ds,
+            "docs": docs,
+            "my_texts": ["the court held that copyright protects expression", "owners are paid"],
+        },
+    )
     dv = pd.read_parquet(tmp_path / "runs" / "hf" / "doc_values.parquet")
     assert dv["n_seen"].sum() == 8  # 2 steps x 2 micro-batches x 2 rows

@@ -16,9 +16,18 @@ from tests.train_fixtures import write_corpus, write_val
 
 
 def _cfg(tmp_path, out: str, **kw) -> RunConfig:
-    return RunConfig(corpus=[str(tmp_path / "corpus.jsonl")], val={"a": str(tmp_path / "a.jsonl"),
-                     "b": str(tmp_path / "b.jsonl")}, out=str(tmp_path / out), preset="test-micro", steps=4,
-                     seed=7, device="cpu", cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+    return RunConfig(
+        corpus=[str(tmp_path / "corpus.jsonl")],
+        val={"a": str(tmp_path / "a.jsonl"), "b": str(tmp_path / "b.jsonl")},
+        out=str(tmp_path / out),
+        preset="test-micro",
+        steps=4,
+        seed=7,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -36,8 +45,17 @@ def test_run_writes_every_file_consistently_and_deterministically(tmp_path):
     with pytest.warns(UserWarning, match="identical to a validation text"):
         run = train_and_value(_cfg(tmp_path, "r1", exclude_ids=("doc7",)))
     for name, cols in {
-        "doc_values": ["doc_id", "source", "owner", "val_set", "value", "value_normalized", "n_seen", "first_step",
-                       "last_step"],
+        "doc_values": [
+            "doc_id",
+            "source",
+            "owner",
+            "val_set",
+            "value",
+            "value_normalized",
+            "n_seen",
+            "first_step",
+            "last_step",
+        ],
         "example_values": ["doc_id", "val_set", "val_id", "value"],
         "stage_values": ["window_start", "window_end", "source", "val_set", "value", "value_normalized"],
         "step_values": ["step", "doc_id", "val_set", "value"],
@@ -63,7 +81,11 @@ def test_run_writes_every_file_consistently_and_deterministically(tmp_path):
     typed = Manifest.read(run)
     manifest = typed.to_dict()
     # schema 2: the default view is named once, under values.default_view (no top-level duplicate)
-    assert manifest["status"] == "complete" and typed.default_view == DEFAULT_VIEW and "default_view" not in manifest
+    assert (
+        manifest["status"] == "complete"
+        and typed.default_view == DEFAULT_VIEW
+        and "default_view" not in manifest
+    )
     assert manifest["schema_version"] == 2 and manifest["values"]["default_view"]["view"] == DEFAULT_VIEW
     assert manifest["corpus"]["identical_to_validation"] == ["doc5"]
     assert manifest["corpus"]["fingerprint"] and manifest["versions"]["torch"]
@@ -73,8 +95,11 @@ def test_run_writes_every_file_consistently_and_deterministically(tmp_path):
     with pytest.warns(UserWarning):
         again = train_and_value(_cfg(tmp_path, "r2", exclude_ids=("doc7",)))
     for name in ("doc_values", "example_values", "step_values"):
-        pd.testing.assert_frame_equal(pd.read_parquet(run / f"{name}.parquet"),
-                                      pd.read_parquet(again / f"{name}.parquet"), check_exact=True)
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(run / f"{name}.parquet"),
+            pd.read_parquet(again / f"{name}.parquet"),
+            check_exact=True,
+        )
 
 
 def test_config_precedence_and_errors(tmp_path):
@@ -135,9 +160,13 @@ def test_document_split_into_sequences_gets_the_sum_of_their_values(tmp_path):
     assert len(set(docs_in_batch)) < len(batch)  # some document has several sequences in this step
     model = build_model(cfg, "cpu", "float64")
     opt = build_optimizer(model, cfg)
-    valuer = Valuer(model, {n: ValSet(torch.from_numpy(v.ids), torch.from_numpy(v.mask)) for n, v in val.items()})
-    valuer.forward_backward(torch.from_numpy(np.asarray(data.seqset.ids[batch], dtype=np.int64)),
-                            torch.from_numpy(np.asarray(data.seqset.mask[batch], dtype=np.int64)))
+    valuer = Valuer(
+        model, {n: ValSet(torch.from_numpy(v.ids), torch.from_numpy(v.mask)) for n, v in val.items()}
+    )
+    valuer.forward_backward(
+        torch.from_numpy(np.asarray(data.seqset.ids[batch], dtype=np.int64)),
+        torch.from_numpy(np.asarray(data.seqset.mask[batch], dtype=np.int64)),
+    )
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.clip)
     lr = lr_at(1, cfg, 1)
     sv = valuer.values(lr, grad_scale=float(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0)))

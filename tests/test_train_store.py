@@ -12,8 +12,14 @@ from attribution.train.store import ValueStore, normalizer
 
 def _docs(n: int) -> pd.DataFrame:
     return pd.DataFrame(
-        {"doc_id": [f"d{i}" for i in range(n)], "source": ["a", "b"] * (n // 2) + ["a"] * (n % 2),
-         "owner": "o", "license": None, "n_tokens": 10, "n_seqs": 1}
+        {
+            "doc_id": [f"d{i}" for i in range(n)],
+            "source": ["a", "b"] * (n // 2) + ["a"] * (n % 2),
+            "owner": "o",
+            "license": None,
+            "n_tokens": 10,
+            "n_seqs": 1,
+        }
     )
 
 
@@ -26,8 +32,9 @@ def _store(tmp_path, window: int = 2) -> ValueStore:
 def test_document_gets_the_sum_of_its_sequences(tmp_path):
     store = _store(tmp_path)
     v1 = np.array([0.5, 0.25, -1.0, 2.0])
-    store.add(1, np.array([0, 2, 3, 1]), {"s1": v1, "s2": -v1},
-              {"s1": np.arange(8, dtype=float).reshape(4, 2)})
+    store.add(
+        1, np.array([0, 2, 3, 1]), {"s1": v1, "s2": -v1}, {"s1": np.arange(8, dtype=float).reshape(4, 2)}
+    )
     store.add(2, np.array([4, 5, 0, 3]), {"s1": np.array([1.0, 1.0, 3.0, 0.0]), "s2": np.zeros(4)})
     store.flush(1, 2)
     store.finalize()
@@ -38,16 +45,29 @@ def test_document_gets_the_sum_of_its_sequences(tmp_path):
     assert s1.loc["d1", "value"] == pytest.approx(-1.0 + 0.0)
     assert s1.loc["d2", "value"] == pytest.approx(2.0)
     assert s1.loc["d0", "n_seen"] == 4 and s1.loc["d2", "n_seen"] == 2
-    assert s1.loc["d2", "first_step"] == 2 and s1.loc["d0", "first_step"] == 1 and s1.loc["d0", "last_step"] == 2
-    assert list(dv.columns) == ["doc_id", "source", "owner", "val_set", "value", "value_normalized",
-                                "n_seen", "first_step", "last_step"]
+    assert (
+        s1.loc["d2", "first_step"] == 2 and s1.loc["d0", "first_step"] == 1 and s1.loc["d0", "last_step"] == 2
+    )
+    assert list(dv.columns) == [
+        "doc_id",
+        "source",
+        "owner",
+        "val_set",
+        "value",
+        "value_normalized",
+        "n_seen",
+        "first_step",
+        "last_step",
+    ]
     ev = pd.read_parquet(tmp_path / "example_values.parquet").set_index(["doc_id", "val_id"])
     # per-example rows: batch rows 0,1,3 belong to d0 (0+2+6, 1+3+7), row 2 to d1
     assert ev.loc[("d0", "v0"), "value"] == 0 + 2 + 6 and ev.loc[("d0", "v1"), "value"] == 1 + 3 + 7
     assert ev.loc[("d1", "v1"), "value"] == 5
     steps = pd.read_parquet(tmp_path / "step_values.parquet")
     assert steps.groupby(["doc_id", "val_set"])["value"].sum().loc[("d0", "s1")] == pytest.approx(5.75)
-    assert len(steps[(steps.step == 1) & (steps.val_set == "s1")]) == 2  # one row per document, not per sequence
+    assert (
+        len(steps[(steps.step == 1) & (steps.val_set == "s1")]) == 2
+    )  # one row per document, not per sequence
 
 
 def test_normalised_values_divide_by_each_steps_reduction(tmp_path):
@@ -73,7 +93,14 @@ def test_stage_values_sum_steps_per_window_and_source(tmp_path):
             store.flush(step - (1 if step != 5 else 0), step)
     store.finalize()
     st = pd.read_parquet(tmp_path / "stage_values.parquet")
-    assert list(st.columns) == ["window_start", "window_end", "source", "val_set", "value", "value_normalized"]
+    assert list(st.columns) == [
+        "window_start",
+        "window_end",
+        "source",
+        "val_set",
+        "value",
+        "value_normalized",
+    ]
     a = st[(st.source == "a") & (st.val_set == "s1")].set_index("window_start")
     assert a.loc[1, "value"] == 1 + 2 and a.loc[3, "value"] == 3 + 4 and a.loc[5, "value"] == 5
     assert a.loc[5, "window_end"] == 5

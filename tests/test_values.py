@@ -19,21 +19,56 @@ def v1_manifest() -> dict:
     "default_view" naming a column next to values.default_view."""
     return {
         "status": "complete",
-        "config": {"corpus": ["builtin:400"], "steps": 80, "order": 1, "optimizer": "adamw", "seed": 0,
-                   "optimizer_aware": False, "preset": "cpu-tiny", "n_layer": 2, "seq_len": 64},
+        "config": {
+            "corpus": ["builtin:400"],
+            "steps": 80,
+            "order": 1,
+            "optimizer": "adamw",
+            "seed": 0,
+            "optimizer_aware": False,
+            "preset": "cpu-tiny",
+            "n_layer": 2,
+            "seq_len": 64,
+        },
         "config_sources": {"demo": True},
         "default_view": "value",
         "seed": 0,
-        "corpus": {"specs": ["builtin:400"], "fingerprint": "abc123", "n_docs_total": 400, "n_docs_trained": 392,
-                   "n_sequences": 900, "excluded_ids": 8, "identical_to_validation": []},
-        "val_sets": {"rewrites": {"path": "runs/demo/inputs/rewrites.jsonl", "n_docs": 8, "n_sequences": 8,
-                                  "per_example": True}},
-        "training": {"total_steps": 80, "device": "cpu", "dtype": "float32", "world_size": 1,
-                     "tokens_per_step": 2048, "order": 1, "optimizer": "adamw", "values": "sgd-proxy",
-                     "clip": "values are for the clipped step", "weight_decay_credit": "none"},
-        "values": {"normalization": "rule", "stage_window": 100, "per_example_sets": {"rewrites": 8},
-                   "default_view": {"view": "contrast_per_token", "column": "attribution"},
-                   "views": {"value": {"column": "value", "meaning": "raw", "use": "accounting"}}},
+        "corpus": {
+            "specs": ["builtin:400"],
+            "fingerprint": "abc123",
+            "n_docs_total": 400,
+            "n_docs_trained": 392,
+            "n_sequences": 900,
+            "excluded_ids": 8,
+            "identical_to_validation": [],
+        },
+        "val_sets": {
+            "rewrites": {
+                "path": "runs/demo/inputs/rewrites.jsonl",
+                "n_docs": 8,
+                "n_sequences": 8,
+                "per_example": True,
+            }
+        },
+        "training": {
+            "total_steps": 80,
+            "device": "cpu",
+            "dtype": "float32",
+            "world_size": 1,
+            "tokens_per_step": 2048,
+            "order": 1,
+            "optimizer": "adamw",
+            "values": "sgd-proxy",
+            "clip": "values are for the clipped step",
+            "weight_decay_credit": "none",
+        },
+        "values": {
+            "normalization": "rule",
+            "stage_window": 100,
+            "per_example_sets": {"rewrites": 8},
+            "default_view": {"view": "contrast_per_token", "column": "attribution"},
+            "views": {"value": {"column": "value", "meaning": "raw", "use": "accounting"}},
+        },
         "final_val_loss": {"rewrites": 7.5},
         "timings": {"started": 1.0, "finished": 95.0, "train_seconds": 90.5, "tokens_per_s": 1810.0},
         "peak_rss_mb": 900.0,
@@ -44,14 +79,22 @@ def v1_manifest() -> dict:
 
 
 def test_manifest_round_trip(tmp_path):
-    m = Manifest(status="running", config={"steps": 5, "seed": 3}, seed=3,
-                 corpus=CorpusInfo(specs=["a.jsonl"], fingerprint="f" * 64, n_docs_total=10, excluded_ids=2),
-                 val_sets={"v": ValSetInfo(path="v.jsonl", n_docs=4, n_sequences=4, per_example=True)},
-                 training=TrainingInfo(total_steps=5, order=2, optimizer="adamw", values="adam-aware"),
-                 values=ValuesInfo(normalization="n", stage_window=2, per_example_sets={"v": 4},
-                                   default_view="contrast", views={}),
-                 timings=Timings(started=1.5, resumed_at=[3.0]), versions={"python": "3.11"},
-                 git_commit="abc", resumed_from=[2], extra={"name": "kept"})
+    m = Manifest(
+        status="running",
+        config={"steps": 5, "seed": 3},
+        seed=3,
+        corpus=CorpusInfo(specs=["a.jsonl"], fingerprint="f" * 64, n_docs_total=10, excluded_ids=2),
+        val_sets={"v": ValSetInfo(path="v.jsonl", n_docs=4, n_sequences=4, per_example=True)},
+        training=TrainingInfo(total_steps=5, order=2, optimizer="adamw", values="adam-aware"),
+        values=ValuesInfo(
+            normalization="n", stage_window=2, per_example_sets={"v": 4}, default_view="contrast", views={}
+        ),
+        timings=Timings(started=1.5, resumed_at=[3.0]),
+        versions={"python": "3.11"},
+        git_commit="abc",
+        resumed_from=[2],
+        extra={"name": "kept"},
+    )
     m.write(tmp_path)
     back = Manifest.read(tmp_path)
     assert back == m
@@ -106,15 +149,31 @@ def test_malformed_manifest_names_file_and_line(tmp_path):
 def make_values_run(path):
     """docs, doc_values (two sets) and example_values with every raw accumulator."""
     path.mkdir()
-    docs = pd.DataFrame({"doc_id": ["a", "b", "c"], "source": ["s1", "s2", "s1"], "owner": ["o1", "o1", "o2"],
-                         "n_tokens": [10, 40, 25]})
+    docs = pd.DataFrame(
+        {
+            "doc_id": ["a", "b", "c"],
+            "source": ["s1", "s2", "s1"],
+            "owner": ["o1", "o1", "o2"],
+            "n_tokens": [10, 40, 25],
+        }
+    )
     docs.to_parquet(path / "docs.parquet")
-    pd.DataFrame({"doc_id": ["a", "b", "c"] * 2, "val_set": ["x"] * 3 + ["y"] * 3,
-                  "value": [0.5, -0.25, 2.0, 1.0, 0.125, -4.0], "n_seen": [1, 2, 3] * 2}).to_parquet(
-        path / "doc_values.parquet")
+    pd.DataFrame(
+        {
+            "doc_id": ["a", "b", "c"] * 2,
+            "val_set": ["x"] * 3 + ["y"] * 3,
+            "value": [0.5, -0.25, 2.0, 1.0, 0.125, -4.0],
+            "n_seen": [1, 2, 3] * 2,
+        }
+    ).to_parquet(path / "doc_values.parquet")
     rng = np.random.default_rng(0)
-    ev = pd.DataFrame({"doc_id": ["a", "b", "c"] * 4, "val_set": ["x"] * 6 + ["y"] * 6,
-                       "val_id": ["x1"] * 3 + ["x2"] * 3 + ["y1"] * 3 + ["y2"] * 3})
+    ev = pd.DataFrame(
+        {
+            "doc_id": ["a", "b", "c"] * 4,
+            "val_set": ["x"] * 6 + ["y"] * 6,
+            "val_id": ["x1"] * 3 + ["x2"] * 3 + ["y1"] * 3 + ["y2"] * 3,
+        }
+    )
     for col in ("value", "value_normalized", "value_cosine"):
         ev[col] = rng.normal(size=len(ev))
     ev.to_parquet(path / "example_values.parquet")
@@ -162,7 +221,9 @@ def test_stored_views_of_old_runs_are_ignored_and_null_cosine_counts_as_absent(t
     assert list(values.examples().columns) == ["doc_id", "val_set", "val_id", "value", "value_normalized"]
     assert "cosine" not in values.available_views()
     expected = compute(ev.drop(columns="value_cosine"), docs[["doc_id", "n_tokens"]], ["contrast"])
-    assert np.array_equal(values.view("contrast")["attribution"].to_numpy(), expected["view_contrast"].to_numpy())
+    assert np.array_equal(
+        values.view("contrast")["attribution"].to_numpy(), expected["view_contrast"].to_numpy()
+    )
 
 
 def test_rundir_reads_val_sets_once_and_checks_required_files(tmp_path):
@@ -171,8 +232,11 @@ def test_rundir_reads_val_sets_once_and_checks_required_files(tmp_path):
         rd.require()
     (tmp_path / "val_sets").mkdir()
     (tmp_path / "val_sets" / "v.jsonl").write_text(
-        json.dumps({"id": "a", "text": "one", "meta": {"target_id": "d"}}) + "\n\n"
-        + json.dumps({"text": "two"}) + "\n")
+        json.dumps({"id": "a", "text": "one", "meta": {"target_id": "d"}})
+        + "\n\n"
+        + json.dumps({"text": "two"})
+        + "\n"
+    )
     (texts,) = rd.val_sets().values()
     assert [(t.id, t.text, t.meta) for t in texts] == [("a", "one", {"target_id": "d"}), ("v-3", "two", {})]
     (tmp_path / "val_sets" / "w.jsonl").write_text('{"id": "x"}\n')

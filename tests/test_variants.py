@@ -114,14 +114,18 @@ def test_build_all_kinds_with_distances(para):
     docs = _docs()
     fire = docs[0]
     pool = [d for d in docs if d.doc_id in ("news/flood", "news/cricket")]
-    records = build_variants([fire], parse_kinds("exact,partial,paraphrase,significant,similar"), pool=pool, seed=0)
+    records = build_variants(
+        [fire], parse_kinds("exact,partial,paraphrase,significant,similar"), pool=pool, seed=0
+    )
     by_kind = {r["meta"]["variant"]: r for r in records}
     assert list(by_kind) == ["exact", "partial", "paraphrase", "significant", "similar"]
     for r in records:
         assert r["text"].strip() and r["id"] == f"{r['meta']['variant']}:news/fire"
         assert r["meta"]["target_id"] == "news/fire"
         assert {"containment_8", "jaccard_3", "cosine_minilm"} <= set(r["meta"])
-    assert by_kind["exact"]["meta"]["containment_8"] == 1.0 and by_kind["exact"]["meta"]["cosine_minilm"] > 0.999
+    assert (
+        by_kind["exact"]["meta"]["containment_8"] == 1.0 and by_kind["exact"]["meta"]["cosine_minilm"] > 0.999
+    )
     assert by_kind["similar"]["meta"]["similar_doc_id"] == "news/flood"  # the bushfire's nearest topic
     assert by_kind["similar"]["meta"]["containment_8"] == 0.0
     c = [by_kind[k]["meta"]["containment_8"] for k in ("partial", "paraphrase", "significant", "similar")]
@@ -154,12 +158,30 @@ def test_cli_writes_records_heldout_pool_and_summary(tmp_path):
     from attribution.cli import main
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text, "meta": {"pile_set_name": d.source}}) + "\n"
-                              for d in _docs()))
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": d.doc_id, "text": d.text, "meta": {"pile_set_name": d.source}}) + "\n"
+            for d in _docs()
+        )
+    )
     out = tmp_path / "val.jsonl"
     runner = CliRunner()
-    res = runner.invoke(main, ["variants", "--corpus", str(corpus), "--ids", "news/fire", "--kinds",
-                               "partial,paraphrase,similar", "--pool-fraction", "0.5", "--out", str(out)])
+    res = runner.invoke(
+        main,
+        [
+            "variants",
+            "--corpus",
+            str(corpus),
+            "--ids",
+            "news/fire",
+            "--kinds",
+            "partial,paraphrase,similar",
+            "--pool-fraction",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["meta"]["variant"] for x in lines] == ["partial", "paraphrase", "similar"]
@@ -169,8 +191,10 @@ def test_cli_writes_records_heldout_pool_and_summary(tmp_path):
     from attribution.corpus import read_validation
 
     assert [d.doc_id for d in read_validation(out)] == [x["id"] for x in lines]
-    bad = runner.invoke(main, ["variants", "--corpus", str(corpus), "--ids", "news/fire", "--kinds", "nope",
-                               "--out", str(out)])
+    bad = runner.invoke(
+        main,
+        ["variants", "--corpus", str(corpus), "--ids", "news/fire", "--kinds", "nope", "--out", str(out)],
+    )
     assert bad.exit_code == 2 and "unknown variant kind" in bad.output
 
 
@@ -188,7 +212,10 @@ def test_offline_paraphraser_meets_distance_targets_on_50_builtin_documents(caps
     with capsys.disabled():
         for r in rows.values():
             print("\n", json.dumps(r))
-    assert rows["paraphrase"]["containment_8_median"] <= 0.2 and rows["paraphrase"]["cosine_minilm_median"] >= 0.8
+    assert (
+        rows["paraphrase"]["containment_8_median"] <= 0.2
+        and rows["paraphrase"]["cosine_minilm_median"] >= 0.8
+    )
     assert rows["significant"]["containment_8_median"] <= 0.05
     assert rows["significant"]["cosine_minilm_median"] >= 0.6
     assert np.isfinite([r["meta"]["cosine_minilm"] for r in records]).all()

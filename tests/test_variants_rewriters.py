@@ -39,7 +39,10 @@ def _script(tmp_path: Path, body: str) -> str:
 
 
 def test_command_rewriter_gets_text_on_stdin_and_kind_in_env(tmp_path):
-    cmd = _script(tmp_path, "text = sys.stdin.read()\nprint(os.environ['ATTRIBUTION_REWRITE_KIND'].upper() + ': ' + text[::-1])\n")
+    cmd = _script(
+        tmp_path,
+        "text = sys.stdin.read()\nprint(os.environ['ATTRIBUTION_REWRITE_KIND'].upper() + ': ' + text[::-1])\n",
+    )
     out = CommandRewriter(cmd, timeout=20).rewrite(TEXT, "significant", 3)
     assert out.text == "SIGNIFICANT: " + TEXT[::-1]
     assert out.rewriter.startswith("cmd:")
@@ -63,14 +66,17 @@ def test_command_rewriter_errors_clearly_on_failure_empty_and_hang(tmp_path):
 
 def test_command_rewriter_retries_until_success(tmp_path):
     counter = tmp_path / "count"
-    cmd = _script(tmp_path, f"""
+    cmd = _script(
+        tmp_path,
+        f"""
 p = {str(counter)!r}
 n = int(open(p).read()) if os.path.exists(p) else 0
 open(p, 'w').write(str(n + 1))
 if n < 2:
     sys.exit(1)
 print('third time lucky: ' + sys.stdin.read())
-""")
+""",
+    )
     out = CommandRewriter(cmd, timeout=20, retries=2).rewrite(TEXT, "paraphrase", 0)
     assert out.text.startswith("third time lucky")
     assert counter.read_text() == "3"
@@ -88,7 +94,9 @@ class _FakeChat(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server API)
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        type(self).requests.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
         mode = type(self).mode
         if mode == "flaky" and len(type(self).requests) < 3:
             self.send_response(503)
@@ -137,13 +145,18 @@ def test_http_rewriter_speaks_openai_chat_and_sends_key_from_env(fake_server, mo
     assert req["path"] == "/v1/chat/completions"
     assert req["auth"] == "Bearer sk-test-123"
     assert req["body"]["model"] == "tiny" and req["body"]["seed"] == 7
-    assert req["body"]["messages"][0]["role"] == "system" and "Paraphrase" in req["body"]["messages"][0]["content"]
+    assert (
+        req["body"]["messages"][0]["role"] == "system"
+        and "Paraphrase" in req["body"]["messages"][0]["content"]
+    )
 
 
 def test_http_rewriter_retries_server_errors_and_reports_failures(fake_server, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     _FakeChat.mode = "flaky"
-    out = HttpRewriter(fake_server, key_env="NO_SUCH_KEY", timeout=10, retries=2).rewrite(TEXT, "significant", 0)
+    out = HttpRewriter(fake_server, key_env="NO_SUCH_KEY", timeout=10, retries=2).rewrite(
+        TEXT, "significant", 0
+    )
     assert out.text.startswith("REWRITTEN")
     assert len(_FakeChat.requests) == 3 and _FakeChat.requests[-1]["auth"] is None
 
@@ -190,11 +203,15 @@ def test_make_rewriter_fallback_or_error_as_configured(tmp_path, monkeypatch):
     strict = make_rewriter(f"cmd:{failing}", retries=0, timeout=20, cache_dir=tmp_path / "c")
     with pytest.raises(RewriteError):
         strict.rewrite(TEXT, "paraphrase", 0)
-    lenient = make_rewriter(f"cmd:{failing}", retries=0, timeout=20, on_failure="fallback", cache_dir=tmp_path / "c")
+    lenient = make_rewriter(
+        f"cmd:{failing}", retries=0, timeout=20, on_failure="fallback", cache_dir=tmp_path / "c"
+    )
     out = lenient.rewrite(TEXT, "paraphrase", 0)
     assert out.text == f"offline paraphrase: {TEXT}" and out.rewriter == "offline"
     assert "exit status 1" in out.fallback_reason
     assert isinstance(make_rewriter(None), Offline)
     with pytest.raises(Exception, match="unknown --rewriter"):
         make_rewriter("ftp:example")
-    assert make_rewriter("http:http://127.0.0.1:1/v1", cache_dir=tmp_path).name.startswith("http:http://127.0.0.1:1/")
+    assert make_rewriter("http:http://127.0.0.1:1/v1", cache_dir=tmp_path).name.startswith(
+        "http:http://127.0.0.1:1/"
+    )

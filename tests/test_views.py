@@ -20,7 +20,9 @@ def test_val_example_grad_norms_match_brute_force(order):
     """||g_val_j||^2 of every validation sequence, from the ghost trick, at the weights the values used."""
     model = tiny_gpt2()
     va, vm = ragged_batch(3, 9, seed=7)
-    valuer = Valuer(model, {"v": ValSet(va, vm, ["a", "b", "c"])}, per_example=["v"], grad_norms=True, order=order)
+    valuer = Valuer(
+        model, {"v": ValSet(va, vm, ["a", "b", "c"])}, per_example=["v"], grad_norms=True, order=order
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(2):
         tr, tm = ragged_batch(4, 10, seed=60 + step)
@@ -49,7 +51,9 @@ def _frame(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_per_token_and_leave_one_out_contrast():
     ev, docs = _frame()
     out = views.compute(ev, docs)
-    np.testing.assert_allclose(out["view_per_token"], ev["value"] / ev["doc_id"].map({"d0": 10, "d1": 200, "d2": 40}))
+    np.testing.assert_allclose(
+        out["view_per_token"], ev["value"] / ev["doc_id"].map({"d0": 10, "d1": 200, "d2": 40})
+    )
     for i in (0, 7, 16):  # contrast = value - mean of the same document's value over the 5 other texts
         r = ev.iloc[i]
         others = ev[(ev["doc_id"] == r["doc_id"]) & (ev.index != i)]["value"]

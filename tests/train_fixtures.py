@@ -20,8 +20,16 @@ def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n_docs):
             text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 80)))
-            fh.write(json.dumps({"id": f"doc{i}", "text": text,
-                                 "meta": {"pile_set_name": ["law", "news", "books"][i % 3], "owner": f"o{i % 4}"}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"doc{i}",
+                        "text": text,
+                        "meta": {"pile_set_name": ["law", "news", "books"][i % 3], "owner": f"o{i % 4}"},
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -31,8 +39,16 @@ def write_val(folder: Path, name: str = "val", n: int = 3, seed: int = 1) -> Pat
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n):
             text = " ".join(rng.choice(_WORDS) for _ in range(25))
-            fh.write(json.dumps({"id": f"{name}{i}", "text": text, "meta": {"variant": "paraphrase",
-                                                                            "target_id": f"doc{i}"}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"{name}{i}",
+                        "text": text,
+                        "meta": {"variant": "paraphrase", "target_id": f"doc{i}"},
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -57,7 +73,15 @@ def train_micro(root: Path, val: list[dict], steps: int) -> Path:
 
     with open(root / "val.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(v) + "\n" for v in val)
-    cfg = RunConfig(corpus=[str(root / "corpus.jsonl")], val={"news": str(root / "val.jsonl")},
-                    out=str(root / "run"), preset="test-micro", steps=steps, lr=1e-2, eval_every=2,
-                    cache_dir=str(root / "cache"), progress=False)
+    cfg = RunConfig(
+        corpus=[str(root / "corpus.jsonl")],
+        val={"news": str(root / "val.jsonl")},
+        out=str(root / "run"),
+        preset="test-micro",
+        steps=steps,
+        lr=1e-2,
+        eval_every=2,
+        cache_dir=str(root / "cache"),
+        progress=False,
+    )
     return Path(train_and_value(cfg))

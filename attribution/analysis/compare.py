@@ -41,9 +41,22 @@ from attribution.values.views import VIEWS
 METHODS = ("shapley", "lexical", "semantic", "bm25")
 LABELS = ("verbatim", "paraphrastic", "non-obvious influence", "none")
 COLUMNS = [
-    "val_set", "val_id", "variant", "doc_id", "shapley_value", "shapley_rank", "lexical_rank", "semantic_rank",
-    "bm25_rank", "ngram_containment", "containment_doc_in_val", "longest_common_span", "semantic_sim",
-    "bm25_score", "is_target", "label",
+    "val_set",
+    "val_id",
+    "variant",
+    "doc_id",
+    "shapley_value",
+    "shapley_rank",
+    "lexical_rank",
+    "semantic_rank",
+    "bm25_rank",
+    "ngram_containment",
+    "containment_doc_in_val",
+    "longest_common_span",
+    "semantic_sim",
+    "bm25_score",
+    "is_target",
+    "label",
 ]
 
 
@@ -104,7 +117,9 @@ def _run_values(run: Path, view: str | None) -> tuple[pd.DataFrame, str]:
         if view == ATTRIBUTION_COLUMN:
             view = None
         elif view not in VIEWS:
-            raise UserError(f"{values.run.example_values_path}: no column {view!r}; views: {', '.join(VIEWS)}")
+            raise UserError(
+                f"{values.run.example_values_path}: no column {view!r}; views: {', '.join(VIEWS)}"
+            )
     table = values.view(view)
     return table, table.attrs["view"]
 
@@ -117,8 +132,15 @@ def _val_examples(run: Path) -> pd.DataFrame:
     for name, items in texts.items():
         for t in items:
             target = t.meta.get("target_id")
-            rows.append({"val_set": name, "val_id": t.id, "text": t.text,
-                         "variant": t.meta.get("variant"), "target_id": str(target) if target not in (None, "") else ""})
+            rows.append(
+                {
+                    "val_set": name,
+                    "val_id": t.id,
+                    "text": t.text,
+                    "variant": t.meta.get("variant"),
+                    "target_id": str(target) if target not in (None, "") else "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -133,13 +155,19 @@ def _correlations(frame: pd.DataFrame) -> dict[str, tuple[float, float]]:
     from scipy.stats import kendalltau, spearmanr
 
     out = {}
-    for method, score in (("lexical", "ngram_containment"), ("semantic", "semantic_sim"), ("bm25", "bm25_score")):
+    for method, score in (
+        ("lexical", "ngram_containment"),
+        ("semantic", "semantic_sim"),
+        ("bm25", "bm25_score"),
+    ):
         f = frame[["shapley_value", score]].dropna()
         if len(f) < 3 or f["shapley_value"].nunique() < 2 or f[score].nunique() < 2:
             out[method] = (float("nan"), float("nan"))
             continue
-        out[method] = (float(spearmanr(f["shapley_value"], f[score]).statistic),
-                       float(kendalltau(f["shapley_value"], f[score]).statistic))
+        out[method] = (
+            float(spearmanr(f["shapley_value"], f[score]).statistic),
+            float(kendalltau(f["shapley_value"], f[score]).statistic),
+        )
     return out
 
 
@@ -166,21 +194,32 @@ def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.
     val_words = word_spans(text)[0]
     rows = [ix.store.row(d) for d in pool]
     n = ix.ngram
-    sims = (ix.semantic.similarity(qvecs, [r for r in rows if r is not None])
-            if ix.semantic is not None and qvecs is not None else None)
+    sims = (
+        ix.semantic.similarity(qvecs, [r for r in rows if r is not None])
+        if ix.semantic is not None and qvecs is not None
+        else None
+    )
     sim_iter = iter(sims) if sims is not None else None
     records = []
     for d, r in zip(pool, rows, strict=True):
         rec: dict[str, Any] = {
-            "val_set": ex.val_set, "val_id": ex.val_id, "variant": ex.variant, "doc_id": d,
+            "val_set": ex.val_set,
+            "val_id": ex.val_id,
+            "variant": ex.variant,
+            "doc_id": d,
             "shapley_value": float(values.get(d, np.nan)),
             "is_target": bool(ex.target_id) and d == ex.target_id,
         }
         for m in METHODS:
             rec[f"{m}_rank"] = ranks.get(m, {}).get(d)
         if r is None:  # a run document the index does not hold
-            rec.update(ngram_containment=np.nan, containment_doc_in_val=np.nan, longest_common_span=np.nan,
-                       semantic_sim=np.nan, bm25_score=np.nan)
+            rec.update(
+                ngram_containment=np.nan,
+                containment_doc_in_val=np.nan,
+                longest_common_span=np.nan,
+                semantic_sim=np.nan,
+                bm25_score=np.nan,
+            )
         else:
             doc_text = ix.store[r]
             rec["ngram_containment"] = containment(text, doc_text, n)
@@ -190,13 +229,23 @@ def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.
             rec["bm25_score"] = float(bm25_all[r]) if bm25_all is not None else np.nan
         records.append(rec)
     frame = pd.DataFrame(records)
-    hits = {m: (ex.target_id in ranked[m][:k], ex.target_id in ranked[m][:1]) for m in ranked} if ex.target_id else {}
+    hits = (
+        {m: (ex.target_id in ranked[m][:k], ex.target_id in ranked[m][:1]) for m in ranked}
+        if ex.target_id
+        else {}
+    )
     return frame, _correlations(frame), hits
 
 
 def compare_run(
-    run_dir: str | os.PathLike, index_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-    k: int = 10, thresholds: Thresholds | None = None, view: str | None = None, depth: int | None = None,
+    run_dir: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    k: int = 10,
+    thresholds: Thresholds | None = None,
+    view: str | None = None,
+    depth: int | None = None,
 ) -> pd.DataFrame:
     """Compare a run's Shapley rankings with the index's rankings; returns the comparison table.
 
@@ -211,11 +260,15 @@ def compare_run(
     table, column = _run_values(run, view)
     examples = _val_examples(run)
     ix = Indexes.load(index_dir)
-    grouped = {key: g.set_index("doc_id")[ATTRIBUTION_COLUMN].astype("float64")
-               for key, g in table.groupby(["val_set", "val_id"])}
+    grouped = {
+        key: g.set_index("doc_id")[ATTRIBUTION_COLUMN].astype("float64")
+        for key, g in table.groupby(["val_set", "val_id"])
+    }
     examples = examples[[(s, v) in grouped for s, v in zip(examples.val_set, examples.val_id, strict=True)]]
     if examples.empty:
-        raise UserError(f"{run}: example_values.parquet has no values for any validation example in val_sets/")
+        raise UserError(
+            f"{run}: example_values.parquet has no values for any validation example in val_sets/"
+        )
     qvecs_all = None
     if ix.semantic is not None:
         from attribution.analysis.semantic import embed_windows
@@ -228,7 +281,15 @@ def compare_run(
             ix, ex, None if qvecs_all is None else qvecs_all[i], grouped[(ex.val_set, ex.val_id)], k, depth
         )
         frames.append(frame)
-        stats.append({"val_set": ex.val_set, "val_id": ex.val_id, "variant": ex.variant, "correlations": corr, "hits": hits})
+        stats.append(
+            {
+                "val_set": ex.val_set,
+                "val_id": ex.val_id,
+                "variant": ex.variant,
+                "correlations": corr,
+                "hits": hits,
+            }
+        )
     comparison = pd.concat(frames, ignore_index=True)
     for m in METHODS:
         comparison[f"{m}_rank"] = comparison[f"{m}_rank"].astype("Int64")
@@ -247,26 +308,40 @@ def summarize(comparison: pd.DataFrame, stats: list[dict], k: int) -> pd.DataFra
     """One row per (val_set, variant, method) plus an `all` variant: retrieval of targets, correlations, labels."""
     per = pd.DataFrame(stats)
     rows = []
-    groups = [("all", per)] + [(str(v), g) for v, g in per.groupby(per.variant.fillna("none"))] if per.variant.notna().any() else [("all", per)]
+    groups = (
+        [("all", per)] + [(str(v), g) for v, g in per.groupby(per.variant.fillna("none"))]
+        if per.variant.notna().any()
+        else [("all", per)]
+    )
     for val_set in sorted(per.val_set.unique()):
         for variant, g0 in groups:
             g = g0[g0.val_set == val_set]
             if g.empty:
                 continue
             keys = set(zip(g.val_set, g.val_id, strict=True))
-            pairs = comparison[[(s, v) in keys for s, v in zip(comparison.val_set, comparison.val_id, strict=True)]]
+            pairs = comparison[
+                [(s, v) in keys for s, v in zip(comparison.val_set, comparison.val_id, strict=True)]
+            ]
             for m in METHODS:
                 hits = [h[m] for h in g["hits"] if m in h]
                 corr = [c[m] for c in g["correlations"] if m in c] if m != "shapley" else []
                 top = pairs[pairs[f"{m}_rank"].notna() & (pairs[f"{m}_rank"] <= k)]
                 row = {
-                    "val_set": val_set, "variant": variant, "method": m, "k": k, "n_examples": len(g),
+                    "val_set": val_set,
+                    "variant": variant,
+                    "method": m,
+                    "k": k,
+                    "n_examples": len(g),
                     "n_with_target": len(hits),
                     "precision_at_1": np.mean([h[1] for h in hits]) if hits else np.nan,
                     "precision_at_k": np.mean([h[0] for h in hits]) / k if hits else np.nan,
                     "recall_at_k": np.mean([h[0] for h in hits]) if hits else np.nan,
-                    "spearman_mean": np.nanmean([c[0] for c in corr]) if any(not math.isnan(c[0]) for c in corr) else np.nan,
-                    "kendall_mean": np.nanmean([c[1] for c in corr]) if any(not math.isnan(c[1]) for c in corr) else np.nan,
+                    "spearman_mean": np.nanmean([c[0] for c in corr])
+                    if any(not math.isnan(c[0]) for c in corr)
+                    else np.nan,
+                    "kendall_mean": np.nanmean([c[1] for c in corr])
+                    if any(not math.isnan(c[1]) for c in corr)
+                    else np.nan,
                     "n_correlated": sum(not math.isnan(c[0]) for c in corr),
                     "top_pairs": len(top),
                 }
@@ -282,26 +357,48 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def _write(out: Path, comparison: pd.DataFrame, stats: list[dict], run: Path, index_dir: Path, ix: Indexes,
-           column: str, k: int, depth: int, t: Thresholds) -> None:
+def _write(
+    out: Path,
+    comparison: pd.DataFrame,
+    stats: list[dict],
+    run: Path,
+    index_dir: Path,
+    ix: Indexes,
+    column: str,
+    k: int,
+    depth: int,
+    t: Thresholds,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(comparison, stats, k)
     with atomic_path(out / "comparison.parquet") as tmp:
         comparison.to_parquet(tmp, index=False)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    top = comparison[comparison.shapley_rank.notna() & (comparison.shapley_rank <= k) & (comparison.shapley_value > 0)]
+    top = comparison[
+        comparison.shapley_rank.notna() & (comparison.shapley_rank <= k) & (comparison.shapley_value > 0)
+    ]
     counts = {lab: int((top.label == lab).sum()) for lab in LABELS}
     n_top = len(top)
-    info = {"run": str(run), "index": str(index_dir), "index_generation": ix.meta["generation"],
-            "index_fingerprint": ix.meta["corpus_fingerprint"], "view": column, "k": k, "depth": depth,
-            "ngram": ix.ngram, "thresholds": asdict(t), "shapley_top_k_labels": counts,
-            "missing_from_index": int(comparison.ngram_containment.isna().sum())}
+    info = {
+        "run": str(run),
+        "index": str(index_dir),
+        "index_generation": ix.meta["generation"],
+        "index_fingerprint": ix.meta["corpus_fingerprint"],
+        "view": column,
+        "k": k,
+        "depth": depth,
+        "ngram": ix.ngram,
+        "thresholds": asdict(t),
+        "shapley_top_k_labels": counts,
+        "missing_from_index": int(comparison.ngram_containment.isna().sum()),
+    }
     with atomic_write(out / "compare.json") as fh:
         json.dump(info, fh, indent=2)
     allrows = summary[summary.variant == "all"]
     lines = [
-        "# Shapley vs lexical, semantic and BM25 attribution", "",
+        "# Shapley vs lexical, semantic and BM25 attribution",
+        "",
         f"Run `{run}` (view `{column}`), index `{index_dir}` (generation {ix.meta['generation']}); "
         f"{comparison[['val_set', 'val_id']].drop_duplicates().shape[0]} validation examples, top-{k} per method.",
         "",
@@ -314,14 +411,20 @@ def _write(out: Path, comparison: pd.DataFrame, stats: list[dict], run: Path, in
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in allrows.itertuples():
-        lines.append(f"| {r.method} | {r.val_set} | {_fmt(r.precision_at_1)} | {_fmt(r.recall_at_k)} | "
-                     f"{_fmt(r.spearman_mean)} | {_fmt(r.kendall_mean)} |")
+        lines.append(
+            f"| {r.method} | {r.val_set} | {_fmt(r.precision_at_1)} | {_fmt(r.recall_at_k)} | "
+            f"{_fmt(r.spearman_mean)} | {_fmt(r.kendall_mean)} |"
+        )
     lines += [
-        "", "Correlations: per example, over the documents pooled from all methods' top-k, Shapley value vs the "
+        "",
+        "Correlations: per example, over the documents pooled from all methods' top-k, Shapley value vs the "
         f"method's score (exact {ix.ngram}-gram containment, MiniLM cosine, BM25), then averaged. "
         "P@1 and recall@k count examples whose `target_id` (the training document they were derived from) "
         "is ranked first / within the top k.",
-        "", "Thresholds: " + ", ".join(f"`{key}` = {val}" for key, val in asdict(t).items()) + f"; n-grams of {ix.ngram} words.",
+        "",
+        "Thresholds: "
+        + ", ".join(f"`{key}` = {val}" for key, val in asdict(t).items())
+        + f"; n-grams of {ix.ngram} words.",
     ]
     with atomic_write(out / "summary.md") as fh:
         fh.write("\n".join(lines) + "\n")

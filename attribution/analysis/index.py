@@ -83,8 +83,11 @@ def iter_corpus(paths: Sequence[str | os.PathLike]) -> Iterator[Document]:
         for row in table.to_dict("records"):
             lic = row.get("license")
             yield Document(
-                doc_id=str(row["doc_id"]), text=str(row["text"]), source=str(row.get("source") or "unknown"),
-                owner=str(row.get("owner") or "unknown"), license=None if lic is None or pd.isna(lic) else str(lic),
+                doc_id=str(row["doc_id"]),
+                text=str(row["text"]),
+                source=str(row.get("source") or "unknown"),
+                owner=str(row.get("owner") or "unknown"),
+                license=None if lic is None or pd.isna(lic) else str(lic),
             )
 
 
@@ -97,15 +100,21 @@ def library_versions() -> dict[str, str]:
     import sentence_transformers
 
     return {
-        "attribution": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "faiss": faiss.__version__, "bm25s": bm25s.__version__, "sentence_transformers": sentence_transformers.__version__,
+        "attribution": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "faiss": faiss.__version__,
+        "bm25s": bm25s.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
     }
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "meta.json"
     if not path.is_file():
-        raise UserError(f"{directory}: not an index directory (no meta.json); build one with `attribution index build`")
+        raise UserError(
+            f"{directory}: not an index directory (no meta.json); build one with `attribution index build`"
+        )
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(
@@ -161,8 +170,14 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
 
 
 def _ingest(
-    stage: Path, docs: Iterable[Document], first_row: int, known: set[str], lexical: LexicalParams,
-    semantic: SemanticParams | None, jobs: int | None, batch: int,
+    stage: Path,
+    docs: Iterable[Document],
+    first_row: int,
+    known: set[str],
+    lexical: LexicalParams,
+    semantic: SemanticParams | None,
+    jobs: int | None,
+    batch: int,
 ) -> dict[str, Any]:
     """Append documents to the staged store; return their lexical/semantic arrays and counts."""
     writer = TextWriter(stage)
@@ -173,14 +188,20 @@ def _ingest(
             for chunk in _batches(docs, batch):
                 for d in chunk:
                     if d.doc_id in known:
-                        raise UserError(f"duplicate doc_id {d.doc_id!r}: already in the index or earlier in the corpus")
+                        raise UserError(
+                            f"duplicate doc_id {d.doc_id!r}: already in the index or earlier in the corpus"
+                        )
                     known.add(d.doc_id)
                 texts = [d.text for d in chunk]
-                rows = pd.DataFrame({
-                    "doc_id": [d.doc_id for d in chunk], "source": [d.source for d in chunk],
-                    "owner": [d.owner for d in chunk], "license": [d.license for d in chunk],
-                    "n_words": [len(words(t)) for t in texts],
-                })
+                rows = pd.DataFrame(
+                    {
+                        "doc_id": [d.doc_id for d in chunk],
+                        "source": [d.source for d in chunk],
+                        "owner": [d.owner for d in chunk],
+                        "license": [d.license for d in chunk],
+                        "n_words": [len(words(t)) for t in texts],
+                    }
+                )
                 writer.add(rows, texts)
                 s, w, z = signer.sign(texts)
                 sigs.append(s)
@@ -218,10 +239,14 @@ def _write_components(stage: Path, got: dict[str, Any], meta: dict[str, Any], ap
         meta["semantic"]["kind"] = SemanticIndex.write(
             stage / "semantic", semantic, got["vecs"], got["sem_window_doc"], append=append
         )
-        meta["semantic"]["n_windows"] = int(np.load(stage / "semantic" / "window_doc.npy", mmap_mode="r").shape[0])
+        meta["semantic"]["n_windows"] = int(
+            np.load(stage / "semantic" / "window_doc.npy", mmap_mode="r").shape[0]
+        )
     if "bm25" in meta:  # IDF depends on every document: rebuilt from the stored texts
         store = TextStore(stage)
-        build_bm25(stage / "bm25", [store[i] for i in range(len(store))], BM25Params(**meta["bm25"]["params"]))
+        build_bm25(
+            stage / "bm25", [store[i] for i in range(len(store))], BM25Params(**meta["bm25"]["params"])
+        )
 
 
 def _finish_meta(stage: Path, meta: dict[str, Any], sources: Sequence[str], n_new: int) -> None:
@@ -230,15 +255,24 @@ def _finish_meta(stage: Path, meta: dict[str, Any], sources: Sequence[str], n_ne
     meta["corpus_fingerprint"] = fingerprint(stage)
     meta["updated"] = now
     meta["versions"] = library_versions()
-    meta.setdefault("history", []).append({"generation": meta["generation"], "at": now, "added": n_new, "sources": list(sources)})
+    meta.setdefault("history", []).append(
+        {"generation": meta["generation"], "at": now, "added": n_new, "sources": list(sources)}
+    )
     with atomic_write(stage / "meta.json") as fh:
         json.dump(meta, fh, indent=2)
 
 
 def build_index(
-    docs: Iterable[Document], out: str | os.PathLike, *, lexical: LexicalParams | None = None,
-    semantic: SemanticParams | None = DEFAULT_SEMANTIC, bm25: BM25Params | None = DEFAULT_BM25,
-    jobs: int | None = None, batch: int = 5000, overwrite: bool = False, sources: Sequence[str] = (),
+    docs: Iterable[Document],
+    out: str | os.PathLike,
+    *,
+    lexical: LexicalParams | None = None,
+    semantic: SemanticParams | None = DEFAULT_SEMANTIC,
+    bm25: BM25Params | None = DEFAULT_BM25,
+    jobs: int | None = None,
+    batch: int = 5000,
+    overwrite: bool = False,
+    sources: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Index `docs` into a new directory `out`; returns its meta. `semantic=None` / `bm25=None` skip those parts.
 
@@ -246,11 +280,18 @@ def build_index(
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; use --overwrite to replace it, or `index add` to extend it")
+        raise UserError(
+            f"{out} exists and is not empty; use --overwrite to replace it, or `index add` to extend it"
+        )
     lexical = lexical or LexicalParams()
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": 1, "created": now,
-                            "lexical": {"params": asdict(lexical)}}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "generation": 1,
+        "created": now,
+        "lexical": {"params": asdict(lexical)},
+    }
     if semantic is not None:
         meta["semantic"] = {"params": asdict(semantic), "model": MODEL}
     if bm25 is not None:
@@ -270,7 +311,11 @@ def build_index(
 
 
 def add_documents(
-    index_dir: str | os.PathLike, docs: Iterable[Document], *, jobs: int | None = None, batch: int = 5000,
+    index_dir: str | os.PathLike,
+    docs: Iterable[Document],
+    *,
+    jobs: int | None = None,
+    batch: int = 5000,
     sources: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Add documents to an existing index with its own parameters; the generation number goes up by one.
@@ -315,12 +360,15 @@ class Indexes:
         self.meta = read_meta(self.directory)
         self.store = TextStore(self.directory)
         self.lexical = LexicalIndex(
-            self.directory / "lexical", LexicalParams(**self.meta["lexical"]["params"]), self.meta["lexical"]["kind"],
+            self.directory / "lexical",
+            LexicalParams(**self.meta["lexical"]["params"]),
+            self.meta["lexical"]["kind"],
             self.store,
         )
         self.semantic = (
             SemanticIndex(self.directory / "semantic", SemanticParams(**self.meta["semantic"]["params"]))
-            if "semantic" in self.meta else None
+            if "semantic" in self.meta
+            else None
         )
         self.bm25 = BM25Index(self.directory / "bm25") if "bm25" in self.meta else None
 

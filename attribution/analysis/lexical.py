@@ -54,7 +54,9 @@ class LexicalParams:
         if self.num_perm % 8 or self.num_perm <= 0:
             raise UserError("--num-perm must be a positive multiple of 8")
         if self.stride > self.window - self.ngram + 1:
-            raise UserError("window stride must be at most window - ngram + 1, or some n-grams are never indexed")
+            raise UserError(
+                "window stride must be at most window - ngram + 1, or some n-grams are never indexed"
+            )
         if self.kind not in KINDS:
             raise UserError(f"lexical index kind must be one of {', '.join(KINDS)}")
 
@@ -181,7 +183,11 @@ class LexicalIndex:
 
     @staticmethod
     def write(
-        directory: Path, params: LexicalParams, sigs: np.ndarray, window_doc: np.ndarray, set_size: np.ndarray,
+        directory: Path,
+        params: LexicalParams,
+        sigs: np.ndarray,
+        window_doc: np.ndarray,
+        set_size: np.ndarray,
         append: bool = False,
     ) -> str:
         """Write (or extend, with `append`) the on-disk index; returns the FAISS index kind used."""
@@ -200,9 +206,15 @@ class LexicalIndex:
             index.add(codes[index.ntotal :])
         else:
             index, kind = _new_binary_index(params.kind, params.num_perm, codes)
-            for i in tqdm(range(0, len(codes), 100_000), desc="lexical index", unit="100k", disable=len(codes) < 200_000):
+            for i in tqdm(
+                range(0, len(codes), 100_000), desc="lexical index", unit="100k", disable=len(codes) < 200_000
+            ):
                 index.add(codes[i : i + 100_000])
-        for name, arr in (("signatures.npy", sigs), ("window_doc.npy", window_doc), ("set_size.npy", set_size)):
+        for name, arr in (
+            ("signatures.npy", sigs),
+            ("window_doc.npy", window_doc),
+            ("set_size.npy", set_size),
+        ):
             with atomic_path(directory / name) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr)

@@ -60,7 +60,9 @@ class WordHasher:
             cache.clear()
         for w in toks:
             if w not in cache:
-                cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
+                cache[w] = int.from_bytes(
+                    hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little"
+                )
         return np.array([cache[w] for w in toks], dtype=np.uint64)
 
 

@@ -103,7 +103,13 @@ class SemanticIndex:
             self.index.nprobe = 16
 
     @staticmethod
-    def write(directory: Path, params: SemanticParams, vecs: np.ndarray, window_doc: np.ndarray, append: bool = False) -> str:
+    def write(
+        directory: Path,
+        params: SemanticParams,
+        vecs: np.ndarray,
+        window_doc: np.ndarray,
+        append: bool = False,
+    ) -> str:
         """Write (or extend) the on-disk index; returns the FAISS index kind used."""
         import faiss
 
@@ -118,7 +124,9 @@ class SemanticIndex:
         else:
             index, kind = _new_float_index(params.kind, vecs)
             all_emb = vecs.astype(np.float16)
-        for i in tqdm(range(0, len(vecs), 50_000), desc="semantic index", unit="50k", disable=len(vecs) < 100_000):
+        for i in tqdm(
+            range(0, len(vecs), 50_000), desc="semantic index", unit="50k", disable=len(vecs) < 100_000
+        ):
             index.add(vecs[i : i + 50_000])
         for name, arr in (("embeddings.npy", all_emb), ("window_doc.npy", window_doc)):
             with atomic_path(directory / name) as tmp:

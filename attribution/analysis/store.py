@@ -27,7 +27,11 @@ class TextStore:
         self.docs = pd.read_parquet(self.directory / "docs.parquet")
         self.offsets = np.load(self.directory / "text_offsets.npy", mmap_mode="r")
         blob_path = self.directory / "texts.bin"
-        self._blob = np.memmap(blob_path, dtype=np.uint8, mode="r") if blob_path.stat().st_size else np.zeros(0, np.uint8)
+        self._blob = (
+            np.memmap(blob_path, dtype=np.uint8, mode="r")
+            if blob_path.stat().st_size
+            else np.zeros(0, np.uint8)
+        )
         self._rows = {d: i for i, d in enumerate(self.docs["doc_id"].tolist())}
 
     def __len__(self) -> int:
@@ -84,7 +88,9 @@ class TextWriter:
         with atomic_path(self.directory / "text_offsets.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.concatenate(self._offsets))
-        docs = pd.concat(self._frames, ignore_index=True) if self._frames else pd.DataFrame(columns=DOC_COLUMNS)
+        docs = (
+            pd.concat(self._frames, ignore_index=True) if self._frames else pd.DataFrame(columns=DOC_COLUMNS)
+        )
         with atomic_path(self.directory / "docs.parquet") as tmp:
             docs.to_parquet(tmp, index=False)
 

@@ -117,16 +117,26 @@ def _wiki_clean(text: str) -> str:
 def wikipedia(rng: random.Random) -> Iterator[Document]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    dump = _site_file("gensim", "test", "test_data",
-                      "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    dump = _site_file(
+        "gensim", "test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    )
     with bz2.open(dump) as fh:  # markup is stripped lazily: only the articles drawn pay for it
-        pages = [(title, raw) for title, raw, _id in extract_pages(fh)
-                 if not raw.lstrip().upper().startswith("#REDIRECT")]
+        pages = [
+            (title, raw)
+            for title, raw, _id in extract_pages(fh)
+            if not raw.lstrip().upper().startswith("#REDIRECT")
+        ]
     rng.shuffle(pages)
     for title, raw in pages:
         for i, piece in enumerate(cut(_wiki_clean(filter_wiki(raw)))):
-            yield _doc(f"wikipedia/{title.replace(' ', '_')}#{i}", f"{title}\n\n{piece}", "wikipedia",
-                       "Wikipedia contributors", "CC-BY-SA-4.0", title=title)
+            yield _doc(
+                f"wikipedia/{title.replace(' ', '_')}#{i}",
+                f"{title}\n\n{piece}",
+                "wikipedia",
+                "Wikipedia contributors",
+                "CC-BY-SA-4.0",
+                title=title,
+            )
 
 
 def news(rng: random.Random) -> Iterator[Document]:
@@ -135,8 +145,13 @@ def news(rng: random.Random) -> Iterator[Document]:
     order = [i for i, line in enumerate(lines) if len(line) >= MIN_CHARS]
     rng.shuffle(order)
     for i in order:
-        yield _doc(f"news/lee-background/{i:03d}", lines[i], "news", "Australian Broadcasting Corporation",
-                   "unknown (research corpus redistributed in gensim test data)")
+        yield _doc(
+            f"news/lee-background/{i:03d}",
+            lines[i],
+            "news",
+            "Australian Broadcasting Corporation",
+            "unknown (research corpus redistributed in gensim test data)",
+        )
 
 
 def books(rng: random.Random) -> Iterator[Document]:
@@ -157,10 +172,16 @@ def books(rng: random.Random) -> Iterator[Document]:
                 continue
             scene_no += 1
             scene = heading[4:].strip()
-            body = block[len(heading):]
+            body = block[len(heading) :]
             for i, piece in enumerate(cut(body)):
-                yield _doc(f"books/shakespeare/{play.stem}/{scene_no:02d}#{i}", f"{title}. {act}. {scene}\n\n{piece}",
-                           "books", "William Shakespeare (public domain)", "Public-Domain", title=title)
+                yield _doc(
+                    f"books/shakespeare/{play.stem}/{scene_no:02d}#{i}",
+                    f"{title}. {act}. {scene}\n\n{piece}",
+                    "books",
+                    "William Shakespeare (public domain)",
+                    "Public-Domain",
+                    title=title,
+                )
 
 
 def legal(rng: random.Random) -> Iterator[Document]:
@@ -177,8 +198,14 @@ def legal(rng: random.Random) -> Iterator[Document]:
             continue
         owner = fields.get("owner", "unknown").strip("'\"")
         for i, piece in enumerate(cut(body)):
-            yield _doc(f"legal/scancode/{file.stem}#{i}", piece, "legal", owner, "CC-BY-4.0",
-                       license_key=fields.get("spdx_license_key", file.stem).strip("'\""))
+            yield _doc(
+                f"legal/scancode/{file.stem}#{i}",
+                piece,
+                "legal",
+                owner,
+                "CC-BY-4.0",
+                license_key=fields.get("spdx_license_key", file.stem).strip("'\""),
+            )
 
 
 def docs_qa(rng: random.Random) -> Iterator[Document]:
@@ -195,8 +222,14 @@ def math(rng: random.Random) -> Iterator[Document]:
     i = 0
     while True:
         module, text = dm_math.document(rng)
-        yield _doc(f"dm_math/{module}/{i:05d}", text, "dm_math", "attribution project (generated)",
-                   "Apache-2.0", module=module)
+        yield _doc(
+            f"dm_math/{module}/{i:05d}",
+            text,
+            "dm_math",
+            "attribution project (generated)",
+            "Apache-2.0",
+            module=module,
+        )
         i += 1
 
 
@@ -274,7 +307,9 @@ def build(out: str | os.PathLike, n_docs: int = DEFAULT_N_DOCS, seed: int = DEFA
             shards.append(name)
             batch.clear()
 
-        for doc in tqdm(generate(n_docs, seed), total=n_docs, desc="building corpus", unit=" docs", disable=None):
+        for doc in tqdm(
+            generate(n_docs, seed), total=n_docs, desc="building corpus", unit=" docs", disable=None
+        ):
             counts[doc.source] += 1
             chars[doc.source] += len(doc.text)
             batch.append(doc)

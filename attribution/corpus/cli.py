@@ -55,8 +55,12 @@ def corpus() -> None:
 
 @corpus.command("build")
 @click.argument("name", type=click.Choice(["builtin"]))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards into.")
-@click.option("--n-docs", default=3000, show_default=True, help="Number of documents (spread evenly over sources).")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the shards into."
+)
+@click.option(
+    "--n-docs", default=3000, show_default=True, help="Number of documents (spread evenly over sources)."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed: the same seed gives the same corpus.")
 def build_cmd(name: str, out: str, n_docs: int, seed: int) -> None:
     """Build the built-in multi-source corpus from real text shipped by installed packages.
@@ -71,7 +75,9 @@ def build_cmd(name: str, out: str, n_docs: int, seed: int) -> None:
     click.echo(f"{'source':<12} {'docs':>6} {'chars':>10}")
     for source, row in manifest["sources"].items():
         click.echo(f"{source:<12} {row['docs']:>6} {row['chars']:>10}")
-    click.echo(f"{'total':<12} {manifest['n_docs']:>6} {sum(r['chars'] for r in manifest['sources'].values()):>10}")
+    click.echo(
+        f"{'total':<12} {manifest['n_docs']:>6} {sum(r['chars'] for r in manifest['sources'].values()):>10}"
+    )
     click.echo(f"wrote {len(manifest['shards'])} shard(s) to {out}")
 
 
@@ -116,7 +122,9 @@ def stats_cmd(paths: tuple[str, ...], on_bad_line: str, owner_map: str | None, n
     click.echo(f"{'source':<16} {'docs':>8} {'tokens':>11} {'chars':>12} {'owners':>7}")
     for source in sorted(docs_n):
         tok = "-" if no_tokens else str(tokens[source])
-        click.echo(f"{source:<16} {docs_n[source]:>8} {tok:>11} {chars[source]:>12} {len(owner_sets[source]):>7}")
+        click.echo(
+            f"{source:<16} {docs_n[source]:>8} {tok:>11} {chars[source]:>12} {len(owner_sets[source]):>7}"
+        )
     total_tok = "-" if no_tokens else str(sum(tokens.values()))
     click.echo(f"{'total':<16} {sum(docs_n.values()):>8} {total_tok:>11} {sum(chars.values()):>12}")
     _report_skips(stats)
@@ -135,7 +143,11 @@ def stats_cmd(paths: tuple[str, ...], on_bad_line: str, owner_map: str | None, n
 @ON_BAD_LINE
 @OWNER_MAP
 def tokenize_cmd(
-    paths: tuple[str, ...], seq_len: int, cache_dir: str | None, max_docs: int | None, on_bad_line: str,
+    paths: tuple[str, ...],
+    seq_len: int,
+    cache_dir: str | None,
+    max_docs: int | None,
+    on_bad_line: str,
     owner_map: str | None,
 ) -> None:
     """Tokenize a corpus into fixed-length GPT-2 sequences and cache them on disk.
@@ -148,8 +160,15 @@ def tokenize_cmd(
     from attribution.corpus.readers import ReadStats
 
     stats = ReadStats()
-    seqs = corpus_sequences(paths, seq_len, cache_dir=cache_dir, on_bad_line=on_bad_line, owner_map=owner_map,
-                            max_docs=max_docs, stats=stats)
+    seqs = corpus_sequences(
+        paths,
+        seq_len,
+        cache_dir=cache_dir,
+        on_bad_line=on_bad_line,
+        owner_map=owner_map,
+        max_docs=max_docs,
+        stats=stats,
+    )
     click.echo(f"{len(seqs.docs)} documents, {len(seqs)} sequences of {seq_len}, {seqs.n_tokens} tokens")
     click.echo(f"cache: {seqs.path}")
     if stats.files:
@@ -184,8 +203,13 @@ def corpus_sequences(
     owners = load_owner_map(owner_map) if owner_map else None
     fingerprint = corpus_fingerprint(paths, owner_map=owners)
     docs = read_corpus(paths, on_bad_line=on_bad_line, owner_map=owners, stats=stats)  # type: ignore[arg-type]
-    return build_sequences(docs, seq_len, Path(cache_dir) if cache_dir else cache_root() / "tokens", fingerprint,
-                           max_docs=max_docs)
+    return build_sequences(
+        docs,
+        seq_len,
+        Path(cache_dir) if cache_dir else cache_root() / "tokens",
+        fingerprint,
+        max_docs=max_docs,
+    )
 
 
 commands = [corpus]

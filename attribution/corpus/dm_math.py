@@ -103,8 +103,14 @@ def compare(rng: random.Random) -> tuple[str, str]:
     return f"Which is bigger: {p} or {q}?", str(bigger)
 
 
-_UNITS = [("kilometers", "meters", 1000), ("hours", "minutes", 60), ("kilograms", "grams", 1000),
-          ("liters", "milliliters", 1000), ("days", "hours", 24), ("centuries", "years", 100)]
+_UNITS = [
+    ("kilometers", "meters", 1000),
+    ("hours", "minutes", 60),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("days", "hours", 24),
+    ("centuries", "years", 100),
+]
 
 
 def convert(rng: random.Random) -> tuple[str, str]:
@@ -118,7 +124,7 @@ def convert(rng: random.Random) -> tuple[str, str]:
 
 def rounding(rng: random.Random) -> tuple[str, str]:
     digits = rng.randint(0, 3)
-    value = rng.randint(-10**6, 10**6) / 10**4
+    value = rng.randint(-(10**6), 10**6) / 10**4
     shown = f"{value:.4f}"
     answer = Decimal(shown).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
     return f"Round {shown} to {digits} decimal places.", str(answer)

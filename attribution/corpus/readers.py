@@ -268,8 +268,15 @@ def _csv_records(inp: _Input, text_column: str, source_column: str) -> Iterator[
             line = reader.line_num + 1
             for row in reader:
                 if None in row:  # more cells than header columns
-                    raise BadInputError(path, line, f"{len(header) + len(row[None])} cells, the header has {len(header)}")
-                yield line, _row_record({k: ("" if v is None else v) for k, v in row.items()}, text_column, source_column)
+                    raise BadInputError(
+                        path, line, f"{len(header) + len(row[None])} cells, the header has {len(header)}"
+                    )
+                yield (
+                    line,
+                    _row_record(
+                        {k: ("" if v is None else v) for k, v in row.items()}, text_column, source_column
+                    ),
+                )
                 line = reader.line_num + 1
     except UnicodeDecodeError:
         raise BadInputError(path, line, "invalid UTF-8 in this row or the next ones") from None
@@ -371,7 +378,9 @@ def _document(
     return Document(doc_id, text, source, owner, None if license_ is None else str(license_), meta)
 
 
-def _raw_records(inp: _Input, text_column: str, source_column: str) -> Iterator[tuple[int | None, dict | _Bad, Path | str]]:
+def _raw_records(
+    inp: _Input, text_column: str, source_column: str
+) -> Iterator[tuple[int | None, dict | _Bad, Path | str]]:
     if inp.kind in ("jsonl", "jsonl.zst", "csv", "parquet") and Path(inp.path).stat().st_size == 0:
         raise BadInputError(inp.path, None, "empty file (0 bytes)")
     if inp.kind == "textdir":

@@ -32,12 +32,17 @@ class Captured:
 
     def scaled(self, w: float | torch.Tensor) -> Captured:
         """Every factor times a scalar or a per-sample weight `[n]`."""
-        return Captured(self.n, {k: [u.scaled(w) for u in v] for k, v in self.uses.items()}, self.losses,
-                        self.weights)
+        return Captured(
+            self.n, {k: [u.scaled(w) for u in v] for k, v in self.uses.items()}, self.losses, self.weights
+        )
 
     def sample_weights(self) -> torch.Tensor:
         """`[n]` float64 loss weights, the mean's `1/n` when none were given."""
-        return self.weights if self.weights is not None else torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
+        return (
+            self.weights
+            if self.weights is not None
+            else torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
+        )
 
 
 def _pad_tokens(t: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -61,7 +66,11 @@ def join_captures(a: Captured, b: Captured) -> Captured:
     if a.uses.keys() != b.uses.keys() or any(len(a.uses[k]) != len(b.uses[k]) for k in a.uses):
         raise RuntimeError("the micro-batches of one optimizer step used the parameters differently")
     uses = {k: [_join_uses(u, v) for u, v in zip(a.uses[k], b.uses[k], strict=True)] for k in a.uses}
-    weights = None if a.weights is None and b.weights is None else torch.cat([a.sample_weights(), b.sample_weights()])
+    weights = (
+        None
+        if a.weights is None and b.weights is None
+        else torch.cat([a.sample_weights(), b.sample_weights()])
+    )
     return Captured(a.n + b.n, uses, torch.cat([a.losses, b.losses]), weights)
 
 
@@ -101,7 +110,9 @@ class Capturer:
         records, self._records = self._records, []
         return losses, records
 
-    def _build(self, records: list, grads: list[torch.Tensor], n: int, scale: float | torch.Tensor) -> Captured:
+    def _build(
+        self, records: list, grads: list[torch.Tensor], n: int, scale: float | torch.Tensor
+    ) -> Captured:
         cap = Captured(n)
         for (module, inp, _), g in zip(records, grads, strict=True):
             if g is None:  # output did not influence the loss
@@ -114,7 +125,9 @@ class Capturer:
                 cap.uses.setdefault(id(p), []).append(use)
         return cap
 
-    def train(self, fn: Callable[[], torch.Tensor], weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Captured]:
+    def train(
+        self, fn: Callable[[], torch.Tensor], weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Captured]:
         """Run `fn` (-> per-sequence losses `[n]`), backward on their mean; `.grad` as plain training.
 
         With `weights` (`[n]`) the backward is on `sum_i weights_i * loss_i` instead (gradient
@@ -147,10 +160,14 @@ class Capturer:
         cap = self._build(records, [grads.get(i) for i in range(len(records))], n, scale)
         cap.losses = losses.detach()
         cap.weights = None if weights is None else w
-        missed = [name for pid, (name, p) in self.params.items() if pid not in cap.uses and p.grad is not None]
+        missed = [
+            name for pid, (name, p) in self.params.items() if pid not in cap.uses and p.grad is not None
+        ]
         if missed:  # e.g. gradient checkpointing re-runs modules inside backward, where hooks cannot see them
-            raise RuntimeError(f"parameters received gradients the engine did not capture: {missed[:5]} "
-                               "(gradient checkpointing is not supported)")
+            raise RuntimeError(
+                f"parameters received gradients the engine did not capture: {missed[:5]} "
+                "(gradient checkpointing is not supported)"
+            )
         return loss.detach(), cap
 
     def grads_only(self, fn: Callable[[], torch.Tensor]) -> Captured:

@@ -22,7 +22,9 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in trainable_params(model).values()]
 
 
-def per_sample_grads(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, task: Task | None = None) -> torch.Tensor:
+def per_sample_grads(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, task: Task | None = None
+) -> torch.Tensor:
     """`[n, D]` flattened per-sequence gradients, one autograd call per sequence (tied params once)."""
     task = task or LanguageModelingTask()
     params = _params(model)
@@ -32,11 +34,20 @@ def per_sample_grads(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | N
         for i in range(ids.shape[0]):
             loss = task.per_sequence_loss(model, ids[i : i + 1], mask[i : i + 1]).sum()
             gs = torch.autograd.grad(loss, params, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params, strict=True)]))
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for g, p in zip(gs, params, strict=True)
+                    ]
+                )
+            )
     return torch.stack(rows)
 
 
-def brute_grad_dot_products(model, train_ids, val_ids, *, train_mask=None, val_mask=None, task=None) -> torch.Tensor:
+def brute_grad_dot_products(
+    model, train_ids, val_ids, *, train_mask=None, val_mask=None, task=None
+) -> torch.Tensor:
     """`[n_train, n_val]` from materialized per-sample gradients."""
     gt = per_sample_grads(model, train_ids, train_mask, task).double()
     gv = per_sample_grads(model, val_ids, val_mask, task).double()
@@ -60,7 +71,10 @@ def _shapley_from_utilities(u: torch.Tensor, n: int) -> torch.Tensor:
     """Exact Shapley values from the utility of every subset (bitmask-indexed)."""
     phi = torch.zeros(n, dtype=torch.float64)
     sizes = torch.tensor([bin(s).count("1") for s in range(1 << n)])
-    w = torch.tensor([math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)], dtype=torch.float64)
+    w = torch.tensor(
+        [math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)],
+        dtype=torch.float64,
+    )
     for i in range(n):
         for s in range(1 << n):
             if not s >> i & 1:
@@ -69,8 +83,14 @@ def _shapley_from_utilities(u: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def exact_step_shapley(
-    model: nn.Module, train_ids, train_mask, val_ids, val_mask, lr: float,
-    optimizer: torch.optim.Optimizer | None = None, task: Task | None = None,
+    model: nn.Module,
+    train_ids,
+    train_mask,
+    val_ids,
+    val_mask,
+    lr: float,
+    optimizer: torch.optim.Optimizer | None = None,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """Exact Shapley values of one step over all 2^|B| subsets of the batch (|B| <= 10).
 
@@ -129,7 +149,13 @@ def _real_optimizer_step(optimizer, params, w0: torch.Tensor, gflat: torch.Tenso
 
 
 def exact_second_order(
-    model: nn.Module, train_ids, train_mask, val_ids, val_mask, lr: float, task: Task | None = None,
+    model: nn.Module,
+    train_ids,
+    train_mask,
+    val_ids,
+    val_mask,
+    lr: float,
+    task: Task | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(first order, second order) Taylor values under SGD with a double-backward HVP.
 

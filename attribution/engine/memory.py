@@ -96,7 +96,9 @@ def _layer(name: str) -> str:
     return _module(name)
 
 
-def factor_bytes(layers: Iterable[LayerPlan], tokens: int, itemsize: int, *, unscaled: bool = False) -> dict[str, int]:
+def factor_bytes(
+    layers: Iterable[LayerPlan], tokens: int, itemsize: int, *, unscaled: bool = False
+) -> dict[str, int]:
     """Captured factor bytes per parameter for a batch of `tokens` tokens (n x T), kept for `layers`.
 
     A bias-like use's row is its module's output gradient, the very tensor its 2-D weight keeps: it adds
@@ -155,14 +157,23 @@ def scoring_transient(plan: Plan) -> int:
     s = plan.sizes
     best = 0
     for lp in plan.layers.values():
-        est = estimate_costs(lp.shape, _stub_uses(lp), s["n"], s["train_tokens"], s["m"], s["val_tokens"], s["groups"])
+        est = estimate_costs(
+            lp.shape, _stub_uses(lp), s["n"], s["train_tokens"], s["m"], s["val_tokens"], s["groups"]
+        )
         if lp.strategy in est:
             best = max(best, int(est[lp.strategy][1]))
     return best
 
 
-def step_memory(plans: Mapping[str, Plan], *, order: int = 1, optimizer_aware: bool = False,
-                grad_norms: bool = False, itemsize: int = 4, per_example: Collection[str] | None = None) -> MemoryModel:
+def step_memory(
+    plans: Mapping[str, Plan],
+    *,
+    order: int = 1,
+    optimizer_aware: bool = False,
+    grad_norms: bool = False,
+    itemsize: int = 4,
+    per_example: Collection[str] | None = None,
+) -> MemoryModel:
     """The bytes one valued step holds for these per-set plans (the Valuer's `plans()`).
 
     `itemsize`: bytes per captured float (4 for float32, 2 under bf16 autocast, 8 for float64).

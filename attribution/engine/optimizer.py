@@ -33,8 +33,12 @@ PATH_POINTS = 2  # Gauss-Legendre points for the path integral over the batch gr
 
 @torch.no_grad()
 def adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: dict[int, torch.nn.Parameter], grads: dict[int, torch.Tensor] | None = None,
-    *, second_moment: bool = True, batch_size: int | None = None,
+    optimizer: torch.optim.Optimizer,
+    params: dict[int, torch.nn.Parameter],
+    grads: dict[int, torch.Tensor] | None = None,
+    *,
+    second_moment: bool = True,
+    batch_size: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """`K` per parameter id (param-shaped): `phi(z) = lr * grad_scale / |B| * <K * g_val, g_z>`.
 
@@ -48,7 +52,9 @@ def adam_preconditioner(
     elementwise, so scoring costs the same as first order.
     `grads` defaults to each parameter's `.grad` (the loop calls after clipping, before `step()`).
     """
-    if batch_size and batch_size <= PATH_POINTS:  # coalition sizes k = 0..n-1: z joins ~k/n of the batch gradient
+    if (
+        batch_size and batch_size <= PATH_POINTS
+    ):  # coalition sizes k = 0..n-1: z joins ~k/n of the batch gradient
         alphas = [(k + 0.5) / batch_size for k in range(batch_size)]
         wts = [1.0 / batch_size] * batch_size
     else:
@@ -96,7 +102,10 @@ def adam_preconditioner(
 
 @torch.no_grad()
 def adam_update(
-    optimizer: torch.optim.Optimizer, params: dict[int, torch.nn.Parameter], grads: dict[int, torch.Tensor], lr: float
+    optimizer: torch.optim.Optimizer,
+    params: dict[int, torch.nn.Parameter],
+    grads: dict[int, torch.Tensor],
+    lr: float,
 ) -> dict[int, torch.Tensor]:
     """The weight change `w' - w` AdamW would apply with these gradients, without touching its state."""
     out: dict[int, torch.Tensor] = {}

@@ -53,8 +53,10 @@ class Plan:
 
     def __str__(self) -> str:
         columns = exact_strategies()
-        head = (f"{'parameter':<40} {'shape':>14} {'uses':>4} {'strategy':>11}  "
-                f"{' '.join(f'{s.column:>9}' for s in columns)}  reason")
+        head = (
+            f"{'parameter':<40} {'shape':>14} {'uses':>4} {'strategy':>11}  "
+            f"{' '.join(f'{s.column:>9}' for s in columns)}  reason"
+        )
         lines = [f"plan for {self.sizes}", head]
         for lp in self.layers.values():
             c = [f"{lp.costs.get(s.name, float('inf')):9.2e}" for s in columns]
@@ -63,14 +65,28 @@ class Plan:
             )
         return "\n".join(lines)
 
-    def memory(self, *, name: str = "val", order: int = 1, optimizer_aware: bool = False,
-               grad_norms: bool = False, itemsize: int = 4, per_example: bool | None = None) -> MemoryModel:
+    def memory(
+        self,
+        *,
+        name: str = "val",
+        order: int = 1,
+        optimizer_aware: bool = False,
+        grad_norms: bool = False,
+        itemsize: int = 4,
+        per_example: bool | None = None,
+    ) -> MemoryModel:
         """Bytes the valued step holds with this plan (one validation set); see `attribution.engine.memory`."""
         from .memory import step_memory
 
         each = None if per_example is None else ([name] if per_example else [])
-        return step_memory({name: self}, order=order, optimizer_aware=optimizer_aware, grad_norms=grad_norms,
-                           itemsize=itemsize, per_example=each)
+        return step_memory(
+            {name: self},
+            order=order,
+            optimizer_aware=optimizer_aware,
+            grad_norms=grad_norms,
+            itemsize=itemsize,
+            per_example=each,
+        )
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -80,8 +96,15 @@ class Plan:
 
 
 def estimate_costs(
-    shape: tuple[int, int], uses: list[Use], n: int, train_tokens: int, m: int, val_tokens: int, groups: int,
-    *, itemsize: int = 4,
+    shape: tuple[int, int],
+    uses: list[Use],
+    n: int,
+    train_tokens: int,
+    m: int,
+    val_tokens: int,
+    groups: int,
+    *,
+    itemsize: int = 4,
 ) -> dict[str, tuple[float, float]]:
     """(flops, bytes held) per costed strategy for one parameter; bytes drive the memory budget.
 
@@ -93,11 +116,18 @@ def estimate_costs(
 
 
 def choose(
-    name: str, shape: tuple[int, int], uses: list[Use], sizes: dict[str, int], *,
-    optimizer_aware: bool, forced: str | None,
+    name: str,
+    shape: tuple[int, int],
+    uses: list[Use],
+    sizes: dict[str, int],
+    *,
+    optimizer_aware: bool,
+    forced: str | None,
 ) -> LayerPlan:
     """Pick the cheapest allowed strategy (or the forced one) for one parameter."""
-    est = estimate_costs(shape, uses, sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], sizes["groups"])
+    est = estimate_costs(
+        shape, uses, sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], sizes["groups"]
+    )
     costs = {s: f + BYTE_WEIGHT * b for s, (f, b) in est.items()}
     kinds = tuple((u.row_index, u.col is not None) for u in uses)
     if forced is not None:
@@ -131,6 +161,8 @@ def resolve_forced(name: str, strategy: str | dict[str, str] | None) -> str | No
         return strategy
     best = None
     for key, val in strategy.items():
-        if (name == key or name.startswith(key + ".") or key == "*") and (best is None or len(key) > len(best[0])):
+        if (name == key or name.startswith(key + ".") or key == "*") and (
+            best is None or len(key) > len(best[0])
+        ):
             best = (key, val)
     return None if best is None else best[1]

@@ -101,22 +101,30 @@ def _bias_use(module: nn.Module, b: torch.Tensor) -> list[tuple[nn.Parameter, Us
 
 
 @register_rule(nn.Linear)
-def _linear(module: nn.Linear, inp: torch.Tensor, gout: torch.Tensor, n: int) -> list[tuple[nn.Parameter, Use]]:
+def _linear(
+    module: nn.Linear, inp: torch.Tensor, gout: torch.Tensor, n: int
+) -> list[tuple[nn.Parameter, Use]]:
     a, b = _as_btd(inp, n), _as_btd(gout, n)
     out = [(module.weight, Use(b, a))] if module.weight.requires_grad else []  # weight is [out, in]
     return out + _bias_use(module, b)
 
 
-def _conv1d(module: nn.Module, inp: torch.Tensor, gout: torch.Tensor, n: int) -> list[tuple[nn.Parameter, Use]]:
+def _conv1d(
+    module: nn.Module, inp: torch.Tensor, gout: torch.Tensor, n: int
+) -> list[tuple[nn.Parameter, Use]]:
     a, b = _as_btd(inp, n), _as_btd(gout, n)
     out = [(module.weight, Use(a, b))] if module.weight.requires_grad else []  # HF Conv1D weight is [in, out]
     return out + _bias_use(module, b)
 
 
 @register_rule(nn.LayerNorm)
-def _layer_norm(module: nn.LayerNorm, inp: torch.Tensor, gout: torch.Tensor, n: int) -> list[tuple[nn.Parameter, Use]]:
+def _layer_norm(
+    module: nn.LayerNorm, inp: torch.Tensor, gout: torch.Tensor, n: int
+) -> list[tuple[nn.Parameter, Use]]:
     if len(module.normalized_shape) != 1:
-        raise UnsupportedModuleError(f"LayerNorm over {module.normalized_shape}: only 1-D normalized_shape is supported")
+        raise UnsupportedModuleError(
+            f"LayerNorm over {module.normalized_shape}: only 1-D normalized_shape is supported"
+        )
     b = _as_btd(gout, n)
     out = []
     if module.weight is not None and module.weight.requires_grad:
@@ -128,7 +136,9 @@ def _layer_norm(module: nn.LayerNorm, inp: torch.Tensor, gout: torch.Tensor, n: 
 
 
 @register_rule(nn.Embedding)
-def _embedding(module: nn.Embedding, inp: torch.Tensor, gout: torch.Tensor, n: int) -> list[tuple[nn.Parameter, Use]]:
+def _embedding(
+    module: nn.Embedding, inp: torch.Tensor, gout: torch.Tensor, n: int
+) -> list[tuple[nn.Parameter, Use]]:
     if not module.weight.requires_grad:
         return []
     if module.max_norm is not None or module.sparse:

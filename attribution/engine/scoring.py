@@ -31,7 +31,9 @@ def _param(pid: int, uses: list[Use], plan: Plan, shapes: dict[int, tuple[int, i
     return Param(pid, plan.layers[pid].name, shapes[pid], factor_dtype(uses))
 
 
-def build_val_side(cap: Captured, plan: Plan, shapes: dict[int, tuple[int, int]], per_example: bool) -> ValSide:
+def build_val_side(
+    cap: Captured, plan: Plan, shapes: dict[int, tuple[int, int]], per_example: bool
+) -> ValSide:
     """Each strategy's validation gradient for its parameters; the factors for those that keep them (ghost)."""
     side = ValSide(cap.n, per_example)
     keep_factors = []
@@ -51,7 +53,9 @@ def score(train: Captured, side: ValSide, plan: Plan, shapes: dict[int, tuple[in
     out = torch.zeros(train.n, side.groups, dtype=torch.float64)
     for pid, uses in train.uses.items():
         part = get_strategy(plan.strategy(pid)).score(uses, side, _param(pid, uses, plan, shapes))
-        if part is not None:  # None: the parameter had no validation gradient (unused by the validation forward)
+        if (
+            part is not None
+        ):  # None: the parameter had no validation gradient (unused by the validation forward)
             out += part.double().cpu()
     return out
 

@@ -45,9 +45,16 @@ def keep_grads(model: nn.Module) -> Iterator[None]:
 
 
 def plan_layers(
-    model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, *, train_mask: torch.Tensor | None = None,
-    val_mask: torch.Tensor | None = None, per_example: bool = True, optimizer_aware: bool = False,
-    strategy: str | dict[str, str] | None = None, task: Task | None = None,
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    *,
+    train_mask: torch.Tensor | None = None,
+    val_mask: torch.Tensor | None = None,
+    per_example: bool = True,
+    optimizer_aware: bool = False,
+    strategy: str | dict[str, str] | None = None,
+    task: Task | None = None,
 ) -> Plan:
     """The per-parameter plan (strategy, estimated costs, reason) for these batch shapes; print it."""
     task = task or LanguageModelingTask()
@@ -56,15 +63,28 @@ def plan_layers(
         return _make_plan(cap, train, val_ids, per_example, optimizer_aware, strategy)
 
 
-def _make_plan(cap: Capturer, train, val_ids: torch.Tensor, per_example: bool, optimizer_aware: bool, strategy) -> Plan:
+def _make_plan(
+    cap: Capturer, train, val_ids: torch.Tensor, per_example: bool, optimizer_aware: bool, strategy
+) -> Plan:
     m = val_ids.shape[0]
-    sizes = {"n": train.n, "train_tokens": train_ids_tokens(train), "m": m, "val_tokens": val_ids.numel(),
-             "groups": m if per_example else 1}
+    sizes = {
+        "n": train.n,
+        "train_tokens": train_ids_tokens(train),
+        "m": m,
+        "val_tokens": val_ids.numel(),
+        "groups": m if per_example else 1,
+    }
     plan = Plan(sizes=sizes)
     for pid, uses in train.uses.items():
         name = cap.params[pid][0]
-        plan.layers[pid] = choose(name, canonical_shape(cap.params[pid][1]), uses, sizes,
-                                  optimizer_aware=optimizer_aware, forced=resolve_forced(name, strategy))
+        plan.layers[pid] = choose(
+            name,
+            canonical_shape(cap.params[pid][1]),
+            uses,
+            sizes,
+            optimizer_aware=optimizer_aware,
+            forced=resolve_forced(name, strategy),
+        )
     return plan
 
 
@@ -74,8 +94,14 @@ def train_ids_tokens(train) -> int:
 
 
 def grad_dot_products(
-    model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, *, train_mask: torch.Tensor | None = None,
-    val_mask: torch.Tensor | None = None, strategy: str | dict[str, str] | None = None, task: Task | None = None,
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    *,
+    train_mask: torch.Tensor | None = None,
+    val_mask: torch.Tensor | None = None,
+    strategy: str | dict[str, str] | None = None,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """`[n_train, n_val]` float64: `<grad loss(train_i), grad loss(val_k)>` over every trainable parameter.
 
@@ -92,7 +118,9 @@ def grad_dot_products(
         return score(train, side, plan, shapes)
 
 
-def grad_norms(model: nn.Module, ids: torch.Tensor, *, mask: torch.Tensor | None = None, task: Task | None = None) -> torch.Tensor:
+def grad_norms(
+    model: nn.Module, ids: torch.Tensor, *, mask: torch.Tensor | None = None, task: Task | None = None
+) -> torch.Tensor:
     """`[n]` float64 per-sample squared gradient norms by the ghost trick (tied cross terms included)."""
     task = task or LanguageModelingTask()
     with _hooks(model) as cap, eval_mode(model), keep_grads(model):
@@ -101,9 +129,17 @@ def grad_norms(model: nn.Module, ids: torch.Tensor, *, mask: torch.Tensor | None
 
 
 def step_values(
-    model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, lr: float, *, order: int = 1,
-    optimizer: torch.optim.Optimizer | None = None, train_mask: torch.Tensor | None = None,
-    val_mask: torch.Tensor | None = None, strategy: str | dict[str, str] | None = None, task: Task | None = None,
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    lr: float,
+    *,
+    order: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_mask: torch.Tensor | None = None,
+    val_mask: torch.Tensor | None = None,
+    strategy: str | dict[str, str] | None = None,
+    task: Task | None = None,
     second_moment: bool = True,
 ) -> torch.Tensor:
     """`[n_train]` float64 In-Run Shapley values of one step (mean loss over the batch), positive = helped.
@@ -113,15 +149,24 @@ def step_values(
     on a copy of the weights in place, evaluates the validation gradient there, and restores them.
     """
     aware = optimizer is not None and is_adam(optimizer)
-    valuer = Valuer(model, {"val": ValSet(val_ids, val_mask)}, order=order, optimizer_aware=aware,
-                    strategy=strategy, task=task, second_moment=second_moment)
+    valuer = Valuer(
+        model,
+        {"val": ValSet(val_ids, val_mask)},
+        order=order,
+        optimizer_aware=aware,
+        strategy=strategy,
+        task=task,
+        second_moment=second_moment,
+    )
     try:
         with eval_mode(model), keep_grads(model):
             valuer.forward_backward(train_ids, train_mask)
             sv = valuer.values(lr, optimizer=optimizer if aware else None)
             if order == 2:
                 params = {pid: p for pid, (_, p) in valuer.capturer.params.items()}
-                grads = {pid: p.grad if p.grad is not None else torch.zeros_like(p) for pid, p in params.items()}
+                grads = {
+                    pid: p.grad if p.grad is not None else torch.zeros_like(p) for pid, p in params.items()
+                }
                 if aware:
                     upd = adam_update(optimizer, params, grads, lr)
                 else:

@@ -41,5 +41,7 @@ class ValSide:
         """Elementwise preconditioner on the materialized gradients (ghost parameters cannot take one)."""
         if any(k in pre for cap, _ in self.ghost for k in cap.uses):
             raise ValueError("ghost-strategy parameters cannot be preconditioned; use 'project'")
-        dense = {k: g * pre[k].reshape(g.shape[1:]).to(g.dtype) if k in pre else g for k, g in self.dense.items()}
+        dense = {
+            k: g * pre[k].reshape(g.shape[1:]).to(g.dtype) if k in pre else g for k, g in self.dense.items()
+        }
         return ValSide(self.m, self.per_example, self.ghost, dense)

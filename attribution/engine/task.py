@@ -16,7 +16,9 @@ from torch import nn
 class Task(Protocol):
     """Maps (model, ids, mask) to one loss per sequence; the batch loss is their mean."""
 
-    def per_sequence_loss(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def per_sequence_loss(
+        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Return a `[n]` tensor: the loss of each sequence on its own."""
         ...
 
@@ -32,7 +34,9 @@ class LanguageModelingTask:
     def __init__(self, *, pass_position_ids: bool = True):
         self.pass_position_ids = pass_position_ids
 
-    def per_sequence_loss(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def per_sequence_loss(
+        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """`[n]` mean cross-entropy per sequence (0 for a sequence without any label token)."""
         ids = ids.long()
         n, t = ids.shape
@@ -49,6 +53,8 @@ class LanguageModelingTask:
         # Labels shifted left, the last position ignored: the [n*T, V] logits are a view, never a copy.
         labels = torch.cat([ids[:, 1:], ids.new_full((n, 1), -100)], dim=1)
         valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-        ce = F.cross_entropy(logits.reshape(n * t, -1), labels.reshape(-1), reduction="none").view(n, t)[:, :-1]
+        ce = F.cross_entropy(logits.reshape(n * t, -1), labels.reshape(-1), reduction="none").view(n, t)[
+            :, :-1
+        ]
         count = valid.sum(1)
         return (ce * valid).sum(1) / count.clamp(min=1)

@@ -55,8 +55,12 @@ class ValSet:
     """
 
     def __init__(
-        self, ids: torch.Tensor, mask: torch.Tensor | None = None, names: list[str] | None = None,
-        *, ids_names: list[str] | None = None,
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        names: list[str] | None = None,
+        *,
+        ids_names: list[str] | None = None,
     ):
         ids = torch.as_tensor(ids)
         if ids.dim() != 2 or ids.shape[0] == 0:
@@ -64,7 +68,9 @@ class ValSet:
         self.ids = ids.long()
         self.mask = torch.ones_like(self.ids) if mask is None else torch.as_tensor(mask).long()
         if self.mask.shape != self.ids.shape:
-            raise UserError(f"validation mask shape {tuple(self.mask.shape)} != ids shape {tuple(self.ids.shape)}")
+            raise UserError(
+                f"validation mask shape {tuple(self.mask.shape)} != ids shape {tuple(self.ids.shape)}"
+            )
         names = names if names is not None else ids_names
         self.names = [str(i) for i in range(len(self.ids))] if names is None else [str(x) for x in names]
         if len(self.names) != len(self.ids):
@@ -87,7 +93,9 @@ class StepValues:
     per_example: dict[str, np.ndarray]  # float64 [n_train, n_val]
     val_loss: dict[str, float]  # summed validation loss at the weights the values used (before the step)
     train_grad_sq_norm: np.ndarray | None = None  # [n_train] ||grad loss_i||^2 (when grad_norms=True)
-    val_grad_sq_norm: dict[str, float] = field(default_factory=dict)  # ||grad L_val||^2 (when grad_norms=True)
+    val_grad_sq_norm: dict[str, float] = field(
+        default_factory=dict
+    )  # ||grad L_val||^2 (when grad_norms=True)
     # per-example sets, grad_norms=True: [n_val] ||grad loss_j||^2 of each validation sequence (weights before the step)
     val_example_sq_norm: dict[str, np.ndarray] = field(default_factory=dict)
     lr: float = 0.0
@@ -210,13 +218,24 @@ class Valuer:
         self._cache.clear()
         for name, vs in self.val_sets.items():
             pe = name in self.per_example
-            sizes = {"n": train.n, "train_tokens": t_tokens, "m": len(vs), "val_tokens": vs.ids.numel(),
-                     "groups": len(vs) if pe else 1}
+            sizes = {
+                "n": train.n,
+                "train_tokens": t_tokens,
+                "m": len(vs),
+                "val_tokens": vs.ids.numel(),
+                "groups": len(vs) if pe else 1,
+            }
             plan = Plan(sizes=sizes)
             for pid, uses in train.uses.items():
                 pname = self.names[pid]
-                plan.layers[pid] = choose(pname, self.shapes[pid], uses, sizes, optimizer_aware=self.optimizer_aware,
-                                          forced=resolve_forced(pname, self.strategy))
+                plan.layers[pid] = choose(
+                    pname,
+                    self.shapes[pid],
+                    uses,
+                    sizes,
+                    optimizer_aware=self.optimizer_aware,
+                    forced=resolve_forced(pname, self.strategy),
+                )
             self._plans[name] = plan
 
     def _val_side(self, name: str) -> tuple[ValSide, float]:
@@ -236,11 +255,27 @@ class Valuer:
         self._cache[name] = (version, side, loss)
         return side, loss
 
-    def _finish_values(self, train: Captured, sides: dict[str, ValSide], losses: dict[str, float],
-                       lr: float, grad_scale: float, lr_eff: float | torch.Tensor, norms_sides: dict[str, ValSide],
-                       val_norms: dict[str, np.ndarray] | None = None) -> StepValues:
-        sv = StepValues(self.step, {}, {}, losses, lr=lr, grad_scale=grad_scale, order=self.order,
-                        optimizer_aware=self.optimizer_aware)
+    def _finish_values(
+        self,
+        train: Captured,
+        sides: dict[str, ValSide],
+        losses: dict[str, float],
+        lr: float,
+        grad_scale: float,
+        lr_eff: float | torch.Tensor,
+        norms_sides: dict[str, ValSide],
+        val_norms: dict[str, np.ndarray] | None = None,
+    ) -> StepValues:
+        sv = StepValues(
+            self.step,
+            {},
+            {},
+            losses,
+            lr=lr,
+            grad_scale=grad_scale,
+            order=self.order,
+            optimizer_aware=self.optimizer_aware,
+        )
         for name, side in sides.items():
             s = score(train, side, self._plans[name], self.shapes) * lr_eff
             sv.per_set[name] = s.sum(1).numpy()
@@ -253,8 +288,14 @@ class Valuer:
         return sv
 
     # -- the contract -----------------------------------------------------------------------------
-    def forward_backward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
-                         weights: torch.Tensor | None = None, accumulate: bool = False) -> float:
+    def forward_backward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> float:
         """Train loss (mean of per-sequence losses); `.grad` exactly as plain `loss.backward()`.
 
         `weights` `[n]`: backpropagate `sum_i weights_i * loss_i` instead of the mean. `accumulate`:
@@ -262,12 +303,16 @@ class Valuer:
         torch's does; the captures are joined, so `values()` covers every sequence of the step).
         """
         if self._pending is not None:
-            raise UserError("order-2 valuer: call after_step() after optimizer.step() before the next forward_backward")
+            raise UserError(
+                "order-2 valuer: call after_step() after optimizer.step() before the next forward_backward"
+            )
         dev = self._device()
         ids = torch.as_tensor(ids).to(dev)
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(dev)
         with self._autocast():
-            loss, cap = self.capturer.train(lambda: self.task.per_sequence_loss(self.model, ids, mask), weights)
+            loss, cap = self.capturer.train(
+                lambda: self.task.per_sequence_loss(self.model, ids, mask), weights
+            )
         if accumulate and self._train is not None:
             self._train = join_captures(self._train, cap)
             return float(loss)
@@ -277,7 +322,9 @@ class Valuer:
             self._plan(cap)
         return float(loss)
 
-    def values(self, lr: float, *, grad_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None) -> StepValues | None:
+    def values(
+        self, lr: float, *, grad_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None
+    ) -> StepValues | None:
         """After clipping, before `optimizer.step()`. Order 1: this step's values; order 2: None (see after_step).
 
         `grad_scale` is the clipping factor actually applied to `.grad`; `optimizer` (AdamW) is needed
@@ -293,8 +340,12 @@ class Valuer:
                 raise UserError("optimizer_aware=True: pass the optimizer to values()")
             if is_adam(optimizer):
                 params = {pid: p for pid, (_, p) in self.capturer.params.items()}
-                pre = adam_preconditioner(optimizer, params, second_moment=self.second_moment,
-                                          batch_size=train.n * _world_size(self.model))
+                pre = adam_preconditioner(
+                    optimizer,
+                    params,
+                    second_moment=self.second_moment,
+                    batch_size=train.n * _world_size(self.model),
+                )
         train, self._train = self._train, None
         if train.weights is None:
             lr_eff: float | torch.Tensor = lr * grad_scale / (train.n * _world_size(self.model))
@@ -307,9 +358,17 @@ class Valuer:
         if self.order == 1:
             scored = {k: s.precondition(pre) if pre else s for k, s in sides.items()}
             return self._finish_values(train, scored, losses, lr, grad_scale, lr_eff, sides, val_norms)
-        self._pending = {"train": train, "sides": sides, "losses": losses, "pre": pre, "lr": lr,
-                         "grad_scale": grad_scale, "lr_eff": lr_eff, "version": self._version(),
-                         "val_norms": val_norms}
+        self._pending = {
+            "train": train,
+            "sides": sides,
+            "losses": losses,
+            "pre": pre,
+            "lr": lr,
+            "grad_scale": grad_scale,
+            "lr_eff": lr_eff,
+            "version": self._version(),
+            "val_norms": val_norms,
+        }
         return None
 
     def after_step(self) -> StepValues | None:
@@ -325,8 +384,9 @@ class Valuer:
         for name, before in p["sides"].items():
             side = before.combine(after[name], 0.5, 0.5)
             scored[name] = side.precondition(p["pre"]) if p["pre"] else side
-        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"],
-                                   p["val_norms"])
+        return self._finish_values(
+            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"], p["val_norms"]
+        )
 
     def finish(self) -> StepValues | None:
         """Flush: a pending order-2 step whose optimizer step never happened is valued at first order."""
@@ -334,8 +394,9 @@ class Valuer:
             return None
         p, self._pending = self._pending, None
         scored = {k: s.precondition(p["pre"]) if p["pre"] else s for k, s in p["sides"].items()}
-        return self._finish_values(p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"],
-                                   p["val_norms"])
+        return self._finish_values(
+            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"], p["val_norms"]
+        )
 
     def close(self) -> None:
         """Remove the hooks."""

@@ -105,7 +105,11 @@ def _optimizer_mode(m: Manifest) -> tuple[str, bool | None]:
     if isinstance(mode, str):
         text = {"sgd-proxy": "SGD proxy (values use the SGD step formula)"}.get(mode, mode)
     elif aware is not None:
-        text = "optimizer-aware (Adam-preconditioned values)" if aware else "SGD proxy (values use the SGD step formula)"
+        text = (
+            "optimizer-aware (Adam-preconditioned values)"
+            if aware
+            else "SGD proxy (values use the SGD step formula)"
+        )
     else:
         text = "not recorded"
     if isinstance(name, str):
@@ -183,24 +187,37 @@ def build_report(
 
     per_run_group = None
     if len(runs) > 1:
-        ci_method = (f"{n_boot} bootstrap replicates over the {len(runs)} runs (random seed {seed}): runs "
-                     "resampled with replacement, document values averaged, the rule applied, shares summed per group; "
-                     "95% percentile interval of the share")
-        reps = tables.bootstrap_seeds(dv, the_rule, [codes[g][0] for g in GROUPINGS], n_boot=n_boot, seed=seed)
+        ci_method = (
+            f"{n_boot} bootstrap replicates over the {len(runs)} runs (random seed {seed}): runs "
+            "resampled with replacement, document values averaged, the rule applied, shares summed per group; "
+            "95% percentile interval of the share"
+        )
+        reps = tables.bootstrap_seeds(
+            dv, the_rule, [codes[g][0] for g in GROUPINGS], n_boot=n_boot, seed=seed
+        )
         per_run_shares = np.vstack([the_rule.shares(v) for v in dv.per_run])
-        per_run_group = {g: np.vstack([np.bincount(codes[g][0], weights=np.nan_to_num(s),
-                                                   minlength=len(codes[g][1])) for s in per_run_shares])
-                         for g in GROUPINGS}
+        per_run_group = {
+            g: np.vstack(
+                [
+                    np.bincount(codes[g][0], weights=np.nan_to_num(s), minlength=len(codes[g][1]))
+                    for s in per_run_shares
+                ]
+            )
+            for g in GROUPINGS
+        }
     else:
         steps = runs[0].optional("step_values.parquet", ["step", "doc_id", "val_set", "value"])
         if steps is not None and not steps.empty:
             steps = steps[steps.val_set.astype(str).isin(sets)]
             n_steps = steps.step.nunique()
-            ci_method = (f"{n_boot} bootstrap replicates over the {n_steps} training steps (random seed {seed}): "
-                         "steps resampled with replacement, each document's value recomputed from its per-step values, the rule "
-                         "applied, shares summed per group; 95% percentile interval of the share")
-            reps = tables.bootstrap_steps(steps, dv, the_rule, [codes[g][0] for g in GROUPINGS],
-                                          n_boot=n_boot, seed=seed)
+            ci_method = (
+                f"{n_boot} bootstrap replicates over the {n_steps} training steps (random seed {seed}): "
+                "steps resampled with replacement, each document's value recomputed from its per-step values, the rule "
+                "applied, shares summed per group; 95% percentile interval of the share"
+            )
+            reps = tables.bootstrap_steps(
+                steps, dv, the_rule, [codes[g][0] for g in GROUPINGS], n_boot=n_boot, seed=seed
+            )
         else:
             ci_method = "not available: the run has no step_values.parquet and only one run was given"
             reps = None
@@ -209,11 +226,18 @@ def build_report(
     group_tables: list[GroupTable] = []
     for i, g in enumerate(GROUPINGS):
         ci = tables.ci_bounds(reps[i]) if reps is not None else None
-        t = tables.group_table(dv, shares, g, codes[g][0], codes[g][1], pool_d, ci,
-                               per_run_group[g] if per_run_group else None)
+        t = tables.group_table(
+            dv, shares, g, codes[g][0], codes[g][1], pool_d, ci, per_run_group[g] if per_run_group else None
+        )
         tabs[g] = t
-        group_tables.append(GroupTable(by=g, csv_name=CSV_NAMES[g], columns=[c for c in t.columns if c != g],
-                                       rows=tables.format_table(t)))
+        group_tables.append(
+            GroupTable(
+                by=g,
+                csv_name=CSV_NAMES[g],
+                columns=[c for c in t.columns if c != g],
+                rows=tables.format_table(t),
+            )
+        )
     group_tables.sort(key=lambda t: t.by != by)
 
     # Top documents per group of the lead grouping (groups in table order).
@@ -225,19 +249,45 @@ def build_report(
     d[by] = pd.Categorical(d[by], categories=groups, ordered=True)
     d = d.sort_values([by, "value", "doc_id"], ascending=[True, False, True], kind="mergesort")
     texts = runs[0].texts(d.doc_id)
-    top_docs = [TopDoc(group=str(r[by]), doc_id=r["doc_id"], value=tables.fmt("value", r["value"]),
-                       share=tables.fmt("share", r["share"]), snippet=_snippet(texts[r["doc_id"]]))
-                for r in d.to_dict("records")]
+    top_docs = [
+        TopDoc(
+            group=str(r[by]),
+            doc_id=r["doc_id"],
+            value=tables.fmt("value", r["value"]),
+            share=tables.fmt("share", r["share"]),
+            snippet=_snippet(texts[r["doc_id"]]),
+        )
+        for r in d.to_dict("records")
+    ]
 
     figs = _figures(runs, sets, dv, tabs, top_docs)
-    ev, score_col = evidence_mod.collect(runs[0], sets, top_k=top_k, max_examples=max_examples,
-                                         compare_dir=Path(compare_dir) if compare_dir else None, semantic=semantic)
+    ev, score_col = evidence_mod.collect(
+        runs[0],
+        sets,
+        top_k=top_k,
+        max_examples=max_examples,
+        compare_dir=Path(compare_dir) if compare_dir else None,
+        semantic=semantic,
+    )
 
-    command = _command(paths, by, pool_d, currency, the_rule.name, requested, compare_dir, n_boot,
-                       max_examples, semantic, top_k, seed)
+    command = _command(
+        paths,
+        by,
+        pool_d,
+        currency,
+        the_rule.name,
+        requested,
+        compare_dir,
+        n_boot,
+        max_examples,
+        semantic,
+        top_k,
+        seed,
+    )
     model = ReportModel(
         title=f"Training-data contribution and royalty report: {', '.join(r.name for r in runs)}",
-        summary=_summary(runs, sets, the_rule.name, pool_d, currency) + [("Reproduce with (OUT: any output folder)", command)],
+        summary=_summary(runs, sets, the_rule.name, pool_d, currency)
+        + [("Reproduce with (OUT: any output folder)", command)],
         rule_name=the_rule.name,
         rule_description=the_rule.description,
         basis=_basis(runs, sets, requested, ci_method, pool_d, currency),
@@ -255,12 +305,22 @@ def build_report(
     files = _write(out, model, group_tables)
     seconds = time.perf_counter() - t0
     print(f"report written to {out} in {seconds:.1f} s", file=sys.stderr)
-    return ReportResult(out=out, files=files, rule=the_rule.name, val_sets=sets, pool=pool_d, currency=currency,
-                        ci_method=ci_method, seconds=seconds, tables=tabs)
+    return ReportResult(
+        out=out,
+        files=files,
+        rule=the_rule.name,
+        val_sets=sets,
+        pool=pool_d,
+        currency=currency,
+        ci_method=ci_method,
+        seconds=seconds,
+        tables=tabs,
+    )
 
 
-def _command(paths, by, pool, currency, rule, requested, compare_dir, n_boot, max_examples, semantic,
-             top_k, seed) -> str:
+def _command(
+    paths, by, pool, currency, rule, requested, compare_dir, n_boot, max_examples, semantic, top_k, seed
+) -> str:
     """The command line that rebuilds this report byte for byte (from the same run and code version).
 
     The output folder is written as OUT, so that the report does not depend on where it was written.
@@ -302,36 +362,57 @@ def _write(out: Path, model: ReportModel, group_tables: list[GroupTable]) -> lis
     return files
 
 
-def _figures(runs: list[Run], sets: list[str], dv: tables.DocValues, tabs: dict[str, pd.DataFrame],
-             top_docs: list[TopDoc]) -> list[Figure]:
+def _figures(
+    runs: list[Run],
+    sets: list[str],
+    dv: tables.DocValues,
+    tabs: dict[str, pd.DataFrame],
+    top_docs: list[TopDoc],
+) -> list[Figure]:
     figs = []
-    stage = runs[0].optional("stage_values.parquet", ["window_start", "window_end", "source", "val_set", "value"])
+    stage = runs[0].optional(
+        "stage_values.parquet", ["window_start", "window_end", "source", "val_set", "value"]
+    )
     if stage is not None and not stage.empty:
         stage = stage[stage.val_set.astype(str).isin(sets)]
-        figs.append(Figure(
-            "stage_shares", "Source shares over training",
-            "Per training window, each source's summed value is clipped at zero and divided by the window's "
-            "total, from stage_values.parquet"
-            + (" of the first run" if len(runs) > 1 else "")
-            + ". Values shrink as training goes on, so early windows weigh more in the royalty totals than the "
-            "lines suggest.",
-            figures.stage_shares(stage, list(tabs["source"]["source"]))))
+        figs.append(
+            Figure(
+                "stage_shares",
+                "Source shares over training",
+                "Per training window, each source's summed value is clipped at zero and divided by the window's "
+                "total, from stage_values.parquet"
+                + (" of the first run" if len(runs) > 1 else "")
+                + ". Values shrink as training goes on, so early windows weigh more in the royalty totals than the "
+                "lines suggest.",
+                figures.stage_shares(stage, list(tabs["source"]["source"])),
+            )
+        )
     values = dv.docs.value.to_numpy()
-    figs.append(Figure(
-        "value_distribution", "Distribution of document values",
-        f"Document values (raw value summed over the chosen validation sets). Negative values (red) mean the "
-        f"document raised validation loss; {(values < 0).mean():.1%} of documents are negative, "
-        f"{(values == 0).mean():.1%} are exactly zero (typically never trained on).",
-        figures.value_distribution(values)))
+    figs.append(
+        Figure(
+            "value_distribution",
+            "Distribution of document values",
+            f"Document values (raw value summed over the chosen validation sets). Negative values (red) mean the "
+            f"document raised validation loss; {(values < 0).mean():.1%} of documents are negative, "
+            f"{(values == 0).mean():.1%} are exactly zero (typically never trained on).",
+            figures.value_distribution(values),
+        )
+    )
     if top_docs:
-        figs.append(Figure(
-            "top_documents", "Top documents per group",
-            "The highest-valued documents of the groups with the largest shares, with the start of their text.",
-            figures.top_documents([(t.group, t.doc_id, float(t.value), t.snippet) for t in top_docs])))
+        figs.append(
+            Figure(
+                "top_documents",
+                "Top documents per group",
+                "The highest-valued documents of the groups with the largest shares, with the start of their text.",
+                figures.top_documents([(t.group, t.doc_id, float(t.value), t.snippet) for t in top_docs]),
+            )
+        )
     return figs
 
 
-def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currency: str) -> list[tuple[str, str]]:
+def _summary(
+    runs: list[Run], sets: list[str], rule: str, pool: Decimal, currency: str
+) -> list[tuple[str, str]]:
     m = runs[0].manifest
     val = runs[0].val_sets()
     order = m.order
@@ -347,14 +428,21 @@ def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currenc
         set_texts.append(f"{name} ({size if size else '?'} examples, {used})")
     return [
         ("Run" if len(runs) == 1 else "Runs (seeds)", "; ".join(str(r.path) for r in runs)),
-        ("Corpus", f"{_listed(corpus) if corpus else 'not recorded'}; fingerprint {fp or 'not recorded'}; "
-                   f"{len(docs)} documents, {int(docs.n_tokens.sum())} tokens"),
+        (
+            "Corpus",
+            f"{_listed(corpus) if corpus else 'not recorded'}; fingerprint {fp or 'not recorded'}; "
+            f"{len(docs)} documents, {int(docs.n_tokens.sum())} tokens",
+        ),
         ("Model", _model_text(m)),
         ("Training steps", "; ".join(str(_steps(r)) for r in runs)),
         ("Validation sets", "; ".join(set_texts)),
         ("Time taken (training run)", "; ".join(_time_text(r.manifest) for r in runs)),
-        ("Approximation order", {1: "first-order Taylor", 2: "second-order Taylor"}.get(order, str(order))
-         if order is not None else "not recorded"),
+        (
+            "Approximation order",
+            {1: "first-order Taylor", 2: "second-order Taylor"}.get(order, str(order))
+            if order is not None
+            else "not recorded",
+        ),
         ("Optimizer mode", opt_text),
         ("Seed(s)", ", ".join(str(s) for s in seeds)),
         ("Code version", str(m.git_commit or "not recorded")),
@@ -364,8 +452,11 @@ def _summary(runs: list[Run], sets: list[str], rule: str, pool: Decimal, currenc
 
 
 def _basis(runs, sets, requested, ci_method, pool, currency) -> list[str]:
-    which = (f"the validation set(s) {', '.join(sets)}" if requested else
-             f"all validation sets summed ({', '.join(sets)}), because no --val-set was given")
+    which = (
+        f"the validation set(s) {', '.join(sets)}"
+        if requested
+        else f"all validation sets summed ({', '.join(sets)}), because no --val-set was given"
+    )
     out = [
         f"A document's value is the In-Run Data Shapley value recorded by the run: the sum, over the training "
         f"steps in which the document was in the batch, of its estimated reduction of the validation loss. "
@@ -380,9 +471,11 @@ def _basis(runs, sets, requested, ci_method, pool, currency) -> list[str]:
         f"Confidence intervals: {ci_method}.",
     ]
     if len(runs) > 1:
-        out.append(f"{len(runs)} runs (seeds) were merged: each document's value is the mean of its values in "
-                   "the runs (0 in a run that never trained on it); share_seed_sd is the standard deviation "
-                   "of a group's share across the runs.")
+        out.append(
+            f"{len(runs)} runs (seeds) were merged: each document's value is the mean of its values in "
+            "the runs (0 in a run that never trained on it); share_seed_sd is the standard deviation "
+            "of a group's share across the runs."
+        )
     return out
 
 
@@ -394,14 +487,25 @@ def _column_notes(multi: bool) -> list[tuple[str, str]]:
         ("value_per_token", "value divided by n_tokens."),
         ("share", "fraction of the pool under the royalty rule (sum of the documents' shares), 6 decimals."),
         ("royalty", "share times the pool, in cents, rounded so the column sums to the pool."),
-        ("neg_fraction", "fraction of the group's documents whose value is negative (they raised validation loss)."),
-        ("ci_low, ci_high", "95% bootstrap interval of the share (see 'Confidence intervals' above); empty when "
-                            "not available."),
+        (
+            "neg_fraction",
+            "fraction of the group's documents whose value is negative (they raised validation loss).",
+        ),
+        (
+            "ci_low, ci_high",
+            "95% bootstrap interval of the share (see 'Confidence intervals' above); empty when "
+            "not available.",
+        ),
     ]
     if multi:
         notes.append(("share_seed_sd", "standard deviation of the share across the merged runs (seeds)."))
-    notes.append(("names in the CSV files", "a name that starts with = + - or @ is written with a leading ' so a "
-                                            "spreadsheet shows it as text instead of running it as a formula."))
+    notes.append(
+        (
+            "names in the CSV files",
+            "a name that starts with = + - or @ is written with a leading ' so a "
+            "spreadsheet shows it as text instead of running it as a formula.",
+        )
+    )
     return notes
 
 
@@ -410,16 +514,22 @@ def _evidence_note(ev, score_col, compare_dir, semantic, top_k, max_examples, n_
         return "Per-example evidence was not requested (--examples 0)."
     if not ev:
         return "The run has no per-example values (example_values.parquet), so this section is empty."
-    rank = ("the run's attribution column" if score_col == "attribution" else "the raw per-example value")
-    src = (f"n-gram containment, longest shared span, semantic similarity and label from the comparison in "
-           f"{compare_dir}" if compare_dir else
-           "8-gram containment and shared spans computed from the texts; semantic similarity is the cosine of "
-           "all-MiniLM-L6-v2 embeddings" + ("" if semantic else " (not computed for this report)")
-           + "; no analysis label, because no --compare directory was given")
-    return (f"For up to {max_examples} validation examples, the {top_k} training documents with the highest "
-            f"score ({rank}; rank 1 = most helpful). Evidence: {src}. Highlighted text is shared word for word "
-            f"(8 or more consecutive words) with the validation example."
-            + (" Per-example values come from the first run." if n_runs > 1 else ""))
+    rank = "the run's attribution column" if score_col == "attribution" else "the raw per-example value"
+    src = (
+        f"n-gram containment, longest shared span, semantic similarity and label from the comparison in "
+        f"{compare_dir}"
+        if compare_dir
+        else "8-gram containment and shared spans computed from the texts; semantic similarity is the cosine of "
+        "all-MiniLM-L6-v2 embeddings"
+        + ("" if semantic else " (not computed for this report)")
+        + "; no analysis label, because no --compare directory was given"
+    )
+    return (
+        f"For up to {max_examples} validation examples, the {top_k} training documents with the highest "
+        f"score ({rank}; rank 1 = most helpful). Evidence: {src}. Highlighted text is shared word for word "
+        f"(8 or more consecutive words) with the validation example."
+        + (" Per-example values come from the first run." if n_runs > 1 else "")
+    )
 
 
 def _limitations(runs, sets, dv, src_table, have_ci) -> list[str]:
@@ -430,26 +540,36 @@ def _limitations(runs, sets, dv, src_table, have_ci) -> list[str]:
     lr = float(log.lr.max()) if log is not None and "lr" in log and len(log) else None
     lr_text = f" The run's peak learning rate was {lr:.3g}." if lr is not None else ""
     if order == 1:
-        out.append("Values use a first-order Taylor approximation of each step's effect on validation loss; "
-                   "its error grows with the square of the learning rate. The method's authors measured rank "
-                   "agreement with exact Shapley of 0.99 (Spearman) at learning rate 6e-4 and 0.79 at 5e-3."
-                   + lr_text)
+        out.append(
+            "Values use a first-order Taylor approximation of each step's effect on validation loss; "
+            "its error grows with the square of the learning rate. The method's authors measured rank "
+            "agreement with exact Shapley of 0.99 (Spearman) at learning rate 6e-4 and 0.79 at 5e-3."
+            + lr_text
+        )
     elif order == 2:
-        out.append("Values use a second-order Taylor approximation of each step's effect (error of the order of "
-                   "the learning rate cubed)." + lr_text)
+        out.append(
+            "Values use a second-order Taylor approximation of each step's effect (error of the order of "
+            "the learning rate cubed)." + lr_text
+        )
     else:
-        out.append("The run does not record its Taylor approximation order; the accuracy of the values cannot be "
-                   "stated.")
+        out.append(
+            "The run does not record its Taylor approximation order; the accuracy of the values cannot be "
+            "stated."
+        )
     _, aware = _optimizer_mode(m)
     if aware is False:
-        out.append("Values are computed with the plain SGD step formula while the model was trained with an "
-                   "adaptive optimizer (SGD as a proxy). A published study found weak agreement (Pearson about "
-                   "0.11) between such proxy values and true contributions under Adam; treat small differences "
-                   "between owners with caution.")
+        out.append(
+            "Values are computed with the plain SGD step formula while the model was trained with an "
+            "adaptive optimizer (SGD as a proxy). A published study found weak agreement (Pearson about "
+            "0.11) between such proxy values and true contributions under Adam; treat small differences "
+            "between owners with caution."
+        )
     elif aware:
-        out.append("Values are optimizer-aware (they use Adam's per-parameter step scaling). Momentum carries a "
-                   "document's gradient into later steps; unless the run says otherwise, that carry-over is not "
-                   "credited to the document.")
+        out.append(
+            "Values are optimizer-aware (they use Adam's per-parameter step scaling). Momentum carries a "
+            "document's gradient into later steps; unless the run says otherwise, that carry-over is not "
+            "credited to the document."
+        )
     else:
         out.append("The run does not record whether values are optimizer-aware or use SGD as a proxy.")
     seen = dv.docs.n_seen.to_numpy()
@@ -459,20 +579,28 @@ def _limitations(runs, sets, dv, src_table, have_ci) -> list[str]:
         passes = seen / np.maximum(seqs, 1)
         never = float((seen == 0).mean())
         once = float(((passes > 0) & (passes <= 1)).mean())
-        out.append(f"Documents were trained on {np.median(passes):.3g} times (median number of passes over the "
-                   f"document; mean {passes.mean():.3g}). {never:.1%} were never trained on and have value 0, "
-                   f"which is not evidence that they could not have contributed; {once:.1%} were seen at most "
-                   f"once, so their value rests on very few training steps.")
+        out.append(
+            f"Documents were trained on {np.median(passes):.3g} times (median number of passes over the "
+            f"document; mean {passes.mean():.3g}). {never:.1%} were never trained on and have value 0, "
+            f"which is not evidence that they could not have contributed; {once:.1%} were seen at most "
+            f"once, so their value rests on very few training steps."
+        )
     sizes = {k: len(v) for k, v in runs[0].val_sets().items()}
     used = ", ".join(f"{k}: {sizes.get(k, '?')} examples" for k in sets)
-    out.append(f"Values measure contribution to the chosen validation texts only ({used}); a small or narrow "
-               "validation set can favour the few sources that resemble it. Other uses of the model are not "
-               "covered.")
+    out.append(
+        f"Values measure contribution to the chosen validation texts only ({used}); a small or narrow "
+        "validation set can favour the few sources that resemble it. Other uses of the model are not "
+        "covered."
+    )
     neg = float((dv.docs.value < 0).mean())
-    out.append(f"{neg:.1%} of documents have negative values; the rule decides how they are treated (see above).")
+    out.append(
+        f"{neg:.1%} of documents have negative values; the rule decides how they are treated (see above)."
+    )
     if not have_ci:
         out.append("No confidence intervals could be computed (no per-step values and a single run).")
     elif len(runs) == 1:
-        out.append("Confidence intervals reflect which training steps happened to be sampled, not variation "
-                   "between training runs with different seeds or data orders; give several runs to see that.")
+        out.append(
+            "Confidence intervals reflect which training steps happened to be sampled, not variation "
+            "between training runs with different seeds or data orders; give several runs to see that."
+        )
     return out

@@ -29,10 +29,26 @@ from attribution.values import VIEWS, RunValues, ValText, read_val_set
 
 CLAIM_CHARS = 1200  # claim text shown per claim, as in the report's per-example section
 SPAN_CHARS = 200  # longest shared span shown per document
-HEADERS = ["rank", "doc_id", "source", "owner", "raw value", "view value", f"{SPAN_N}-gram containment",
-           "longest shared span (words)", "shared span", "MiniLM cosine"]
-NUMERIC = {"rank", "raw value", "view value", f"{SPAN_N}-gram containment", "longest shared span (words)",
-           "MiniLM cosine"}
+HEADERS = [
+    "rank",
+    "doc_id",
+    "source",
+    "owner",
+    "raw value",
+    "view value",
+    f"{SPAN_N}-gram containment",
+    "longest shared span (words)",
+    "shared span",
+    "MiniLM cosine",
+]
+NUMERIC = {
+    "rank",
+    "raw value",
+    "view value",
+    f"{SPAN_N}-gram containment",
+    "longest shared span (words)",
+    "MiniLM cosine",
+}
 CODE_COLUMNS = {"doc_id", "source", "owner", "shared span"}  # untrusted cells, as code spans in Markdown
 
 
@@ -72,12 +88,20 @@ def _clip(text: str, limit: int) -> str:
 
 def _top(view: pd.DataFrame, top_k: int) -> dict[str, pd.DataFrame]:
     """Top `top_k` documents per claim: highest view value first, doc_id breaking ties (NaN last)."""
-    ordered = view.sort_values(["val_id", "attribution", "doc_id"], ascending=[True, False, True],
-                               kind="mergesort", na_position="last")
-    return {str(k): g for k, g in ordered.groupby("val_id", sort=False).head(top_k).groupby("val_id", sort=False)}
+    ordered = view.sort_values(
+        ["val_id", "attribution", "doc_id"],
+        ascending=[True, False, True],
+        kind="mergesort",
+        na_position="last",
+    )
+    return {
+        str(k): g for k, g in ordered.groupby("val_id", sort=False).head(top_k).groupby("val_id", sort=False)
+    }
 
 
-def collect(run_dir: str | Path, *, val_set: str = "claims", top_k: int = 10, semantic: bool = True) -> ClaimsModel:
+def collect(
+    run_dir: str | Path, *, val_set: str = "claims", top_k: int = 10, semantic: bool = True
+) -> ClaimsModel:
     """What the claim pages say: per claim (file order), its top documents under the default view."""
     run = load_run(run_dir)
     values = RunValues.read(run.path, docs=run.docs, doc_values=run.doc_values)
@@ -111,14 +135,33 @@ def collect(run_dir: str | Path, *, val_set: str = "claims", top_k: int = 10, se
         for rank, r in enumerate([] if top is None else top.itertuples(index=False), 1):
             ov = overlap_evidence(it.text, doc_text[r.doc_id], n=SPAN_N)
             sim = f"{float(claim_vec[it.id] @ doc_vec[r.doc_id]):.3f}" if claim_vec else ""
-            claim.rows.append(ClaimRow([
-                str(rank), r.doc_id, str(meta.source.get(r.doc_id, "unknown")),
-                str(meta.owner.get(r.doc_id, "unknown")), f"{r.value:.6g}", f"{r.attribution:.6g}",
-                f"{ov['containment_val_in_doc']:.3f}", str(ov["longest_common_span"]),
-                _clip(ov["longest_common_text"], SPAN_CHARS), sim]))
+            claim.rows.append(
+                ClaimRow(
+                    [
+                        str(rank),
+                        r.doc_id,
+                        str(meta.source.get(r.doc_id, "unknown")),
+                        str(meta.owner.get(r.doc_id, "unknown")),
+                        f"{r.value:.6g}",
+                        f"{r.attribution:.6g}",
+                        f"{ov['containment_val_in_doc']:.3f}",
+                        str(ov["longest_common_span"]),
+                        _clip(ov["longest_common_text"], SPAN_CHARS),
+                        sim,
+                    ]
+                )
+            )
         claims.append(claim)
-    return ClaimsModel(run_name=run.name, val_set=val_set, view=view_name, view_meaning=VIEWS[view_name].meaning,
-                       top_k=top_k, n_docs=len(run.docs), semantic=semantic and bool(top_ids), claims=claims)
+    return ClaimsModel(
+        run_name=run.name,
+        val_set=val_set,
+        view=view_name,
+        view_meaning=VIEWS[view_name].meaning,
+        top_k=top_k,
+        n_docs=len(run.docs),
+        semantic=semantic and bool(top_ids),
+        claims=claims,
+    )
 
 
 def _notes(m: ClaimsModel) -> list[str]:
@@ -134,18 +177,26 @@ def _notes(m: ClaimsModel) -> list[str]:
         f"Overlap evidence is computed from the texts: {SPAN_N}-gram containment is the fraction of the claim's "
         f"word {SPAN_N}-grams found in the document; the longest shared span is the longest run of identical "
         "consecutive words (lower-cased), shown truncated; "
-        + ("MiniLM cosine is the cosine similarity of all-MiniLM-L6-v2 embeddings of the claim and the "
-           "document (the model reads the first 256 word pieces of each)." if m.semantic
-           else "MiniLM cosine was not computed for these pages."),
+        + (
+            "MiniLM cosine is the cosine similarity of all-MiniLM-L6-v2 embeddings of the claim and the "
+            "document (the model reads the first 256 word pieces of each)."
+            if m.semantic
+            else "MiniLM cosine was not computed for these pages."
+        ),
         "Overlap alone does not prove derivation, and a high value without overlap may reflect shared style "
         "or topic; read both together.",
     ]
 
 
 def _summary(m: ClaimsModel) -> list[tuple[str, str]]:
-    return [("Run", m.run_name), ("Claim set", m.val_set), ("Claims", str(len(m.claims))),
-            ("Training documents", str(m.n_docs)), ("Ranking view", m.view),
-            ("Documents per claim", str(m.top_k))]
+    return [
+        ("Run", m.run_name),
+        ("Claim set", m.val_set),
+        ("Claims", str(len(m.claims))),
+        ("Training documents", str(m.n_docs)),
+        ("Ranking view", m.view),
+        ("Documents per claim", str(m.top_k)),
+    ]
 
 
 def _empty(c: Claim) -> str:
@@ -161,8 +212,12 @@ def render_markdown(m: ClaimsModel) -> str:
     p += [f"- **{k}:** {markdown.code(v, in_table=False)}" for k, v in _summary(m)]
     p += [""] + [f"- {markdown.prose(s)}" for s in _notes(m)] + [""]
     for i, c in enumerate(m.claims, 1):
-        p += [f"## Claim {i}: {markdown.code(c.id, in_table=False)}", "", markdown.block(_clip(c.text, CLAIM_CHARS)),
-              ""]
+        p += [
+            f"## Claim {i}: {markdown.code(c.id, in_table=False)}",
+            "",
+            markdown.block(_clip(c.text, CLAIM_CHARS)),
+            "",
+        ]
         if not c.rows:
             p += [_empty(c), ""]
             continue
@@ -175,10 +230,17 @@ def render_markdown(m: ClaimsModel) -> str:
 def render_html(m: ClaimsModel) -> str:
     """claims.html: self-contained, escaped, no scripts (the report's CSP and styles, `attribution.report.html`)."""
     e = html._e
-    p = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-         f'<meta http-equiv="Content-Security-Policy" content="{e(html.CSP)}">',
-         '<meta name="referrer" content="no-referrer">', f"<title>{e(TITLE)}</title>",
-         f"<style>{html.STYLE}</style>", "</head><body>", f"<h1>{e(TITLE)}</h1>", '<dl class="summary">']
+    p = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{e(html.CSP)}">',
+        '<meta name="referrer" content="no-referrer">',
+        f"<title>{e(TITLE)}</title>",
+        f"<style>{html.STYLE}</style>",
+        "</head><body>",
+        f"<h1>{e(TITLE)}</h1>",
+        '<dl class="summary">',
+    ]
     p += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _summary(m)]
     p += ["</dl>", "<ul>"] + [f"<li>{e(s)}</li>" for s in _notes(m)] + ["</ul>"]
     numeric = {f"{m.view} value" if h == "view value" else h for h in NUMERIC}
@@ -194,8 +256,14 @@ def render_html(m: ClaimsModel) -> str:
     return "\n".join(p) + "\n"
 
 
-def write_claims_report(run_dir: str | Path, out_dir: str | Path | None = None, *, val_set: str = "claims",
-                        top_k: int = 10, semantic: bool = True) -> tuple[Path, Path]:
+def write_claims_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    val_set: str = "claims",
+    top_k: int = 10,
+    semantic: bool = True,
+) -> tuple[Path, Path]:
     """Write `claims.md` and `claims.html` for a claim run (into `run_dir` unless `out_dir` is given)."""
     if top_k < 1:
         raise UserError("top_k must be at least 1")

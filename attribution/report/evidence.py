@@ -51,7 +51,9 @@ class ExampleEvidence:
     rows: list[EvidenceRow] = field(default_factory=list)
 
 
-def snippet_segments(doc: str, spans: list[tuple[int, int]], limit: int = SNIPPET_CHARS) -> list[tuple[str, bool]]:
+def snippet_segments(
+    doc: str, spans: list[tuple[int, int]], limit: int = SNIPPET_CHARS
+) -> list[tuple[str, bool]]:
     """A window of `doc` around its first shared span, cut into (text, is_shared) pieces."""
     start = max(0, spans[0][0] - 80) if spans else 0
     end = min(len(doc), start + limit)
@@ -92,8 +94,15 @@ def _read_comparison(compare_dir: Path) -> pd.DataFrame:
     return comp.drop_duplicates(["val_set", "val_id", "doc_id"]).set_index(["val_set", "val_id", "doc_id"])
 
 
-def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: int = 20,
-            compare_dir: Path | None = None, semantic: bool = True) -> tuple[list[ExampleEvidence], str]:
+def collect(
+    run: Run,
+    val_sets: Sequence[str],
+    *,
+    top_k: int = 5,
+    max_examples: int = 20,
+    compare_dir: Path | None = None,
+    semantic: bool = True,
+) -> tuple[list[ExampleEvidence], str]:
     """Evidence for up to `max_examples` validation examples; also returns the ranking column used
     (`attribution`: the run's default view, computed on read; `value` when the run has none)."""
     if not run.values.has_examples():
@@ -125,8 +134,9 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
         if k == 0:
             continue
         cand = rows[np.argpartition(-scores, k - 1)[:k]] if k < len(scores) else rows
-        part = pd.DataFrame({"doc_id": doc_all[cand], "val_id": item.id, "value": values_all[cand],
-                             "score": scores_all[cand]})
+        part = pd.DataFrame(
+            {"doc_id": doc_all[cand], "val_id": item.id, "value": values_all[cand], "score": scores_all[cand]}
+        )
         part = part.sort_values(["score", "doc_id"], ascending=[False, True], kind="mergesort")
         tops[(name, item.id)] = part.assign(rank=np.arange(1, len(part) + 1))
     top_ids = sorted({d for t in tops.values() for d in t.doc_id})
@@ -157,7 +167,11 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
             def has(col: str, c=c) -> bool:
                 return c is not None and col in c and pd.notna(c[col])
 
-            cont = float(c["ngram_containment"]) if has("ngram_containment") else float(ov["containment_val_in_doc"])
+            cont = (
+                float(c["ngram_containment"])
+                if has("ngram_containment")
+                else float(ov["containment_val_in_doc"])
+            )
             longest = int(ov["longest_common_span"])
             if has("longest_common_span"):
                 lc = c["longest_common_span"]
@@ -168,11 +182,20 @@ def collect(run: Run, val_sets: Sequence[str], *, top_k: int = 5, max_examples: 
                 sim = float(vvec[(name, item.id)] @ dvec[r.doc_id])
             else:
                 sim = None
-            ev.rows.append(EvidenceRow(
-                rank=int(r.rank), doc_id=r.doc_id,
-                source=str(meta.source.get(r.doc_id, "unknown")), owner=str(meta.owner.get(r.doc_id, "unknown")),
-                score=float(r.score), value=float(r.value), containment=cont, longest_span=longest,
-                semantic_sim=sim, label=str(c["label"]) if has("label") else None,
-                segments=snippet_segments(text, spans)))
+            ev.rows.append(
+                EvidenceRow(
+                    rank=int(r.rank),
+                    doc_id=r.doc_id,
+                    source=str(meta.source.get(r.doc_id, "unknown")),
+                    owner=str(meta.owner.get(r.doc_id, "unknown")),
+                    score=float(r.score),
+                    value=float(r.value),
+                    containment=cont,
+                    longest_span=longest,
+                    semantic_sim=sim,
+                    label=str(c["label"]) if has("label") else None,
+                    segments=snippet_segments(text, spans),
+                )
+            )
         out.append(ev)
     return out, score_col

@@ -49,8 +49,9 @@ def stage_shares(stage: pd.DataFrame, by_share: list[str]) -> bytes:
     present = set(tot.source.tolist())
     keep = [s for s in by_share if s in present][:MAX_LINES]
     tot["series"] = np.where(tot.source.isin(keep), tot.source, "other sources")
-    piv = tot.pivot_table(index=["window_start", "window_end"], columns="series", values="pos", aggfunc="sum",
-                          fill_value=0.0)
+    piv = tot.pivot_table(
+        index=["window_start", "window_end"], columns="series", values="pos", aggfunc="sum", fill_value=0.0
+    )
     denom = piv.sum(axis=1).replace(0, np.nan)
     shares = piv.div(denom, axis=0).fillna(0.0)
     x = [(a + b) / 2 for a, b in shares.index]
@@ -82,7 +83,9 @@ def value_distribution(values: np.ndarray) -> bytes:
         ax.bar(centers, counts, width=np.diff(edges), color=colors, edgecolor="none")
     ax.axvline(0, color="black", lw=1)
     neg = float((values < 0).mean()) if values.size else 0.0
-    ax.text(0.01, 0.95, f"negative: {neg:.1%} of documents", transform=ax.transAxes, va="top", color="#c0392b")
+    ax.text(
+        0.01, 0.95, f"negative: {neg:.1%} of documents", transform=ax.transAxes, va="top", color="#c0392b"
+    )
     ax.set_xlabel("document value (sum over chosen validation sets; outer 1% clipped to the edges)")
     ax.set_ylabel("documents")
     ax.set_title("Distribution of document values")

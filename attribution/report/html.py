@@ -32,8 +32,23 @@ dl.summary dt{font-weight:bold}
 dl.summary dd{margin:0}
 """
 
-NUMERIC = {"n_docs", "n_tokens", "value", "value_per_token", "share", "royalty", "neg_fraction", "ci_low",
-           "ci_high", "share_seed_sd", "rank", "score", "containment", "longest_span", "semantic_sim"}
+NUMERIC = {
+    "n_docs",
+    "n_tokens",
+    "value",
+    "value_per_token",
+    "share",
+    "royalty",
+    "neg_fraction",
+    "ci_low",
+    "ci_high",
+    "share_seed_sd",
+    "rank",
+    "score",
+    "containment",
+    "longest_span",
+    "semantic_sim",
+}
 
 
 NUMERIC_EVIDENCE = {0, 4, 5, 6, 7}  # rank, score, containment, span, similarity
@@ -94,11 +109,17 @@ def render(m: ReportModel) -> str:
     p.append("<h2>3. Figures</h2>")
     for f in m.figures:
         data = base64.b64encode(f.png).decode("ascii")
-        p.append(f'<figure><img alt="{_e(f.title)}" src="data:image/png;base64,{data}" style="max-width:100%">'
-                 f"<figcaption><b>{_e(f.title)}.</b> {_e(f.caption)}</figcaption></figure>")
+        p.append(
+            f'<figure><img alt="{_e(f.title)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+            f"<figcaption><b>{_e(f.title)}.</b> {_e(f.caption)}</figcaption></figure>"
+        )
     p.append(f"<h3>Top documents per {_e(m.top_docs_by)}</h3>")
-    p.append(_table([m.top_docs_by, "doc_id", "value", "share", "snippet"],
-                    [[d.group, d.doc_id, d.value, d.share, d.snippet] for d in m.top_docs]))
+    p.append(
+        _table(
+            [m.top_docs_by, "doc_id", "value", "share", "snippet"],
+            [[d.group, d.doc_id, d.value, d.share, d.snippet] for d in m.top_docs],
+        )
+    )
 
     p.append("<h2>4. Per validation example</h2>")
     p.append(f'<p class="note">{_e(m.evidence_note)}</p>')
@@ -109,12 +130,17 @@ def render(m: ReportModel) -> str:
             p.append(f'<p class="note">variant: {_e(variant)}</p>')
         p.append(f'<div class="snippet">{_e(ev.text[:1200])}{"…" if len(ev.text) > 1200 else ""}</div>')
         headers = [m.evidence_score if h == "score" else h for h in EVIDENCE_HEADERS]
-        p.append("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers)
-                 + "<th>training document (shared spans highlighted)</th></tr>")
+        p.append(
+            "<table><tr>"
+            + "".join(f"<th>{_e(h)}</th>" for h in headers)
+            + "<th>training document (shared spans highlighted)</th></tr>"
+        )
         for r in ev.rows:
             snippet = "".join(f"<mark>{_e(t)}</mark>" if shared else _e(t) for t, shared in r.segments)
-            cells = "".join(f'<td class="num">{_e(v)}</td>' if i in NUMERIC_EVIDENCE else f"<td>{_e(v)}</td>"
-                            for i, v in enumerate(evidence_cells(r)))
+            cells = "".join(
+                f'<td class="num">{_e(v)}</td>' if i in NUMERIC_EVIDENCE else f"<td>{_e(v)}</td>"
+                for i, v in enumerate(evidence_cells(r))
+            )
             p.append(f'<tr>{cells}<td><div class="snippet">{snippet}</div></td></tr>')
         p.append("</table>")
 

@@ -60,8 +60,15 @@ def render(m: ReportModel) -> str:
     """The whole report as Markdown text, figures linked from `figures/`."""
     p: list[str] = [f"# {prose(m.title)}", "", "## 1. Summary", ""]
     p += [f"- **{prose(k)}:** {code(v, in_table=False)}" for k, v in m.summary]
-    p += ["", f"### Royalty rule: {code(m.rule_name, in_table=False)}", "", prose(m.rule_description), "",
-          "### How the numbers were computed", ""]
+    p += [
+        "",
+        f"### Royalty rule: {code(m.rule_name, in_table=False)}",
+        "",
+        prose(m.rule_description),
+        "",
+        "### How the numbers were computed",
+        "",
+    ]
     p += [f"- {prose(s)}" for s in m.basis]
 
     p += ["", "## 2. Contribution and royalty tables", ""]
@@ -77,9 +84,11 @@ def render(m: ReportModel) -> str:
     for f in m.figures:
         p += [f"![{prose(f.title)}](figures/{f.name}.png)", "", f"*{prose(f.title)}.* {prose(f.caption)}", ""]
     p += [f"### Top documents per {m.top_docs_by}", ""]
-    p += _table([m.top_docs_by, "doc_id", "value", "share", "snippet"],
-                [[d.group, d.doc_id, d.value, d.share, d.snippet] for d in m.top_docs],
-                {m.top_docs_by, "doc_id", "snippet"})
+    p += _table(
+        [m.top_docs_by, "doc_id", "value", "share", "snippet"],
+        [[d.group, d.doc_id, d.value, d.share, d.snippet] for d in m.top_docs],
+        {m.top_docs_by, "doc_id", "snippet"},
+    )
 
     p += ["", "## 4. Per validation example", "", prose(m.evidence_note), ""]
     for ev in m.evidence:
@@ -93,8 +102,11 @@ def render(m: ReportModel) -> str:
         p.append("")
         for r in ev.rows:
             marked = "".join(f"⟦{t}⟧" if shared else t for t, shared in r.segments)
-            note = ("shared spans between ⟦ and ⟧" if any(shared for _, shared in r.segments)
-                    else "no passage of 8 or more words is shared")
+            note = (
+                "shared spans between ⟦ and ⟧"
+                if any(shared for _, shared in r.segments)
+                else "no passage of 8 or more words is shared"
+            )
             p += [f"Rank {r.rank}, {code(r.doc_id, in_table=False)} ({note}):", "", block(marked), ""]
 
     p += ["## 5. Limitations", ""]

@@ -7,15 +7,33 @@ from dataclasses import dataclass, field
 
 from attribution.report.evidence import EvidenceRow, ExampleEvidence
 
-EVIDENCE_HEADERS = ["rank", "doc_id", "source", "owner", "score", "8-gram containment",
-                    "longest shared span (words)", "semantic similarity", "label"]
+EVIDENCE_HEADERS = [
+    "rank",
+    "doc_id",
+    "source",
+    "owner",
+    "score",
+    "8-gram containment",
+    "longest shared span (words)",
+    "semantic similarity",
+    "label",
+]
 
 
 def evidence_cells(r: EvidenceRow) -> list[str]:
     """One evidence row as the strings both renderers print (so HTML and Markdown cannot disagree)."""
     sim = "" if r.semantic_sim is None else f"{r.semantic_sim:.3f}"
-    return [str(r.rank), r.doc_id, r.source, r.owner, f"{r.score:.6g}", f"{r.containment:.3f}",
-            str(r.longest_span), sim, r.label or ""]
+    return [
+        str(r.rank),
+        r.doc_id,
+        r.source,
+        r.owner,
+        f"{r.score:.6g}",
+        f"{r.containment:.3f}",
+        str(r.longest_span),
+        sim,
+        r.label or "",
+    ]
 
 
 @dataclass

@@ -43,8 +43,9 @@ class Run:
     @cached_property
     def values(self) -> RunValues:
         """The run's values with read-time attribution views (`attribution.values.RunValues`)."""
-        return RunValues.read(self.dir, docs=self.docs, doc_values=self.doc_values,
-                              default_view=self.manifest.default_view)
+        return RunValues.read(
+            self.dir, docs=self.docs, doc_values=self.doc_values, default_view=self.manifest.default_view
+        )
 
     def optional(self, filename: str, columns: Sequence[str] | None = None) -> pd.DataFrame | None:
         return self.dir.table(filename, columns)
@@ -93,5 +94,7 @@ def choose_val_sets(runs: Sequence[Run], requested: Sequence[str] | None) -> lis
         return available
     unknown = [v for v in requested if v not in available]
     if unknown:
-        raise UserError(f"unknown validation set(s) {', '.join(unknown)}; this run has: {', '.join(available)}")
+        raise UserError(
+            f"unknown validation set(s) {', '.join(unknown)}; this run has: {', '.join(available)}"
+        )
     return sorted(dict.fromkeys(requested))

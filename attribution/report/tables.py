@@ -22,8 +22,17 @@ from attribution.errors import UserError
 from attribution.report.royalty import Rule, split_pool
 from attribution.report.rundata import Run
 
-COLUMNS = ["n_docs", "n_tokens", "value", "value_per_token", "share", "royalty", "neg_fraction",
-           "ci_low", "ci_high"]
+COLUMNS = [
+    "n_docs",
+    "n_tokens",
+    "value",
+    "value_per_token",
+    "share",
+    "royalty",
+    "neg_fraction",
+    "ci_low",
+    "ci_high",
+]
 CI_LEVEL = 0.95
 
 
@@ -84,8 +93,10 @@ def _replicate_group_shares(make_values, n_boot: int, rule: Rule, group_code_lis
     """
     sizes = [int(c.max()) + 1 for c in group_code_list]
     n_docs = len(group_code_list[0])
-    rows = np.concatenate([c + off for c, off in zip(group_code_list, np.cumsum([0] + sizes[:-1]), strict=True)]
-                          + [np.full(n_docs, sum(sizes))])
+    rows = np.concatenate(
+        [c + off for c, off in zip(group_code_list, np.cumsum([0] + sizes[:-1]), strict=True)]
+        + [np.full(n_docs, sum(sizes))]
+    )
     cols = np.tile(np.arange(n_docs), len(sizes) + 1)
     stacked = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(sum(sizes) + 1, n_docs))
     outs = [np.empty((n_boot, k)) for k in sizes]
@@ -101,8 +112,16 @@ def _replicate_group_shares(make_values, n_boot: int, rule: Rule, group_code_lis
     return outs
 
 
-def bootstrap_steps(step_values: pd.DataFrame, dv: DocValues, rule: Rule, group_code_list, *,
-                    n_boot: int = 200, seed: int = 0, chunk: int = 25) -> list[np.ndarray]:
+def bootstrap_steps(
+    step_values: pd.DataFrame,
+    dv: DocValues,
+    rule: Rule,
+    group_code_list,
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+    chunk: int = 25,
+) -> list[np.ndarray]:
     """Replicate group shares from resampling training steps with replacement.
 
     Each replicate reweights every step by its multinomial count c_s and perturbs the point values:
@@ -115,7 +134,9 @@ def bootstrap_steps(step_values: pd.DataFrame, dv: DocValues, rule: Rule, group_
     x = step_values.value.to_numpy(dtype=np.float64)[keep]
     mt = sp.csr_matrix((x, (d[keep], s_codes)), shape=(len(dv.docs), len(steps)))  # sums duplicates
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(steps), np.full(len(steps), 1.0 / len(steps)), size=n_boot).astype(np.float64)
+    counts = rng.multinomial(len(steps), np.full(len(steps), 1.0 / len(steps)), size=n_boot).astype(
+        np.float64
+    )
     delta = np.ascontiguousarray((counts - 1.0).T)  # [n_steps, n_boot]
     base = dv.docs.value.to_numpy()[:, None]
 
@@ -127,8 +148,9 @@ def bootstrap_steps(step_values: pd.DataFrame, dv: DocValues, rule: Rule, group_
     return _replicate_group_shares(make, n_boot, rule, group_code_list, chunk, "bootstrap over steps")
 
 
-def bootstrap_seeds(dv: DocValues, rule: Rule, group_code_list, *, n_boot: int = 200, seed: int = 0,
-                    chunk: int = 25) -> list[np.ndarray]:
+def bootstrap_seeds(
+    dv: DocValues, rule: Rule, group_code_list, *, n_boot: int = 200, seed: int = 0, chunk: int = 25
+) -> list[np.ndarray]:
     """Replicate group shares from resampling whole runs (seeds) with replacement."""
     n_runs = dv.per_run.shape[0]
     rng = np.random.default_rng(seed)
@@ -155,21 +177,44 @@ def doc_shares(dv: DocValues, rule: Rule) -> np.ndarray:
     if np.isnan(shares).any():
         raise UserError(
             f"royalty rule {rule.name!r} has nothing to distribute: "
-            + ("no document has a positive value" if not rule.allows_negative else "the total value is not positive")
-            + " on the chosen validation set(s)")
+            + (
+                "no document has a positive value"
+                if not rule.allows_negative
+                else "the total value is not positive"
+            )
+            + " on the chosen validation set(s)"
+        )
     return shares
 
 
-def group_table(dv: DocValues, shares: np.ndarray, by: str, codes: np.ndarray, names: list[str],
-                pool: Decimal, ci: tuple[np.ndarray, np.ndarray] | None,
-                per_run_shares: np.ndarray | None = None) -> pd.DataFrame:
+def group_table(
+    dv: DocValues,
+    shares: np.ndarray,
+    by: str,
+    codes: np.ndarray,
+    names: list[str],
+    pool: Decimal,
+    ci: tuple[np.ndarray, np.ndarray] | None,
+    per_run_shares: np.ndarray | None = None,
+) -> pd.DataFrame:
     """One row per group with the report's columns, sorted by share (then name) for stable output."""
     docs = dv.docs
-    frame = pd.DataFrame({"g": codes, "n_tokens": docs.n_tokens.to_numpy(dtype=np.int64),
-                          "value": docs.value.to_numpy(), "share": shares,
-                          "neg": (docs.value.to_numpy() < 0).astype(np.int64)})
-    agg = frame.groupby("g").agg(n_docs=("value", "size"), n_tokens=("n_tokens", "sum"), value=("value", "sum"),
-                                 share=("share", "sum"), neg=("neg", "sum"))
+    frame = pd.DataFrame(
+        {
+            "g": codes,
+            "n_tokens": docs.n_tokens.to_numpy(dtype=np.int64),
+            "value": docs.value.to_numpy(),
+            "share": shares,
+            "neg": (docs.value.to_numpy() < 0).astype(np.int64),
+        }
+    )
+    agg = frame.groupby("g").agg(
+        n_docs=("value", "size"),
+        n_tokens=("n_tokens", "sum"),
+        value=("value", "sum"),
+        share=("share", "sum"),
+        neg=("neg", "sum"),
+    )
     agg = agg.reindex(range(len(names)), fill_value=0)
     out = pd.DataFrame({by: names})
     out["n_docs"] = agg.n_docs.to_numpy()
@@ -209,7 +254,12 @@ def fmt(column: str, v) -> str:
         return ""
     if column in ("n_docs", "n_tokens"):
         return str(int(v))
-    spec = {"share": ".6f", "ci_low": ".6f", "ci_high": ".6f", "share_seed_sd": ".6f",
-            "neg_fraction": ".4f"}.get(column, ".6g")
+    spec = {
+        "share": ".6f",
+        "ci_low": ".6f",
+        "ci_high": ".6f",
+        "share_seed_sd": ".6f",
+        "neg_fraction": ".4f",
+    }.get(column, ".6g")
     text = format(float(v), spec)
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # never print "-0"

@@ -73,8 +73,9 @@ def _write_index(out: Path, index: dict[str, Any]) -> None:
         json.dump(index, fh, indent=2, sort_keys=True)
 
 
-def save_link(out: str | Path, step: int, model, optimizer, state: dict[str, Any], rng: dict[str, Any],
-              keep_every: int) -> Link:
+def save_link(
+    out: str | Path, step: int, model, optimizer, state: dict[str, Any], rng: dict[str, Any], keep_every: int
+) -> Link:
     """Write the link for `step` (model, optimizer, RNG, sampler position in `state`) atomically."""
     from attribution.train.checkpoint import write_training_state
 
@@ -102,8 +103,10 @@ def links(out: str | Path) -> list[Link]:
     index = read_index(out)
     if not index:
         return []
-    return [Link(int(s), link_dir(out, int(s)), e["sha256"], int(e["bytes"]))
-            for s, e in sorted(index["links"].items(), key=lambda kv: int(kv[0]))]
+    return [
+        Link(int(s), link_dir(out, int(s)), e["sha256"], int(e["bytes"]))
+        for s, e in sorted(index["links"].items(), key=lambda kv: int(kv[0]))
+    ]
 
 
 def discard_after(out: str | Path, step: int) -> None:
@@ -128,8 +131,10 @@ def check_link(link: Link) -> None:
         if not path.is_file():
             raise UserError(f"{path}: kept checkpoint file is missing (step {link.step})")
         if _sha256(path) != want:
-            raise UserError(f"{path}: content hash differs from the run's record (step {link.step}): "
-                            "the checkpoint was altered or corrupted")
+            raise UserError(
+                f"{path}: content hash differs from the run's record (step {link.step}): "
+                "the checkpoint was altered or corrupted"
+            )
 
 
 def load_link(link: Link, model, optimizer, device: str = "cpu") -> dict[str, Any]:
@@ -141,8 +146,9 @@ def load_link(link: Link, model, optimizer, device: str = "cpu") -> dict[str, An
     check_link(link)
     state = json.loads((link.path / "state.json").read_text(encoding="utf-8"))
     load_model(model, str(link.path / "model.safetensors"), device=str(device))
-    optimizer_from_tensors(optimizer, load_file(str(link.path / "optimizer.safetensors"), device=str(device)),
-                           state["optimizer"])
+    optimizer_from_tensors(
+        optimizer, load_file(str(link.path / "optimizer.safetensors"), device=str(device)), state["optimizer"]
+    )
     state["rng"] = load_file(str(link.path / "rng.safetensors"))
     return state
 

@@ -83,8 +83,9 @@ def optimizer_from_tensors(optimizer, tensors: Mapping[str, Any], meta: Mapping[
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def write_training_state(folder: Path, model, optimizer, state: Mapping[str, Any],
-                         rng: Mapping[str, Any] | None) -> None:
+def write_training_state(
+    folder: Path, model, optimizer, state: Mapping[str, Any], rng: Mapping[str, Any] | None
+) -> None:
     """Model, optimizer, RNG and `state.json` (written last, with the optimizer's JSON part) into `folder`,
     each file fsynced: what both the latest checkpoint and a replay-chain link hold."""
     from safetensors.torch import save_file, save_model
@@ -156,8 +157,9 @@ def load_checkpoint(out: str | Path, model, optimizer, device: str = "cpu") -> C
         return None
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     load_model(model, str(folder / "model.safetensors"), device=str(device))
-    optimizer_from_tensors(optimizer, load_file(str(folder / "optimizer.safetensors"), device=str(device)),
-                           state["optimizer"])
+    optimizer_from_tensors(
+        optimizer, load_file(str(folder / "optimizer.safetensors"), device=str(device)), state["optimizer"]
+    )
     arrays = load_numpy(str(folder / "store.safetensors"))
     rng = load_file(str(folder / "rng.safetensors"))
     state["rng"] = rng

@@ -36,57 +36,158 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
 
 
 @click.command("run")
-@click.option("--corpus", multiple=True, help="Corpus path (JSONL/.jsonl.zst shard or folder, CSV, Parquet, "
-              "text folder), `builtin[:N_DOCS[:SEED]]`, or hf:NAME[:split]. Repeat for several.")
-@click.option("--val", "val", multiple=True, metavar="NAME=PATH",
-              help="A validation set: JSONL with {id, text, meta}. Valued as a whole, and per example when it has "
-                   "at most --per-example-max documents. Repeat for several. Never trained on.")
+@click.option(
+    "--corpus",
+    multiple=True,
+    help="Corpus path (JSONL/.jsonl.zst shard or folder, CSV, Parquet, "
+    "text folder), `builtin[:N_DOCS[:SEED]]`, or hf:NAME[:split]. Repeat for several.",
+)
+@click.option(
+    "--val",
+    "val",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A validation set: JSONL with {id, text, meta}. Valued as a whole, and per example when it has "
+    "at most --per-example-max documents. Repeat for several. Never trained on.",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--preset", type=click.Choice(preset_names()), default=None,
-              help="Model and optimizer settings: cpu-tiny (demo on 2 CPU cores), gpt2-small (the paper's 124M "
-                   "GPT-2, T=1024, AdamW 6e-4 -> 6e-5), test-micro (seconds).")
+@click.option(
+    "--preset",
+    type=click.Choice(preset_names()),
+    default=None,
+    help="Model and optimizer settings: cpu-tiny (demo on 2 CPU cores), gpt2-small (the paper's 124M "
+    "GPT-2, T=1024, AdamW 6e-4 -> 6e-5), test-micro (seconds).",
+)
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
-@click.option("--epochs", type=float, default=None, help="Passes over the training sequences instead of --steps.")
-@click.option("--order", type=click.IntRange(1, 2), default=None,
-              help="1: first-order values; 2: second order (trapezoid along each step).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
-              help="Training optimizer. Values use the SGD formula as a proxy under AdamW (as the paper) "
-                   "unless --optimizer-aware.")
-@click.option("--optimizer-aware/--sgd-proxy", "optimizer_aware", default=None,
-              help="Value AdamW steps with Adam's preconditioner instead of the SGD proxy.")
-@click.option("--seed", type=int, default=None, help="Seed for init and batch order (same seed, same values).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="auto = cuda with bfloat16 when a GPU is present, else cpu.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML file with any of these settings (flags win over it).")
-@click.option("--exclude-ids", type=click.Path(dir_okay=False),
-              help="File of document ids (one a line) kept out of training.")
-@click.option("--steps-per-checkpoint", "checkpoint_every", type=int, default=None,
-              help="Checkpoint every K steps (and at the end).")
-@click.option("--keep-every", type=int, default=None,
-              help="Replay chain: keep a checkpoint at step 0 and every K steps (default: the preset's; cpu-tiny 20). "
-                   "`attribution claim` replays from them; 0 keeps none (the run cannot answer claims).")
-@click.option("--reference", type=int, default=None,
-              help="Documents held out of training as the fixed reference set of the contrast views (default: the "
-                   "preset's; cpu-tiny 24); 0 = none (views then fall back to the other validation texts).")
-@click.option("--per-example-max", type=int, default=None,
-              help="Per-example values for validation sets with at most this many documents (default 64).")
-@click.option("--no-values", "plain", is_flag=True, default=False,
-              help="Train without valuation (a throughput baseline); writes logs and checkpoints only.")
-@click.option("--sketch-dim", type=click.IntRange(min=1), default=None,
-              help="Dimension of the in-run gradient sketch index (sketch/index.faiss) that `attribution claim "
-                   "--fast` searches (default 256: 1 KiB per document).")
-@click.option("--no-sketch", "no_sketch", is_flag=True, default=False,
-              help="Write no gradient sketch index (claims then need the exact replay).")
+@click.option(
+    "--epochs", type=float, default=None, help="Passes over the training sequences instead of --steps."
+)
+@click.option(
+    "--order",
+    type=click.IntRange(1, 2),
+    default=None,
+    help="1: first-order values; 2: second order (trapezoid along each step).",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "sgd"]),
+    default=None,
+    help="Training optimizer. Values use the SGD formula as a proxy under AdamW (as the paper) "
+    "unless --optimizer-aware.",
+)
+@click.option(
+    "--optimizer-aware/--sgd-proxy",
+    "optimizer_aware",
+    default=None,
+    help="Value AdamW steps with Adam's preconditioner instead of the SGD proxy.",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed for init and batch order (same seed, same values)."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="auto = cuda with bfloat16 when a GPU is present, else cpu.",
+)
+@click.option(
+    "--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML file with any of these settings (flags win over it).",
+)
+@click.option(
+    "--exclude-ids",
+    type=click.Path(dir_okay=False),
+    help="File of document ids (one a line) kept out of training.",
+)
+@click.option(
+    "--steps-per-checkpoint",
+    "checkpoint_every",
+    type=int,
+    default=None,
+    help="Checkpoint every K steps (and at the end).",
+)
+@click.option(
+    "--keep-every",
+    type=int,
+    default=None,
+    help="Replay chain: keep a checkpoint at step 0 and every K steps (default: the preset's; cpu-tiny 20). "
+    "`attribution claim` replays from them; 0 keeps none (the run cannot answer claims).",
+)
+@click.option(
+    "--reference",
+    type=int,
+    default=None,
+    help="Documents held out of training as the fixed reference set of the contrast views (default: the "
+    "preset's; cpu-tiny 24); 0 = none (views then fall back to the other validation texts).",
+)
+@click.option(
+    "--per-example-max",
+    type=int,
+    default=None,
+    help="Per-example values for validation sets with at most this many documents (default 64).",
+)
+@click.option(
+    "--no-values",
+    "plain",
+    is_flag=True,
+    default=False,
+    help="Train without valuation (a throughput baseline); writes logs and checkpoints only.",
+)
+@click.option(
+    "--sketch-dim",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Dimension of the in-run gradient sketch index (sketch/index.faiss) that `attribution claim "
+    "--fast` searches (default 256: 1 KiB per document).",
+)
+@click.option(
+    "--no-sketch",
+    "no_sketch",
+    is_flag=True,
+    default=False,
+    help="Write no gradient sketch index (claims then need the exact replay).",
+)
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (overrides the preset).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (overrides the preset).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (overrides the preset).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Token cache (default $ATTRIBUTION_CACHE/tokens or ~/.cache/attribution/tokens).")
-def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optimizer_aware, seed, device, resume,
-                config_path, exclude_ids, checkpoint_every, keep_every, reference, per_example_max, plain, sketch_dim,
-                no_sketch, batch_size, seq_len, lr, cache_dir) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Token cache (default $ATTRIBUTION_CACHE/tokens or ~/.cache/attribution/tokens).",
+)
+def run_command(
+    corpus,
+    val,
+    out,
+    preset,
+    steps,
+    epochs,
+    order,
+    optimizer,
+    optimizer_aware,
+    seed,
+    device,
+    resume,
+    config_path,
+    exclude_ids,
+    checkpoint_every,
+    keep_every,
+    reference,
+    per_example_max,
+    plain,
+    sketch_dim,
+    no_sketch,
+    batch_size,
+    seq_len,
+    lr,
+    cache_dir,
+) -> None:
     """Train GPT-2 from scratch on a corpus and value every document against validation sets.
 
     \b
@@ -100,13 +201,29 @@ def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optim
     from attribution.train.config import build_config
 
     flags: dict[str, Any] = {
-        "corpus": list(corpus) or None, "val": _parse_val(val), "out": out, "preset": preset, "steps": steps,
-        "epochs": epochs, "order": order, "optimizer": optimizer, "optimizer_aware": optimizer_aware,
-        "seed": seed, "device": device, "resume": resume, "exclude_ids": _read_ids(exclude_ids),
-        "checkpoint_every": checkpoint_every, "keep_every": keep_every, "reference": reference,
+        "corpus": list(corpus) or None,
+        "val": _parse_val(val),
+        "out": out,
+        "preset": preset,
+        "steps": steps,
+        "epochs": epochs,
+        "order": order,
+        "optimizer": optimizer,
+        "optimizer_aware": optimizer_aware,
+        "seed": seed,
+        "device": device,
+        "resume": resume,
+        "exclude_ids": _read_ids(exclude_ids),
+        "checkpoint_every": checkpoint_every,
+        "keep_every": keep_every,
+        "reference": reference,
         "per_example_max": per_example_max,
-        "value": False if plain else None, "sketch": False if no_sketch else None, "sketch_dim": sketch_dim,
-        "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "value": False if plain else None,
+        "sketch": False if no_sketch else None,
+        "sketch_dim": sketch_dim,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
         "cache_dir": cache_dir,
     }
     given = {k: v for k, v in flags.items() if v is not None}
@@ -117,17 +234,27 @@ def run_command(corpus, val, out, preset, steps, epochs, order, optimizer, optim
     cfg = build_config(config_path, **given)
     from attribution.train.loop import train_and_value
 
-    sources = {"flags": sorted(given), "config_file": str(config_path) if config_path else None,
-               "argv": sys.argv[1:]}
+    sources = {
+        "flags": sorted(given),
+        "config_file": str(config_path) if config_path else None,
+        "argv": sys.argv[1:],
+    }
     run_dir = train_and_value(cfg, sources=sources)
     click.echo(f"run written to {run_dir}", err=True)
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
-              help="Run directory.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), default="reports/demo",
-              show_default=True, help="Where the report goes.")
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True, help="Run directory."
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    default="reports/demo",
+    show_default=True,
+    help="Where the report goes.",
+)
 @click.option("--steps", type=int, default=None, help="Training steps (default: the cpu-tiny preset's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo run.")

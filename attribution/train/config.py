@@ -48,7 +48,9 @@ class RunConfig:
     value: bool = True  # False = plain training (throughput baseline); no value files are written
     per_example_max: int = 64  # per-example values for validation sets with at most this many documents
     optimizer_aware: bool = False  # Adam-preconditioned values (engine option), instead of the SGD proxy
-    sketch: bool = True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
+    sketch: bool = (
+        True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
+    )
     sketch_dim: int = 256  # dimension of the sketch vectors (1 KiB float32 per document)
     # Model and optimizer (None = from preset).
     n_layer: int | None = None
@@ -67,7 +69,9 @@ class RunConfig:
     eval_every: int | None = None
     log_every: int | None = None
     checkpoint_every: int | None = None
-    reference: int | None = None  # documents held out as the fixed reference set of the contrast views; 0 = none
+    reference: int | None = (
+        None  # documents held out as the fixed reference set of the contrast views; 0 = none
+    )
     keep_every: int | None = None  # replay chain: keep a checkpoint every K steps (and step 0); 0 = none
     stage_window: int | None = None
     cache_dir: str | None = None  # token cache; default: <out>/../.cache/tokens shared by runs
@@ -112,7 +116,9 @@ class RunConfig:
         if self.value and not self.val:
             raise UserError("give at least one validation set: --val NAME=PATH")
         if "reference" in self.val:
-            raise UserError("the validation-set name 'reference' is reserved for the run's fixed reference set")
+            raise UserError(
+                "the validation-set name 'reference' is reserved for the run's fixed reference set"
+            )
         if self.reference is not None and self.reference < 0:
             raise UserError("--reference must be 0 (none) or a number of documents")
         for name in self.val:

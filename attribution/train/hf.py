@@ -64,8 +64,11 @@ def valset_from_texts(texts: Sequence[str], seq_len: int, names: Sequence[str] |
         s_ids, s_mask = chunk_document(np.append(tokens, np.int32(EOS_ID)), seq_len)
         ids.append(s_ids[0])
         mask.append(s_mask[0])
-    return ValSet(torch.from_numpy(np.stack(ids).astype(np.int64)), torch.from_numpy(np.stack(mask).astype(np.int64)),
-                  list(names) if names is not None else None)
+    return ValSet(
+        torch.from_numpy(np.stack(ids).astype(np.int64)),
+        torch.from_numpy(np.stack(mask).astype(np.int64)),
+        list(names) if names is not None else None,
+    )
 
 
 def label_tokens(mask: torch.Tensor) -> torch.Tensor:
@@ -99,7 +102,9 @@ class _ValuationCallback(TrainerCallback):
         values = t.valued_step.after_optimizer_step()
         if values is None:
             return
-        rows = dist_util.gather_rows(t.dist_info, np.concatenate(t._step_rows).astype(np.float64)).astype(np.int64)
+        rows = dist_util.gather_rows(t.dist_info, np.concatenate(t._step_rows).astype(np.float64)).astype(
+            np.int64
+        )
         if t.value_store is not None:
             t.value_store.add(state.global_step + 1, rows, values.per_set, values.per_example)
 
@@ -115,27 +120,53 @@ class _ValuationCallback(TrainerCallback):
 class ValuedTrainer(Trainer):
     """A `Trainer` whose every optimizer step also values the training rows (see the module docstring)."""
 
-    def __init__(self, *args, val_sets: Mapping[str, ValSet], docs: pd.DataFrame, value_dir: str | Path,
-                 order: int = 1, optimizer_aware: bool = False, per_example_max: int = 64,
-                 stage_window: int = 100, loss_mean: str = "sequence", **kwargs):
+    def __init__(
+        self,
+        *args,
+        val_sets: Mapping[str, ValSet],
+        docs: pd.DataFrame,
+        value_dir: str | Path,
+        order: int = 1,
+        optimizer_aware: bool = False,
+        per_example_max: int = 64,
+        stage_window: int = 100,
+        loss_mean: str = "sequence",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if loss_mean not in LOSS_MEANS:
             raise UserError(f"loss_mean must be one of {', '.join(LOSS_MEANS)}, got {loss_mean!r}")
         missing = {"doc_id", "source", "owner"} - set(docs.columns)
         if missing:
-            raise UserError(f"docs needs columns doc_id, source, owner (missing: {', '.join(sorted(missing))})")
+            raise UserError(
+                f"docs needs columns doc_id, source, owner (missing: {', '.join(sorted(missing))})"
+            )
         self.loss_mean = loss_mean
-        self.dist_info = dist_util.init_from_env(str(self.args.device))  # accelerate has joined the group already
+        self.dist_info = dist_util.init_from_env(
+            str(self.args.device)
+        )  # accelerate has joined the group already
         per_example = [n for n, v in val_sets.items() if len(v) <= per_example_max]
-        self.valuer = Valuer(self.model, val_sets, order=order, per_example=per_example,
-                             optimizer_aware=optimizer_aware)
+        self.valuer = Valuer(
+            self.model, val_sets, order=order, per_example=per_example, optimizer_aware=optimizer_aware
+        )
         max_norm = self.args.max_grad_norm
-        self.valued_step = ValuedStep(self.model, self.valuer, self.dist_info,
-                                      max_grad_norm=max_norm if max_norm and max_norm > 0 else None)
+        self.valued_step = ValuedStep(
+            self.model,
+            self.valuer,
+            self.dist_info,
+            max_grad_norm=max_norm if max_norm and max_norm > 0 else None,
+        )
         self.value_store = (
-            ValueStore(value_dir, docs, np.arange(len(docs)), list(val_sets),
-                       {n: val_sets[n].names for n in per_example}, stage_window)
-            if self.dist_info.is_main else None
+            ValueStore(
+                value_dir,
+                docs,
+                np.arange(len(docs)),
+                list(val_sets),
+                {n: val_sets[n].names for n in per_example},
+                stage_window,
+            )
+            if self.dist_info.is_main
+            else None
         )
         self._plan = _StepPlan(0, 0.0, 0.0)
         self._step_rows: list[np.ndarray] = []
@@ -166,7 +197,9 @@ class ValuedTrainer(Trainer):
         world, n = self.dist_info.world, mask.shape[0]
         if self.loss_mean == "token":
             return label_tokens(mask).double() * (world / max(self._plan.tokens, 1.0))
-        if self._plan.micro_batches == 1 and n * world == self._plan.sequences:  # the plain mean is the step's loss
+        if (
+            self._plan.micro_batches == 1 and n * world == self._plan.sequences
+        ):  # the plain mean is the step's loss
             return None
         return torch.full((n,), world / self._plan.sequences, dtype=torch.float64)
 
@@ -180,8 +213,9 @@ class ValuedTrainer(Trainer):
         mask = _mask_of(inputs)
         plan = self._plan
         # accumulated micro-batches are joined into one step (values() consumed the previous step's)
-        loss = self.valued_step.backward(inputs["input_ids"], mask, weights=self._weights(mask),
-                                         accumulate=plan.micro_batches > 1)
+        loss = self.valued_step.backward(
+            inputs["input_ids"], mask, weights=self._weights(mask), accumulate=plan.micro_batches > 1
+        )
         plan.done += 1
         if plan.done == plan.micro_batches:
             self.valued_step.synchronize(loss)

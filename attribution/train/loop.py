@@ -79,7 +79,9 @@ class TrainData:
     store_row_of_seq: np.ndarray  # int64 [n_seq_all] -> row in the store's docs (-1 if excluded)
     dropped_identical: list[str] = field(default_factory=list)
     excluded: int = 0
-    reference_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # seqset.docs rows
+    reference_rows: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )  # seqset.docs rows
 
     @property
     def docs(self) -> pd.DataFrame:
@@ -145,7 +147,9 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
     import pyarrow.parquet as pq
 
     for batch in pq.ParquetFile(seqset.path / "docs_text.parquet").iter_batches(batch_size=2048):
-        for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(), strict=True):
+        for doc_id, text in zip(
+            batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(), strict=True
+        ):
             if _text_key(text) in val_keys and doc_id not in excluded:
                 identical.append(doc_id)
     if identical and info.is_main:
@@ -188,11 +192,25 @@ def reference_set(data: TrainData) -> ValData | None:
     first = {int(d): i for i, d in reversed(list(enumerate(np.asarray(seqset.seq_doc))))}
     seqs = np.asarray([first[int(r)] for r in rows], dtype=np.int64)
     meta = seqset.docs.iloc[rows]
-    docs = [Document(str(m.doc_id), seqset.text(str(m.doc_id)), str(m.source), str(m.owner),
-                     meta={"reference": True, "valued_on": "first sequence"}) for m in meta.itertuples()]
-    return ValData(name=reference.NAME, path="(held out of the training corpus)", docs=docs,
-                   ids=np.asarray(seqset.ids[seqs], dtype=np.int64), mask=np.asarray(seqset.mask[seqs], dtype=np.int64),
-                   seq_doc=np.arange(len(rows), dtype=np.int64), per_example=True)
+    docs = [
+        Document(
+            str(m.doc_id),
+            seqset.text(str(m.doc_id)),
+            str(m.source),
+            str(m.owner),
+            meta={"reference": True, "valued_on": "first sequence"},
+        )
+        for m in meta.itertuples()
+    ]
+    return ValData(
+        name=reference.NAME,
+        path="(held out of the training corpus)",
+        docs=docs,
+        ids=np.asarray(seqset.ids[seqs], dtype=np.int64),
+        mask=np.asarray(seqset.mask[seqs], dtype=np.int64),
+        seq_doc=np.arange(len(rows), dtype=np.int64),
+        per_example=True,
+    )
 
 
 class Sampler:
@@ -342,13 +360,23 @@ def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedSte
     per_example = [name for name, v in val.items() if v.per_example]
     if cfg.value:
         sets = {
-            name: ValSet(torch.from_numpy(v.ids).to(device), torch.from_numpy(v.mask).to(device),
-                         [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)])
+            name: ValSet(
+                torch.from_numpy(v.ids).to(device),
+                torch.from_numpy(v.mask).to(device),
+                [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)],
+            )
             for name, v in val.items()
         }
         # grad_norms: ghost per-sample gradient norms for the cosine view (per-example sets only)
-        valuer = Valuer(model, sets, order=cfg.order, per_example=per_example, optimizer_aware=cfg.optimizer_aware,
-                        grad_norms=bool(per_example), autocast_dtype=autocast_dtype)
+        valuer = Valuer(
+            model,
+            sets,
+            order=cfg.order,
+            per_example=per_example,
+            optimizer_aware=cfg.optimizer_aware,
+            grad_norms=bool(per_example),
+            autocast_dtype=autocast_dtype,
+        )
     else:
         valuer = PlainTraining(model, autocast_dtype=autocast_dtype)
     # per-example values are reported per validation document (the sum of its sequences' columns)
@@ -378,8 +406,9 @@ class TrainLog:
         with atomic_write(self.path) as fh:
             csv.writer(fh).writerows(kept)
 
-    def write(self, step: int, lr: float | None, loss: float | None, val: dict[str, float] | None,
-              tps: float | None) -> None:
+    def write(
+        self, step: int, lr: float | None, loss: float | None, val: dict[str, float] | None, tps: float | None
+    ) -> None:
         val = val or {}
         row = [step, _fmt(lr), _fmt(loss), *[_fmt(val.get(c[9:-1])) for c in self.columns[3:-1]], _fmt(tps)]
         with open(self.path, "a", newline="", encoding="utf-8") as fh:
@@ -394,8 +423,13 @@ def git_commit() -> str | None:
     """The commit of the package's checkout, when it is a git checkout."""
     try:
         root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -409,8 +443,14 @@ def versions() -> dict[str, str]:
 
     from attribution import __version__
 
-    return {"attribution": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+    return {
+        "attribution": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -437,12 +477,17 @@ def _write_docs_parquet(out: Path, data: TrainData) -> None:
                 if frame.empty:
                     continue
                 m = meta.loc[frame["doc_id"]]
-                part = pd.DataFrame({
-                    "doc_id": frame["doc_id"].to_numpy(), "source": m["source"].to_numpy(),
-                    "owner": m["owner"].to_numpy(), "license": m["license"].to_numpy(),
-                    "n_tokens": m["n_tokens"].to_numpy(), "n_seqs": m["n_seqs"].to_numpy(),
-                    "text": frame["text"].to_numpy(),
-                })
+                part = pd.DataFrame(
+                    {
+                        "doc_id": frame["doc_id"].to_numpy(),
+                        "source": m["source"].to_numpy(),
+                        "owner": m["owner"].to_numpy(),
+                        "license": m["license"].to_numpy(),
+                        "n_tokens": m["n_tokens"].to_numpy(),
+                        "n_seqs": m["n_seqs"].to_numpy(),
+                        "text": frame["text"].to_numpy(),
+                    }
+                )
                 table = pa.Table.from_pandas(part, preserve_index=False)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
@@ -456,7 +501,9 @@ def _write_val_copies(out: Path, val: dict[str, ValData]) -> None:
     for name, v in val.items():
         with atomic_write(out / "val_sets" / f"{name}.jsonl") as fh:
             for d in v.docs:
-                fh.write(json.dumps({"id": d.doc_id, "text": d.text, "meta": d.meta}, ensure_ascii=False) + "\n")
+                fh.write(
+                    json.dumps({"id": d.doc_id, "text": d.text, "meta": d.meta}, ensure_ascii=False) + "\n"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,8 +513,15 @@ def _write_val_copies(out: Path, val: dict[str, ValData]) -> None:
 def _tqdm(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="training",
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 @dataclass
@@ -539,7 +593,9 @@ def _setup(cfg: RunConfig, sources, info, device: str, dtype: str, started: floa
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume and (out / ckpt.CHECKPOINT_DIR).exists():
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            raise UserError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
     dist_util.barrier(info)
     val = load_validation(cfg)
     data = load_training(cfg, val, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), info)
@@ -551,14 +607,34 @@ def _setup(cfg: RunConfig, sources, info, device: str, dtype: str, started: floa
     optimizer = build_optimizer(model, cfg)
     valued_step = make_step(model, val, cfg, info)
     store = (
-        ValueStore(out, data.docs, data.store_row_of_seq, list(val),
-                   {n: v.example_ids for n, v in val.items() if v.per_example}, cfg.stage_window)
+        ValueStore(
+            out,
+            data.docs,
+            data.store_row_of_seq,
+            list(val),
+            {n: v.example_ids for n, v in val.items() if v.per_example},
+            cfg.stage_window,
+        )
         if info.is_main and cfg.value
         else None
     )
-    return _Session(cfg, sources, info, device, dtype, started, val, data, total, model, optimizer, valued_step,
-                    store, TrainLog(out / "train_log.csv", list(val)), _make_sketch(cfg, model, valued_step, data,
-                                                                                      total, info))
+    return _Session(
+        cfg,
+        sources,
+        info,
+        device,
+        dtype,
+        started,
+        val,
+        data,
+        total,
+        model,
+        optimizer,
+        valued_step,
+        store,
+        TrainLog(out / "train_log.csv", list(val)),
+        _make_sketch(cfg, model, valued_step, data, total, info),
+    )
 
 
 def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData, total: int, info):
@@ -567,8 +643,15 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         return None
     from attribution.train.sketch import InRunSketch, segments
 
-    sketch = InRunSketch(model, cfg.sketch_dim, cfg.seed, segments(cfg.keep_every or 0, total), data.store_row_of_seq,
-                         data.docs["doc_id"].astype(str).tolist(), info)
+    sketch = InRunSketch(
+        model,
+        cfg.sketch_dim,
+        cfg.seed,
+        segments(cfg.keep_every or 0, total),
+        data.store_row_of_seq,
+        data.docs["doc_id"].astype(str).tolist(),
+        info,
+    )
     sketch.attach(valued_step.valuer)
     return sketch
 
@@ -607,9 +690,21 @@ def _start_files(run: _Session) -> None:
         return
     run.log.start(run.resumed_from)
     _write_val_copies(run.out, run.val)
-    _write_manifest(run.out, run.cfg, run.sources, run.data, run.val, run.info, run.device, run.dtype, run.total,
-                    status="running", timings={"started": run.started}, store=run.store,
-                    resumed_from=run.resumed_from)
+    _write_manifest(
+        run.out,
+        run.cfg,
+        run.sources,
+        run.data,
+        run.val,
+        run.info,
+        run.device,
+        run.dtype,
+        run.total,
+        status="running",
+        timings={"started": run.started},
+        store=run.store,
+        resumed_from=run.resumed_from,
+    )
     if run.step == 0:
         run.log.write(0, None, None, evaluate(run.model, run.val, run.device), None)
         _keep_link(run)
@@ -675,8 +770,11 @@ class _Progress:
         vals = evaluate(run.model, run.val, run.device) if evaluating else None
         self.last_val = vals or self.last_val
         run.log.write(step, lr, loss, vals, tps)
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
-                             **({"val": f"{np.mean(list(self.last_val.values())):.3f}"} if self.last_val else {}))
+        self.bar.set_postfix(
+            loss=f"{loss:.3f}",
+            tok_s=f"{tps:,.0f}",
+            **({"val": f"{np.mean(list(self.last_val.values())):.3f}"} if self.last_val else {}),
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -691,11 +789,22 @@ def _checkpoint(run: _Session, flushed_through: int, train_seconds: float) -> No
     if run.info.is_main:
         cfg = run.cfg
         ckpt.save_checkpoint(
-            run.out, run.model, run.optimizer,
-            {"step": run.step, "position": run.position, "total_steps": run.total, "fingerprint": run.data.fingerprint,
-             "seed": cfg.seed, "train_seconds": train_seconds, "config": cfg.to_json()},
-            {**(run.store.state_arrays() if run.store is not None else {}),
-             **(run.sketch.state_arrays() if run.sketch is not None else {})},
+            run.out,
+            run.model,
+            run.optimizer,
+            {
+                "step": run.step,
+                "position": run.position,
+                "total_steps": run.total,
+                "fingerprint": run.data.fingerprint,
+                "seed": cfg.seed,
+                "train_seconds": train_seconds,
+                "config": cfg.to_json(),
+            },
+            {
+                **(run.store.state_arrays() if run.store is not None else {}),
+                **(run.sketch.state_arrays() if run.sketch is not None else {}),
+            },
             {"torch": torch.get_rng_state()},
         )
     dist_util.barrier(run.info)
@@ -708,8 +817,15 @@ def _keep_link(run: _Session) -> None:
     every = run.cfg.keep_every
     if not every or not run.info.is_main or not (run.step % every == 0 or run.step == run.total):
         return
-    chain.save_link(run.out, run.step, run.model, run.optimizer, {"position": run.position, "total_steps": run.total},
-                    {"torch": torch.get_rng_state()}, keep_every=every)
+    chain.save_link(
+        run.out,
+        run.step,
+        run.model,
+        run.optimizer,
+        {"position": run.position, "total_steps": run.total},
+        {"torch": torch.get_rng_state()},
+        keep_every=every,
+    )
 
 
 def _finish_files(run: _Session, train_seconds: float) -> None:
@@ -723,21 +839,55 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
     if run.sketch is not None:
         run.sketch.write(run.out)
     final_val = evaluate(run.model, run.val, run.device)
-    timings = {"started": run.started, "finished": time.time(), "train_seconds": train_seconds,
-               "tokens_per_s": run.total * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9)}
-    _write_manifest(run.out, cfg, run.sources, run.data, run.val, run.info, run.device, run.dtype, run.total,
-                    status="complete", timings=timings, store=run.store, resumed_from=run.resumed_from,
-                    final_val=final_val)
+    timings = {
+        "started": run.started,
+        "finished": time.time(),
+        "train_seconds": train_seconds,
+        "tokens_per_s": run.total * cfg.batch_size * cfg.seq_len / max(train_seconds, 1e-9),
+    }
+    _write_manifest(
+        run.out,
+        cfg,
+        run.sources,
+        run.data,
+        run.val,
+        run.info,
+        run.device,
+        run.dtype,
+        run.total,
+        status="complete",
+        timings=timings,
+        store=run.store,
+        resumed_from=run.resumed_from,
+        final_val=final_val,
+    )
     if cfg.keep_every and cfg.progress:
         kept = chain.links(run.out)
-        print(f"replay chain: {len(kept)} checkpoints (every {cfg.keep_every} steps), "
-              f"{chain.storage(run.out) / 2**20:.1f} MiB in {run.out / chain.REPLAY_DIR}; "
-              "`attribution claim` can value texts against this run later", file=sys.stderr)
+        print(
+            f"replay chain: {len(kept)} checkpoints (every {cfg.keep_every} steps), "
+            f"{chain.storage(run.out) / 2**20:.1f} MiB in {run.out / chain.REPLAY_DIR}; "
+            "`attribution claim` can value texts against this run later",
+            file=sys.stderr,
+        )
 
 
-def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: dict[str, ValData], info, device: str,
-                    dtype: str, total: int, *, status: str, timings: dict, store: ValueStore | None,
-                    resumed_from: int | None, final_val: dict[str, float] | None = None) -> None:
+def _write_manifest(
+    out: Path,
+    cfg: RunConfig,
+    sources,
+    data: TrainData,
+    val: dict[str, ValData],
+    info,
+    device: str,
+    dtype: str,
+    total: int,
+    *,
+    status: str,
+    timings: dict,
+    store: ValueStore | None,
+    resumed_from: int | None,
+    final_val: dict[str, float] | None = None,
+) -> None:
     """manifest.json (`attribution.values.Manifest`): enough to repeat the run and to know what its numbers mean."""
     import torch
 
@@ -752,26 +902,46 @@ def _write_manifest(out: Path, cfg: RunConfig, sources, data: TrainData, val: di
     # the first session's start is kept; each resumed session adds its own start to `resumed_at`
     before = previous.timings if previous is not None else Timings()
     now = Timings(**timings)
-    merged = Timings(started=before.started if before.started is not None else now.started,
-                     finished=now.finished if now.finished is not None else before.finished,
-                     train_seconds=now.train_seconds if now.train_seconds is not None else before.train_seconds,
-                     tokens_per_s=now.tokens_per_s if now.tokens_per_s is not None else before.tokens_per_s,
-                     resumed_at=[*before.resumed_at, now.started] if resuming else before.resumed_at)
+    merged = Timings(
+        started=before.started if before.started is not None else now.started,
+        finished=now.finished if now.finished is not None else before.finished,
+        train_seconds=now.train_seconds if now.train_seconds is not None else before.train_seconds,
+        tokens_per_s=now.tokens_per_s if now.tokens_per_s is not None else before.tokens_per_s,
+        resumed_at=[*before.resumed_at, now.started] if resuming else before.resumed_at,
+    )
     manifest = Manifest(
         status=status,
         config=cfg.to_json(),
         config_sources=sources or {},
         seed=cfg.seed,
-        corpus=CorpusInfo(specs=cfg.corpus, fingerprint=data.fingerprint, n_docs_total=len(data.seqset.docs),
-                          n_docs_trained=len(data.doc_rows), n_sequences=len(data.train_seqs),
-                          excluded_ids=data.excluded, identical_to_validation=data.dropped_identical),
-        val_sets={name: ValSetInfo(path=v.path, n_docs=len(v.docs), n_sequences=len(v.ids), per_example=v.per_example)
-                  for name, v in val.items()},
-        training=TrainingInfo(total_steps=total, device=device, dtype=dtype, world_size=info.world,
-                              tokens_per_step=cfg.batch_size * cfg.seq_len, order=cfg.order, optimizer=cfg.optimizer,
-                              values="sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
-                              clip="values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
-                              weight_decay_credit="none (data-independent shrink)", threads=torch.get_num_threads()),
+        corpus=CorpusInfo(
+            specs=cfg.corpus,
+            fingerprint=data.fingerprint,
+            n_docs_total=len(data.seqset.docs),
+            n_docs_trained=len(data.doc_rows),
+            n_sequences=len(data.train_seqs),
+            excluded_ids=data.excluded,
+            identical_to_validation=data.dropped_identical,
+        ),
+        val_sets={
+            name: ValSetInfo(
+                path=v.path, n_docs=len(v.docs), n_sequences=len(v.ids), per_example=v.per_example
+            )
+            for name, v in val.items()
+        },
+        training=TrainingInfo(
+            total_steps=total,
+            device=device,
+            dtype=dtype,
+            world_size=info.world,
+            tokens_per_step=cfg.batch_size * cfg.seq_len,
+            order=cfg.order,
+            optimizer=cfg.optimizer,
+            values="sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
+            clip="values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
+            weight_decay_credit="none (data-independent shrink)",
+            threads=torch.get_num_threads(),
+        ),
         values=store.describe() if store is not None else None,
         final_val_loss=final_val,
         timings=merged,

@@ -28,7 +28,9 @@ def _order_key(doc_id: str, seed: int) -> bytes:
     return hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
 
 
-def choose(docs: pd.DataFrame, n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[int]:
+def choose(
+    docs: pd.DataFrame, n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[int]:
     """Rows of `docs` (doc_id, source, n_tokens) for an `n`-document reference set, round-robin over sources."""
     if n <= 0:
         return []

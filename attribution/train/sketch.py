@@ -119,7 +119,9 @@ class Projection:
         parts = []
         for name, (a, b) in self.blocks.items():
             uses = by_name.get(name)
-            parts.append(self._block(name, uses) if uses else torch.zeros(cap.n, a * b, dtype=dtype, device=dev))
+            parts.append(
+                self._block(name, uses) if uses else torch.zeros(cap.n, a * b, dtype=dtype, device=dev)
+            )
         return torch.cat(parts, dim=1)
 
     def mix(self, kron: torch.Tensor, segment: int) -> torch.Tensor:
@@ -138,7 +140,9 @@ class Projection:
         return self.mix(torch.cat(parts).unsqueeze(0), segment)[0]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"name": n, "shape": list(self.params[n]), "block": list(self.blocks[n])} for n in self.blocks]
+        return [
+            {"name": n, "shape": list(self.params[n]), "block": list(self.blocks[n])} for n in self.blocks
+        ]
 
 
 def model_params(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], dict[int, str]]:
@@ -146,7 +150,9 @@ def model_params(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], di
     from attribution.engine.rules import canonical_shape, trainable_params
 
     params = trainable_params(model)
-    return {name: canonical_shape(p) for name, p in params.values()}, {pid: name for pid, (name, _) in params.items()}
+    return {name: canonical_shape(p) for name, p in params.values()}, {
+        pid: name for pid, (name, _) in params.items()
+    }
 
 
 class InRunSketch:
@@ -157,8 +163,16 @@ class InRunSketch:
     `add(step, batch_idx)` with the global batch (every rank, like the values).
     """
 
-    def __init__(self, model: torch.nn.Module, dim: int, seed: int, segs: list[tuple[int, int]],
-                 store_row_of_seq: np.ndarray, doc_ids: Sequence[str], info=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dim: int,
+        seed: int,
+        segs: list[tuple[int, int]],
+        store_row_of_seq: np.ndarray,
+        doc_ids: Sequence[str],
+        info=None,
+    ):
         shapes, self.names = model_params(model)
         self.projection = Projection(shapes, dim, seed)
         self.segs = segs
@@ -231,11 +245,15 @@ class InRunSketch:
         write_index(folder / INDEX, self.acc[trained].astype(np.float32))
         write_index(folder / UNIT_INDEX, (self.acc[trained] / norms[trained, None]).astype(np.float32))
         meta = {
-            "dim": self.projection.dim, "seed": self.projection.seed, "side": self.projection.side,
-            "layers": self.projection.describe(), "segments": [list(s) for s in self.segs],
-            "doc_ids": [self.doc_ids[i] for i in trained], "files": {"raw": INDEX, "unit": UNIT_INDEX},
+            "dim": self.projection.dim,
+            "seed": self.projection.seed,
+            "side": self.projection.side,
+            "layers": self.projection.describe(),
+            "segments": [list(s) for s in self.segs],
+            "doc_ids": [self.doc_ids[i] for i in trained],
+            "files": {"raw": INDEX, "unit": UNIT_INDEX},
             "weighting": "lr * clip factor * loss weight per sequence (the SGD formula; the SGD proxy for "
-                         "optimizer-aware runs)",
+            "optimizer-aware runs)",
             "projection": "per segment s: M_s (R0 (x) R1 per parameter, blocks concatenated); Gaussian N(0, 1/k)",
         }
         with atomic_write(folder / META) as fh:
@@ -269,8 +287,12 @@ class SketchIndex:
         return [(int(a), int(b)) for a, b in self.meta["segments"]]
 
     def projection(self) -> Projection:
-        return Projection({x["name"]: tuple(x["shape"]) for x in self.meta["layers"]}, self.dim,
-                          int(self.meta["seed"]), int(self.meta["side"]))
+        return Projection(
+            {x["name"]: tuple(x["shape"]) for x in self.meta["layers"]},
+            self.dim,
+            int(self.meta["seed"]),
+            int(self.meta["side"]),
+        )
 
     def load(self, kind: str = "raw"):
         """The FAISS index (`raw` or `unit`); its dimension must be the run's."""
@@ -281,8 +303,10 @@ class SketchIndex:
             raise UserError(f"{path}: sketch index file is missing")
         index = faiss.read_index(str(path))
         if index.d != self.dim or index.ntotal != len(self.meta["doc_ids"]):
-            raise UserError(f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, but the run's sketch "
-                            f"meta says {len(self.meta['doc_ids'])} of dimension {self.dim}; rebuild the run's sketch")
+            raise UserError(
+                f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, but the run's sketch "
+                f"meta says {len(self.meta['doc_ids'])} of dimension {self.dim}; rebuild the run's sketch"
+            )
         return index
 
 
@@ -290,15 +314,19 @@ def read_sketch(run: str | Path, config: Mapping[str, Any] | None = None) -> Ske
     """The run's sketch index; one clear line when there is none or it does not match the run."""
     folder = Path(run) / SKETCH_DIR
     if not (folder / META).is_file() or not (folder / INDEX).is_file():
-        raise UserError(f"{run}: this run has no sketch index ({SKETCH_DIR}/{INDEX}); it was trained with "
-                        "--no-sketch, without values, or before sketches existed: use `attribution claim` without "
-                        "--fast (exact replay)")
+        raise UserError(
+            f"{run}: this run has no sketch index ({SKETCH_DIR}/{INDEX}); it was trained with "
+            "--no-sketch, without values, or before sketches existed: use `attribution claim` without "
+            "--fast (exact replay)"
+        )
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{folder / META}:{exc.lineno}: not valid JSON: {exc.msg}") from None
     want = (config or {}).get("sketch_dim")
     if want is not None and int(want) != int(meta.get("dim", -1)):
-        raise UserError(f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim "
-                        f"{want}: the index is not this run's")
+        raise UserError(
+            f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim "
+            f"{want}: the index is not this run's"
+        )
     return SketchIndex(folder, meta)

@@ -40,7 +40,9 @@ class PlainTraining:
     order = 1
     optimizer_aware = False
 
-    def __init__(self, model: torch.nn.Module, *, task: Task | None = None, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self, model: torch.nn.Module, *, task: Task | None = None, autocast_dtype: torch.dtype | None = None
+    ):
         self.model = model
         self.task = task or LanguageModelingTask()
         self.autocast_dtype = autocast_dtype
@@ -50,12 +52,20 @@ class PlainTraining:
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
-                         weights: torch.Tensor | None = None, accumulate: bool = False) -> float:
+    def forward_backward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> float:
         """Backward on the mean of per-sequence losses (or `sum_i weights_i * loss_i`); `.grad` accumulates."""
         with self._autocast():
             losses = self.task.per_sequence_loss(self.model, ids, mask)
-            loss = losses.mean() if weights is None else (losses * weights.to(losses.device, losses.dtype)).sum()
+            loss = (
+                losses.mean() if weights is None else (losses * weights.to(losses.device, losses.dtype)).sum()
+            )
             loss.backward()
         return float(loss.detach())
 
@@ -94,8 +104,15 @@ class ValuedStep:
     reported per validation sequence.
     """
 
-    def __init__(self, model: torch.nn.Module, valuer, info: dist_util.DistInfo, *, max_grad_norm: float | None,
-                 example_columns: Mapping[str, tuple[np.ndarray, int]] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        valuer,
+        info: dist_util.DistInfo,
+        *,
+        max_grad_norm: float | None,
+        example_columns: Mapping[str, tuple[np.ndarray, int]] | None = None,
+    ):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.valuer = valuer
         self.info = info
@@ -103,8 +120,9 @@ class ValuedStep:
         self.example_columns = dict(example_columns or {})
         self._first_order: StepValues | None = None
 
-    def run(self, ids: torch.Tensor, mask: torch.Tensor, lr: float,
-            optimizer: torch.optim.Optimizer) -> tuple[float, BatchValues | None]:
+    def run(
+        self, ids: torch.Tensor, mask: torch.Tensor, lr: float, optimizer: torch.optim.Optimizer
+    ) -> tuple[float, BatchValues | None]:
         """One whole step on this rank's slice of the batch: (global mean train loss, global values)."""
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -115,8 +133,14 @@ class ValuedStep:
         optimizer.zero_grad(set_to_none=True)
         return loss, values
 
-    def backward(self, ids: torch.Tensor, mask: torch.Tensor | None, *, weights: torch.Tensor | None = None,
-                 accumulate: bool = False) -> float:
+    def backward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        weights: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> float:
         """One micro-batch's forward/backward (see `Valuer.forward_backward`); its loss."""
         return self.valuer.forward_backward(ids, mask, weights=weights, accumulate=accumulate)
 

@@ -119,8 +119,10 @@ class ValueStore:
         `keep` (bool `[batch]`): store only these rows (a targeted claim replay). The normalizers are
         still those of the whole batch, so the kept documents get exactly the values a full store would."""
         divisors = {name: normalizer(np.asarray(per_set[name], dtype=np.float64)) for name in self.set_names}
-        ex_div = {name: np.maximum(np.abs(np.sum(m, 0)), CANCEL_FLOOR * np.abs(m).sum(0))
-                  for name, m in ((k, np.asarray(v, dtype=np.float64)) for k, v in (per_example or {}).items())}
+        ex_div = {
+            name: np.maximum(np.abs(np.sum(m, 0)), CANCEL_FLOOR * np.abs(m).sum(0))
+            for name, m in ((k, np.asarray(v, dtype=np.float64)) for k, v in (per_example or {}).items())
+        }
         if keep is not None:
             seq_idx = np.asarray(seq_idx)[keep]
             per_set = {k: np.asarray(v)[keep] for k, v in per_set.items()}
@@ -223,8 +225,11 @@ class ValueStore:
             self.example[name] = np.asarray(arrays[f"example.{i}"], dtype=np.float64).copy()
             for key, acc in (("example_norm", self.example_norm), ("example_cos", self.example_cos)):
                 saved = arrays.get(f"{key}.{i}")  # absent in checkpoints from before the views: unknown
-                acc[name] = (np.full_like(self.example[name], np.nan) if saved is None
-                             else np.asarray(saved, dtype=np.float64).copy())
+                acc[name] = (
+                    np.full_like(self.example[name], np.nan)
+                    if saved is None
+                    else np.asarray(saved, dtype=np.float64).copy()
+                )
         self.has_cos = np.asarray(arrays.get("has_cos", np.ones(1)), dtype=np.int64).copy()
 
     # ---- final files --------------------------------------------------------------------------
@@ -283,8 +288,11 @@ class ValueStore:
                         "val_id": np.tile(np.array(ids, dtype=object), len(seen)),
                         "value": m[seen].reshape(-1),
                         "value_normalized": self.example_norm[name][seen].reshape(-1),
-                        "value_cosine": (self.example_cos[name][seen].reshape(-1) if self.has_cos[0]
-                                         else np.full(m[seen].size, np.nan)),
+                        "value_cosine": (
+                            self.example_cos[name][seen].reshape(-1)
+                            if self.has_cos[0]
+                            else np.full(m[seen].size, np.nan)
+                        ),
                     }
                 )
             )
@@ -340,7 +348,12 @@ class ValueStore:
         ]
         columns = ["window_start", "window_end", "source", "val_set", "value", "value_normalized"]
         frame = pd.DataFrame(rows, columns=columns).astype(
-            {"window_start": "int64", "window_end": "int64", "value": "float64", "value_normalized": "float64"}
+            {
+                "window_start": "int64",
+                "window_end": "int64",
+                "value": "float64",
+                "value_normalized": "float64",
+            }
         )
         with atomic_path(stage_path) as tmp:
             frame.to_parquet(tmp, index=False)
@@ -352,17 +365,22 @@ class ValueStore:
 
     def describe(self) -> ValuesInfo:
         """What the manifest records about the value definitions and the views readers compute."""
-        return ValuesInfo(normalization=NORMALIZATION_RULE, stage_window=self.stage_window,
-                          per_example_sets={k: len(v) for k, v in self.example_ids.items()},
-                          default_view=DEFAULT_VIEW, views=_view_docs())
+        return ValuesInfo(
+            normalization=NORMALIZATION_RULE,
+            stage_window=self.stage_window,
+            per_example_sets={k: len(v) for k, v in self.example_ids.items()},
+            default_view=DEFAULT_VIEW,
+            views=_view_docs(),
+        )
 
 
 def _view_docs() -> dict[str, dict[str, str]]:
     """Each view's meaning and use, for the manifest; royalties always use the raw `value`."""
-    return {name: {"column": column_of(name), "meaning": v.meaning, "use": v.use} for name, v in VIEWS.items()}
+    return {
+        name: {"column": column_of(name), "meaning": v.meaning, "use": v.use} for name, v in VIEWS.items()
+    }
 
 
 def _part_range(path: Path) -> tuple[int, int]:
     _, first, last = path.stem.split("-")
     return int(first), int(last)
-

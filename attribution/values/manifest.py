@@ -70,7 +70,9 @@ class TrainingInfo:
     values: str | None = None  # "sgd-proxy" or "adam-aware"
     clip: str | None = None
     weight_decay_credit: str | None = None
-    threads: int | None = None  # torch intra-op threads: float32 sums depend on them, so claim replay uses the same
+    threads: int | None = (
+        None  # torch intra-op threads: float32 sums depend on them, so claim replay uses the same
+    )
 
 
 @dataclass
@@ -147,7 +149,8 @@ class Manifest:
             **plain,
             schema_version=int(raw.get("schema_version", 1)),
             corpus=CorpusInfo(**_known(CorpusInfo, raw.get("corpus"))),
-            val_sets={str(k): ValSetInfo(**_known(ValSetInfo, v)) for k, v in sets.items()} if isinstance(sets, dict)
+            val_sets={str(k): ValSetInfo(**_known(ValSetInfo, v)) for k, v in sets.items()}
+            if isinstance(sets, dict)
             else {},
             training=TrainingInfo(**_known(TrainingInfo, raw.get("training"))),
             values=ValuesInfo.from_dict(raw.get("values")),
@@ -157,15 +160,23 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout of schema version 2 (the keys in the order the training loop always wrote them)."""
-        out: dict[str, Any] = {"schema_version": self.schema_version, "status": self.status, "config": self.config,
-                               "config_sources": self.config_sources, "seed": self.seed,
-                               "corpus": dataclasses.asdict(self.corpus),
-                               "val_sets": {k: dataclasses.asdict(v) for k, v in self.val_sets.items()},
-                               "training": dataclasses.asdict(self.training),
-                               "values": self.values.to_dict() if self.values is not None else None,
-                               "final_val_loss": self.final_val_loss, "timings": self.timings.to_dict(),
-                               "peak_rss_mb": self.peak_rss_mb, "versions": self.versions,
-                               "git_commit": self.git_commit, "resumed_from": self.resumed_from}
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "status": self.status,
+            "config": self.config,
+            "config_sources": self.config_sources,
+            "seed": self.seed,
+            "corpus": dataclasses.asdict(self.corpus),
+            "val_sets": {k: dataclasses.asdict(v) for k, v in self.val_sets.items()},
+            "training": dataclasses.asdict(self.training),
+            "values": self.values.to_dict() if self.values is not None else None,
+            "final_val_loss": self.final_val_loss,
+            "timings": self.timings.to_dict(),
+            "peak_rss_mb": self.peak_rss_mb,
+            "versions": self.versions,
+            "git_commit": self.git_commit,
+            "resumed_from": self.resumed_from,
+        }
         return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
 
     @classmethod
@@ -216,7 +227,9 @@ class Manifest:
     @property
     def total_steps(self) -> int | None:
         """Optimizer steps the run took (the configured steps when the training section lacks them)."""
-        steps = self.training.total_steps if self.training.total_steps is not None else self.config.get("steps")
+        steps = (
+            self.training.total_steps if self.training.total_steps is not None else self.config.get("steps")
+        )
         return int(steps) if isinstance(steps, int | float) else None
 
     @property

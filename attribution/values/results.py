@@ -45,8 +45,14 @@ class RunValues:
     _columns: dict[str, pd.Series] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def read(cls, run: str | Path | RunDir, *, docs: pd.DataFrame | None = None,
-             doc_values: pd.DataFrame | None = None, default_view: str | None = None) -> RunValues:
+    def read(
+        cls,
+        run: str | Path | RunDir,
+        *,
+        docs: pd.DataFrame | None = None,
+        doc_values: pd.DataFrame | None = None,
+        default_view: str | None = None,
+    ) -> RunValues:
         """Open a run's values. `docs`/`doc_values`: tables the caller already read (same files)."""
         rd = run if isinstance(run, RunDir) else RunDir(run)
         if default_view is None:
@@ -64,7 +70,9 @@ class RunValues:
         if self._doc_values is None:
             have = self.run.columns(DOC_VALUES) if self.run.doc_values_path.is_file() else []
             cols = ["doc_id", "val_set", "value"] + [c for c in ("n_seen",) if c in have]
-            self._doc_values = self.run.table(DOC_VALUES, cols, required=True, needs=("doc_id", "val_set", "value"))
+            self._doc_values = self.run.table(
+                DOC_VALUES, cols, required=True, needs=("doc_id", "val_set", "value")
+            )
         return self._doc_values
 
     def val_set_names(self) -> list[str]:
@@ -83,11 +91,14 @@ class RunValues:
             dv = dv[dv["val_set"] == val_set]
         grouped = dv.groupby("doc_id")
         meta = [c for c in DOC_META if c in self.docs.columns]
-        out = self.docs[meta].merge(grouped["value"].sum().rename("value"), left_on="doc_id", right_index=True,
-                                    how="left")
+        out = self.docs[meta].merge(
+            grouped["value"].sum().rename("value"), left_on="doc_id", right_index=True, how="left"
+        )
         out["value"] = out["value"].fillna(0.0).astype("float64")
         if "n_seen" in dv.columns:
-            out = out.merge(grouped["n_seen"].max().rename("n_seen"), left_on="doc_id", right_index=True, how="left")
+            out = out.merge(
+                grouped["n_seen"].max().rename("n_seen"), left_on="doc_id", right_index=True, how="left"
+            )
             out["n_seen"] = out["n_seen"].fillna(0).astype("int64")
         return out.reset_index(drop=True)
 
@@ -115,8 +126,10 @@ class RunValues:
         read: views are recomputed from the accumulators, with the same code and the same numbers. An
         all-null `value_cosine` (a run without gradient norms) counts as absent."""
         if not self.has_examples():
-            raise UserError(f"{self.run.example_values_path}: missing or without per-example values; "
-                            "per-text values were not recorded")
+            raise UserError(
+                f"{self.run.example_values_path}: missing or without per-example values; "
+                "per-text values were not recorded"
+            )
         stored = self._stored()
         asked = dict.fromkeys(columns if columns is not None else RAW_COLUMNS)
         want = [c for c in asked if c in stored and c not in KEYS]
@@ -154,9 +167,13 @@ class RunValues:
         if name == "value":
             score = ev["value"].to_numpy(dtype=np.float64)
         else:
-            lacking = [c for c in views_mod.VIEWS[name].needs if c not in ev.columns and c not in self.docs.columns]
+            lacking = [
+                c for c in views_mod.VIEWS[name].needs if c not in ev.columns and c not in self.docs.columns
+            ]
             if lacking:
-                raise UserError(f"{self.run.path}: view {name!r} needs {', '.join(lacking)}, which this run lacks")
+                raise UserError(
+                    f"{self.run.path}: view {name!r} needs {', '.join(lacking)}, which this run lacks"
+                )
             score = views_mod.VIEWS[name].fn(ev, self._view_docs()).to_numpy()
         out = ev[[*KEYS, "value"]].copy()
         out[ATTRIBUTION_COLUMN] = score

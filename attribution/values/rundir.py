@@ -67,8 +67,14 @@ def read_val_set(path: Path) -> list[ValText]:
             if not isinstance(obj, dict) or "text" not in obj:
                 raise BadInputError(path, lineno, "expected an object with a 'text' field")
             meta = obj.get("meta")
-            items.append(ValText(str(obj.get("id", f"{path.stem}-{lineno}")), str(obj["text"]),
-                                 dict(meta) if isinstance(meta, dict) else {}, obj))
+            items.append(
+                ValText(
+                    str(obj.get("id", f"{path.stem}-{lineno}")),
+                    str(obj["text"]),
+                    dict(meta) if isinstance(meta, dict) else {},
+                    obj,
+                )
+            )
     return items
 
 
@@ -125,7 +131,9 @@ class RunDir:
     def require(self, names: Sequence[str] = REQUIRED) -> None:
         """UserError unless this is a directory holding every file in `names`."""
         if not self.path.is_dir():
-            raise UserError(f"{self.path}: not a directory (expected a run directory written by `attribution run`)")
+            raise UserError(
+                f"{self.path}: not a directory (expected a run directory written by `attribution run`)"
+            )
         missing = [f for f in names if not (self.path / f).exists()]
         if missing:
             raise UserError(f"{self.path}: not a finished run directory, missing {', '.join(missing)}")
@@ -152,8 +160,14 @@ class RunDir:
         except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
             raise BadInputError(path, None, f"cannot read Parquet file: {exc}") from exc
 
-    def table(self, name: str, columns: Sequence[str] | None = None, *, required: bool = False,
-              needs: Sequence[str] = ()) -> pd.DataFrame | None:
+    def table(
+        self,
+        name: str,
+        columns: Sequence[str] | None = None,
+        *,
+        required: bool = False,
+        needs: Sequence[str] = (),
+    ) -> pd.DataFrame | None:
         """One Parquet file as a DataFrame (only `columns` when given); None when it is absent and optional.
 
         `needs`: columns that must be present (BadInputError naming them otherwise)."""

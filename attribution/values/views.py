@@ -50,7 +50,9 @@ def per_token(ev: pd.DataFrame, docs: pd.DataFrame, column: str = "value") -> pd
     return pd.Series(ev[column].to_numpy(dtype=np.float64) / _tokens(ev, docs), index=ev.index)
 
 
-def contrast(ev: pd.DataFrame, column: str = "value", reference: str | None = None, lam: float = 1.0) -> pd.Series:
+def contrast(
+    ev: pd.DataFrame, column: str = "value", reference: str | None = None, lam: float = 1.0
+) -> pd.Series:
     """`column` minus `lam` times the document's mean `column` over a reference set (RelatIF idea).
 
     `reference=None`: the reference is every *other* per-example column of the run (leave-one-out
@@ -83,41 +85,72 @@ def _col(name: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
 REFERENCE_SET = "reference"  # the run's fixed reference set (attribution.train.reference)
 
 
-def _contrast_of(base: Callable[[pd.DataFrame, pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
+def _contrast_of(
+    base: Callable[[pd.DataFrame, pd.DataFrame], pd.Series],
+) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
     """The contrast of `base` against the run's fixed reference set.
 
     Runs made before the reference set existed fall back to the leave-one-out mean over the other
     validation texts, with a warning: that reference depends on which texts were asked about."""
+
     def fn(ev: pd.DataFrame, docs: pd.DataFrame) -> pd.Series:
         tmp = ev[KEYS].copy()
         tmp["x"] = base(ev, docs).to_numpy()
         if (tmp["val_set"].astype(str) == REFERENCE_SET).any():
             return contrast(tmp, "x", reference=REFERENCE_SET)
-        warnings.warn("this run has no fixed reference set (made before it existed, or with --reference 0): the "
-                      "contrast views subtract the mean over the run's other validation texts, so a text's ranking "
-                      "depends on which other texts were valued", UserWarning, stacklevel=2)
+        warnings.warn(
+            "this run has no fixed reference set (made before it existed, or with --reference 0): the "
+            "contrast views subtract the mean over the run's other validation texts, so a text's ranking "
+            "depends on which other texts were valued",
+            UserWarning,
+            stacklevel=2,
+        )
         return contrast(tmp, "x")
+
     return fn
 
 
 VIEWS: dict[str, View] = {
-    "value": View(_col("value"), "raw In-Run Shapley value (additive; royalties use it)",
-                  "accounting: shares of sources/owners; never for 'derived from' questions alone"),
-    "per_token": View(lambda ev, docs: per_token(ev, docs), "value / tokens the document contributed",
-                      "when long documents crowd the top of a ranking", ("value", "n_tokens")),
-    "normalized": View(_col("value_normalized"), "sum over steps of value / that step's validation-loss reduction",
-                       "when early steps (large gradients) dominate; every step hands out ~one unit",
-                       ("value_normalized",)),
-    "cosine": View(_col("value_cosine"),
-                   "sum over steps of value / (||g_train_seq|| * ||g_val_example||): gradient alignment",
-                   "when documents with large gradients (rare tokens, early steps) dominate", ("value_cosine",)),
-    "contrast": View(_contrast_of(_col("value")), "value minus the document's mean value over the other validation texts",
-                     "'which documents is THIS text derived from': removes generally helpful documents"),
-    "contrast_per_token": View(_contrast_of(lambda ev, docs: per_token(ev, docs)),
-                               "per-token value minus its mean over the other validation texts",
-                               "derived-from questions when document lengths vary a lot", ("value", "n_tokens")),
-    "contrast_cosine": View(_contrast_of(_col("value_cosine")), "cosine view minus its mean over the other validation texts",
-                            "derived-from questions, robust to gradient scale", ("value_cosine",)),
+    "value": View(
+        _col("value"),
+        "raw In-Run Shapley value (additive; royalties use it)",
+        "accounting: shares of sources/owners; never for 'derived from' questions alone",
+    ),
+    "per_token": View(
+        lambda ev, docs: per_token(ev, docs),
+        "value / tokens the document contributed",
+        "when long documents crowd the top of a ranking",
+        ("value", "n_tokens"),
+    ),
+    "normalized": View(
+        _col("value_normalized"),
+        "sum over steps of value / that step's validation-loss reduction",
+        "when early steps (large gradients) dominate; every step hands out ~one unit",
+        ("value_normalized",),
+    ),
+    "cosine": View(
+        _col("value_cosine"),
+        "sum over steps of value / (||g_train_seq|| * ||g_val_example||): gradient alignment",
+        "when documents with large gradients (rare tokens, early steps) dominate",
+        ("value_cosine",),
+    ),
+    "contrast": View(
+        _contrast_of(_col("value")),
+        "value minus the document's mean value over the other validation texts",
+        "'which documents is THIS text derived from': removes generally helpful documents",
+    ),
+    "contrast_per_token": View(
+        _contrast_of(lambda ev, docs: per_token(ev, docs)),
+        "per-token value minus its mean over the other validation texts",
+        "derived-from questions when document lengths vary a lot",
+        ("value", "n_tokens"),
+    ),
+    "contrast_cosine": View(
+        _contrast_of(_col("value_cosine")),
+        "cosine view minus its mean over the other validation texts",
+        "derived-from questions, robust to gradient scale",
+        ("value_cosine",),
+    ),
 }
 
 # Chosen by measurement (docs/benchmarks.md, "Attribution views"): on the 80-step demo run, the original
@@ -131,8 +164,9 @@ def available(ev: pd.DataFrame, docs: pd.DataFrame | None = None) -> list[str]:
     return [name for name, v in VIEWS.items() if all(c in cols for c in v.needs)]
 
 
-def compute(ev: pd.DataFrame, docs: pd.DataFrame, names: list[str] | None = None,
-            default: str = DEFAULT_VIEW) -> pd.DataFrame:
+def compute(
+    ev: pd.DataFrame, docs: pd.DataFrame, names: list[str] | None = None, default: str = DEFAULT_VIEW
+) -> pd.DataFrame:
     """`ev` with one `view_<name>` column per view (raw `value` untouched) and `attribution` = `default`
     (the raw value when `default` is not among the views computed)."""
     out = ev.copy()

@@ -75,7 +75,9 @@ def parse_kinds(spec: str | Sequence[str]) -> list[str]:
     kinds = list(dict.fromkeys(k.strip() for k in items if k.strip()))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise UserError(f"unknown variant kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KINDS)}")
+        raise UserError(
+            f"unknown variant kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KINDS)}"
+        )
     return kinds
 
 
@@ -95,8 +97,15 @@ def prose_score(text: str) -> float:
     return share * max(0.0, 1.0 - 20.0 * symbols) * max(0.0, 1.0 - 5.0 * digits)
 
 
-def pick_targets(docs: Sequence[Document], n: int, seed: int = 0, *, min_words: int = 80,
-                 max_words: int = 800, min_prose: float = 0.6) -> list[Document]:
+def pick_targets(
+    docs: Sequence[Document],
+    n: int,
+    seed: int = 0,
+    *,
+    min_words: int = 80,
+    max_words: int = 800,
+    min_prose: float = 0.6,
+) -> list[Document]:
     """`n` prose documents of moderate length, drawn evenly across sources, deterministic for `seed`."""
     if n < 1:
         raise UserError(f"--pick must be at least 1, got {n}")
@@ -125,11 +134,15 @@ def select_ids(docs: Sequence[Document], ids: Sequence[str]) -> list[Document]:
     index = {d.doc_id: d for d in docs}
     missing = [i for i in ids if i not in index]
     if missing:
-        raise UserError(f"--ids not in the corpus: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(
+            f"--ids not in the corpus: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     return [index[i] for i in ids]
 
 
-def split_pool(docs: Sequence[Document], targets: Sequence[Document], fraction: float, seed: int) -> list[Document]:
+def split_pool(
+    docs: Sequence[Document], targets: Sequence[Document], fraction: float, seed: int
+) -> list[Document]:
     """A seeded share of the non-target documents, to be held out of training as the similar-topic pool."""
     if not 0 < fraction < 1:
         raise UserError(f"--pool-fraction must be between 0 and 1, got {fraction}")
@@ -217,10 +230,15 @@ class SimilarFinder:
                 cand = self.pool[int(i)]
                 if cand.doc_id == doc.doc_id or (cand.doc_id in used and not allow_reuse):
                     continue
-                if containment(cand.text, doc.text) > SIMILAR_MAX_CONTAINMENT or cand.text.strip() == doc.text.strip():
+                if (
+                    containment(cand.text, doc.text) > SIMILAR_MAX_CONTAINMENT
+                    or cand.text.strip() == doc.text.strip()
+                ):
                     continue
                 return cand, float(sims[i])
-        raise UserError(f"no document in the pool is different enough from {doc.doc_id} to serve as 'similar'")
+        raise UserError(
+            f"no document in the pool is different enough from {doc.doc_id} to serve as 'similar'"
+        )
 
 
 def measure(variant: str, original: str, cos: float) -> dict[str, float]:
@@ -232,9 +250,16 @@ def measure(variant: str, original: str, cos: float) -> dict[str, float]:
     }
 
 
-def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewriter: Rewriter | None = None,
-                   pool: Sequence[Document] = (), seed: int = 0, similar_max_words: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[dict]:
+def build_variants(
+    targets: Sequence[Document],
+    kinds: Sequence[str],
+    *,
+    rewriter: Rewriter | None = None,
+    pool: Sequence[Document] = (),
+    seed: int = 0,
+    similar_max_words: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Validation records `{"id", "text", "meta": {"variant", "target_id", ...distances}}` for each
     target and kind. Never returns a record with empty text."""
     rewriter = rewriter or OfflineRewriter()
@@ -267,8 +292,13 @@ def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewrite
                 similar, sim = finder.find(doc, target_vecs[t_i], used)
                 used.add(similar.doc_id)
                 text = similar.text
-                meta.update({"similar_doc_id": similar.doc_id, "similar_source": similar.source,
-                             "similar_owner": similar.owner})
+                meta.update(
+                    {
+                        "similar_doc_id": similar.doc_id,
+                        "similar_source": similar.source,
+                        "similar_owner": similar.owner,
+                    }
+                )
             if not text.strip():
                 raise RewriteError(f"the {kind} variant of {doc.doc_id} came out empty")
             records.append({"id": f"{kind}:{doc.doc_id}", "text": text, "meta": meta})
@@ -280,9 +310,12 @@ def build_variants(targets: Sequence[Document], kinds: Sequence[str], *, rewrite
         original, ov = by_target[r["meta"]["target_id"]]
         r["meta"].update(measure(r["text"], original.text, float(v @ ov)))
         if r["meta"]["variant"] == "similar" and r["meta"]["cosine_minilm"] < WEAK_SIMILAR:
-            print(f"warning: the pool's closest document to {original.doc_id} ({r['meta']['similar_doc_id']}) has "
-                  f"MiniLM cosine {r['meta']['cosine_minilm']:.2f}: not on a related subject; use a larger "
-                  "corpus or --pool-fraction", file=sys.stderr)
+            print(
+                f"warning: the pool's closest document to {original.doc_id} ({r['meta']['similar_doc_id']}) has "
+                f"MiniLM cosine {r['meta']['cosine_minilm']:.2f}: not on a related subject; use a larger "
+                "corpus or --pool-fraction",
+                file=sys.stderr,
+            )
     return records
 
 

@@ -12,7 +12,7 @@ from attribution.io import atomic_write
 
 REWRITER_HELP = (
     "Who writes paraphrase/significant variants: 'offline' (default; thesaurus-based, no model), "
-    "cmd:\"COMMAND\" (original on stdin, rewrite on stdout; $ATTRIBUTION_REWRITE_KIND says which kind) or "
+    'cmd:"COMMAND" (original on stdin, rewrite on stdout; $ATTRIBUTION_REWRITE_KIND says which kind) or '
     "http:URL (an OpenAI-compatible chat endpoint; key from --rewriter-key-env)."
 )
 
@@ -21,18 +21,40 @@ def rewriter_options(f):
     """The plug-in rewriter's flags, shared by `variants` and `experiment copyright`."""
     opts = [
         click.option("--rewriter", default="offline", show_default=True, help=REWRITER_HELP),
-        click.option("--rewriter-model", default="gpt-4o-mini", show_default=True,
-                     help="Model name sent to an http: rewriter."),
-        click.option("--rewriter-key-env", default="OPENAI_API_KEY", show_default=True,
-                     help="Environment variable holding the http: rewriter's API key (unset: no key sent)."),
-        click.option("--rewriter-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-                     help="Seconds one rewrite may take before it counts as failed."),
-        click.option("--rewriter-retries", type=click.IntRange(min=0), default=2, show_default=True,
-                     help="Extra attempts after a failed or empty rewrite."),
-        click.option("--on-rewriter-failure", type=click.Choice(["error", "fallback"]), default="error",
-                     show_default=True,
-                     help="When a plug-in rewriter fails: stop with an error, or use the offline rewriter "
-                          "(recorded in each record's meta.fallback_reason)."),
+        click.option(
+            "--rewriter-model",
+            default="gpt-4o-mini",
+            show_default=True,
+            help="Model name sent to an http: rewriter.",
+        ),
+        click.option(
+            "--rewriter-key-env",
+            default="OPENAI_API_KEY",
+            show_default=True,
+            help="Environment variable holding the http: rewriter's API key (unset: no key sent).",
+        ),
+        click.option(
+            "--rewriter-timeout",
+            type=click.FloatRange(min=0.1),
+            default=120.0,
+            show_default=True,
+            help="Seconds one rewrite may take before it counts as failed.",
+        ),
+        click.option(
+            "--rewriter-retries",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Extra attempts after a failed or empty rewrite.",
+        ),
+        click.option(
+            "--on-rewriter-failure",
+            type=click.Choice(["error", "fallback"]),
+            default="error",
+            show_default=True,
+            help="When a plug-in rewriter fails: stop with an error, or use the offline rewriter "
+            "(recorded in each record's meta.fallback_reason).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -42,14 +64,21 @@ def rewriter_options(f):
 def make_rewriter_from(kw: dict):
     from attribution.variants.rewriters import make_rewriter
 
-    return make_rewriter(kw["rewriter"], timeout=kw["rewriter_timeout"], retries=kw["rewriter_retries"],
-                         on_failure=kw["on_rewriter_failure"], model=kw["rewriter_model"],
-                         key_env=kw["rewriter_key_env"])
+    return make_rewriter(
+        kw["rewriter"],
+        timeout=kw["rewriter_timeout"],
+        retries=kw["rewriter_retries"],
+        on_failure=kw["on_rewriter_failure"],
+        model=kw["rewriter_model"],
+        key_env=kw["rewriter_key_env"],
+    )
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'variant':<12} {'n':>3}  {'8-gram containment':>20}  {'3-gram Jaccard':>16}  {'MiniLM cosine':>15}",
-             f"{'':<12} {'':>3}  {'median [p10, p90]':>20}  {'median':>16}  {'median [p10]':>15}"]
+    lines = [
+        f"{'variant':<12} {'n':>3}  {'8-gram containment':>20}  {'3-gram Jaccard':>16}  {'MiniLM cosine':>15}",
+        f"{'':<12} {'':>3}  {'median [p10, p90]':>20}  {'median':>16}  {'median [p10]':>15}",
+    ]
     for r in rows:
         lines.append(
             f"{r['variant']:<12} {r['n']:>3}  "
@@ -60,18 +89,40 @@ def format_summary(rows: list[dict]) -> str:
 
 
 @click.command("variants")
-@click.option("--corpus", "corpus", multiple=True, required=True,
-              help="Training corpus the originals come from (path, 'builtin', ...); repeatable.")
+@click.option(
+    "--corpus",
+    "corpus",
+    multiple=True,
+    required=True,
+    help="Training corpus the originals come from (path, 'builtin', ...); repeatable.",
+)
 @click.option("--pick", type=int, default=None, help="Pick N prose documents of moderate length (seeded).")
-@click.option("--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick.")
-@click.option("--kinds", default="exact,partial,paraphrase,significant,similar", show_default=True,
-              help="Which variants to write, comma-separated.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.")
-@click.option("--pool-fraction", type=float, default=0.1, show_default=True,
-              help="Share of the other documents held out as the similar-topic pool. Keep them out of "
-                   "training: `attribution run --exclude-ids OUT.heldout.txt`.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking, excerpts and rewrites.")
+@click.option(
+    "--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick."
+)
+@click.option(
+    "--kinds",
+    default="exact,partial,paraphrase,significant,similar",
+    show_default=True,
+    help="Which variants to write, comma-separated.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Validation JSONL to write; the held-out similar-topic pool goes to OUT.heldout.txt.",
+)
+@click.option(
+    "--pool-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Share of the other documents held out as the similar-topic pool. Keep them out of "
+    "training: `attribution run --exclude-ids OUT.heldout.txt`.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for picking, excerpts and rewrites."
+)
 @rewriter_options
 def variants_cmd(corpus, pick, ids, kinds, out, pool_fraction, seed, **kw) -> None:
     """Write validation documents made from chosen training documents.
@@ -103,12 +154,17 @@ def variants_cmd(corpus, pick, ids, kinds, out, pool_fraction, seed, **kw) -> No
     if (pick is None) == (ids is None):
         raise UserError("give exactly one of --pick N or --ids ID,...")
     docs = load_docs(corpus)
-    targets = (select_ids(docs, [i.strip() for i in ids.split(",") if i.strip()]) if ids
-               else pick_targets(docs, pick, seed))
+    targets = (
+        select_ids(docs, [i.strip() for i in ids.split(",") if i.strip()])
+        if ids
+        else pick_targets(docs, pick, seed)
+    )
     pool = split_pool(docs, targets, pool_fraction, seed) if "similar" in kind_list else []
     rewriter = make_rewriter_from(kw)
     with tqdm(total=len(targets), desc="variants", unit=" docs", file=sys.stderr, disable=None) as bar:
-        records = build_variants(targets, kind_list, rewriter=rewriter, pool=pool, seed=seed, progress=bar.update)
+        records = build_variants(
+            targets, kind_list, rewriter=rewriter, pool=pool, seed=seed, progress=bar.update
+        )
     write_jsonl(out, records)
     if pool:
         with atomic_write(Path(f"{out}.heldout.txt")) as fh:
@@ -125,43 +181,111 @@ def experiment() -> None:
 
 
 @experiment.command("copyright")
-@click.option("--corpus", "corpus", multiple=True, default=("builtin:200",), show_default=True,
-              help="Training corpus; repeatable. Default: a 200-document built-in corpus (about 15 minutes for both "
-                   "orders on 2 CPU cores). Every step values all variants, so on a CPU keep the corpus and --pick "
-                   "small (see docs/benchmarks.md).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for variants, runs, table.csv, table.md and rank plot.")
+@click.option(
+    "--corpus",
+    "corpus",
+    multiple=True,
+    default=("builtin:200",),
+    show_default=True,
+    help="Training corpus; repeatable. Default: a 200-document built-in corpus (about 15 minutes for both "
+    "orders on 2 CPU cores). Every step values all variants, so on a CPU keep the corpus and --pick "
+    "small (see docs/benchmarks.md).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for variants, runs, table.csv, table.md and rank plot.",
+)
 @click.option("--pick", type=int, default=8, show_default=True, help="Number of originals to pick.")
-@click.option("--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick.")
-@click.option("--kinds", default="partial,paraphrase,significant,similar", show_default=True,
-              help="Variant kinds to value ('exact' cannot be: a training document identical to a "
-                   "validation text is kept out of training).")
-@click.option("--preset", default="cpu-tiny", show_default=True, help="Training preset (see `attribution run`).")
-@click.option("--steps", type=int, default=None,
-              help="Training steps. Default: one epoch (--epochs 1), so every original is trained on.")
-@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps.")
-@click.option("--max-words", type=int, default=150, show_default=True,
-              help="Longest original --pick may choose (validation cost grows with length).")
-@click.option("--batch-size", type=int, default=32, show_default=True,
-              help="Sequences per training step; larger = fewer valued steps (each step values every variant). "
-                   "0 = the preset's.")
-@click.option("--orders", default="1,2", show_default=True,
-              help="Which In-Run Shapley orders to run (one training run each).")
+@click.option(
+    "--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick."
+)
+@click.option(
+    "--kinds",
+    default="partial,paraphrase,significant,similar",
+    show_default=True,
+    help="Variant kinds to value ('exact' cannot be: a training document identical to a "
+    "validation text is kept out of training).",
+)
+@click.option(
+    "--preset", default="cpu-tiny", show_default=True, help="Training preset (see `attribution run`)."
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Training steps. Default: one epoch (--epochs 1), so every original is trained on.",
+)
+@click.option(
+    "--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps."
+)
+@click.option(
+    "--max-words",
+    type=int,
+    default=150,
+    show_default=True,
+    help="Longest original --pick may choose (validation cost grows with length).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Sequences per training step; larger = fewer valued steps (each step values every variant). "
+    "0 = the preset's.",
+)
+@click.option(
+    "--orders",
+    default="1,2",
+    show_default=True,
+    help="Which In-Run Shapley orders to run (one training run each).",
+)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--optimizer-aware/--sgd-proxy", default=True, show_default=True,
-              help="Value AdamW steps through Adam's preconditioner (closer to the step really taken) "
-                   "or with the plain SGD gradient dot product.")
-@click.option("--pool-corpus", multiple=True,
-              help="Corpus to find 'similar' documents in (repeatable); its documents that are in the training "
-                   "corpus are dropped, the rest are never trained on. Default: the full 3000-document built-in "
-                   "corpus when --corpus is built-in, else a --pool-fraction share of --corpus held out of training.")
-@click.option("--pool-fraction", type=float, default=0.1, show_default=True,
-              help="Share of the corpus held out of training as the similar-topic pool (when no --pool-corpus).")
+@click.option(
+    "--optimizer-aware/--sgd-proxy",
+    default=True,
+    show_default=True,
+    help="Value AdamW steps through Adam's preconditioner (closer to the step really taken) "
+    "or with the plain SGD gradient dot product.",
+)
+@click.option(
+    "--pool-corpus",
+    multiple=True,
+    help="Corpus to find 'similar' documents in (repeatable); its documents that are in the training "
+    "corpus are dropped, the rest are never trained on. Default: the full 3000-document built-in "
+    "corpus when --corpus is built-in, else a --pool-fraction share of --corpus held out of training.",
+)
+@click.option(
+    "--pool-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Share of the corpus held out of training as the similar-topic pool (when no --pool-corpus).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @rewriter_options
-def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_words, batch_size, orders, optimizer,
-                  optimizer_aware, pool_corpus, pool_fraction, device, seed, **kw) -> None:
+def copyright_cmd(
+    corpus,
+    out,
+    pick,
+    ids,
+    kinds,
+    preset,
+    steps,
+    epochs,
+    max_words,
+    batch_size,
+    orders,
+    optimizer,
+    optimizer_aware,
+    pool_corpus,
+    pool_fraction,
+    device,
+    seed,
+    **kw,
+) -> None:
     """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
 
     Picks originals, builds their variants, keeps the variants and the similar-topic pool out of
@@ -178,16 +302,30 @@ def copyright_cmd(corpus, out, pick, ids, kinds, preset, steps, epochs, max_word
     if not pool_corpus and all(str(c).split(":")[0] == "builtin" for c in corpus):
         pool_corpus = ("builtin",)  # related documents exist in the full built-in corpus, not in a 10% split
     exp = CopyrightExperiment(
-        corpus=list(corpus), out=out, pick=None if ids else pick,
+        corpus=list(corpus),
+        out=out,
+        pick=None if ids else pick,
         ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
-        kinds=kinds, preset=preset, steps=steps, epochs=epochs, max_words=max_words, orders=order_list, optimizer=optimizer,
+        kinds=kinds,
+        preset=preset,
+        steps=steps,
+        epochs=epochs,
+        max_words=max_words,
+        orders=order_list,
+        optimizer=optimizer,
         optimizer_aware=optimizer_aware,
-        pool_fraction=pool_fraction, pool_corpus=list(pool_corpus) or None, device=device, seed=seed, rewriter=make_rewriter_from(kw),
+        pool_fraction=pool_fraction,
+        pool_corpus=list(pool_corpus) or None,
+        device=device,
+        seed=seed,
+        rewriter=make_rewriter_from(kw),
         run_overrides={"batch_size": batch_size} if batch_size else {},
     )
     result = run_copyright(exp)
     click.echo(result.markdown)
-    click.echo(f"\nwrote {out / 'table.csv'}, {out / 'table.md'}, {out / 'ranks.png'} in {result.seconds:.0f} s")
+    click.echo(
+        f"\nwrote {out / 'table.csv'}, {out / 'table.md'}, {out / 'ranks.png'} in {result.seconds:.0f} s"
+    )
 
 
 commands: list[click.Command] = [variants_cmd, experiment]

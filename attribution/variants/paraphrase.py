@@ -41,7 +41,9 @@ _CLOSED = frozenset(
     therefore although though since unless whether upon within without among across per via get got
     let lets like make made said says say use used using see given""".split()
 )
-_DETERMINERS = frozenset("the a an this that these those his her its their our my your each every some any no".split())
+_DETERMINERS = frozenset(
+    "the a an this that these those his her its their our my your each every some any no".split()
+)
 _VERB_CUES = frozenset("to will would can could should may might must not do does did shall".split())
 
 # Function-word and phrase alternations: syntax, not synonyms. Each entry is (pattern, replacement).
@@ -85,7 +87,9 @@ _FUNCTION_RULES: tuple[tuple[str, str], ...] = (
     (r"\bsays\b", "states"),
 )
 _FUNCTION_RES = tuple((re.compile(p, re.IGNORECASE), r) for p, r in _FUNCTION_RULES)
-_FILLERS = re.compile(r"\b(?:very|really|quite|just|actually|basically|simply|indeed|certainly)\s+", re.IGNORECASE)
+_FILLERS = re.compile(
+    r"\b(?:very|really|quite|just|actually|basically|simply|indeed|certainly)\s+", re.IGNORECASE
+)
 _PARENTHETICAL = re.compile(r"\s*\([^()\n]{1,120}\)")
 _LEADING_PHRASE = re.compile(
     r"^(?:At|In|On|By|For|During|After|Before|Since|Until|Over|Under|From|According to|Earlier|Later|Today|"
@@ -282,6 +286,7 @@ class Paraphraser:
     def function_words(sentence: str, p: float, rng: random.Random) -> str:
         """Alternate function words and contractions (one rule per phrase, applied with probability p)."""
         for pattern, repl in _FUNCTION_RES:
+
             def swap(m: re.Match[str], repl: str = repl) -> str:
                 return _match_case(m.group(0), repl) if rng.random() < p else m.group(0)
 
@@ -323,8 +328,12 @@ class Paraphraser:
     def significant(self, text: str, seed: int = 0, keep: float = 0.5) -> str:
         """A heavy rewrite: keep the most central sentences, gist first, condensed and reworded."""
         rng = rng_for(text, seed, "significant")
-        sentences = [s.strip() for block in re.split(r"\n\s*\n", text)
-                     for s in _SENTENCE_SPLIT.split(block) if s.strip()]
+        sentences = [
+            s.strip()
+            for block in re.split(r"\n\s*\n", text)
+            for s in _SENTENCE_SPLIT.split(block)
+            if s.strip()
+        ]
         if not sentences:
             return text
         kept = _central_sentences(sentences, keep)
@@ -350,14 +359,16 @@ def fix_articles(text: str) -> str:
 
     def agree(m: re.Match[str]) -> str:
         a, n, space, nxt = m.groups()
-        vowel = nxt[0].lower() in "aeio" or (nxt[0].lower() == "u" and not nxt.lower().startswith(("uni", "use", "usu")))
+        vowel = nxt[0].lower() in "aeio" or (
+            nxt[0].lower() == "u" and not nxt.lower().startswith(("uni", "use", "usu"))
+        )
         return f"{a}{'n' if vowel else ''}{space}{nxt}"
 
     return _AN.sub(agree, text)
 
 
 def _swap_coordinated(sentence: str) -> str:
-    """"A, and B." -> "B, and a." when both halves are whole clauses of some length."""
+    """ "A, and B." -> "B, and a." when both halves are whole clauses of some length."""
     m = re.match(r"^(.{25,}?),\s+(and|but)\s+(.{25,}?)([.!?]+)$", sentence)
     if not m or "\n" in sentence:
         return sentence
@@ -368,7 +379,9 @@ def _swap_coordinated(sentence: str) -> str:
     return f"{second[:1].upper()}{second[1:]}, {conj} {head} {rest}{punct}"
 
 
-def _drop_unreworded(sentences: list[str], original: str, limit: float = 0.25, keep: float = 0.6) -> list[str]:
+def _drop_unreworded(
+    sentences: list[str], original: str, limit: float = 0.25, keep: float = 0.6
+) -> list[str]:
     """Drop the sentences that could not be reworded (names, numbers and set phrases keep long runs of
     the original's 8-grams), worst first, while at least `keep` of the sentences remain."""
     from attribution.text import ngrams, words
@@ -379,16 +392,20 @@ def _drop_unreworded(sentences: list[str], original: str, limit: float = 0.25, k
         own = ngrams(words(s), 8)
         share.append(len(own & grams) / len(own) if own else 0.0)
     n_min = max(1, math.ceil(keep * len(sentences)))
-    drop = {i for i in sorted(range(len(sentences)), key=lambda i: -share[i])[: len(sentences) - n_min]
-            if share[i] > limit}
+    drop = {
+        i
+        for i in sorted(range(len(sentences)), key=lambda i: -share[i])[: len(sentences) - n_min]
+        if share[i] > limit
+    }
     return [s for i, s in enumerate(sentences) if i not in drop]
 
 
 def _central_sentences(sentences: list[str], keep: float) -> list[str]:
     """The top `keep` share of sentences by centrality (mean document frequency of their content
     words), ordered most central first: the text leads with its gist, and side remarks go."""
-    tokenized = [[w for w in re.findall(r"[a-z]+", s.lower()) if w not in _CLOSED and len(w) > 2]
-                 for s in sentences]
+    tokenized = [
+        [w for w in re.findall(r"[a-z]+", s.lower()) if w not in _CLOSED and len(w) > 2] for s in sentences
+    ]
     freq = Counter(w for toks in tokenized for w in set(toks))
     scores = [sum(freq[w] for w in toks) / math.sqrt(len(toks) + 1) for toks in tokenized]
     n_keep = max(1, math.ceil(keep * len(sentences)))

@@ -94,7 +94,7 @@ class CommandRewriter:
 
     def __init__(self, command: str, *, timeout: float = 120.0, retries: int = 1):
         if not command.strip():
-            raise UserError("--rewriter cmd: needs a command, e.g. cmd:\"llm -m mymodel\"")
+            raise UserError('--rewriter cmd: needs a command, e.g. cmd:"llm -m mymodel"')
         self.command = command
         self.name = f"cmd:{command}"
         self.timeout = timeout
@@ -102,13 +102,22 @@ class CommandRewriter:
 
     def rewrite(self, text: str, kind: str, seed: int) -> Rewrite:
         argv = shlex.split(self.command.replace("{kind}", kind))
-        env = dict(os.environ, ATTRIBUTION_REWRITE_KIND=kind, ATTRIBUTION_REWRITE_SEED=str(seed),
-                   ATTRIBUTION_REWRITE_PROMPT=PROMPTS[kind])
+        env = dict(
+            os.environ,
+            ATTRIBUTION_REWRITE_KIND=kind,
+            ATTRIBUTION_REWRITE_SEED=str(seed),
+            ATTRIBUTION_REWRITE_PROMPT=PROMPTS[kind],
+        )
         last = ""
         for attempt in range(self.retries + 1):
             try:
                 proc = subprocess.run(
-                    argv, input=text, capture_output=True, text=True, timeout=self.timeout, env=env,
+                    argv,
+                    input=text,
+                    capture_output=True,
+                    text=True,
+                    timeout=self.timeout,
+                    env=env,
                     check=False,
                 )
             except subprocess.TimeoutExpired:
@@ -119,8 +128,11 @@ class CommandRewriter:
                 if proc.returncode == 0 and proc.stdout.strip():
                     return Rewrite(proc.stdout.strip(), self.name)
                 err = proc.stderr.strip().splitlines()[-1:] or [""]
-                last = (f"exit status {proc.returncode} {err[0]}".strip() if proc.returncode
-                        else "returned empty text")
+                last = (
+                    f"exit status {proc.returncode} {err[0]}".strip()
+                    if proc.returncode
+                    else "returned empty text"
+                )
             if attempt < self.retries:
                 time.sleep(min(2.0**attempt * 0.5, 10.0))
         raise RewriteError(f"rewriter {self.name}: {last} (after {self.retries + 1} attempts)")
@@ -129,11 +141,21 @@ class CommandRewriter:
 class HttpRewriter:
     """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, Ollama ...)."""
 
-    def __init__(self, url: str, *, model: str = "gpt-4o-mini", key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 120.0, retries: int = 2, temperature: float = 0.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = "gpt-4o-mini",
+        key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        retries: int = 2,
+        temperature: float = 0.0,
+    ):
         if not url.startswith(("http://", "https://")):
             raise UserError(f"--rewriter http: needs a URL starting with http:// or https://, got {url!r}")
-        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        self.url = (
+            url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        )
         self.name = f"http:{self.url}#{model}"
         self.model = model
         self.key_env = key_env
@@ -152,7 +174,9 @@ class HttpRewriter:
         key = os.environ.get(self.key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        return urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
 
     def rewrite(self, text: str, kind: str, seed: int) -> Rewrite:
         last = ""
@@ -236,9 +260,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "rewrites"
 
 
-def make_rewriter(spec: str | None, *, timeout: float = 120.0, retries: int = 2, on_failure: str = "error",
-                  model: str = "gpt-4o-mini", key_env: str = "OPENAI_API_KEY",
-                  cache_dir: Path | None = None) -> Rewriter:
+def make_rewriter(
+    spec: str | None,
+    *,
+    timeout: float = 120.0,
+    retries: int = 2,
+    on_failure: str = "error",
+    model: str = "gpt-4o-mini",
+    key_env: str = "OPENAI_API_KEY",
+    cache_dir: Path | None = None,
+) -> Rewriter:
     """Build a rewriter from a `--rewriter` spec: `offline` (default), `cmd:COMMAND` or `http:URL`.
 
     `on_failure="fallback"` makes a failing plug-in fall back to the offline rewriter; `"error"` stops.
@@ -256,6 +287,6 @@ def make_rewriter(spec: str | None, *, timeout: float = 120.0, retries: int = 2,
     elif spec.startswith("http:"):
         plugin = HttpRewriter(spec[5:], model=model, key_env=key_env, timeout=timeout, retries=retries)
     else:
-        raise UserError(f"unknown --rewriter {spec!r}: use offline, cmd:\"COMMAND\" or http:URL")
+        raise UserError(f'unknown --rewriter {spec!r}: use offline, cmd:"COMMAND" or http:URL')
     plugin = CachedRewriter(plugin, cache_dir or default_cache_dir())
     return FallbackRewriter(plugin, OfflineRewriter()) if on_failure == "fallback" else plugin

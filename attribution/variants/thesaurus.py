@@ -65,7 +65,8 @@ def parse_mythes(path: Path) -> dict[str, dict[str, object]]:
                 if len(syns.get(pos, [])) >= _SENSES_KEPT:
                     continue
                 terms = [
-                    t for t in parts[1:]
+                    t
+                    for t in parts[1:]
                     if not t.endswith(_QUALIFIED) and _plain_word(t) and t.lower() != word.lower()
                 ]
                 syns.setdefault(pos, []).append(terms)
@@ -118,7 +119,9 @@ def _load_cached(path: str) -> Thesaurus:
             f"{src}: thesaurus not found; install Debian's mythes-en-us (apt-get install mythes-en-us)"
         )
     stat = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_SENSES_KEPT}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_SENSES_KEPT}".encode()
+    ).hexdigest()[:16]
     cache = _cache_dir() / f"mythes-{key}.json"
     if cache.is_file():
         try:
@@ -147,6 +150,7 @@ def common_words() -> dict[str, int]:
     encoder: dict[str, int] = json.loads(enc_path.read_text(encoding="utf-8"))
     prefix = "\u0120"  # GPT-2's byte-level marker for a leading space
     return {
-        tok[1:]: rank for tok, rank in encoder.items()
+        tok[1:]: rank
+        for tok, rank in encoder.items()
         if tok.startswith(prefix) and tok[1:].isalpha() and tok[1:].islower() and tok[1:].isascii()
     }

@@ -89,11 +89,15 @@ def read_parent(run: Path) -> tuple[Manifest, RunConfig, list[chain.Link]]:
     rd.require((MANIFEST_FILE, DOCS))
     manifest = rd.manifest()
     if manifest.status != "complete":
-        raise UserError(f"{run}: the run is not finished (status {manifest.status!r}); finish it with --resume first")
+        raise UserError(
+            f"{run}: the run is not finished (status {manifest.status!r}); finish it with --resume first"
+        )
     links = chain.links(run)
     if len(links) < 2 or links[0].step != 0 or links[-1].step != manifest.total_steps:
-        raise UserError(f"{run}: this run kept no replay chain, so claims cannot be replayed; rerun it with "
-                        "`attribution run ... --keep-every K` (K > 0, e.g. the preset's default)")
+        raise UserError(
+            f"{run}: this run kept no replay chain, so claims cannot be replayed; rerun it with "
+            "`attribution run ... --keep-every K` (K > 0, e.g. the preset's default)"
+        )
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in manifest.config.items() if k in fields})
     cfg.betas = tuple(cfg.betas) if cfg.betas is not None else None
@@ -111,23 +115,26 @@ def _check_corpus(cfg: RunConfig, manifest: Manifest) -> None:
     found = corpus_fingerprint(paths)
     if found != manifest.corpus.fingerprint:
         names = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
-        raise UserError(f"{names}: corpus fingerprint {found[:16]} differs from the run's "
-                        f"{str(manifest.corpus.fingerprint)[:16]}: the corpus changed since training, replay refused")
+        raise UserError(
+            f"{names}: corpus fingerprint {found[:16]} differs from the run's "
+            f"{str(manifest.corpus.fingerprint)[:16]}: the corpus changed since training, replay refused"
+        )
 
 
 def _read_claims(texts: Path) -> int:
     from attribution.corpus import read_validation
 
     if not texts.is_file():
-        raise UserError(f"{texts}: no such file (--texts expects JSONL, one {{\"id\", \"text\"}} object a line)")
+        raise UserError(f'{texts}: no such file (--texts expects JSONL, one {{"id", "text"}} object a line)')
     docs = read_validation(texts)
     if not docs:
         raise UserError(f"{texts}: no claim texts")
     return len(docs)
 
 
-def segments_for(links: Sequence[chain.Link], train_steps: dict[int, set[str]] | None,
-                 targets: Sequence[str] | None) -> list[Segment]:
+def segments_for(
+    links: Sequence[chain.Link], train_steps: dict[int, set[str]] | None, targets: Sequence[str] | None
+) -> list[Segment]:
     """Consecutive link pairs; with `targets`, only those whose steps train one of the target documents."""
     segs = [Segment(a.step, b.step) for a, b in zip(links, links[1:], strict=False)]
     if targets is None or train_steps is None:
@@ -197,11 +204,14 @@ def replay_segment(job: ClaimJob, seg: Segment) -> Path:
     stepper.finish()
     worst = chain.deviation(model, links[seg.end])
     if worst > job.tolerance:
-        raise UserError(f"{links[seg.end].path}: replay diverged from the run at step {seg.end} "
-                        f"(largest weight difference {worst:.3g} > tolerance {job.tolerance:g}); the checkpoints, "
-                        f"corpus, software or thread count ({torch.get_num_threads()} here) differ from the run's")
-    return _write_segment(Path(job.out), seg, arrays, {"deviation": worst, "losses": losses, "device": device,
-                                                       "dtype": dtype})
+        raise UserError(
+            f"{links[seg.end].path}: replay diverged from the run at step {seg.end} "
+            f"(largest weight difference {worst:.3g} > tolerance {job.tolerance:g}); the checkpoints, "
+            f"corpus, software or thread count ({torch.get_num_threads()} here) differ from the run's"
+        )
+    return _write_segment(
+        Path(job.out), seg, arrays, {"deviation": worst, "losses": losses, "device": device, "dtype": dtype}
+    )
 
 
 def _write_segment(out: Path, seg: Segment, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
@@ -236,13 +246,24 @@ def _train_steps(cfg: RunConfig, data, total: int) -> dict[int, set[str]]:
     sampler = loop.Sampler(data.train_seqs, cfg.seed)
     doc_ids = data.seqset.docs["doc_id"].astype(str).to_numpy()
     seq_doc = np.asarray(data.seqset.seq_doc)
-    return {step: set(doc_ids[seq_doc[sampler.take((step - 1) * cfg.batch_size, cfg.batch_size)]])
-            for step in range(1, total + 1)}
+    return {
+        step: set(doc_ids[seq_doc[sampler.take((step - 1) * cfg.batch_size, cfg.batch_size)]])
+        for step in range(1, total + 1)
+    }
 
 
-def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence[str] | None = None,
-          workers: int = 1, resume: bool = False, tolerance: float | None = None, report: bool = True,
-          progress: bool = True) -> Path:
+def claim(
+    run: str | Path,
+    texts: str | Path,
+    out: str | Path,
+    *,
+    docs: Sequence[str] | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    tolerance: float | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> Path:
     """Value the texts in `texts` (JSONL) against the finished run `run` by replay; returns the output run dir.
 
     Under torchrun, each rank replays every world-th segment and rank 0 merges them."""
@@ -263,15 +284,27 @@ def claim(run: str | Path, texts: str | Path, out: str | Path, *, docs: Sequence
         todo = [s for s in segs if not (resume and _segment_done(out, s))]
         n_steps = sum(s.end - s.start for s in segs)
         if info.is_main:
-            print(f"claim: {n_claims} text(s); replaying {len(segs)} of {len(links) - 1} segment(s), {n_steps} of "
-                  f"{total} steps ({len(segs) - len(todo)} already done), {workers * info.world} worker(s)",
-                  file=sys.stderr)
+            print(
+                f"claim: {n_claims} text(s); replaying {len(segs)} of {len(links) - 1} segment(s), {n_steps} of "
+                f"{total} steps ({len(segs) - len(todo)} already done), {workers * info.world} worker(s)",
+                file=sys.stderr,
+            )
         _run_segments(job, todo[info.rank :: info.world], workers, progress and info.is_main)
         dist_util.barrier(info)
         if not info.is_main:
             return out
-        run_dir = _merge(out, cfg, data, val_data, segs, job, manifest, started=started, n_steps=n_steps,
-                         workers=workers * info.world)
+        run_dir = _merge(
+            out,
+            cfg,
+            data,
+            val_data,
+            segs,
+            job,
+            manifest,
+            started=started,
+            n_steps=n_steps,
+            workers=workers * info.world,
+        )
     except UserError:
         if fresh and info.is_main:  # a refused replay (diverged, tampered, bad --docs) leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -289,25 +322,46 @@ def _prepare_out(run: Path, out: Path, resume: bool) -> None:
     if out.resolve() == run.resolve():
         raise UserError(f"{out}: --out must not be the run directory itself")
     if out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(f"{out} already exists; pass --resume to continue a claim replay or choose another --out")
+        raise UserError(
+            f"{out} already exists; pass --resume to continue a claim replay or choose another --out"
+        )
     if not resume and (out / SEGMENTS_DIR).exists():
         shutil.rmtree(out / SEGMENTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _job(run: Path, texts: Path, out: Path, manifest: Manifest, parent_cfg: RunConfig, n_claims: int,
-         docs: Sequence[str] | None, tolerance: float | None):
+def _job(
+    run: Path,
+    texts: Path,
+    out: Path,
+    manifest: Manifest,
+    parent_cfg: RunConfig,
+    n_claims: int,
+    docs: Sequence[str] | None,
+    tolerance: float | None,
+):
     """The replay job, and the data it reads (the parent's training data, the claims as validation sets)."""
     # the reference is rebuilt from the corpus (same seed, same documents), not read back as a validation set
     parent_val = {name: str(p) for name, p in RunDir(run).val_set_paths().items() if name != REFERENCE_SET}
     val = {CLAIM_SET: str(texts)}
-    cfg = dataclasses.replace(parent_cfg, out=str(out), resume=False, progress=False,
-                              per_example_max=max(parent_cfg.per_example_max, n_claims))
-    job = ClaimJob(run=str(run), out=str(out), config=cfg.to_json() | {"betas": cfg.betas,
-                                                                         "exclude_ids": cfg.exclude_ids},
-                   val=val, parent_val=parent_val, total=int(manifest.total_steps),
-                   targets=[str(d) for d in docs] if docs else None, threads=manifest.training.threads,
-                   tolerance=_tolerance(tolerance, manifest))
+    cfg = dataclasses.replace(
+        parent_cfg,
+        out=str(out),
+        resume=False,
+        progress=False,
+        per_example_max=max(parent_cfg.per_example_max, n_claims),
+    )
+    job = ClaimJob(
+        run=str(run),
+        out=str(out),
+        config=cfg.to_json() | {"betas": cfg.betas, "exclude_ids": cfg.exclude_ids},
+        val=val,
+        parent_val=parent_val,
+        total=int(manifest.total_steps),
+        targets=[str(d) for d in docs] if docs else None,
+        threads=manifest.training.threads,
+        tolerance=_tolerance(tolerance, manifest),
+    )
     _, data, val_data = _load(job)
     if docs:
         known = set(data.docs["doc_id"].astype(str))
@@ -321,7 +375,11 @@ def _tolerance(tolerance: float | None, manifest: Manifest) -> float:
     """Bitwise (0) on CPU float32/float64; a bf16 or GPU run reports its deviation and allows a small one."""
     if tolerance is not None:
         return float(tolerance)
-    exact = manifest.training.device in (None, "cpu") and manifest.training.dtype in (None, "float32", "float64")
+    exact = manifest.training.device in (None, "cpu") and manifest.training.dtype in (
+        None,
+        "float32",
+        "float64",
+    )
     return 0.0 if exact else 1e-3
 
 
@@ -346,8 +404,11 @@ def _run_segments(job: ClaimJob, todo: list[Segment], workers: int, progress: bo
         # every worker keeps the run's thread count (float32 sums depend on it), even when that oversubscribes
         threads = job.threads or 1
         if threads * min(workers, len(todo)) > (os.cpu_count() or 1):
-            print(f"claim: {workers} workers x {threads} threads (the run's) share {os.cpu_count()} cores; "
-                  "values stay bitwise, the speedup is smaller", file=sys.stderr)
+            print(
+                f"claim: {workers} workers x {threads} threads (the run's) share {os.cpu_count()} cores; "
+                "values stay bitwise, the speedup is smaller",
+                file=sys.stderr,
+            )
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(min(workers, len(todo))) as pool:
             for _ in pool.imap_unordered(_replay_star, [(job, s) for s in todo]):
@@ -356,8 +417,19 @@ def _run_segments(job: ClaimJob, todo: list[Segment], workers: int, progress: bo
         bar.close()
 
 
-def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: ClaimJob, parent: Manifest, *,
-           started: float, n_steps: int, workers: int) -> Path:
+def _merge(
+    out: Path,
+    cfg: RunConfig,
+    data,
+    val,
+    segs: list[Segment],
+    job: ClaimJob,
+    parent: Manifest,
+    *,
+    started: float,
+    n_steps: int,
+    workers: int,
+) -> Path:
     """Add the segments' per-step values into a value store, in step order, and write the run directory."""
     from safetensors.numpy import load_file
 
@@ -372,8 +444,9 @@ def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: Claim
         new_row[keep] = np.arange(int(keep.sum()))
         seq_row = np.where(seq_row >= 0, new_row[np.maximum(seq_row, 0)], -1)
         docs = docs[keep].reset_index(drop=True)
-    store = ValueStore(out, docs, seq_row, list(val), {n: v.example_ids for n, v in val.items()},
-                       cfg.stage_window)
+    store = ValueStore(
+        out, docs, seq_row, list(val), {n: v.example_ids for n, v in val.items()}, cfg.stage_window
+    )
     log = loop.TrainLog(out / "train_log.csv", [])
     log.start(None)
     worst = 0.0
@@ -384,10 +457,14 @@ def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: Claim
         for step, loss in zip(range(seg.start + 1, seg.end + 1), meta["losses"], strict=True):
             get = {name: arrays.get(f"{step}/cos/{name}") for name in val}
             batch = arrays[f"{step}/batch"]
-            store.add(step, batch, {n: arrays[f"{step}/set/{n}"] for n in val},
-                      {n: arrays[f"{step}/example/{n}"] for n in val},
-                      {n: c for n, c in get.items() if c is not None},
-                      keep=None if job.targets is None else seq_row[batch] >= 0)
+            store.add(
+                step,
+                batch,
+                {n: arrays[f"{step}/set/{n}"] for n in val},
+                {n: arrays[f"{step}/example/{n}"] for n in val},
+                {n: c for n, c in get.items() if c is not None},
+                keep=None if job.targets is None else seq_row[batch] >= 0,
+            )
             log.write(step, loop.lr_at(step, cfg, job.total), loss, None, None)
     store.flush(1, job.total)
     store.finalize()
@@ -404,22 +481,41 @@ def _merge(out: Path, cfg: RunConfig, data, val, segs: list[Segment], job: Claim
     return out
 
 
-def _claim_manifest(parent: Manifest, cfg: RunConfig, val, store, segs: list[Segment], job: ClaimJob,
-                    started: float, finished: float, n_steps: int, worst: float, workers: int) -> Manifest:
+def _claim_manifest(
+    parent: Manifest,
+    cfg: RunConfig,
+    val,
+    store,
+    segs: list[Segment],
+    job: ClaimJob,
+    started: float,
+    finished: float,
+    n_steps: int,
+    worst: float,
+    workers: int,
+) -> Manifest:
     """The parent's manifest, with this replay's validation sets, values and provenance."""
     raw = parent.to_dict()
     raw["status"] = "complete"
     raw["config"] = cfg.to_json()
-    raw["val_sets"] = {n: {"path": v.path, "n_docs": len(v.docs), "n_sequences": len(v.ids), "per_example": True}
-                       for n, v in val.items()}
+    raw["val_sets"] = {
+        n: {"path": v.path, "n_docs": len(v.docs), "n_sequences": len(v.ids), "per_example": True}
+        for n, v in val.items()
+    }
     raw["values"] = store.describe()
     raw["final_val_loss"] = None
     raw["timings"] = {"started": started, "finished": finished, "train_seconds": finished - started}
     raw["claim"] = {
-        "parent_run": str(Path(job.run).resolve()), "parent_fingerprint": parent.corpus.fingerprint,
-        "texts": str(Path(job.val[CLAIM_SET]).resolve()), "segments": [[s.start, s.end] for s in segs],
-        "replayed_steps": n_steps, "total_steps": job.total, "targeted_docs": job.targets,
-        "max_weight_deviation": worst, "tolerance": job.tolerance, "workers": workers,
+        "parent_run": str(Path(job.run).resolve()),
+        "parent_fingerprint": parent.corpus.fingerprint,
+        "texts": str(Path(job.val[CLAIM_SET]).resolve()),
+        "segments": [[s.start, s.end] for s in segs],
+        "replayed_steps": n_steps,
+        "total_steps": job.total,
+        "targeted_docs": job.targets,
+        "max_weight_deviation": worst,
+        "tolerance": job.tolerance,
+        "workers": workers,
         "verified": "bitwise" if worst == 0.0 else f"within {job.tolerance:g}",
     }
     return Manifest.from_dict(raw)

@@ -53,8 +53,13 @@ class FastClaims:
 def _config(manifest: Manifest) -> RunConfig:
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in manifest.config.items() if k in fields})
-    return dataclasses.replace(cfg, betas=tuple(cfg.betas) if cfg.betas is not None else None,
-                               exclude_ids=tuple(cfg.exclude_ids), progress=False, resume=False)
+    return dataclasses.replace(
+        cfg,
+        betas=tuple(cfg.betas) if cfg.betas is not None else None,
+        exclude_ids=tuple(cfg.exclude_ids),
+        progress=False,
+        resume=False,
+    )
 
 
 def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]) -> str:
@@ -106,8 +111,9 @@ class _Gradients:
         return out
 
 
-def query_vectors(run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *, progress: bool = False
-                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+def query_vectors(
+    run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *, progress: bool = False
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """`name -> [n_texts, dim]` sketched claim-side vectors for each text set in `texts` (ValData).
 
     Per segment, the trapezoid of the two kept checkpoints around it; without a chain, the final weights."""
@@ -136,7 +142,9 @@ def query_vectors(run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *
                 out[name] += w * projection.mix(kron, s).numpy()
 
     if all(b in links for b in bounds):
-        for b in tqdm(bounds, desc="claim gradients", unit="checkpoint", disable=not progress, file=sys.stderr):
+        for b in tqdm(
+            bounds, desc="claim gradients", unit="checkpoint", disable=not progress, file=sys.stderr
+        ):
             chain.load_link(links[b], model, optimizer, device=device)
             # the link ends the segment before it and starts the one after it: half of each trapezoid
             add([(i, 0.5) for i, (a, e) in enumerate(segs) if b in (a, e)])
@@ -144,12 +152,16 @@ def query_vectors(run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *
         if ckpt.load_checkpoint(run, model, optimizer, device=device) is None:
             raise UserError(f"{run}: no checkpoint to take the claim gradient at (checkpoints/ is missing)")
         add([(i, 1.0) for i in range(len(segs))])
-        notes.append("the run kept no replay chain: every segment uses the claim gradient at the final weights, "
-                     "and the candidates cannot be confirmed by exact replay (estimates only)")
+        notes.append(
+            "the run kept no replay chain: every segment uses the claim gradient at the final weights, "
+            "and the candidates cannot be confirmed by exact replay (estimates only)"
+        )
     else:
         missing = [b for b in bounds if b not in links]
-        raise UserError(f"{run}: the replay chain lacks the kept checkpoints at steps {missing[:5]} that the sketch's "
-                        "segments end at")
+        raise UserError(
+            f"{run}: the replay chain lacks the kept checkpoints at steps {missing[:5]} that the sketch's "
+            "segments end at"
+        )
     return out, notes
 
 
@@ -175,7 +187,9 @@ def _doc_index(sketch: SketchIndex, view: str, run: Path):
     tokens = docs.set_index(docs["doc_id"].astype(str))["n_tokens"].reindex(sketch.meta["doc_ids"]).fillna(1)
     vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
     scaled = faiss.IndexFlatIP(index.d)
-    scaled.add(np.ascontiguousarray(vectors / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None], np.float32))
+    scaled.add(
+        np.ascontiguousarray(vectors / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None], np.float32)
+    )
     return scaled
 
 
@@ -198,7 +212,7 @@ def _texts(run: Path, cfg: RunConfig, texts: Path, contrast: bool) -> dict:
     from attribution.train.reference import NAME as REFERENCE
 
     if not texts.is_file():
-        raise UserError(f"{texts}: no such file (--texts expects JSONL, one {{\"id\", \"text\"}} object a line)")
+        raise UserError(f'{texts}: no such file (--texts expects JSONL, one {{"id", "text"}} object a line)')
     if not read_validation(texts):
         raise UserError(f"{texts}: no claim texts")
     out = {"claims": loop.load_validation(dataclasses.replace(cfg, val={"claims": str(texts)}))["claims"]}
@@ -212,8 +226,14 @@ def _texts(run: Path, cfg: RunConfig, texts: Path, contrast: bool) -> dict:
     return out
 
 
-def estimate(run: str | Path, texts: str | Path, *, view: str | None = None, k: int | None = None,
-             progress: bool = False) -> tuple[pd.DataFrame, str, list[str], bool]:
+def estimate(
+    run: str | Path,
+    texts: str | Path,
+    *,
+    view: str | None = None,
+    k: int | None = None,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, str, list[str], bool]:
     """Top-`k` documents per claim by the sketch (all documents when `k` is None).
 
     Returns (rows `claim_id, rank, doc_id, estimate`, the view used, notes, whether a chain exists)."""
@@ -232,15 +252,28 @@ def estimate(run: str | Path, texts: str | Path, *, view: str | None = None, k: 
     scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
     doc_ids = np.asarray(sketch.meta["doc_ids"], dtype=object)
     claim_ids = sets["claims"].example_ids
-    table = pd.DataFrame({
-        "claim_id": np.repeat(claim_ids, k), "rank": np.tile(np.arange(1, k + 1), len(claim_ids)),
-        "doc_id": doc_ids[rows.reshape(-1)], "estimate": scores.reshape(-1).astype(np.float64),
-    })
+    table = pd.DataFrame(
+        {
+            "claim_id": np.repeat(claim_ids, k),
+            "rank": np.tile(np.arange(1, k + 1), len(claim_ids)),
+            "doc_id": doc_ids[rows.reshape(-1)],
+            "estimate": scores.reshape(-1).astype(np.float64),
+        }
+    )
     return table, view, notes, bool(chain.links(run))
 
 
-def fast_claim(run: str | Path, texts: str | Path, out: str | Path, *, k: int = 10, view: str | None = None,
-               workers: int = 1, tolerance: float | None = None, progress: bool = True) -> FastClaims:
+def fast_claim(
+    run: str | Path,
+    texts: str | Path,
+    out: str | Path,
+    *,
+    k: int = 10,
+    view: str | None = None,
+    workers: int = 1,
+    tolerance: float | None = None,
+    progress: bool = True,
+) -> FastClaims:
     """Candidates from the sketch index, confirmed by targeted exact replay; writes `fast.csv` and `fast.md`."""
     from attribution.values.results import RunValues
     from attribution.workflows.claim import CLAIM_SET, claim
@@ -251,13 +284,22 @@ def fast_claim(run: str | Path, texts: str | Path, out: str | Path, *, k: int = 
     table, view, notes, has_chain = estimate(run, texts, view=view, k=k, progress=progress)
     if has_chain:
         candidates = sorted(set(table["doc_id"]))
-        replay = claim(run, texts, out / "replay", docs=candidates, workers=workers, tolerance=tolerance,
-                       report=False, progress=progress)
+        replay = claim(
+            run,
+            texts,
+            out / "replay",
+            docs=candidates,
+            workers=workers,
+            tolerance=tolerance,
+            report=False,
+            progress=progress,
+        )
         exact = RunValues.read(replay).view(view)
         exact = exact[exact["val_set"] == CLAIM_SET]
         exact = exact.rename(columns={"val_id": "claim_id", "value": "exact_value", "attribution": "exact"})
-        table = table.merge(exact[["claim_id", "doc_id", "exact_value", "exact"]], on=["claim_id", "doc_id"],
-                            how="left")
+        table = table.merge(
+            exact[["claim_id", "doc_id", "exact_value", "exact"]], on=["claim_id", "doc_id"], how="left"
+        )
         table["exact_rank"] = table.groupby("claim_id")["exact"].rank(ascending=False, method="average")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "fast.csv") as fh:
@@ -268,16 +310,27 @@ def fast_claim(run: str | Path, texts: str | Path, out: str | Path, *, k: int = 
 
 
 def _markdown(table: pd.DataFrame, view: str, notes: list[str], run: Path, confirmed: bool) -> str:
-    lines = [f"# Fast claims against {run}", "",
-             f"Candidates from the run's gradient-sketch index, ranked by the `{view}` view "
-             + ("and confirmed by targeted exact replay (`exact`: the exact value under that view, `exact_rank`: "
-                "its rank among the candidates)." if confirmed else "(estimates only, not confirmed)."), ""]
+    lines = [
+        f"# Fast claims against {run}",
+        "",
+        f"Candidates from the run's gradient-sketch index, ranked by the `{view}` view "
+        + (
+            "and confirmed by targeted exact replay (`exact`: the exact value under that view, `exact_rank`: "
+            "its rank among the candidates)."
+            if confirmed
+            else "(estimates only, not confirmed)."
+        ),
+        "",
+    ]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     cols = ["rank", "doc_id", "estimate"] + (["exact", "exact_value", "exact_rank"] if confirmed else [])
     for claim_id, rows in table.groupby("claim_id", sort=False):
         lines += [f"## {claim_id}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         for r in rows.itertuples(index=False):
-            cells = [f"{getattr(r, c):.6g}" if isinstance(getattr(r, c), float) else str(getattr(r, c)) for c in cols]
+            cells = [
+                f"{getattr(r, c):.6g}" if isinstance(getattr(r, c), float) else str(getattr(r, c))
+                for c in cols
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

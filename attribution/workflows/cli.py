@@ -14,29 +14,81 @@ import click
 
 @click.command("curate")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--drop", "drop", required=True, metavar="negative|bottom:PCT",
-              help="Which documents to drop: every document with a negative value, or the lowest PCT percent.")
-@click.option("--val-set", default=None, metavar="NAME",
-              help="Rank by value against this validation set and measure its loss (default: all sets, summed).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory: curves.csv/png, steps_to_target.csv, dropped*.csv, summary.md/json, runs/.")
-@click.option("--eval-every", type=int, default=None,
-              help="Evaluate validation loss every N steps in the retrains (default: steps/30).")
-@click.option("--smooth", "smooth_window", type=int, default=3, show_default=True,
-              help="Trailing mean over this many evaluations before comparing with the target (1 = raw).")
-@click.option("--control-seed", type=int, default=0, show_default=True,
-              help="Seed of the (first) random-drop control (same number of documents as the curated drop).")
-@click.option("--controls", "n_controls", type=int, default=1, show_default=True,
-              help="Number of random-drop controls (seeds control-seed, control-seed+1, ...): more show the noise.")
-@click.option("--holdout", type=float, default=0.0, show_default=True, metavar="FRAC",
-              help="Rank documents on 1-FRAC of the validation texts and measure loss on the other FRAC "
-                   "(needs per-text values); 0 = rank and measure on the same texts.")
-@click.option("--reuse-baseline", is_flag=True,
-              help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
-                   "interval then sets the baseline's resolution).")
-def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_every: int | None,
-                   smooth_window: int, control_seed: int, n_controls: int, holdout: float,
-                   reuse_baseline: bool) -> None:
+@click.option(
+    "--drop",
+    "drop",
+    required=True,
+    metavar="negative|bottom:PCT",
+    help="Which documents to drop: every document with a negative value, or the lowest PCT percent.",
+)
+@click.option(
+    "--val-set",
+    default=None,
+    metavar="NAME",
+    help="Rank by value against this validation set and measure its loss (default: all sets, summed).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output directory: curves.csv/png, steps_to_target.csv, dropped*.csv, summary.md/json, runs/.",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=None,
+    help="Evaluate validation loss every N steps in the retrains (default: steps/30).",
+)
+@click.option(
+    "--smooth",
+    "smooth_window",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Trailing mean over this many evaluations before comparing with the target (1 = raw).",
+)
+@click.option(
+    "--control-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the (first) random-drop control (same number of documents as the curated drop).",
+)
+@click.option(
+    "--controls",
+    "n_controls",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Number of random-drop controls (seeds control-seed, control-seed+1, ...): more show the noise.",
+)
+@click.option(
+    "--holdout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="FRAC",
+    help="Rank documents on 1-FRAC of the validation texts and measure loss on the other FRAC "
+    "(needs per-text values); 0 = rank and measure on the same texts.",
+)
+@click.option(
+    "--reuse-baseline",
+    is_flag=True,
+    help="Use RUN's own train_log as the baseline instead of retraining it (faster; RUN's evaluation "
+    "interval then sets the baseline's resolution).",
+)
+def curate_command(
+    run: Path,
+    drop: str,
+    val_set: str | None,
+    out: Path,
+    eval_every: int | None,
+    smooth_window: int,
+    control_seed: int,
+    n_controls: int,
+    holdout: float,
+    reuse_baseline: bool,
+) -> None:
     """Reproduce the paper's curation experiment on RUN's corpus.
 
     Retrains on RUN's schedule and seed three times: the full corpus (baseline), the corpus without the
@@ -45,8 +97,18 @@ def curate_command(run: Path, drop: str, val_set: str | None, out: Path, eval_ev
     """
     from attribution.workflows.curate import curate, fmt_pct, fmt_steps
 
-    r = curate(run, drop=drop, out=out, val_set=val_set, eval_every=eval_every, smooth_window=smooth_window,
-               control_seed=control_seed, reuse_baseline=reuse_baseline, holdout=holdout, n_controls=n_controls)
+    r = curate(
+        run,
+        drop=drop,
+        out=out,
+        val_set=val_set,
+        eval_every=eval_every,
+        smooth_window=smooth_window,
+        control_seed=control_seed,
+        reuse_baseline=reuse_baseline,
+        holdout=holdout,
+        n_controls=n_controls,
+    )
     click.echo(
         f"dropped {r.n_dropped}/{r.n_docs} documents ({r.dropped_fraction:.1%}); target {r.target:.4f}; "
         + "; ".join(f"{n}: {fmt_steps(s)} steps ({fmt_pct(r.saving[n])})" for n, s in r.steps.items())
@@ -59,30 +121,86 @@ commands: list[click.Command] = [curate_command]
 
 @click.command("claim")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--texts", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="JSONL of the claim texts, one {\"id\", \"text\", \"meta\"} object a line.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output run directory (same files as a run, plus claims.md and claims.html).")
-@click.option("--docs", default=None, metavar="ID,...",
-              help="Targeted mode: replay only the segments that train these documents and value only them.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Replay this many segments in parallel processes (values add up over steps: same result).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted claim replay in --out (finished segments are kept).")
-@click.option("--tolerance", type=float, default=None,
-              help="Largest weight difference allowed at a kept checkpoint (default 0 = bitwise on CPU float32; "
-                   "1e-3 for GPU/bf16 runs, whose deviation is reported).")
-@click.option("--top", "top_k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Documents per claim in claims.md / claims.html.")
-@click.option("--fast", is_flag=True,
-              help="Candidates from the run's gradient-sketch index in seconds, then confirmed by targeted exact "
-                   "replay; writes fast.csv and fast.md (estimate, exact value, exact rank among the candidates).")
-@click.option("--k", "fast_k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="--fast: candidate documents per claim.")
-@click.option("--view", "fast_view", default=None, metavar="NAME",
-              help="--fast: the view the sketch ranks by (value, per_token, cosine, contrast, contrast_per_token, "
-                   "contrast_cosine; default: the run's default view).")
-def claim_command(run: Path, texts: Path, out: Path, docs: str | None, workers: int, resume: bool,
-                  tolerance: float | None, top_k: int, fast: bool, fast_k: int, fast_view: str | None) -> None:
+@click.option(
+    "--texts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help='JSONL of the claim texts, one {"id", "text", "meta"} object a line.',
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output run directory (same files as a run, plus claims.md and claims.html).",
+)
+@click.option(
+    "--docs",
+    default=None,
+    metavar="ID,...",
+    help="Targeted mode: replay only the segments that train these documents and value only them.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Replay this many segments in parallel processes (values add up over steps: same result).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted claim replay in --out (finished segments are kept).",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="Largest weight difference allowed at a kept checkpoint (default 0 = bitwise on CPU float32; "
+    "1e-3 for GPU/bf16 runs, whose deviation is reported).",
+)
+@click.option(
+    "--top",
+    "top_k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Documents per claim in claims.md / claims.html.",
+)
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Candidates from the run's gradient-sketch index in seconds, then confirmed by targeted exact "
+    "replay; writes fast.csv and fast.md (estimate, exact value, exact rank among the candidates).",
+)
+@click.option(
+    "--k",
+    "fast_k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="--fast: candidate documents per claim.",
+)
+@click.option(
+    "--view",
+    "fast_view",
+    default=None,
+    metavar="NAME",
+    help="--fast: the view the sketch ranks by (value, per_token, cosine, contrast, contrast_per_token, "
+    "contrast_cosine; default: the run's default view).",
+)
+def claim_command(
+    run: Path,
+    texts: Path,
+    out: Path,
+    docs: str | None,
+    workers: int,
+    resume: bool,
+    tolerance: float | None,
+    top_k: int,
+    fast: bool,
+    fast_k: int,
+    fast_view: str | None,
+) -> None:
     """Value texts that arrive after training against the finished run RUN, by exact replay.
 
     \b
@@ -103,14 +221,30 @@ def claim_command(run: Path, texts: Path, out: Path, docs: str | None, workers: 
         _fast(run, texts, out, docs, resume, fast_k, fast_view, workers, tolerance, t0)
         return
     ids = [d.strip() for d in docs.split(",") if d.strip()] if docs else None
-    run_dir = claim(run, texts, out, docs=ids, workers=workers, resume=resume, tolerance=tolerance, report=False)
-    if RunDir(run_dir).manifest_path.is_file():  # rank 0 (the other torchrun ranks return after their segments)
+    run_dir = claim(
+        run, texts, out, docs=ids, workers=workers, resume=resume, tolerance=tolerance, report=False
+    )
+    if RunDir(
+        run_dir
+    ).manifest_path.is_file():  # rank 0 (the other torchrun ranks return after their segments)
         md, page = write_claims_report(run_dir, run_dir, top_k=top_k)
-        click.echo(f"claims valued in {time.perf_counter() - t0:.1f} s: {run_dir} ({md.name}, {page.name})", err=True)
+        click.echo(
+            f"claims valued in {time.perf_counter() - t0:.1f} s: {run_dir} ({md.name}, {page.name})", err=True
+        )
 
 
-def _fast(run: Path, texts: Path, out: Path, docs: str | None, resume: bool, k: int, view: str | None, workers: int,
-          tolerance: float | None, t0: float) -> None:
+def _fast(
+    run: Path,
+    texts: Path,
+    out: Path,
+    docs: str | None,
+    resume: bool,
+    k: int,
+    view: str | None,
+    workers: int,
+    tolerance: float | None,
+    t0: float,
+) -> None:
     from attribution.errors import UserError
     from attribution.workflows.claim_fast import fast_claim
 
@@ -120,8 +254,11 @@ def _fast(run: Path, texts: Path, out: Path, docs: str | None, resume: bool, k: 
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
     what = "confirmed by targeted exact replay" if r.confirmed else "estimates only (no replay chain)"
-    click.echo(f"{r.table['claim_id'].nunique()} claim(s), top {k} by the {r.view!r} sketch, {what}, in "
-               f"{time.perf_counter() - t0:.1f} s: {r.out / 'fast.md'}", err=True)
+    click.echo(
+        f"{r.table['claim_id'].nunique()} claim(s), top {k} by the {r.view!r} sketch, {what}, in "
+        f"{time.perf_counter() - t0:.1f} s: {r.out / 'fast.md'}",
+        err=True,
+    )
 
 
 commands = [curate_command, claim_command]

@@ -183,9 +183,18 @@ def _saving(steps: int | None, base: int | None) -> float | None:
 
 
 def analyse(
-    curves: dict[str, pd.Series], values: pd.DataFrame, dropped: pd.DataFrame,
-    controls: dict[str, pd.DataFrame], rule: DropRule, val_set: str | None, out: Path, smooth_window: int, baseline_reused: bool,
-    run_dirs: dict[str, str] | None = None, notes: list[str] | None = None, held_out: bool = False,
+    curves: dict[str, pd.Series],
+    values: pd.DataFrame,
+    dropped: pd.DataFrame,
+    controls: dict[str, pd.DataFrame],
+    rule: DropRule,
+    val_set: str | None,
+    out: Path,
+    smooth_window: int,
+    baseline_reused: bool,
+    run_dirs: dict[str, str] | None = None,
+    notes: list[str] | None = None,
+    held_out: bool = False,
 ) -> CurateResult:
     """Turn three validation-loss curves and the drop lists into the measured figures and the output files.
 
@@ -205,9 +214,13 @@ def analyse(
         n_docs=len(values),
         n_dropped=len(dropped),
         dropped_fraction=len(dropped) / max(len(values), 1),
-        dropped_token_fraction=float(dropped["n_tokens"].sum() / values["n_tokens"].sum()) if tokens else None,
+        dropped_token_fraction=float(dropped["n_tokens"].sum() / values["n_tokens"].sum())
+        if tokens
+        else None,
         negative_fraction=float((values["value"] < 0).mean()) if len(values) else 0.0,
-        negative_fraction_of_seen=(float((seen["value"] < 0).mean()) if seen is not None and len(seen) else None),
+        negative_fraction_of_seen=(
+            float((seen["value"] < 0).mean()) if seen is not None and len(seen) else None
+        ),
         documents_seen=None if seen is None else len(seen),
         target=target,
         smooth_window=smooth_window,
@@ -222,7 +235,11 @@ def analyse(
     ctrl_steps = [steps[n] for n in controls]
     if steps["curated"] is not None and steps["baseline"] and all(s is not None for s in ctrl_steps):
         mean_ctrl = float(np.mean(ctrl_steps))
-        spread = "" if len(ctrl_steps) == 1 else f" (range {min(ctrl_steps)}-{max(ctrl_steps)} over {len(ctrl_steps)} seeds)"
+        spread = (
+            ""
+            if len(ctrl_steps) == 1
+            else f" (range {min(ctrl_steps)}-{max(ctrl_steps)} over {len(ctrl_steps)} seeds)"
+        )
         result.notes.append(
             f"curated vs random-drop control: {steps['curated']} vs {mean_ctrl:g} steps{spread}, i.e. "
             f"{(mean_ctrl - steps['curated']) / steps['baseline']:+.1%} of the baseline's steps in favour of curation"
@@ -234,8 +251,12 @@ def analyse(
 
 
 def _write_outputs(
-    r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series], values: pd.DataFrame,
-    dropped: pd.DataFrame, controls: dict[str, pd.DataFrame],
+    r: CurateResult,
+    curves: dict[str, pd.Series],
+    sm: dict[str, pd.Series],
+    values: pd.DataFrame,
+    dropped: pd.DataFrame,
+    controls: dict[str, pd.DataFrame],
 ) -> None:
     out = r.out
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +269,9 @@ def _write_outputs(
     table = pd.DataFrame(
         {
             "run": names,
-            "documents_dropped": [len(controls[n]) if n in controls else (r.n_dropped if n == "curated" else 0)
-                                  for n in names],
+            "documents_dropped": [
+                len(controls[n]) if n in controls else (r.n_dropped if n == "curated" else 0) for n in names
+            ],
             "steps_to_target": pd.array([r.steps.get(n) for n in names], dtype="Int64"),
             "saving_vs_baseline": [r.saving.get(n) for n in names],
             "final_val_loss": [r.final_loss.get(n) for n in names],
@@ -257,8 +279,10 @@ def _write_outputs(
     )
     with atomic_path(out / "steps_to_target.csv") as tmp:
         table.to_csv(tmp, index=False)
-    for name, df in (("dropped.csv", dropped), *((f"{n.replace('-', '_')}_dropped.csv", c)
-                                                  for n, c in controls.items())):
+    for name, df in (
+        ("dropped.csv", dropped),
+        *((f"{n.replace('-', '_')}_dropped.csv", c) for n, c in controls.items()),
+    ):
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
     with atomic_path(out / "dropped_sources.csv") as tmp:
@@ -276,7 +300,11 @@ def _plot(r: CurateResult, curves: dict[str, pd.Series], sm: dict[str, pd.Series
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     colors = {"baseline": "tab:blue", "curated": "tab:green"}
-    labels = {"baseline": "baseline (full corpus)", "curated": f"curated ({r.rule})", "random": "random-drop control"}
+    labels = {
+        "baseline": "baseline (full corpus)",
+        "curated": f"curated ({r.rule})",
+        "random": "random-drop control",
+    }
     for name in curves:
         colors.setdefault(name, "tab:grey")
         ax.plot(curves[name].index, curves[name].values, color=colors[name], alpha=0.3, lw=1)
@@ -310,11 +338,16 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
         "# Curation by value",
         "",
         f"- Rule: `{r.rule}`, values against "
-        + (f"validation set `{r.val_set}`" if r.val_set else "all validation sets (summed)") + ".",
+        + (f"validation set `{r.val_set}`" if r.val_set else "all validation sets (summed)")
+        + ".",
         f"- Documents with a negative value: {r.negative_fraction:.1%} of {r.n_docs}"
-        + ("" if r.documents_seen is None else
-           f" ({r.negative_fraction_of_seen:.1%} of the {r.documents_seen} documents the run trained on; "
-           "a document never in a batch has value 0)") + ".",
+        + (
+            ""
+            if r.documents_seen is None
+            else f" ({r.negative_fraction_of_seen:.1%} of the {r.documents_seen} documents the run trained on; "
+            "a document never in a batch has value 0)"
+        )
+        + ".",
         f"- Dropped: {r.n_dropped} documents = {r.dropped_fraction:.1%}{tok}.",
         f"- Target validation loss: {r.target:.4f} (baseline's final loss, trailing mean over "
         f"{r.smooth_window} evaluation(s)).",
@@ -330,9 +363,13 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
             f"| {name} | {row['documents_dropped']} | {fmt_steps(r.steps[name])} | "
             f"{fmt_pct(r.saving[name])} | {r.final_loss[name]:.4f} |"
         )
-    lines += ["", "Dropped documents by source:", "",
-              "| source | documents | dropped | fraction of source | share of dropped |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "Dropped documents by source:",
+        "",
+        "| source | documents | dropped | fraction of source | share of dropped |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for row in sources.itertuples(index=False):
         lines.append(
             f"| {row.source} | {row.documents} | {row.dropped} | {row.fraction_of_source_dropped:.1%} | "
@@ -344,10 +381,12 @@ def summary_markdown(r: CurateResult, sources: pd.DataFrame, table: pd.DataFrame
         "- Only the gap between *curated* and the *random-drop* control speaks for curation; the gap to the "
         "baseline also contains the effect of removing any data at all.",
         "- One seed per run: differences of a few evaluation intervals are within run-to-run noise.",
-        ("- Documents were ranked on some validation texts and loss was measured on the others (held out)."
-         if r.held_out else
-         "- The documents were chosen by their value against the same validation texts whose loss is measured "
-         "here, so this is an in-sample result; `--holdout` is the stricter test."),
+        (
+            "- Documents were ranked on some validation texts and loss was measured on the others (held out)."
+            if r.held_out
+            else "- The documents were chosen by their value against the same validation texts whose loss is measured "
+            "here, so this is an in-sample result; `--holdout` is the stricter test."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -385,9 +424,14 @@ def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str
 
     cfg = dataclasses.replace(
         # RUN's own exclusions (e.g. held-out validation documents) stay out of every retrain
-        config, out=str(out), exclude_ids=tuple(sorted(set(map(str, config.exclude_ids)) | set(exclude))),
-        eval_every=eval_every, val=val, value=False,
-        resume=False, checkpoint_every=int(config.steps),
+        config,
+        out=str(out),
+        exclude_ids=tuple(sorted(set(map(str, config.exclude_ids)) | set(exclude))),
+        eval_every=eval_every,
+        val=val,
+        value=False,
+        resume=False,
+        checkpoint_every=int(config.steps),
     ).resolved()
     retrain = RunDir(out)
     if retrain.manifest_path.is_file():
@@ -398,7 +442,9 @@ def _train(config, out: Path, exclude: list[str], eval_every: int, val: dict[str
     return Path(train_and_value(cfg))
 
 
-def split_validation(run_dir: Path, val_set: str, fraction: float, seed: int) -> tuple[list[str], Path, list[str]]:
+def split_validation(
+    run_dir: Path, val_set: str, fraction: float, seed: int
+) -> tuple[list[str], Path, list[str]]:
     """Split a validation set's texts into a *selection* part (ranks documents) and a *held-out* part
     (measures loss). Returns (selection ids, path of the held-out JSONL in the run, held-out ids)."""
     path = RunDir(run_dir).val_sets_dir / f"{val_set}.jsonl"
@@ -417,8 +463,10 @@ def example_document_values(run_dir: Path, val_set: str, val_ids: list[str]) -> 
     """Like `document_values`, but summed over the given validation texts only (from example_values.parquet)."""
     run = RunValues.read(run_dir)
     if not run.has_examples():
-        raise UserError(f"{run.run.example_values_path}: missing; --holdout needs per-text values (a validation "
-                        "set of at most `per_example_max` texts)")
+        raise UserError(
+            f"{run.run.example_values_path}: missing; --holdout needs per-text values (a validation "
+            "set of at most `per_example_max` texts)"
+        )
     ev = run.examples(["value"])
     ev = ev[(ev["val_set"] == val_set) & ev["val_id"].isin(val_ids)]
     if ev.empty:
@@ -440,9 +488,16 @@ def _write_heldout(src: Path, ids: list[str], dest: Path) -> Path:
 
 
 def curate(
-    run: str | Path, drop: str = "negative", out: str | Path = "curation", val_set: str | None = None,
-    eval_every: int | None = None, smooth_window: int = 3, control_seed: int = 0,
-    reuse_baseline: bool = False, holdout: float = 0.0, n_controls: int = 1,
+    run: str | Path,
+    drop: str = "negative",
+    out: str | Path = "curation",
+    val_set: str | None = None,
+    eval_every: int | None = None,
+    smooth_window: int = 3,
+    control_seed: int = 0,
+    reuse_baseline: bool = False,
+    holdout: float = 0.0,
+    n_controls: int = 1,
 ) -> CurateResult:
     """Drop documents by value, retrain baseline / curated / random-drop, and measure steps to the target.
 
@@ -454,13 +509,17 @@ def curate(
         raise UserError(f"{run_dir}: no such run directory")
     rule = parse_drop(drop)
     if n_controls < 1:
-        raise UserError("--controls must be at least 1: without a random-drop control no curation claim is honest")
+        raise UserError(
+            "--controls must be at least 1: without a random-drop control no curation claim is honest"
+        )
     config, _ = _load_config(run_dir)
     measure_set, val = val_set, dict(config.val)
     notes: list[str] = []
     if holdout:
         if reuse_baseline:
-            raise UserError("--holdout measures loss on a new validation split; it cannot reuse RUN as the baseline")
+            raise UserError(
+                "--holdout measures loss on a new validation split; it cannot reuse RUN as the baseline"
+            )
         if val_set is None:
             if len(config.val) != 1:
                 raise UserError("--holdout needs --val-set NAME when the run has several validation sets")
@@ -470,8 +529,10 @@ def curate(
         out.mkdir(parents=True, exist_ok=True)
         measure_set = f"{val_set}-heldout"
         val = {measure_set: str(_write_heldout(src, hold_ids, out / f"{measure_set}.jsonl"))}
-        notes.append(f"held-out: documents ranked on {len(select_ids)} texts of `{val_set}`, loss measured on the "
-                     f"other {len(hold_ids)} (`{measure_set}.jsonl`)")
+        notes.append(
+            f"held-out: documents ranked on {len(select_ids)} texts of `{val_set}`, loss measured on the "
+            f"other {len(hold_ids)} (`{measure_set}.jsonl`)"
+        )
     else:
         values = document_values(run_dir, val_set)
     dropped = select_drop(values, rule)
@@ -479,7 +540,9 @@ def curate(
         raise UserError(f"rule {rule} drops no document in {run_dir}; nothing to compare")
     if len(dropped) >= len(values):
         raise UserError(f"rule {rule} drops every document; nothing left to train on")
-    controls = {control_name(k): random_drop(values, len(dropped), seed=control_seed + k) for k in range(n_controls)}
+    controls = {
+        control_name(k): random_drop(values, len(dropped), seed=control_seed + k) for k in range(n_controls)
+    }
     every = eval_every or max(1, int(config.steps) // 30)
     run_dirs: dict[str, str] = {}
     curves: dict[str, pd.Series] = {}
@@ -489,10 +552,24 @@ def curate(
         if name == "baseline" and reuse_baseline:
             path = run_dir
         else:
-            click.echo(f"curate: training {name} ({len(exclude)} documents left out, {config.steps} steps)", err=True)
+            click.echo(
+                f"curate: training {name} ({len(exclude)} documents left out, {config.steps} steps)", err=True
+            )
             path = _train(config, out / "runs" / name, exclude, every, val)
         run_dirs[name] = str(path)
         curves[name] = val_loss_curve(pd.read_csv(path / "train_log.csv"), measure_set)
-    result = analyse(curves, values, dropped, controls, rule, measure_set, out, smooth_window,
-                     baseline_reused=reuse_baseline, run_dirs=run_dirs, notes=notes, held_out=bool(holdout))
+    result = analyse(
+        curves,
+        values,
+        dropped,
+        controls,
+        rule,
+        measure_set,
+        out,
+        smooth_window,
+        baseline_reused=reuse_baseline,
+        run_dirs=run_dirs,
+        notes=notes,
+        held_out=bool(holdout),
+    )
     return result

@@ -71,7 +71,9 @@ def seen_documents(cfg) -> dict[str, float]:
     return dict(zip(data.seqset.docs["doc_id"].astype(str), frac.tolist(), strict=True))
 
 
-def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=None) -> tuple[dict[str, str], list[str]]:
+def build_validation_sets(
+    corpus_spec: str, folder: Path, seed: int = 0, cfg=None
+) -> tuple[dict[str, str], list[str]]:
     """Write `rewrites.jsonl` and `news.jsonl` into `folder`; return `{name: path}` and the held-out ids.
 
     `cfg` (the run's RunConfig, without validation sets): rewrite targets are then chosen among the
@@ -88,7 +90,9 @@ def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=Non
     held_ids = {d.doc_id for d in held_out}
     trained = None
     if cfg is not None:
-        trained = seen_documents(dataclasses.replace(cfg, val={}, value=False, exclude_ids=tuple(sorted(held_ids))))
+        trained = seen_documents(
+            dataclasses.replace(cfg, val={}, value=False, exclude_ids=tuple(sorted(held_ids)))
+        )
     candidates: dict[str, list] = {}
     for d in docs:
         if trained is not None and trained.get(d.doc_id, 0.0) <= 0.0:
@@ -111,13 +115,25 @@ def build_validation_sets(corpus_spec: str, folder: Path, seed: int = 0, cfg=Non
     for t in targets:
         part = excerpt(t.text)
         para, how = _paraphrase(part, seed)
-        rewrites.append({"id": f"{t.doc_id}~paraphrase", "text": para,
-                         "meta": {"variant": "paraphrase", "target_id": t.doc_id, "rewriter": how}})
+        rewrites.append(
+            {
+                "id": f"{t.doc_id}~paraphrase",
+                "text": para,
+                "meta": {"variant": "paraphrase", "target_id": t.doc_id, "rewriter": how},
+            }
+        )
         quote = f"Instruction: Quote the opening of the {t.source} text you were trained on.\nAnswer: {part}"
-        rewrites.append({"id": f"{t.doc_id}~partial_copy", "text": quote,
-                         "meta": {"variant": "partial_copy", "target_id": t.doc_id}})
-    news = [{"id": d.doc_id, "text": excerpt(d.text), "meta": {"source": d.source, "held_out": True}}
-            for d in held_out]
+        rewrites.append(
+            {
+                "id": f"{t.doc_id}~partial_copy",
+                "text": quote,
+                "meta": {"variant": "partial_copy", "target_id": t.doc_id},
+            }
+        )
+    news = [
+        {"id": d.doc_id, "text": excerpt(d.text), "meta": {"source": d.source, "held_out": True}}
+        for d in held_out
+    ]
     paths = {}
     for name, rows in (("rewrites", rewrites), (DOMAIN_SOURCE, news)):
         path = folder / f"{name}.jsonl"
@@ -136,15 +152,21 @@ def target_ranks(run_dir: Path) -> list[dict]:
     for val_id, frame in ev[ev.val_set == "rewrites"].groupby("val_id"):
         target = meta.get(val_id, {}).get("target_id")
         docs = frame["doc_id"].tolist()
-        row = {"val_id": val_id, "variant": meta.get(val_id, {}).get("variant"), "target": target, "of": len(frame)}
+        row = {
+            "val_id": val_id,
+            "variant": meta.get(val_id, {}).get("variant"),
+            "target": target,
+            "of": len(frame),
+        }
         for key, column in (("rank", "attribution"), ("rank_value", "value")):
             row[key] = rank_of(frame[column].to_numpy(), docs.index(target)) if target in docs else None
         out.append(row)
     return out
 
 
-def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int = 0,
-             resume: bool = False) -> dict[str, Path]:
+def run_demo(
+    out: Path, report_dir: Path, *, steps: int | None = None, seed: int = 0, resume: bool = False
+) -> dict[str, Path]:
     """Build everything and return where it is."""
     import dataclasses
 
@@ -155,17 +177,31 @@ def run_demo(out: Path, report_dir: Path, *, steps: int | None = None, seed: int
     from attribution.train.loop import train_and_value
 
     inputs = out / "inputs"
-    cfg = RunConfig(corpus=[DEMO_CORPUS], out=str(out), preset="cpu-tiny", steps=steps, order=1,
-                    optimizer="adamw", seed=seed, device="auto", resume=resume)
+    cfg = RunConfig(
+        corpus=[DEMO_CORPUS],
+        out=str(out),
+        preset="cpu-tiny",
+        steps=steps,
+        order=1,
+        optimizer="adamw",
+        seed=seed,
+        device="auto",
+        resume=resume,
+    )
     val_paths, held = build_validation_sets(DEMO_CORPUS, inputs, seed=seed, cfg=cfg)
     cfg = dataclasses.replace(cfg, val=val_paths, exclude_ids=tuple(held))
     run_dir = train_and_value(cfg, sources={"demo": True})
     paths: dict[str, Path] = {"run": run_dir, "validation_sets": inputs}
     view = Manifest.read(run_dir).default_view
-    click.echo(f"rank of each rewrite's original, attribution view {view} (raw value in parentheses):", err=True)
+    click.echo(
+        f"rank of each rewrite's original, attribution view {view} (raw value in parentheses):", err=True
+    )
     for row in target_ranks(run_dir):
-        click.echo(f"  {row['val_id']:<40} original ranked {_rank_text(row['rank'])} of {row['of']} "
-                   f"({_rank_text(row['rank_value'])})", err=True)
+        click.echo(
+            f"  {row['val_id']:<40} original ranked {_rank_text(row['rank'])} of {row['of']} "
+            f"({_rank_text(row['rank_value'])})",
+            err=True,
+        )
     result = build_report([run_dir], report_dir)
     paths["report"] = report_dir
     for attr in ("html", "markdown", "html_path", "md_path"):

@@ -68,7 +68,11 @@ def headline_methods(columns: Iterable[str]) -> list[str]:
     """The main table's methods: raw value and the default view per order, then the text baselines."""
     out = []
     for order in (1, 2):
-        out += [c for c in (method_column(order), method_column(order, DEFAULT_VIEW)) if c in columns and c not in out]
+        out += [
+            c
+            for c in (method_column(order), method_column(order, DEFAULT_VIEW))
+            if c in columns and c not in out
+        ]
     return out + [b for b in BASELINES if b in columns]
 
 
@@ -127,20 +131,27 @@ def _plan(exp: CopyrightExperiment):
     """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl."""
     kinds = parse_kinds(exp.kinds)
     if "exact" in kinds:
-        raise UserError("the copyright experiment cannot value 'exact' variants: the training loop keeps a "
-                        "document identical to a validation text out of training, so the original would vanish")
+        raise UserError(
+            "the copyright experiment cannot value 'exact' variants: the training loop keeps a "
+            "document identical to a validation text out of training, so the original would vanish"
+        )
     if (exp.pick is None) == (not exp.ids):
         raise UserError("give exactly one of --pick N or --ids ID,...")
     docs = load_docs(tuple(exp.corpus))
-    targets = select_ids(docs, exp.ids) if exp.ids else pick_targets(docs, int(exp.pick), exp.seed, max_words=exp.max_words)
+    targets = (
+        select_ids(docs, exp.ids)
+        if exp.ids
+        else pick_targets(docs, int(exp.pick), exp.seed, max_words=exp.max_words)
+    )
     if "similar" not in kinds:
         pool = []
     elif exp.pool_corpus:
         pool = outside_pool(load_docs(tuple(exp.pool_corpus)), docs)
     else:
         pool = split_pool(docs, targets, exp.pool_fraction, exp.seed)
-    records = build_variants(targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed,
-                             similar_max_words=2 * exp.max_words)
+    records = build_variants(
+        targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed, similar_max_words=2 * exp.max_words
+    )
     paths: dict[str, str] = {}
     for kind in kinds:
         path = exp.out / "variants" / f"{kind}.jsonl"
@@ -151,22 +162,36 @@ def _plan(exp: CopyrightExperiment):
     return docs, targets, pool, records, paths
 
 
-def _train(exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: list[str], n_targets: int) -> Path:
+def _train(
+    exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: list[str], n_targets: int
+) -> Path:
     from attribution.train import RunConfig, train_and_value
 
     run_dir = exp.out / f"run-order{order}"
     cfg = RunConfig(
-        corpus=list(exp.corpus), val=val, out=str(run_dir), preset=exp.preset, steps=exp.steps,
-        epochs=exp.epochs if exp.steps is None else None, order=order, optimizer=exp.optimizer, seed=exp.seed,
+        corpus=list(exp.corpus),
+        val=val,
+        out=str(run_dir),
+        preset=exp.preset,
+        steps=exp.steps,
+        epochs=exp.epochs if exp.steps is None else None,
+        order=order,
+        optimizer=exp.optimizer,
+        seed=exp.seed,
         optimizer_aware=exp.optimizer_aware and exp.optimizer == "adamw",
-        exclude_ids=tuple(exclude), device=exp.device, per_example_max=max(64, n_targets), **exp.run_overrides,
+        exclude_ids=tuple(exclude),
+        device=exp.device,
+        per_example_max=max(64, n_targets),
+        **exp.run_overrides,
     )
     if RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
         return run_dir  # the same run already finished: reuse it
     return Path(train_and_value(cfg))
 
 
-def _irs_ranks(run_dir: Path, order: int, records: Sequence[dict], train_ids: list[str]) -> tuple[dict[str, list[float]], list[bool]]:
+def _irs_ranks(
+    run_dir: Path, order: int, records: Sequence[dict], train_ids: list[str]
+) -> tuple[dict[str, list[float]], list[bool]]:
     """Rank of each record's original among all training documents under every attribution view of
     the run's per-example values (a document never sampled scores 0), and whether the original was
     trained on at all. Keys are `method_column(order, view)`."""
@@ -201,7 +226,9 @@ def _irs_ranks(run_dir: Path, order: int, records: Sequence[dict], train_ids: li
     return ranks, was_seen
 
 
-def _text_ranks(records: Sequence[dict], train_texts: list[str], train_ids: list[str]) -> dict[str, list[float]]:
+def _text_ranks(
+    records: Sequence[dict], train_texts: list[str], train_ids: list[str]
+) -> dict[str, list[float]]:
     """Ranks of the original under the text-only baselines, over the same training documents."""
     import bm25s
 
@@ -235,7 +262,9 @@ def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
     `irs_order1_per_token_mean_rank`); `control_*` columns are not methods."""
     cols = ranks_or_table.columns
     irs = [c for c in cols if c.startswith("irs_order") and not c.endswith(("_rank", "_share"))]
-    irs += [c.removesuffix("_mean_rank") for c in cols if c.startswith("irs_order") and c.endswith("_mean_rank")]
+    irs += [
+        c.removesuffix("_mean_rank") for c in cols if c.startswith("irs_order") and c.endswith("_mean_rank")
+    ]
     base = [b for b in BASELINES if b in cols or f"{b}_mean_rank" in cols]
     return list(dict.fromkeys(irs)) + base
 
@@ -268,7 +297,11 @@ def _cell(r: pd.Series, m: str) -> str:
 def to_markdown(table: pd.DataFrame, meta: dict) -> str:
     """The headline table (methods x kinds), then one views x kinds table per order."""
     methods = headline_methods(_methods(table))
-    head = "| variant | n | " + " | ".join(method_label(m) for m in methods) + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
+    head = (
+        "| variant | n | "
+        + " | ".join(method_label(m) for m in methods)
+        + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
+    )
     lines = [
         f"Average rank of the original among {meta['n_train_docs']} training documents "
         f"(1 = top; median in parentheses). Preset {meta['preset']}, {meta['steps']} steps, "
@@ -279,28 +312,46 @@ def to_markdown(table: pd.DataFrame, meta: dict) -> str:
         "|" + "---|" * (2 + len(methods) + 3),
     ]
     for _, r in table.iterrows():
-        lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(_cell(r, m) for m in methods)
-                     + f" | {r['containment_8_median']:.3f} | {r['jaccard_3_median']:.3f} | {r['cosine_minilm_median']:.3f} |")
+        lines.append(
+            f"| {r['variant']} | {r['n']} | "
+            + " | ".join(_cell(r, m) for m in methods)
+            + f" | {r['containment_8_median']:.3f} | {r['jaccard_3_median']:.3f} | {r['cosine_minilm_median']:.3f} |"
+        )
     kinds = list(table["variant"])
     for order in (1, 2):
         present = [v for v in VIEWS if f"{method_column(order, v)}_mean_rank" in table.columns]
         if not present:
             continue
-        lines += ["", f"Attribution views, In-Run Shapley {ORDINAL[str(order)]} order (average rank of the original; "
-                  "median in parentheses). Control: the average rank of the *other* originals for the same texts, "
-                  f"about {(meta['n_train_docs'] + 1) / 2:.0f} when a view does not simply favour documents like the originals:",
-                  "", "| view | " + " | ".join(kinds) + " | control |", "|" + "---|" * (2 + len(kinds))]
+        lines += [
+            "",
+            f"Attribution views, In-Run Shapley {ORDINAL[str(order)]} order (average rank of the original; "
+            "median in parentheses). Control: the average rank of the *other* originals for the same texts, "
+            f"about {(meta['n_train_docs'] + 1) / 2:.0f} when a view does not simply favour documents like the originals:",
+            "",
+            "| view | " + " | ".join(kinds) + " | control |",
+            "|" + "---|" * (2 + len(kinds)),
+        ]
         for v in present:
             name = f"**{v}** (default)" if v == DEFAULT_VIEW else v
             col = f"control_{method_column(order, v)}_mean_rank"
             control = f"{table[col].mean():.1f}" if col in table.columns else "n/a"
-            lines.append(f"| {name} | " + " | ".join(_cell(r, method_column(order, v)) for _, r in table.iterrows())
-                         + f" | {control} |")
-    lines += ["", "Paper (GPT-2 124M, ~320k training corpora): average rank, 1st order / 2nd order / BM25:", ""]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_cell(r, method_column(order, v)) for _, r in table.iterrows())
+                + f" | {control} |"
+            )
+    lines += [
+        "",
+        "Paper (GPT-2 124M, ~320k training corpora): average rank, 1st order / 2nd order / BM25:",
+        "",
+    ]
     lines += [f"- {k}: {a} / {b} / {c}" for k, (a, b, c) in PAPER.items()]
     if "originals_trained_share" in table.columns:
-        lines += ["", "Share of originals actually sampled in training: "
-                  + ", ".join(f"{r['variant']} {r['originals_trained_share']:.0%}" for _, r in table.iterrows())]
+        lines += [
+            "",
+            "Share of originals actually sampled in training: "
+            + ", ".join(f"{r['variant']} {r['originals_trained_share']:.0%}" for _, r in table.iterrows()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -333,7 +384,9 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     started = time.time()
     exp.out.mkdir(parents=True, exist_ok=True)
     docs, targets, pool, records, val_paths = _plan(exp)
-    exclude = [] if exp.pool_corpus else sorted(d.doc_id for d in pool)  # an outside pool is never in training
+    exclude = (
+        [] if exp.pool_corpus else sorted(d.doc_id for d in pool)
+    )  # an outside pool is never in training
     run_dirs = {o: _train(exp, o, val_paths, exclude, len(targets)) for o in exp.orders}
 
     first = next(iter(run_dirs.values()))
@@ -342,11 +395,17 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     missing = [t.doc_id for t in targets if t.doc_id not in set(train_ids)]
     if missing:
         raise UserError(f"originals missing from the run's training documents: {', '.join(missing[:5])}")
-    ranks = pd.DataFrame([
-        {"variant": r["meta"]["variant"], "id": r["id"], "target_id": r["meta"]["target_id"],
-         **{k: r["meta"][k] for k in ("containment_8", "jaccard_3", "cosine_minilm")}}
-        for r in records
-    ])
+    ranks = pd.DataFrame(
+        [
+            {
+                "variant": r["meta"]["variant"],
+                "id": r["id"],
+                "target_id": r["meta"]["target_id"],
+                **{k: r["meta"][k] for k in ("containment_8", "jaccard_3", "cosine_minilm")},
+            }
+            for r in records
+        ]
+    )
     for order, run_dir in run_dirs.items():
         by_view, seen = _irs_ranks(run_dir, order, records, train_ids)
         for column, values in by_view.items():
@@ -357,9 +416,14 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
 
     table = summarize(ranks, len(train_ids))
     manifest = Manifest.read(first)
-    meta = {"n_train_docs": len(train_ids), "preset": exp.preset, "steps": manifest.total_steps,
-            "optimizer": exp.optimizer, "optimizer_aware": bool(manifest.config.get("optimizer_aware")),
-            "seed": exp.seed}
+    meta = {
+        "n_train_docs": len(train_ids),
+        "preset": exp.preset,
+        "steps": manifest.total_steps,
+        "optimizer": exp.optimizer,
+        "optimizer_aware": bool(manifest.config.get("optimizer_aware")),
+        "seed": exp.seed,
+    }
     markdown = to_markdown(table, meta)
     with atomic_path(exp.out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -369,10 +433,17 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         fh.write(markdown)
     plot(table, exp.out / "ranks.png")
     seconds = time.time() - started
-    summary = {**meta, "seconds": round(seconds, 1), "orders": list(exp.orders),
-               "kinds": list(table["variant"]), "originals": [t.doc_id for t in targets],
-               "heldout_pool": len(pool), "pool_corpus": exp.pool_corpus, "distances": distance_summary(records),
-               "runs": {str(o): str(p) for o, p in run_dirs.items()}}
+    summary = {
+        **meta,
+        "seconds": round(seconds, 1),
+        "orders": list(exp.orders),
+        "kinds": list(table["variant"]),
+        "originals": [t.doc_id for t in targets],
+        "heldout_pool": len(pool),
+        "pool_corpus": exp.pool_corpus,
+        "distances": distance_summary(records),
+        "runs": {str(o): str(p) for o, p in run_dirs.items()},
+    }
     with atomic_write(exp.out / "experiment.json") as fh:
         json.dump(summary, fh, indent=2)
     return ExperimentResult(table, ranks, markdown, seconds, run_dirs)

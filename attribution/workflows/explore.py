@@ -111,8 +111,11 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
     docs = _frame(rd, DOCS, ("doc_id", "source"), required=True)
     doc_values = _frame(rd, DOC_VALUES, ("doc_id", "source", "val_set", "value"), required=True)
     values = RunValues.read(rd, docs=docs, doc_values=doc_values, default_view=manifest.default_view)
-    example_values = values.with_views() if values.has_examples() else pd.DataFrame(
-        columns=["doc_id", "val_set", "val_id", "value"])
+    example_values = (
+        values.with_views()
+        if values.has_examples()
+        else pd.DataFrame(columns=["doc_id", "val_set", "val_id", "value"])
+    )
     stage_values = _frame(rd, STAGE_VALUES, ("window_start", "window_end", "source", "val_set", "value"))
     train_log = rd.train_log()
     if train_log is None:

@@ -41,4 +41,6 @@ def _cost(c: CostInputs) -> tuple[float, float]:
     return flops, float(min(c.train_tokens * c.val_tokens, 1 << 24) * 2 * c.itemsize)
 
 
-register_strategy(Strategy(name="ghost", exact=True, preconditionable=False, order=10, cost=_cost, score=_score))
+register_strategy(
+    Strategy(name="ghost", exact=True, preconditionable=False, order=10, cost=_cost, score=_score)
+)

@@ -18,7 +18,9 @@ from .registry import Param, Strategy, dense_score, register_strategy
 KRON_DIM = 64
 
 
-def kron_uses(uses: list[Use], name: str, shape: tuple[int, int], dtype: torch.dtype) -> tuple[list[Use], tuple[int, int]]:
+def kron_uses(
+    uses: list[Use], name: str, shape: tuple[int, int], dtype: torch.dtype
+) -> tuple[list[Use], tuple[int, int]]:
     """The uses with rows and columns multiplied by fixed Gaussian projections (seeded by the parameter name).
 
     `E[<R g, R h>] = <g, h>` for `R = R0 (x) R1` with N(0, 1/k) entries; a side of size <= KRON_DIM
@@ -37,7 +39,7 @@ def kron_uses(uses: list[Use], name: str, shape: tuple[int, int], dtype: torch.d
     out = []
     for u in uses:
         if u.row_index:
-            row = (r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype))
+            row = r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype)
         else:
             row = u.row.to(dtype) @ r0.t() if r0 is not None else u.row.to(dtype)
         col = None if u.col is None else (u.col.to(dtype) @ r1.t() if r1 is not None else u.col.to(dtype))
@@ -55,7 +57,14 @@ def _score(uses: list[Use], g: torch.Tensor, param: Param) -> torch.Tensor:
     return score_materialized(small, kshape, g, param.dtype)
 
 
-register_strategy(Strategy(
-    name="kronecker", exact=False, preconditionable=False, order=40, approximation="random projection",
-    val_gradient=_val_gradient, score=dense_score(_score),
-))
+register_strategy(
+    Strategy(
+        name="kronecker",
+        exact=False,
+        preconditionable=False,
+        order=40,
+        approximation="random projection",
+        val_gradient=_val_gradient,
+        score=dense_score(_score),
+    )
+)

@@ -12,8 +12,9 @@ from ..rules import Use
 from .registry import CostInputs, Param, Strategy, dense_score, register_strategy
 
 
-def materialize_use(u: Use, shape: tuple[int, int], per_sample: bool, dtype: torch.dtype,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def materialize_use(
+    u: Use, shape: tuple[int, int], per_sample: bool, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[n, P0, P1]` per-sample gradients of one use (or `[1, P0, P1]` summed over samples).
 
     With `out`, an embedding (index) use is scattered into it in place, so a tied parameter's two
@@ -35,11 +36,17 @@ def materialize_use(u: Use, shape: tuple[int, int], per_sample: bool, dtype: tor
         out.view(-1, p1).index_add_(0, rows.reshape(-1), col.reshape(-1, p1))
         return out
     row = u.row.to(dtype)
-    g = torch.einsum("ntp,ntq->npq", row, col) if per_sample else (row.reshape(-1, p0).t() @ col.reshape(-1, p1)).unsqueeze(0)
+    g = (
+        torch.einsum("ntp,ntq->npq", row, col)
+        if per_sample
+        else (row.reshape(-1, p0).t() @ col.reshape(-1, p1)).unsqueeze(0)
+    )
     return g if out is None else out.add_(g)
 
 
-def materialize(uses: list[Use], shape: tuple[int, int], per_sample: bool, dtype: torch.dtype) -> torch.Tensor:
+def materialize(
+    uses: list[Use], shape: tuple[int, int], per_sample: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """Sum over all uses of a parameter (tied parameters add their modules' contributions).
 
     Dense uses first, so that index uses scatter into the dense result without another buffer.
@@ -56,7 +63,9 @@ def materialized_val_gradient(uses: list[Use], param: Param, per_example: bool) 
     return materialize(uses, param.shape, per_example, param.dtype)
 
 
-def score_materialized(uses: list[Use], shape: tuple[int, int], g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def score_materialized(
+    uses: list[Use], shape: tuple[int, int], g: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """`[n, groups]`: the per-sample gradients of `uses` (in `shape`) dotted with every group's `g`."""
     return torch.einsum("npq,gpq->ng", materialize(uses, shape, True, dtype), g.to(dtype))
 
@@ -72,8 +81,15 @@ def _cost(c: CostInputs) -> tuple[float, float]:
     return flops, float((c.n + c.groups) * c.full * c.itemsize)
 
 
-register_strategy(Strategy(
-    name="materialize", exact=True, preconditionable=True, label="mater.", order=30, cost=_cost,
-    val_gradient=materialized_val_gradient,
-    score=dense_score(lambda uses, g, param: score_materialized(uses, param.shape, g, param.dtype)),
-))
+register_strategy(
+    Strategy(
+        name="materialize",
+        exact=True,
+        preconditionable=True,
+        label="mater.",
+        order=30,
+        cost=_cost,
+        val_gradient=materialized_val_gradient,
+        score=dense_score(lambda uses, g, param: score_materialized(uses, param.shape, g, param.dtype)),
+    )
+)

@@ -25,7 +25,11 @@ def project_use(u: Use, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     col = u.col.to(dtype).reshape(n * t, p1)
     if u.row_index:  # gather G's rows at the token ids
         ids = u.row.reshape(-1)
-        out = torch.einsum("gnq,nq->ng", g[:, ids, :], col) if groups > 1 else (g[0][ids] * col).sum(-1, keepdim=True)
+        out = (
+            torch.einsum("gnq,nq->ng", g[:, ids, :], col)
+            if groups > 1
+            else (g[0][ids] * col).sum(-1, keepdim=True)
+        )
         return out.view(n, t, groups).sum(1)
     row = u.row.to(dtype).reshape(n * t, p0)
     out = torch.empty(n * t, groups, dtype=dtype, device=row.device)
@@ -54,7 +58,14 @@ def _cost(c: CostInputs) -> tuple[float, float]:
     return flops, float(c.groups * c.full * c.itemsize)
 
 
-register_strategy(Strategy(
-    name="project", exact=True, preconditionable=True, order=20, cost=_cost,
-    val_gradient=materialized_val_gradient, score=dense_score(_score),
-))
+register_strategy(
+    Strategy(
+        name="project",
+        exact=True,
+        preconditionable=True,
+        order=20,
+        cost=_cost,
+        val_gradient=materialized_val_gradient,
+        score=dense_score(_score),
+    )
+)

@@ -68,7 +68,9 @@ class Param:
 
 CostFn = Callable[[CostInputs], tuple[float, float]]  # -> (flops, bytes held)
 ValGradientFn = Callable[[list[Use], Param, bool], torch.Tensor]  # (uses, param, per_example) -> G
-ScoreFn = Callable[[list[Use], "ValSide", Param], "torch.Tensor | None"]  # -> [n, groups], None: nothing to add
+ScoreFn = Callable[
+    [list[Use], "ValSide", Param], "torch.Tensor | None"
+]  # -> [n, groups], None: nothing to add
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ def register_strategy(strategy: Strategy) -> Strategy:
     if strategy.name in _REGISTRY:
         raise ValueError(f"strategy {strategy.name!r} is already registered")
     if strategy.exact and strategy.cost is None:
-        raise ValueError(f"exact strategy {strategy.name!r} needs a cost: the planner picks exact strategies by cost")
+        raise ValueError(
+            f"exact strategy {strategy.name!r} needs a cost: the planner picks exact strategies by cost"
+        )
     if not strategy.exact and not strategy.approximation:
         raise ValueError(f"approximate strategy {strategy.name!r} must say how it approximates")
     _REGISTRY[strategy.name] = strategy
@@ -123,7 +127,9 @@ def get_strategy(name: str, *, param: str | None = None) -> Strategy:
     found = _REGISTRY.get(name)
     if found is None:
         where = f" for {param}" if param else ""
-        raise UserError(f"unknown strategy {name!r}{where}; choose from {', '.join(s.name for s in registered())}")
+        raise UserError(
+            f"unknown strategy {name!r}{where}; choose from {', '.join(s.name for s in registered())}"
+        )
     return found
 
 
