@@ -46,11 +46,30 @@ def assert_same_values(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("order", "loss_mean"), [(1, "sequence"), (2, "sequence"), (1, "token")])
-def test_gradient_accumulation_gives_the_values_of_the_big_batch(tmp_path, order, loss_mean):
-    big = train_valued(tmp_path / "big", batch=8, accumulation=1, steps=2, order=order, loss_mean=loss_mean)
+@pytest.mark.parametrize(
+    ("order", "loss_mean", "micro", "accumulation"),
+    [
+        (1, "sequence", 2, 4),
+        (2, "sequence", 2, 4),
+        (1, "token", 2, 4),
+        (1, "sequence", 4, 4),
+        (2, "token", 4, 4),
+    ],
+)
+def test_gradient_accumulation_gives_the_values_of_the_big_batch(
+    tmp_path, order, loss_mean, micro, accumulation
+):
+    """`accumulation` micro-batches of `micro` rows give the values of one batch of micro * accumulation."""
+    big = train_valued(
+        tmp_path / "big",
+        batch=micro * accumulation,
+        accumulation=1,
+        steps=2,
+        order=order,
+        loss_mean=loss_mean,
+    )
     accumulated = train_valued(
-        tmp_path / "acc", batch=2, accumulation=4, steps=2, order=order, loss_mean=loss_mean
+        tmp_path / "acc", batch=micro, accumulation=accumulation, steps=2, order=order, loss_mean=loss_mean
     )
     assert set(pd.read_parquet(big / "step_values.parquet")["step"]) == {1, 2}
     assert_same_values(big, accumulated)
