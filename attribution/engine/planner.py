@@ -8,15 +8,11 @@ optimizer-aware values); an approximate one (`kronecker`) is used only when the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from attribution.errors import UserError
 
 from .rules import Use
 from .strategies import CostInputs, Strategy, get_strategy, registered
-
-if TYPE_CHECKING:
-    from .memory import MemoryModel
 
 BYTE_WEIGHT = 8.0  # flop-equivalents per byte written: memory traffic is slow next to matmuls
 MEMORY_BUDGET = 2 << 30  # bytes a strategy may hold for one parameter
@@ -64,29 +60,6 @@ class Plan:
                 f"{lp.name:<40} {str(lp.shape):>14} {lp.n_uses:>4} {lp.strategy:>11}  {' '.join(c)}  {lp.reason}"
             )
         return "\n".join(lines)
-
-    def memory(
-        self,
-        *,
-        name: str = "val",
-        order: int = 1,
-        optimizer_aware: bool = False,
-        grad_norms: bool = False,
-        itemsize: int = 4,
-        per_example: bool | None = None,
-    ) -> MemoryModel:
-        """Bytes the valued step holds with this plan (one validation set); see `attribution.engine.memory`."""
-        from .memory import step_memory
-
-        each = None if per_example is None else ([name] if per_example else [])
-        return step_memory(
-            {name: self},
-            order=order,
-            optimizer_aware=optimizer_aware,
-            grad_norms=grad_norms,
-            itemsize=itemsize,
-            per_example=each,
-        )
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
