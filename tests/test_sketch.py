@@ -11,7 +11,9 @@ from attribution.engine.capture import Capturer
 from attribution.engine.rules import canonical_shape, trainable_params
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import ValSet, Valuer
+from attribution.train.distributed import DistInfo
 from attribution.train.sketch import InRunSketch, Projection, model_params, segment_of, segments
+from attribution.train.step import ValuedStep
 from tests.test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401 (fixture)
 
 SIDE = 8  # below the tiny model's widths (16, 31, 48, 64): both projected and exact sides are exercised
@@ -72,7 +74,7 @@ def test_segments_follow_the_replay_chain():
 
 
 def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
-    """Fed through the Valuer tap like the loop: lr * clip * (1/n) * R_s g_i, summed per document."""
+    """Fed through the ValuedStep's observer like the loop: lr * clip * (1/n) * R_s g_i, summed per document."""
     model = tiny_gpt2()
     val_ids, val_mask = ragged_batch(2, 8, seed=9)
     valuer = Valuer(model, {"v": ValSet(val_ids, val_mask)})
@@ -80,7 +82,8 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
     segs = segments(2, 4)
     sketch = InRunSketch(model, 12, seed=4, segs=segs, store_row_of_seq=seq_doc, doc_ids=["a", "b", "c"])
     sketch.projection = Projection(sketch.projection.params, 12, 4, side=SIDE)
-    sketch.attach(valuer)
+    stepper = ValuedStep(model, valuer, DistInfo(), max_grad_norm=None)
+    sketch.attach(stepper)
     ids_all, mask_all = ragged_batch(6, 10, seed=3)
     want = np.zeros((3, 12))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -95,7 +98,7 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
                 lr * clip / len(b) * sketch.projection.apply_dense(g, segment_of(segs, step)).numpy()
             )
         valuer.forward_backward(ids, mask)
-        valuer.values(lr, grad_scale=clip)
+        stepper.before_optimizer_step(lr, clip, opt)
         sketch.add(step, b)
         opt.step()
         opt.zero_grad()

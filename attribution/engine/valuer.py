@@ -205,6 +205,11 @@ class Valuer:
         """Changes whenever any parameter is modified in place (optimizer steps, loads)."""
         return sum(p._version for _, p in self.capturer.params.values())
 
+    @property
+    def train_capture(self) -> Captured | None:
+        """This step's training capture, from `forward_backward` until `values()` consumes it."""
+        return self._train
+
     def plans(self) -> dict[str, Plan]:
         """The current per-validation-set plans (after the first `forward_backward`)."""
         return self._plans

@@ -652,7 +652,7 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         data.docs["doc_id"].astype(str).tolist(),
         info,
     )
-    sketch.attach(valued_step.valuer)
+    sketch.attach(valued_step)
     return sketch
 
 

@@ -158,8 +158,8 @@ def model_params(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], di
 class InRunSketch:
     """Accumulates `lr * c * w_i * R_s g_i` per document while a run trains; writes the FAISS indexes.
 
-    `attach(valuer)` taps `Valuer.values` (called after clipping, before the optimizer step) and reads
-    the training capture the valuer holds at that moment: no extra backward. The loop then calls
+    `attach(valued_step)` registers `observe` with the step, which calls it after clipping and before
+    the values with the training capture the valuer holds at that moment: no extra backward. The loop then calls
     `add(step, batch_idx)` with the global batch (every rank, like the values).
     """
 
@@ -184,17 +184,9 @@ class InRunSketch:
         self._pending: torch.Tensor | None = None  # the step's weighted (R0 (x) R1) g rows, until add()
 
     # -- feeding ------------------------------------------------------------------------------
-    def attach(self, valuer) -> None:
-        """Wrap this valuer's `values()` so each step's capture is sketched before the valuer drops it."""
-        inner = valuer.values
-
-        def values(lr: float, *, grad_scale: float = 1.0, optimizer=None):
-            cap = getattr(valuer, "_train", None)
-            if cap is not None:
-                self.observe(cap, lr * grad_scale)
-            return inner(lr, grad_scale=grad_scale, optimizer=optimizer)
-
-        valuer.values = values
+    def attach(self, step) -> None:
+        """Observe a `ValuedStep`: each step's training capture is sketched before the valuer consumes it."""
+        step.observers.append(self.observe)
 
     def observe(self, cap: Captured, step_size: float) -> None:
         """Weight each sequence as its value is weighted: `lr * c * w_i / world` (`w_i` = 1/n for the mean)."""

@@ -119,6 +119,8 @@ class ValuedStep:
         self.max_grad_norm = max_grad_norm
         self.example_columns = dict(example_columns or {})
         self._first_order: StepValues | None = None
+        # called as observe(train capture, lr * clip factor) before each step's values (the in-run sketch)
+        self.observers: list = []
 
     def run(
         self, ids: torch.Tensor, mask: torch.Tensor, lr: float, optimizer: torch.optim.Optimizer
@@ -162,6 +164,9 @@ class ValuedStep:
     def before_optimizer_step(self, lr: float, grad_scale: float, optimizer: torch.optim.Optimizer) -> None:
         """First-order values, from the clipped gradient about to be applied with `lr`."""
         aware = optimizer if self.valuer.optimizer_aware else None
+        capture = getattr(self.valuer, "train_capture", None)
+        for observe in self.observers if capture is not None else ():
+            observe(capture, lr * grad_scale)
         self._first_order = self.valuer.values(lr, grad_scale=grad_scale, optimizer=aware)
 
     def after_optimizer_step(self) -> BatchValues | None:
