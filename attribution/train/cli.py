@@ -123,7 +123,7 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     type=int,
     default=None,
     help="Documents held out of training as the fixed reference set of the contrast views (default: the "
-    "preset's; cpu-tiny 24); 0 = none (views then fall back to the other validation texts).",
+    "preset's; cpu-tiny 16); 0 = none (views then fall back to the other validation texts).",
 )
 @click.option(
     "--per-example-max",

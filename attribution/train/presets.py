@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 5,
         "checkpoint_every": 40,
         "keep_every": 20,
-        "reference": 24,
+        "reference": 16,  # two or more documents of each of the 7 built-in sources; cost in docs/benchmarks.md
         "stage_window": 20,
         "dtype": "float32",
     },
