@@ -1,11 +1,13 @@
-"""Sketch index query time (FAISS flat inner product) and the claim-gradient time, separately.
+"""Sketch index query time (the run's float16 exhaustive index, beside float32 flat) and the claim-gradient time.
 
 Small by default (seconds, 20k vectors, the test-micro model). The full size, on an idle machine:
 
     .venv/bin/python benchmarks/sketch_query.py --n 1000000 --preset gpt2-small --device cuda
 
-1. `--n` synthetic vectors of `--dim` (default: the run default, 256) in an `IndexFlatIP`; p50/p95 of
-   single-claim top-`--k` searches (target: < 50 ms p50 at 1M), and of one batched search of all queries;
+1. `--n` synthetic vectors of `--dim` (default: the run default, 256) in the index a run writes
+   (`attribution.train.sketch.make_index`, float16) and in a float32 `IndexFlatIP`; p50/p95 of
+   single-claim top-`--k` searches (target: < 50 ms p50 at 1M), one batched search of all queries, and
+   the float16 index's recall of the float32 top k;
 2. the claim side: one `--seq-len` claim's sketched gradient at one kept checkpoint (forward, backward to
    the captured factors, Kronecker projection, segment mixing) for the preset's model, p50 over repeats;
    a claim costs that times the number of kept checkpoints.
@@ -20,34 +22,53 @@ import time
 import numpy as np
 
 
-def query_times(n: int, dim: int, queries: int, k: int, seed: int = 0) -> dict[str, float]:
-    import faiss
-
-    rng = np.random.default_rng(seed)
-    index = faiss.IndexFlatIP(dim)
-    for s in range(0, n, 100_000):
-        index.add(rng.standard_normal((min(100_000, n - s), dim), dtype=np.float32))
-    q = rng.standard_normal((queries, dim), dtype=np.float32)
-    faiss.cvar.distance_compute_blas_threshold = 1  # one query is a BLAS gemv over all threads, not one scan
+def _search_times(index, q: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     index.search(q[:1], k)  # warm up
     times = []
-    for i in range(queries):
+    for i in range(len(q)):
         t0 = time.perf_counter()
         index.search(q[i : i + 1], k)
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     index.search(q, k)
-    batch = time.perf_counter() - t0
-    ms = 1000 * np.asarray(times)
+    return 1000 * np.asarray(times), 1000 * (time.perf_counter() - t0) / len(q)
+
+
+def query_times(n: int, dim: int, queries: int, k: int, seed: int = 0) -> dict[str, float]:
+    """Single-claim search times of the run's index (`make_index`: float16) beside a float32 `IndexFlatIP`.
+
+    Both are exhaustive; `recall_vs_float32` is the share of the float32 index's top k that the float16
+    index returns (what float16 storage costs in exactness)."""
+    import faiss
+
+    from attribution.train.sketch import make_index
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32) * 1e-6  # the small scale of real sketch entries
+    q = rng.standard_normal((queries, dim), dtype=np.float32)
+    faiss.cvar.distance_compute_blas_threshold = 1  # one float32 query is a BLAS gemv over all threads
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(x)
+    flat_ms, flat_batched = _search_times(flat, q, k)
+    _, want = flat.search(q, k)
+    del flat
+    index, _ = make_index(x)
+    del x
+    ms, batched = _search_times(index, q, k)
+    _, got = index.search(q, k)
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want, got, strict=True)]))
     return {
         "n": n,
         "dim": dim,
         "k": k,
         "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)),
-        "batched_ms_per_query": 1000 * batch / queries,
+        "batched_ms_per_query": batched,
+        "float32_flat_p50_ms": float(np.percentile(flat_ms, 50)),
+        "float32_flat_batched_ms_per_query": flat_batched,
+        "recall_vs_float32": recall,
         "threads": faiss.omp_get_max_threads(),
-        "index_gib": n * dim * 4 / 2**30,
+        "index_gib": n * dim * 2 / 2**30,
     }
 
 

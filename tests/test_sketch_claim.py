@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from attribution.errors import UserError
+from attribution.train.sketch import make_index, read_sketch
 from attribution.values.results import RunValues
 from attribution.workflows.claim import claim
 from attribution.workflows.claim_fast import estimate, fast_claim
@@ -55,8 +56,32 @@ def test_the_run_writes_the_sketch_index(run):
     assert meta["doc_ids"] == order[order.isin(trained)].tolist()
     raw, unit = (faiss.read_index(str(run / "sketch" / f)) for f in ("index.faiss", "index_unit.faiss"))
     assert raw.ntotal == unit.ntotal == len(trained) and raw.d == unit.d == 256
-    v = faiss.rev_swig_ptr(unit.get_xb(), unit.ntotal * unit.d).reshape(unit.ntotal, unit.d)
-    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    sketch = read_sketch(run)
+    # float16 storage: each entry is rounded to 2**-11 relative, so a norm is within a few of that
+    np.testing.assert_allclose(np.linalg.norm(sketch.vectors("unit"), axis=1), 1.0, rtol=4 * 2**-11)
+    raw_vectors = sketch.vectors("raw")
+    assert np.abs(raw_vectors).max() == pytest.approx(sketch.scale("raw"), rel=2**-11)
+
+
+def test_float16_index_keeps_tiny_vectors_and_the_float32_ranking():
+    """Sketch entries are far below float16's smallest normal; the stored scale keeps them and the ranks."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 32)) * 1e-9
+    q = rng.standard_normal((3, 32)).astype(np.float32)
+    index, scale = make_index(x)
+    assert scale == pytest.approx(np.abs(x).max())
+    scores, rows = index.search(q, 10)
+    exact = q.astype(np.float64) @ x.T
+    flat = faiss.IndexFlatIP(32)
+    flat.add((x / scale).astype(np.float32))
+    _, want = flat.search(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, want, strict=True)]) >= 0.9
+    top = np.take_along_axis(exact, rows.astype(np.int64), 1)
+    # each stored entry is within 2**-11 of its value relative to the scale: bound the inner product by it
+    bound = 2**-11 * np.abs(q).sum(1, keepdims=True) * scale
+    assert (np.abs(scores * scale - top) <= bound).all()
 
 
 @pytest.mark.parametrize("view", ["value", "contrast_per_token"])
@@ -148,8 +173,6 @@ def test_cli_fast(run, texts, tmp_path):
 
 def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_path):
     """The accumulator rides in the checkpoint: resuming the finished run rewrites the same index bitwise."""
-    import faiss
-
     from attribution.train import RunConfig, train_and_value
 
     copy = tmp_path / "resumed"
@@ -161,8 +184,7 @@ def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_p
     train_and_value(cfg)
 
     def vectors(path):
-        index = faiss.read_index(str(path / "sketch" / "index.faiss"))
-        return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).copy()
+        return read_sketch(path).vectors("raw")
 
     want = vectors(run)
     assert np.abs(want).max() > 0 and (vectors(copy) == want).all()

@@ -143,7 +143,7 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     type=click.IntRange(min=1),
     default=None,
     help="Dimension of the in-run gradient sketch index (sketch/index.faiss) that `attribution claim "
-    "--fast` searches (default 256: 1 KiB per document).",
+    "--fast` searches (default 256: 512 B per document, float16).",
 )
 @click.option(
     "--no-sketch",

@@ -51,7 +51,7 @@ class RunConfig:
     sketch: bool = (
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
-    sketch_dim: int = 256  # dimension of the sketch vectors (1 KiB float32 per document)
+    sketch_dim: int = 256  # dimension of the sketch vectors (512 B float16 per document)
     # Model and optimizer (None = from preset).
     n_layer: int | None = None
     n_head: int | None = None

@@ -31,7 +31,7 @@ from attribution.errors import UserError
 from attribution.io import atomic_write
 from attribution.train import chain
 from attribution.train.config import RunConfig
-from attribution.train.sketch import Projection, SketchIndex, model_params, read_sketch
+from attribution.train.sketch import Projection, SketchIndex, make_index, model_params, read_sketch
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
 
@@ -175,22 +175,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _doc_index(sketch: SketchIndex, view: str, run: Path):
-    """The FAISS index the view ranks: raw, unit-normalized, or raw divided by each document's tokens."""
-    import faiss
-
+    """(FAISS index, scale) the view ranks: raw, unit-normalized, or raw divided by each document's tokens."""
     if "cosine" in view:
-        return sketch.load("unit")
-    index = sketch.load("raw")
+        return sketch.load("unit"), sketch.scale("unit")
     if "per_token" not in view:
-        return index
+        return sketch.load("raw"), sketch.scale("raw")
     docs = RunDir(run).table("docs.parquet", ["doc_id", "n_tokens"], required=True)
     tokens = docs.set_index(docs["doc_id"].astype(str))["n_tokens"].reindex(sketch.meta["doc_ids"]).fillna(1)
-    vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
-    scaled = faiss.IndexFlatIP(index.d)
-    scaled.add(
-        np.ascontiguousarray(vectors / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None], np.float32)
-    )
-    return scaled
+    return make_index(sketch.vectors("raw") / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None])
 
 
 def rank_queries(claims: np.ndarray, reference: np.ndarray | None, view: str) -> np.ndarray:
@@ -247,9 +239,10 @@ def estimate(
     vectors, more = query_vectors(run, cfg, sketch, sets, progress=progress)
     notes += more
     q = rank_queries(vectors["claims"], vectors.get("reference"), view)
-    index = _doc_index(sketch, view, run)
+    index, scale = _doc_index(sketch, view, run)
     k = index.ntotal if k is None else min(int(k), index.ntotal)
     scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+    scores = scores.astype(np.float64) * scale
     doc_ids = np.asarray(sketch.meta["doc_ids"], dtype=object)
     claim_ids = sets["claims"].example_ids
     table = pd.DataFrame(
@@ -257,7 +250,7 @@ def estimate(
             "claim_id": np.repeat(claim_ids, k),
             "rank": np.tile(np.arange(1, k + 1), len(claim_ids)),
             "doc_id": doc_ids[rows.reshape(-1)],
-            "estimate": scores.reshape(-1).astype(np.float64),
+            "estimate": scores.reshape(-1),
         }
     )
     return table, view, notes, bool(chain.links(run))
