@@ -8,7 +8,9 @@ forward/backward, each validation set's forward/backward, scoring per set, param
 strategy (the strategy's validation gradient plus its score, timed per parameter), gradient norms, the
 Adam preconditioner and the second-order extra (combining the two sides, and the ghost parameters'
 second Gram product; the validation pass at the new weights is the next step's "before" pass, so it
-adds none). Medians over rounds.
+adds none), and the in-run sketch (`attribution.train.sketch`: observing the capture, mixing, adding
+to the documents; `--sketch-dim 0` leaves it out), which the whole valued step is charged with, as a run
+is. Medians over rounds.
 
 FLOPs: scoring from the planner's `estimate_costs` (the same numbers the plan compares); a training
 step `6 x dense params x tokens + 12 x layers x T x d x tokens` (attention); a validation pass
@@ -40,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -63,6 +66,7 @@ COMPONENTS = [
     "gradient norms",
     "Adam preconditioner",
     "order-2 extra",
+    "in-run sketch",
 ]
 # elementwise traffic, in float accesses per parameter: AdamW's foreach step (p, g, m, v and temporaries),
 # the preconditioner's passes (a few per Gauss-Legendre point), combining two sides (two scalings, one add)
@@ -172,6 +176,21 @@ def norm_flops(uses: list, shape: tuple[int, int], n: int, tokens_per_sample: in
     return n * get_strategy("ghost").cost(c)[0]
 
 
+def sketch_flops(projection, train: Captured, names: dict[int, str]) -> float:
+    """FLOPs of `InRunSketch.observe` + mixing: per use, both factors projected to the block sides (a
+    gathered row costs none), the small per-sample products, and the `[n, width] x [width, dim]` mix."""
+    flops = 2.0 * train.n * projection.width * projection.dim
+    for pid, uses in train.uses.items():
+        name = names[pid]
+        (p0, p1), (a, b) = projection.params[name], projection.blocks[name]
+        for u in uses:
+            tokens = u.row.shape[0] * u.row.shape[1]
+            flops += 0.0 if u.row_index or a == p0 else 2.0 * tokens * p0 * a
+            flops += 0.0 if u.col is None or b == p1 else 2.0 * tokens * p1 * b
+            flops += 2.0 * tokens * a * b
+    return flops
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
@@ -197,6 +216,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--vocab", type=int, default=VOCAB, help="vocabulary size (tests shrink it; GPT-2's is 50257)"
+    )
+    ap.add_argument(
+        "--sketch-dim", type=int, default=256, help="in-run sketch dimension (0: the step writes none)"
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -274,6 +296,19 @@ def main(argv: list[str] | None = None) -> dict:
         assert out is not None
         opts[model].zero_grad(set_to_none=True)
 
+    sketch = None
+    if args.sketch_dim:
+        from attribution.train.sketch import InRunSketch
+
+        n_docs = s["batch"]
+        sketch = InRunSketch(
+            model, args.sketch_dim, 0, [(0, 10**9)], np.arange(n_docs), [str(i) for i in range(n_docs)]
+        )
+
+    def sketch_step(train: Captured) -> None:
+        sketch.observe(train, 1e-4)
+        sketch.add(1, np.arange(train.n))
+
     plain_step(batches[1])  # warm-up: plans, allocations, optimizer state
     valued_step(batches[1])
     rows: dict[str, Row] = {}
@@ -303,6 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
             ADAMW_ACCESSES * 4 * n_params,
         )
         add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
+        if sketch is not None:
+            add(
+                f"in-run sketch, dim {args.sketch_dim} (observe + mix + accumulate)",
+                True,
+                sketch_flops(sketch.projection, train, sketch.names),
+                timed(lambda train=train: sketch_step(train))[0],
+            )
         t_norms = 0.0
         if args.grad_norms:
             t_norms += timed(lambda train=train, plans=plans: sq_norms(train, plans[next(iter(plans))]))[0]
@@ -417,6 +459,8 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
             }
         )
     plain, valued = statistics.median(whole["plain"]), statistics.median(whole["valued"])
+    sketch_s = sum(r["seconds"] for r in out_rows if r["component"].startswith("in-run sketch"))
+    valued += sketch_s  # the valued step of a run: the sketch observes every step's capture
     plain_floor = next(r["floor_s"] for r in out_rows if r["component"].startswith("plain"))
     floors = sum(
         r["floor_s"]
@@ -443,6 +487,8 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
         "plain_s": plain,
         "valued_s": valued,
         "valued_over_plain": valued / plain,
+        "sketch_s": sketch_s,
+        "sketch_share_of_valued_step": sketch_s / valued,
         "valuation_floors_s": floors,
         "sum_of_floors_s": plain_floor + floors,
         "valued_over_sum_of_floors": valued / (plain_floor + floors),
@@ -472,6 +518,10 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
         f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
         f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.1f}x |"
     )
+    if sketch_s:
+        print(
+            f"\nthe in-run sketch is {100 * sketch_s / valued:.1f}% of the valued step ({sketch_s:.4f} s of {valued:.4f} s)"
+        )
     print(
         f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s"
     )
