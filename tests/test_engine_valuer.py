@@ -203,3 +203,40 @@ def test_ddp_wrapped_model_single_process_gloo(tmp_path):
         np.testing.assert_allclose(sv.per_set["v"], want, rtol=0, atol=1e-4 * np.abs(want).max())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", [None, "materialize", "project", "ghost", "kronecker"])
+def test_sets_scored_together_equal_each_set_scored_alone_and_brute_force(strategy):
+    """`score_sets` stacks the sets planned alike for a parameter: same numbers as `score` per set."""
+    import dataclasses
+
+    from attribution.engine.scoring import score, score_sets
+
+    model = tiny_gpt2()
+    val = {name: ragged_batch(m, 8, seed=60 + m) for name, m in (("whole", 3), ("few", 2), ("more", 4))}
+    sets = {name: ValSet(ids, mask) for name, (ids, mask) in val.items()}
+    valuer = Valuer(model, sets, per_example=["few", "more"], strategy=strategy)
+    tr, tm = ragged_batch(5, 10, seed=71)
+    valuer.forward_backward(tr, tm)
+    train = valuer.train_capture
+    plans = dict(valuer.plans())
+    pid = next(p for p, lp in plans["few"].layers.items() if lp.name.endswith("c_fc.weight"))
+    if strategy is None:  # one set planned differently for one parameter: the mixed path is exercised too
+        other = "ghost" if plans["few"].layers[pid].strategy != "ghost" else "project"
+        plans["few"].layers[pid] = dataclasses.replace(plans["few"].layers[pid], strategy=other)
+    sides = {name: valuer._val_side(name)[0] for name in sets}
+    together = score_sets(train, sides, plans, valuer.shapes)
+    for name, side in sides.items():
+        alone = score(train, side, plans[name], valuer.shapes)
+        np.testing.assert_allclose(together[name].numpy(), alone.numpy(), rtol=1e-12, atol=1e-300)
+        if strategy != "kronecker":  # the exact strategies: brute-force per-sample gradients
+            ids, mask = val[name]
+            want = (per_sample_grads(model, tr, tm) @ per_sample_grads(model, ids, mask).t()).double()
+            want = want if name != "whole" else want.sum(1, keepdim=True)
+            np.testing.assert_allclose(
+                together[name].numpy(), want.numpy(), rtol=1e-9, atol=1e-12 * float(want.abs().max())
+            )
+    sv = valuer.values(0.05)
+    for name in sets:
+        got = sv.per_example.get(name, sv.per_set[name][:, None])
+        np.testing.assert_allclose(got, 0.05 / 5 * together[name].numpy(), rtol=1e-12, atol=1e-300)

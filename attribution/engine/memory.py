@@ -152,16 +152,40 @@ def _stub_uses(lp: LayerPlan) -> list[Use]:
     return [Use(empty, empty if col else None, index) for index, col in _kinds(lp)]
 
 
+def _strategy_bytes(lp: LayerPlan, sizes: Mapping[str, int], groups: int) -> int:
+    est = estimate_costs(
+        lp.shape, _stub_uses(lp), sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], groups
+    )
+    return int(est[lp.strategy][1]) if lp.strategy in est else 0
+
+
 def scoring_transient(plan: Plan) -> int:
     """The largest bytes-held estimate of any parameter's planned strategy (scoring is one parameter at a time)."""
-    s = plan.sizes
+    return max(
+        (_strategy_bytes(lp, plan.sizes, plan.sizes["groups"]) for lp in plan.layers.values()), default=0
+    )
+
+
+def joint_scoring_transient(plans: Mapping[str, Plan], itemsize: int = 4) -> int:
+    """`scoring_transient` of `scoring.score_sets`: per parameter, the sets planned with the same dense
+    strategy are scored together, holding the stacked copy of their `G`s and the strategy's buffers at the
+    stacked group count; the largest parameter wins."""
+    g_item = 8 if itemsize == 8 else 4
+    first = next(iter(plans.values()))
     best = 0
-    for lp in plan.layers.values():
-        est = estimate_costs(
-            lp.shape, _stub_uses(lp), s["n"], s["train_tokens"], s["m"], s["val_tokens"], s["groups"]
-        )
-        if lp.strategy in est:
-            best = max(best, int(est[lp.strategy][1]))
+    for pid in first.layers:
+        planned: dict[str, list[Plan]] = {}
+        for plan in plans.values():
+            planned.setdefault(plan.layers[pid].strategy, []).append(plan)
+        for name, group in planned.items():
+            lp = group[0].layers[pid]
+            if get_strategy(name).val_gradient is None or len(group) == 1:
+                held = max(_strategy_bytes(p.layers[pid], p.sizes, p.sizes["groups"]) for p in group)
+            else:
+                groups = sum(p.sizes["groups"] for p in group)
+                p0, p1 = _dense_shape(lp)
+                held = groups * p0 * p1 * g_item + _strategy_bytes(lp, group[0].sizes, groups)
+            best = max(best, held)
     return best
 
 
@@ -205,7 +229,7 @@ def step_memory(
         pre_item = 8 if itemsize == 8 else 4
         elements = sum(lp.shape[0] * lp.shape[1] for lp in first.layers.values())
         model.terms.append(MemoryTerm(PRE, "all parameters", elements * pre_item))
-    model.terms.append(MemoryTerm(TRANSIENT, "", max(scoring_transient(p) for p in plans.values())))
+    model.terms.append(MemoryTerm(TRANSIENT, "", joint_scoring_transient(plans, itemsize)))
     return model
 
 

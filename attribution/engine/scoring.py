@@ -50,13 +50,44 @@ def build_val_side(
 
 def score(train: Captured, side: ValSide, plan: Plan, shapes: dict[int, tuple[int, int]]) -> torch.Tensor:
     """`[n_train, groups]` float64 inner products of each training sample's gradient with each group's."""
-    out = torch.zeros(train.n, side.groups, dtype=torch.float64)
+    return score_sets(train, {"": side}, {"": plan}, shapes)[""]
+
+
+def score_sets(
+    train: Captured, sides: dict[str, ValSide], plans: dict[str, Plan], shapes: dict[int, tuple[int, int]]
+) -> dict[str, torch.Tensor]:
+    """`score` for several validation sets at once: `{name: [n_train, groups]}`, the same numbers.
+
+    Why: a dense strategy builds its training side inside `score` (for `materialize`, every sample's
+    `[P0, P1]` gradient; for the tied 50257-row head that is most of the scoring). Dense scores are
+    linear in `G` and independent column by column, so the sets planned alike for a parameter have their
+    `G [groups, P0, P1]` stacked along the group axis and are scored in one call: the training side is
+    built once per step, not once per set. Ghost parameters (no `G`) are scored set by set.
+    """
+    out = {name: torch.zeros(train.n, side.groups, dtype=torch.float64) for name, side in sides.items()}
+
+    def add(names: list[str], part: torch.Tensor | None) -> None:
+        if part is None:  # the parameter had no validation gradient (unused by the validation forward)
+            return
+        for name, cols in zip(
+            names, part.double().cpu().split([sides[n].groups for n in names], 1), strict=True
+        ):
+            out[name] += cols
+
     for pid, uses in train.uses.items():
-        part = get_strategy(plan.strategy(pid)).score(uses, side, _param(pid, uses, plan, shapes))
-        if (
-            part is not None
-        ):  # None: the parameter had no validation gradient (unused by the validation forward)
-            out += part.double().cpu()
+        planned: dict[str, list[str]] = {}
+        for name in sides:
+            planned.setdefault(plans[name].strategy(pid), []).append(name)
+        for strategy_name, names in planned.items():
+            strategy = get_strategy(strategy_name)
+            param = _param(pid, uses, plans[names[0]], shapes)
+            stack = [n for n in names if pid in sides[n].dense] if strategy.val_gradient is not None else []
+            if len(stack) > 1:
+                g = torch.cat([sides[n].dense[pid] for n in stack])
+                add(stack, strategy.score(uses, ValSide(len(g), True, dense={pid: g}), param))
+                del g
+            for name in names if len(stack) < 2 else [n for n in names if n not in stack]:
+                add([name], strategy.score(uses, sides[name], param))
     return out
 
 

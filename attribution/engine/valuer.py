@@ -44,7 +44,7 @@ from .capture import Captured, Capturer, join_captures
 from .optimizer import adam_preconditioner, is_adam
 from .planner import Plan, choose, resolve_forced
 from .rules import canonical_shape
-from .scoring import ValSide, build_val_side, compute_dtype, materialize, score, sq_norms
+from .scoring import ValSide, build_val_side, compute_dtype, materialize, score_sets, sq_norms
 from .task import LanguageModelingTask, Task
 
 
@@ -281,8 +281,9 @@ class Valuer:
             order=self.order,
             optimizer_aware=self.optimizer_aware,
         )
-        for name, side in sides.items():
-            s = score(train, side, self._plans[name], self.shapes) * lr_eff
+        scores = score_sets(train, sides, {name: self._plans[name] for name in sides}, self.shapes)
+        for name, s in scores.items():
+            s = s * lr_eff
             sv.per_set[name] = s.sum(1).numpy()
             if name in self.per_example:
                 sv.per_example[name] = s.numpy()
