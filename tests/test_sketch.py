@@ -12,7 +12,7 @@ from attribution.engine.rules import canonical_shape, trainable_params
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import ValSet, Valuer
 from attribution.train.distributed import DistInfo
-from attribution.train.sketch import InRunSketch, Projection, model_params, segment_of, segments
+from attribution.train.sketch import InRunSketch, Projection, model_params, prefix, segment_of, segments
 from attribution.train.step import ValuedStep
 from tests.test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401 (fixture)
 
@@ -106,3 +106,20 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
     np.testing.assert_allclose(sketch.acc, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
     with pytest.raises(RuntimeError, match="not observed"):
         sketch.add(5, np.array([0]))
+
+
+@pytest.mark.parametrize("side", [SIDE, 5])  # 5: block widths that are not multiples of the generator's chunk
+def test_a_smaller_dimension_is_a_rescaled_prefix_of_a_larger_one(side):
+    """`prefix` gives the sketch a run of the smaller `--sketch-dim` writes (the fidelity benchmark relies on it)."""
+    model = tiny_gpt2()
+    ids, mask = ragged_batch(2, 8, seed=4)
+    shapes = model_params(model)[0]
+    big, small = Projection(shapes, 96, 7, side=side), Projection(shapes, 24, 7, side=side)
+    for g in _per_sample_grads(model, ids, mask):
+        for segment in (0, 2):
+            want = small.apply_dense(g, segment).numpy()
+            got = prefix(big.apply_dense(g, segment).numpy()[None], 24)[0]
+            assert np.abs(want).max() > 0
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+    with pytest.raises(ValueError, match="must be in 1..96"):
+        prefix(np.zeros((1, 96)), 97)

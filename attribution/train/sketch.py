@@ -260,6 +260,19 @@ class InRunSketch:
         return folder
 
 
+def prefix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """The `[n, dim]` vectors a run with `--sketch-dim dim` writes, from a larger-dimension run's `vectors`.
+
+    Why: fidelity against the dimension needs one training run, not one per dimension. `M_s` of
+    dimension K is the first K rows of the same seed's dimension-D draw rescaled by sqrt(D / K) (one
+    generator fills `[dim, width]` row by row, entries divided by sqrt(dim)), and sketches are linear in
+    `M_s`; tests/test_sketch.py checks the identity."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if not 0 < dim <= vectors.shape[1]:
+        raise ValueError(f"prefix dimension {dim} must be in 1..{vectors.shape[1]}")
+    return vectors[:, :dim] * np.sqrt(vectors.shape[1] / dim)
+
+
 def make_index(vectors: np.ndarray):
     """An exhaustive inner-product index of `vectors` stored as float16, and the scale it was divided by.
 
