@@ -3,7 +3,13 @@
 from attribution.corpus.builtin import resolve_corpus
 from attribution.corpus.document import Document
 from attribution.corpus.owners import OwnerMap, OwnerRule, load_owner_map
-from attribution.corpus.readers import ReadStats, corpus_fingerprint, read_corpus, read_validation
+from attribution.corpus.readers import (
+    ReadStats,
+    corpus_fingerprint,
+    read_corpus,
+    read_corpus_located,
+    read_validation,
+)
 
 __all__ = [
     "Document",
@@ -13,6 +19,7 @@ __all__ = [
     "corpus_fingerprint",
     "load_owner_map",
     "read_corpus",
+    "read_corpus_located",
     "read_validation",
     "resolve_corpus",
 ]

@@ -417,6 +417,28 @@ def read_corpus(
     Raises `UserError` at once for a missing path; `BadInputError` for the first bad record unless
     ``on_bad_line="skip"``, which counts it in `stats` and goes on (a broken file is skipped whole).
     """
+    for _, _, doc in read_corpus_located(
+        paths,
+        on_bad_line=on_bad_line,
+        owner_map=owner_map,
+        stats=stats,
+        text_column=text_column,
+        source_column=source_column,
+    ):
+        yield doc
+
+
+def read_corpus_located(
+    paths: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    on_bad_line: OnBadLine = "error",
+    owner_map: OwnerMap | None = None,
+    stats: ReadStats | None = None,
+    text_column: str = "text",
+    source_column: str = "source",
+) -> Iterator[tuple[str, int | None, Document]]:
+    """`read_corpus` with each document's file and line (None where a format has no lines), so that
+    a check made after reading can still name `FILE:LINE` as the reader's own errors do."""
     if on_bad_line not in ("error", "skip"):
         raise UserError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     stats = stats if stats is not None else ReadStats()
@@ -447,7 +469,7 @@ def read_corpus(
                 seen.add(key)
                 stats.read += 1
                 stats.by_source[doc.source] += 1
-                yield doc
+                yield str(path), line, doc
         except BadInputError as err:
             if on_bad_line == "error":
                 raise

@@ -42,6 +42,8 @@ class RunConfig:
     optimizer: str = "adamw"
     seed: int = 0
     exclude_ids: tuple[str, ...] = ()
+    # Documents that must be trained on (e.g. an experiment's originals): never taken into the reference set.
+    keep_ids: tuple[str, ...] = ()
     device: str = "auto"
     resume: bool = False
     # Valuation switches.
@@ -92,6 +94,7 @@ class RunConfig:
             values["steps"] = preset["steps"]
         values["betas"] = tuple(values["betas"])
         values["exclude_ids"] = tuple(values["exclude_ids"])
+        values["keep_ids"] = tuple(values["keep_ids"])
         values["corpus"] = list(values["corpus"])
         values["val"] = dict(values["val"])
         cfg = RunConfig(**values)
@@ -143,6 +146,7 @@ class RunConfig:
         """Plain JSON-able dict (tuples become lists)."""
         out = dataclasses.asdict(self)
         out["exclude_ids"] = list(self.exclude_ids)
+        out["keep_ids"] = list(self.keep_ids)
         out["betas"] = list(self.betas) if self.betas is not None else None
         return out
 
@@ -171,7 +175,7 @@ def build_config(toml_path: str | Path | None = None, **overrides: Any) -> RunCo
     """Config from an optional TOML file with `overrides` (flags actually given) on top."""
     data: dict[str, Any] = load_toml(toml_path) if toml_path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("betas", "exclude_ids"):
+    for key in ("betas", "exclude_ids", "keep_ids"):
         if key in data and data[key] is not None:
             data[key] = tuple(data[key])
     try:

@@ -159,7 +159,9 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
             stacklevel=2,
         )
     held_out = set(identical) | excluded
-    ref_rows = reference.choose(seqset.docs, cfg.reference or 0, cfg.seed, exclude=held_out)
+    # the reference is held out of training, so it never takes a document the run must train on
+    not_reference = held_out | set(map(str, cfg.keep_ids))
+    ref_rows = reference.choose(seqset.docs, cfg.reference or 0, cfg.seed, exclude=not_reference)
     held_out |= set(seqset.docs["doc_id"].astype(str).iloc[ref_rows])
     keep = ~seqset.docs["doc_id"].astype(str).isin(held_out).to_numpy()
     doc_rows = np.flatnonzero(keep)

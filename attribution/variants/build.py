@@ -304,19 +304,26 @@ def build_variants(
             records.append({"id": f"{kind}:{doc.doc_id}", "text": text, "meta": meta})
         if progress:
             progress(1)
+    add_distances(records, targets)
+    for r in records:
+        if r["meta"]["variant"] == "similar" and r["meta"]["cosine_minilm"] < WEAK_SIMILAR:
+            print(
+                f"warning: the pool's closest document to {r['meta']['target_id']} ({r['meta']['similar_doc_id']}) "
+                f"has MiniLM cosine {r['meta']['cosine_minilm']:.2f}: not on a related subject; use a larger "
+                "corpus or --pool-fraction",
+                file=sys.stderr,
+            )
+    return records
+
+
+def add_distances(records: Sequence[dict], targets: Sequence[Document]) -> None:
+    """Put `measure`'s three distances to its original (`meta.target_id`, one of `targets`) into each
+    record's meta, in place: generated and hand-written variants are described alike."""
     vecs = doc_vectors([r["text"] for r in records] + [d.text for d in targets])
     by_target = {d.doc_id: (d, vecs[len(records) + i]) for i, d in enumerate(targets)}
     for r, v in zip(records, vecs[: len(records)], strict=True):
         original, ov = by_target[r["meta"]["target_id"]]
         r["meta"].update(measure(r["text"], original.text, float(v @ ov)))
-        if r["meta"]["variant"] == "similar" and r["meta"]["cosine_minilm"] < WEAK_SIMILAR:
-            print(
-                f"warning: the pool's closest document to {original.doc_id} ({r['meta']['similar_doc_id']}) has "
-                f"MiniLM cosine {r['meta']['cosine_minilm']:.2f}: not on a related subject; use a larger "
-                "corpus or --pool-fraction",
-                file=sys.stderr,
-            )
-    return records
 
 
 def distance_summary(records: Sequence[dict]) -> list[dict]:

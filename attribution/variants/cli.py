@@ -197,16 +197,34 @@ def experiment() -> None:
     required=True,
     help="Folder for variants, runs, table.csv, table.md and rank plot.",
 )
-@click.option("--pick", type=int, default=8, show_default=True, help="Number of originals to pick.")
+@click.option("--pick", type=int, default=None, help="Number of originals to pick.  [default: 8]")
 @click.option(
     "--ids", default=None, help="Comma-separated document ids to use as originals instead of --pick."
+)
+@click.option(
+    "--originals",
+    "originals",
+    multiple=True,
+    metavar="FILE",
+    help="Hand-written originals ({text, meta: {id, pile_set_name, ...}} a line, e.g. "
+    "corpora/handwritten/originals_a.jsonl), added to the training corpus after --corpus; repeatable. "
+    "Needs --variants; replaces --pick/--ids.",
+)
+@click.option(
+    "--variants",
+    "variants",
+    multiple=True,
+    metavar="FILE",
+    help="Hand-written variants ({id, text, meta: {variant, target_id}} a line, each target one of "
+    "--originals), valued as given: nothing is generated and no similar-topic pool is held out; "
+    "repeatable. Needs --originals.",
 )
 @click.option(
     "--kinds",
     default="partial,paraphrase,significant,similar",
     show_default=True,
     help="Variant kinds to value ('exact' cannot be: a training document identical to a "
-    "validation text is kept out of training).",
+    "validation text is kept out of training). With --variants: which of the given ones.",
 )
 @click.option(
     "--preset", default="cpu-tiny", show_default=True, help="Training preset (see `attribution run`)."
@@ -271,6 +289,8 @@ def copyright_cmd(
     out,
     pick,
     ids,
+    originals,
+    variants,
     kinds,
     preset,
     steps,
@@ -288,24 +308,34 @@ def copyright_cmd(
 ) -> None:
     """Rank each variant's original among all training documents, by In-Run Shapley and baselines.
 
+    \b
     Picks originals, builds their variants, keeps the variants and the similar-topic pool out of
     training, trains and values (first and second order), then writes OUT/table.csv, OUT/table.md
     and OUT/ranks.png: per variant kind, the average rank of the original under In-Run Shapley
     (1st, 2nd order), BM25, MiniLM similarity and 8-gram containment, next to the variants'
-    distances. Rank 1 = the original is the top contributor.
+    distances. Rank 1 = the original is the top contributor. OUT/ranks.csv has one row per variant.
+    Hand-written cases instead of picked and generated ones:
+      attribution experiment copyright --out runs/hw \\
+        --originals corpora/handwritten/originals_a.jsonl --originals corpora/handwritten/originals_b.jsonl \\
+        --variants corpora/handwritten/variants_a.jsonl --variants corpora/handwritten/variants_b.jsonl
+    then a table for some originals only: attribution experiment table runs/hw --targets 'hw-b-*'
     """
     from attribution.workflows.experiment import CopyrightExperiment, run_copyright
 
     order_list = sorted({int(o) for o in orders.split(",") if o.strip()})
     if not order_list or any(o not in (1, 2) for o in order_list):
         raise UserError(f"--orders must list 1 and/or 2, got {orders!r}")
-    if not pool_corpus and all(str(c).split(":")[0] == "builtin" for c in corpus):
+    if (originals or variants) and (pick is not None or ids):
+        raise UserError("--pick and --ids choose originals from the corpus; with --originals they are given")
+    if not pool_corpus and not originals and all(str(c).split(":")[0] == "builtin" for c in corpus):
         pool_corpus = ("builtin",)  # related documents exist in the full built-in corpus, not in a 10% split
     exp = CopyrightExperiment(
         corpus=list(corpus),
         out=out,
-        pick=None if ids else pick,
+        pick=None if ids or originals else (8 if pick is None else pick),
         ids=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
+        originals=list(originals),
+        variants=list(variants),
         kinds=kinds,
         preset=preset,
         steps=steps,
@@ -326,6 +356,47 @@ def copyright_cmd(
     click.echo(
         f"\nwrote {out / 'table.csv'}, {out / 'table.md'}, {out / 'ranks.png'} in {result.seconds:.0f} s"
     )
+
+
+@experiment.command("table")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--targets",
+    "targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only the variants whose original's id matches this shell-style pattern (e.g. 'hw-b-*'); "
+    "repeatable. Default: every variant.",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the table as CSV (the columns of OUT/table.csv).",
+)
+@click.option(
+    "--median",
+    is_flag=True,
+    help="In the views tables, the median rank in parentheses instead of every original's rank.",
+)
+def table_cmd(out: Path, targets: tuple[str, ...], csv_path: Path | None, median: bool) -> None:
+    """Print the tables of a finished `experiment copyright` folder OUT for some of its originals.
+
+    \b
+    Recomputed from OUT/ranks.csv (one row per variant), so nothing is retrained: the headline
+    table, then per order the views x kinds table with every original's rank and the control (the
+    other originals' average rank for the same texts). E.g. the held-out half of the hand-written cases:
+      attribution experiment table runs/hw --targets 'hw-b-*'
+    """
+    from attribution.workflows.experiment import table_for
+
+    table, markdown = table_for(out, targets, each=not median)
+    click.echo(markdown, nl=False)
+    if csv_path is not None:
+        with atomic_write(csv_path) as fh:
+            table.to_csv(fh, index=False)
+        click.echo(f"wrote {csv_path}", err=True)
 
 
 commands: list[click.Command] = [variants_cmd, experiment]

@@ -15,11 +15,20 @@ default view; `ranks.csv` has one `irs_order{1,2}[_<view>]` column per order and
 What is kept out of training: the variant texts (they are validation data only) and the whole
 similar-topic pool (each "similar" variant is a real corpus document, so it must never be trained
 on). An `exact` copy cannot be valued here: the training loop drops a training document identical to
-a validation text, which would remove the original itself.
+a validation text, which would remove the original itself. The originals are never taken into the
+run's reference set (which is held out of training too).
+
+Hand-written cases (`corpora/handwritten`, `originals=` / `variants=`): the originals are added to
+the training corpus and the variants are the validation texts as written, so nothing is picked or
+generated, and no pool is held out (a hand-written "similar" text is not a corpus document).
+
+`ranks.csv` has one row per variant, so `table_for(OUT, ["hw-b-*"])` (`attribution experiment
+table`) recomputes the table for the variants of any subset of originals, e.g. a held-out half.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -29,13 +38,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attribution.errors import UserError
+from attribution.corpus import Document, read_corpus_located
+from attribution.errors import BadInputError, UserError
 from attribution.io import atomic_path, atomic_write
 from attribution.text import ngrams, words
 from attribution.values import Manifest, RunDir, RunValues, rank_of
 from attribution.values.rundir import DOCS, EXAMPLE_VALUES
 from attribution.values.views import DEFAULT_VIEW, VIEWS, column_of
 from attribution.variants.build import (
+    KINDS,
+    add_distances,
     build_variants,
     distance_summary,
     load_docs,
@@ -49,6 +61,7 @@ from attribution.variants.rewriters import OfflineRewriter, Rewriter
 
 BASELINES = {"bm25": "BM25", "semantic": "MiniLM similarity", "containment": "8-gram containment"}
 ORDINAL = {"1": "1st", "2": "2nd"}
+VALUED_KINDS = tuple(k for k in KINDS if k != "exact")  # see the module docstring for why not exact
 
 
 def method_column(order: int, view: str = "value") -> str:
@@ -106,6 +119,10 @@ class CopyrightExperiment:
     seed: int = 0
     rewriter: Rewriter = field(default_factory=OfflineRewriter)
     run_overrides: dict = field(default_factory=dict)  # extra RunConfig fields (tests: tiny models)
+    # Hand-written cases: corpus-format originals added to training, validation-format variants used
+    # as given (`kinds` still chooses among them); pick, ids, max_words, rewriter and pool_* then play no part.
+    originals: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -127,17 +144,10 @@ def outside_pool(candidates: Sequence, training: Sequence) -> list:
     return pool
 
 
-def _plan(exp: CopyrightExperiment):
-    """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl."""
-    kinds = parse_kinds(exp.kinds)
-    if "exact" in kinds:
-        raise UserError(
-            "the copyright experiment cannot value 'exact' variants: the training loop keeps a "
-            "document identical to a validation text out of training, so the original would vanish"
-        )
+def _generated(exp: CopyrightExperiment, docs: list[Document], kinds: list[str]):
+    """Originals picked from the corpus, their similar-topic pool and generated variant records."""
     if (exp.pick is None) == (not exp.ids):
         raise UserError("give exactly one of --pick N or --ids ID,...")
-    docs = load_docs(tuple(exp.corpus))
     targets = (
         select_ids(docs, exp.ids)
         if exp.ids
@@ -152,8 +162,69 @@ def _plan(exp: CopyrightExperiment):
     records = build_variants(
         targets, kinds, rewriter=exp.rewriter, pool=pool, seed=exp.seed, similar_max_words=2 * exp.max_words
     )
+    return targets, pool, records
+
+
+def _handwritten(
+    exp: CopyrightExperiment, docs: list[Document], kinds: list[str]
+) -> tuple[list[Document], list[dict]]:
+    """Hand-written originals (new training documents) and their variants as given, checked line by
+    line so that a typo in a 300-word case is named before a long training run, not after."""
+    if exp.ids:
+        raise UserError("--ids picks originals from the corpus; with --originals they are given")
+    if exp.pool_corpus:
+        raise UserError("--pool-corpus is for generated 'similar' variants; hand-written ones need no pool")
+    corpus_ids = {d.doc_id for d in docs}
+    originals = []
+    for path, line, doc in read_corpus_located(exp.originals):
+        if doc.doc_id in corpus_ids:
+            key = "meta.id" if str(doc.meta.get("id")) == doc.doc_id else "id"
+            raise BadInputError(
+                path,
+                line,
+                f"{key} {doc.doc_id!r} is already a --corpus document; an original needs its own id",
+            )
+        originals.append(doc)
+    by_id = {d.doc_id: d for d in originals}
+    records = []
+    for path, line, v in read_corpus_located(exp.variants):
+        kind, target = v.meta.get("variant"), v.meta.get("target_id")
+        if kind not in VALUED_KINDS:
+            raise BadInputError(
+                path,
+                line,
+                f"meta.variant {kind!r} is not a kind this experiment values ({', '.join(VALUED_KINDS)})",
+            )
+        if not isinstance(target, str) or target not in by_id:
+            raise BadInputError(path, line, f"meta.target_id {target!r} is not an original")
+        if kind in kinds:
+            meta = {**v.meta, "target_source": by_id[target].source}
+            records.append({"id": v.doc_id, "text": v.text, "meta": meta})
+    if not records:
+        raise UserError(f"no variant of the kinds {', '.join(kinds)} in {', '.join(map(str, exp.variants))}")
+    add_distances(records, originals)
+    return originals, records
+
+
+def _plan(exp: CopyrightExperiment):
+    """Originals, pool and variant records, written to OUT/variants/<kind>.jsonl; training documents."""
+    kinds = parse_kinds(exp.kinds)
+    if "exact" in kinds:
+        raise UserError(
+            "the copyright experiment cannot value 'exact' variants: the training loop keeps a "
+            "document identical to a validation text out of training, so the original would vanish"
+        )
+    if bool(exp.originals) != bool(exp.variants):
+        raise UserError("--originals and --variants go together: give both (hand-written cases) or neither")
+    docs = load_docs(tuple(exp.corpus))
+    if exp.originals:
+        targets, records = _handwritten(exp, docs, kinds)
+        pool: list[Document] = []
+        docs = docs + targets
+    else:
+        targets, pool, records = _generated(exp, docs, kinds)
     paths: dict[str, str] = {}
-    for kind in kinds:
+    for kind in (k for k in kinds if any(r["meta"]["variant"] == k for r in records)):
         path = exp.out / "variants" / f"{kind}.jsonl"
         write_jsonl(path, [r for r in records if r["meta"]["variant"] == kind])
         paths[kind] = str(path)
@@ -163,13 +234,18 @@ def _plan(exp: CopyrightExperiment):
 
 
 def _train(
-    exp: CopyrightExperiment, order: int, val: dict[str, str], exclude: list[str], n_targets: int
+    exp: CopyrightExperiment,
+    order: int,
+    val: dict[str, str],
+    exclude: list[str],
+    originals: list[str],
+    set_size: int,
 ) -> Path:
     from attribution.train import RunConfig, train_and_value
 
     run_dir = exp.out / f"run-order{order}"
     cfg = RunConfig(
-        corpus=list(exp.corpus),
+        corpus=list(exp.corpus) + list(exp.originals),
         val=val,
         out=str(run_dir),
         preset=exp.preset,
@@ -180,8 +256,9 @@ def _train(
         seed=exp.seed,
         optimizer_aware=exp.optimizer_aware and exp.optimizer == "adamw",
         exclude_ids=tuple(exclude),
+        keep_ids=tuple(originals),
         device=exp.device,
-        per_example_max=max(64, n_targets),
+        per_example_max=max(64, set_size),
         **exp.run_overrides,
     )
     if RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
@@ -190,11 +267,12 @@ def _train(
 
 
 def _irs_ranks(
-    run_dir: Path, order: int, records: Sequence[dict], train_ids: list[str]
+    run_dir: Path, order: int, records: Sequence[dict], train_ids: list[str], originals: Sequence[str]
 ) -> tuple[dict[str, list[float]], list[bool]]:
     """Rank of each record's original among all training documents under every attribution view of
     the run's per-example values (a document never sampled scores 0), and whether the original was
-    trained on at all. Keys are `method_column(order, view)`."""
+    trained on at all. Keys are `method_column(order, view)`; `control_<key>` is the mean rank of the
+    other `originals` for the same text."""
     values = RunValues.read(run_dir)
     ev = values.with_views()
     dv = values.doc_values
@@ -203,7 +281,6 @@ def _irs_ranks(
     row = {d: i for i, d in enumerate(train_ids)}
     ranks: dict[str, list[float]] = {method_column(order, v): [] for v in names}
     was_seen = []
-    targets = sorted({r["meta"]["target_id"] for r in records})
     groups = {k: g for k, g in ev.groupby(["val_set", "val_id"], sort=False)}
     for r in records:
         kind, target = r["meta"]["variant"], r["meta"]["target_id"]
@@ -213,7 +290,7 @@ def _irs_ranks(
         idx = g["doc_id"].astype(str).map(row)
         ok = idx.notna().to_numpy()
         at = idx[ok].astype(int).to_numpy()
-        others = [row[t] for t in targets if t != target]
+        others = [row[t] for t in originals if t != target]
         for v in names:
             scores = np.zeros(len(train_ids), dtype=np.float64)
             scores[at] = g[column_of(v)].to_numpy(dtype=np.float64)[ok]
@@ -261,7 +338,7 @@ def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
     """Method names in a ranks frame (`irs_order1_per_token`, `bm25`) or a summary table (from
     `irs_order1_per_token_mean_rank`); `control_*` columns are not methods."""
     cols = ranks_or_table.columns
-    irs = [c for c in cols if c.startswith("irs_order") and not c.endswith(("_rank", "_share"))]
+    irs = [c for c in cols if c.startswith("irs_order") and not c.endswith(("_rank", "_ranks", "_share"))]
     irs += [
         c.removesuffix("_mean_rank") for c in cols if c.startswith("irs_order") and c.endswith("_mean_rank")
     ]
@@ -270,14 +347,19 @@ def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
 
 
 def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
-    """Per variant kind: mean (and median) rank per method, share ranked first / in the top 1%, distances."""
+    """Per variant kind (nearest first): mean, median and every rank per method, share ranked first /
+    in the top 1%, the other-originals control, distances. `ranks` is `ranks.csv` or any subset of
+    its rows, so a table for some of the originals is this function on their rows."""
     methods = _methods(ranks)
+    rank = {k: i for i, k in enumerate(KINDS)}
+    groups = sorted(ranks.groupby("variant", sort=False), key=lambda kg: rank.get(kg[0], len(KINDS)))
     rows = []
-    for kind, g in ranks.groupby("variant", sort=False):
+    for kind, g in groups:
         row: dict = {"variant": kind, "n": len(g), "n_train_docs": n_train}
         for m in methods:
             row[f"{m}_mean_rank"] = round(float(g[m].mean()), 2)
             row[f"{m}_median_rank"] = float(g[m].median())
+            row[f"{m}_ranks"] = " ".join(f"{x:g}" for x in g[m])  # in ranks.csv order
             row[f"{m}_top1_share"] = round(float((g[m] <= 1.0).mean()), 3)
             row[f"{m}_top1pct_share"] = round(float((g[m] <= max(1.0, 0.01 * n_train)).mean()), 3)
         for c in (c for c in g.columns if c.startswith("control_")):
@@ -290,19 +372,25 @@ def summarize(ranks: pd.DataFrame, n_train: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(r: pd.Series, m: str) -> str:
+def _cell(r: pd.Series, m: str, each: bool = False) -> str:
+    """`mean (median)`, or with `each` `mean [every rank]` (an older table.csv has no ranks column)."""
+    if each and f"{m}_ranks" in r:
+        return f"{r[f'{m}_mean_rank']:.1f} [{', '.join(str(r[f'{m}_ranks']).split())}]"
     return f"{r[f'{m}_mean_rank']:.1f} ({r[f'{m}_median_rank']:g})"
 
 
-def to_markdown(table: pd.DataFrame, meta: dict) -> str:
-    """The headline table (methods x kinds), then one views x kinds table per order."""
+def to_markdown(table: pd.DataFrame, meta: dict, each: bool = False) -> str:
+    """The headline table (methods x kinds), then one views x kinds table per order (with `each`, every
+    original's rank in the views tables instead of the median). `meta["subset"]`, when set, says
+    which variants the table covers."""
     methods = headline_methods(_methods(table))
     head = (
         "| variant | n | "
         + " | ".join(method_label(m) for m in methods)
         + " | 8-gram cont. | 3-gram Jacc. | MiniLM cos. |"
     )
-    lines = [
+    lines = [f"Variants of the originals {meta['subset']}.", ""] if meta.get("subset") else []
+    lines += [
         f"Average rank of the original among {meta['n_train_docs']} training documents "
         f"(1 = top; median in parentheses). Preset {meta['preset']}, {meta['steps']} steps, "
         f"optimizer {meta['optimizer']}{' (optimizer-aware values)' if meta.get('optimizer_aware') else ''}, "
@@ -325,7 +413,7 @@ def to_markdown(table: pd.DataFrame, meta: dict) -> str:
         lines += [
             "",
             f"Attribution views, In-Run Shapley {ORDINAL[str(order)]} order (average rank of the original; "
-            "median in parentheses). Control: the average rank of the *other* originals for the same texts, "
+            f"{'every rank in brackets' if each else 'median in parentheses'}). Control: the average rank of the *other* originals for the same texts, "
             f"about {(meta['n_train_docs'] + 1) / 2:.0f} when a view does not simply favour documents like the originals:",
             "",
             "| view | " + " | ".join(kinds) + " | control |",
@@ -337,7 +425,7 @@ def to_markdown(table: pd.DataFrame, meta: dict) -> str:
             control = f"{table[col].mean():.1f}" if col in table.columns else "n/a"
             lines.append(
                 f"| {name} | "
-                + " | ".join(_cell(r, method_column(order, v)) for _, r in table.iterrows())
+                + " | ".join(_cell(r, method_column(order, v), each) for _, r in table.iterrows())
                 + f" | {control} |"
             )
     lines += [
@@ -387,7 +475,9 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     exclude = (
         [] if exp.pool_corpus else sorted(d.doc_id for d in pool)
     )  # an outside pool is never in training
-    run_dirs = {o: _train(exp, o, val_paths, exclude, len(targets)) for o in exp.orders}
+    originals = [t.doc_id for t in targets]
+    set_size = max(pd.Series([r["meta"]["variant"] for r in records]).value_counts())
+    run_dirs = {o: _train(exp, o, val_paths, exclude, originals, int(set_size)) for o in exp.orders}
 
     first = next(iter(run_dirs.values()))
     train_ids = RunDir(first).table(DOCS, ["doc_id"], required=True)["doc_id"].tolist()
@@ -407,7 +497,7 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         ]
     )
     for order, run_dir in run_dirs.items():
-        by_view, seen = _irs_ranks(run_dir, order, records, train_ids)
+        by_view, seen = _irs_ranks(run_dir, order, records, train_ids, originals)
         for column, values in by_view.items():
             ranks[column] = values
         ranks["target_seen"] = seen
@@ -438,7 +528,10 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         "seconds": round(seconds, 1),
         "orders": list(exp.orders),
         "kinds": list(table["variant"]),
-        "originals": [t.doc_id for t in targets],
+        "originals": originals,
+        "handwritten": {"originals": list(map(str, exp.originals)), "variants": list(map(str, exp.variants))}
+        if exp.originals
+        else None,
         "heldout_pool": len(pool),
         "pool_corpus": exp.pool_corpus,
         "distances": distance_summary(records),
@@ -447,3 +540,38 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     with atomic_write(exp.out / "experiment.json") as fh:
         json.dump(summary, fh, indent=2)
     return ExperimentResult(table, ranks, markdown, seconds, run_dirs)
+
+
+def select_targets(ranks: pd.DataFrame, patterns: Sequence[str]) -> pd.DataFrame:
+    """The rows of `ranks` whose original's id matches any shell-style pattern (`hw-b-*`); all rows
+    for no pattern. Why: a table for a held-out half must come from the same run as the tuning half's."""
+    if not patterns:
+        return ranks
+    ids = ranks["target_id"].astype(str)
+    keep = np.zeros(len(ranks), dtype=bool)
+    for pattern in patterns:
+        keep |= ids.map(lambda i, p=pattern: fnmatch.fnmatchcase(i, p)).to_numpy(dtype=bool)
+    if not keep.any():
+        raise UserError(f"no variant's target id matches {', '.join(map(repr, patterns))}")
+    return ranks[keep]
+
+
+def table_for(out: Path, targets: Sequence[str] = (), each: bool = True) -> tuple[pd.DataFrame, str]:
+    """The table (and its markdown) of the finished experiment in `out`, recomputed from `ranks.csv`
+    for the variants whose original matches `targets` (`select_targets`); nothing is retrained."""
+    out = Path(out)
+    for name in ("ranks.csv", "experiment.json"):
+        if not (out / name).is_file():
+            raise UserError(
+                f"{out}: no {name}; is this a finished `attribution experiment copyright` folder?"
+            )
+    ranks = pd.read_csv(out / "ranks.csv", dtype={"id": str, "target_id": str, "variant": str})
+    meta = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
+    chosen = select_targets(ranks, targets)
+    table = summarize(chosen, int(meta["n_train_docs"]))
+    if targets:
+        n = chosen["target_id"].nunique()
+        meta["subset"] = (
+            f"matching {', '.join(f'`{t}`' for t in targets)} ({n} originals, {len(chosen)} variants)"
+        )
+    return table, to_markdown(table, meta, each=each)
