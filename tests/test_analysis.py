@@ -1,13 +1,15 @@
 """Analysis layer end to end on real text: indexes find copies and paraphrases, `compare` labels pairs.
 
 The corpus is real news text (gensim's Lee corpus), cut short to keep MiniLM encoding cheap; the run
-directory is synthetic (random values) except for one planted strong contributor.
+directory is synthetic (random values) except for one planted strong contributor and one generically
+helpful document, with a fixed reference set as `attribution run` writes one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -21,9 +23,12 @@ from attribution.cli import main
 from attribution.corpus import Document
 from attribution.errors import UserError
 from attribution.text import containment, words
+from attribution.values.views import REFERENCE_SET
 
 N_DOCS = 60
 N_WORDS = 70
+N_REFERENCE = 8
+PLANTED, GENERIC = "lee-040", "lee-041"  # stands out for v-none / helps every text alike
 
 # A hand-written paraphrase of Lee document 7 (shares no 4-word run with it).
 PARAPHRASE_7 = (
@@ -93,18 +98,24 @@ def run_dir(tmp_path_factory, corpus) -> str:
         {"id": "v-para", "text": PARAPHRASE_7, "meta": {"variant": "paraphrase", "target_id": "lee-007"}},
         {"id": "v-none", "text": _short(lee[250], 60), "meta": {"variant": "unrelated"}},
     ]
+    ref = [
+        {"id": f"ref-{i}", "text": _short(lee[270 + i], 50), "meta": {"reference": True}}
+        for i in range(N_REFERENCE)
+    ]
     (run / "val_sets").mkdir()
-    with open(run / "val_sets" / "demo.jsonl", "w") as fh:
-        for v in val:
-            fh.write(json.dumps(v) + "\n")
+    for name, items in (("demo", val), (REFERENCE_SET, ref)):
+        with open(run / "val_sets" / f"{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(v) + "\n" for v in items)
     rng = np.random.default_rng(0)
     rows = []
-    for v in val:
-        values = rng.normal(0, 1e-3, size=len(corpus))
-        if v["id"] == "v-none":
-            values[40] = 1.0  # planted: an unrelated document with by far the largest value
-        for d, x in zip(corpus, values, strict=True):
-            rows.append({"doc_id": d.doc_id, "val_set": "demo", "val_id": v["id"], "value": x})
+    for name, items in (("demo", val), (REFERENCE_SET, ref)):
+        for v in items:
+            values = rng.normal(0, 1e-3, size=len(corpus))
+            values[41] += 0.5  # generically helpful: large for every text, the reference's included
+            if v["id"] == "v-none":
+                values[40] = 1.0  # planted: an unrelated document with by far the largest value
+            for d, x in zip(corpus, values, strict=True):
+                rows.append({"doc_id": d.doc_id, "val_set": name, "val_id": v["id"], "value": x})
     pd.DataFrame(rows).to_parquet(run / "example_values.parquet", index=False)
     (run / "manifest.json").write_text(json.dumps({"default_view": "value"}))
     return str(run)
@@ -231,8 +242,13 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     assert pair("v-partial", "lee-012").label == "verbatim"
     para = pair("v-para", "lee-007")
     assert para.label == "paraphrastic" and para.semantic_rank == 1 and para.ngram_containment == 0.0
-    planted = pair("v-none", "lee-040")
+    planted = pair("v-none", PLANTED)
     assert planted.shapley_rank == 1 and planted.label == "non-obvious influence"
+    assert planted.standout_z > 100
+    generic = saved[saved.doc_id == GENERIC]  # top-2 for every text, but it does not stand out
+    assert (generic.shapley_rank <= 2).all() and (generic.standout_z.abs() < Thresholds().influence_z).all()
+    assert set(generic.label) <= {"none", "verbatim", "paraphrastic"} and len(generic) == 4
+    assert REFERENCE_SET not in set(saved.val_set)  # the reference is not labelled against itself
 
     summary = pd.read_csv(out / "summary.csv")
     allrows = summary[(summary.variant == "all")].set_index("method")
@@ -249,11 +265,36 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     assert n_non >= 1 and f"{n_non} of {len(top)} top contributors" in md
     info = json.loads((out / "compare.json").read_text())
     assert info["thresholds"]["paraphrase_semantic"] == Thresholds().paraphrase_semantic
+    assert info["standout"]["tested"] and info["standout"]["n_reference_examples"] == N_REFERENCE
+    non_obvious = top[top.label == "non-obvious influence"]
+    assert info["non_obvious_influence_by_target"] == {
+        "target": int(non_obvious.is_target.sum()),
+        "not_target": int((~non_obvious.is_target).sum()),
+    }
+    assert "Standout test" in md and f"over the {N_REFERENCE} examples" in md
 
     # thresholds are configurable and change labels
     strict = compare_run(run_dir, index_dir, None, k=5, thresholds=Thresholds(paraphrase_semantic=0.99))
     row = strict[(strict.val_id == "v-para") & (strict.doc_id == "lee-007")].iloc[0]
     assert row.label != "paraphrastic"
+
+
+def test_compare_without_reference_set_keeps_the_old_rule_and_warns(tmp_path, run_dir, index_dir):
+    """A run made before the reference set existed: no standout test, one warning, the generic document
+    counts as `non-obvious influence` again."""
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    (old / "val_sets" / f"{REFERENCE_SET}.jsonl").unlink()
+    ev = pd.read_parquet(old / "example_values.parquet")
+    ev[ev.val_set != REFERENCE_SET].to_parquet(old / "example_values.parquet", index=False)
+    with pytest.warns(UserWarning, match="cannot test whether a document stands out") as caught:
+        table = compare_run(old, index_dir, tmp_path / "cmp", k=5)
+    assert sum("stands out" in str(w.message) for w in caught) == 1
+    assert table.standout_z.isna().all()
+    generic = table[(table.val_id == "v-none") & (table.doc_id == GENERIC)].iloc[0]
+    assert generic.label == "non-obvious influence"
+    assert "Standout not tested" in (tmp_path / "cmp" / "summary.md").read_text()
+    assert not json.loads((tmp_path / "cmp" / "compare.json").read_text())["standout"]["tested"]
 
 
 def test_cli_build_compare_and_errors(tmp_path, run_dir):

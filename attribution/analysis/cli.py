@@ -181,7 +181,7 @@ def info_cmd(index_dir) -> None:
     multiple=True,
     metavar="NAME=VALUE",
     help="Override a label threshold, e.g. --threshold paraphrase_semantic=0.8. Names: verbatim_containment, "
-    "verbatim_span, paraphrase_semantic, low_containment, low_semantic.",
+    "verbatim_span, paraphrase_semantic, low_containment, low_semantic, influence_z.",
 )
 def compare_cmd(run, index_dir, out, k, depth, view, thresholds) -> None:
     """Compare a run's Shapley rankings with lexical, semantic and BM25 rankings.
@@ -189,7 +189,8 @@ def compare_cmd(run, index_dir, out, k, depth, view, thresholds) -> None:
     \b
     For every validation example: each method's top-k documents, exact overlap measures for each
     pair (longest common span, n-gram containment both ways, semantic similarity), rank correlations
-    with Shapley, target retrieval, and a label (verbatim / paraphrastic / non-obvious influence).
+    with Shapley, target retrieval, and a label (verbatim / paraphrastic / non-obvious influence, the
+    last only for a document that stands out from the run's reference set).
     Writes OUT/comparison.parquet, OUT/summary.csv, OUT/summary.md and OUT/compare.json.
     """
     from attribution.analysis.compare import Thresholds, compare_run

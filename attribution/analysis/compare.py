@@ -6,9 +6,15 @@ a label:
 
 - `verbatim`: high word n-gram overlap (containment either way, or a long common span);
 - `paraphrastic`: not verbatim, but high semantic similarity;
-- `non-obvious influence`: among the example's top-k by Shapley value with a positive value, and low
-  on both n-gram overlap and semantic similarity: influence a copy detector would not find;
+- `non-obvious influence`: among the example's top-k by Shapley value with a positive value, low on
+  both n-gram overlap and semantic similarity, and standing out from the run's fixed reference set
+  (`standout_z`, `attribution.values.views.standout`, at least `influence_z`): influence on *this*
+  text that a copy detector would not find, not a document that helps every text;
 - `none`: anything else.
+
+The reference set's own examples are not compared (they are what the others are measured against).
+A run without a reference set (or with fewer than `MIN_REFERENCE` examples in it) cannot test
+standout: its label keeps the rule without it, with a warning.
 
 Rank correlations (Spearman, Kendall) are computed per example over the pooled documents, between
 the Shapley value and each method's score (exact containment, cosine, BM25), so every method is
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +43,7 @@ from attribution.io import atomic_path, atomic_write
 from attribution.text import containment
 from attribution.values import RunDir, RunValues
 from attribution.values.manifest import ATTRIBUTION_COLUMN
-from attribution.values.views import VIEWS
+from attribution.values.views import MIN_REFERENCE, REFERENCE_SET, VIEWS, standout
 
 METHODS = ("shapley", "lexical", "semantic", "bm25")
 LABELS = ("verbatim", "paraphrastic", "non-obvious influence", "none")
@@ -55,6 +62,7 @@ COLUMNS = [
     "longest_common_span",
     "semantic_sim",
     "bm25_score",
+    "standout_z",
     "is_target",
     "label",
 ]
@@ -69,6 +77,7 @@ class Thresholds:
     paraphrase_semantic: float = 0.7  # cosine at or above (and not verbatim): paraphrastic
     low_containment: float = 0.1  # "low" n-gram overlap, for non-obvious influence
     low_semantic: float = 0.5  # "low" semantic similarity, for non-obvious influence
+    influence_z: float = 3.0  # standout_z at or above, for non-obvious influence (to be tuned)
 
     @classmethod
     def parse(cls, items: Mapping[str, str]) -> Thresholds:
@@ -84,8 +93,9 @@ class Thresholds:
         return cls(**out)
 
 
-def label(row: Mapping[str, Any], t: Thresholds, k: int) -> str:
-    """The label of one pair (see module docstring). Missing measures count as not high, not low."""
+def label(row: Mapping[str, Any], t: Thresholds, k: int, test_standout: bool = True) -> str:
+    """The label of one pair (see module docstring). Missing measures count as not high, not low; a
+    missing `standout_z` does not stand out. `test_standout=False`: a run without a reference set."""
     c = max(_num(row["ngram_containment"]), _num(row["containment_doc_in_val"]))
     span = _num(row["longest_common_span"])
     sem = _num(row["semantic_sim"])
@@ -94,7 +104,8 @@ def label(row: Mapping[str, Any], t: Thresholds, k: int) -> str:
     if sem >= t.paraphrase_semantic:
         return "paraphrastic"
     top = not pd.isna(row["shapley_rank"]) and row["shapley_rank"] <= k and _num(row["shapley_value"]) > 0
-    if top and c < t.low_containment and sem < t.low_semantic and not math.isnan(sem):
+    stands_out = not test_standout or _num(row.get("standout_z")) >= t.influence_z
+    if top and c < t.low_containment and sem < t.low_semantic and not math.isnan(sem) and stands_out:
         return "non-obvious influence"
     return "none"
 
@@ -171,8 +182,12 @@ def _correlations(frame: pd.DataFrame) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.Series, k: int, depth: int):
-    """Pooled pairs of one validation example, plus its per-method correlations and target hits."""
+def _compare_example(
+    ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.Series, z: pd.Series, k: int, depth: int
+):
+    """Pooled pairs of one validation example, plus its per-method correlations and target hits.
+
+    `values`, `z`: the example's attribution and standout z, by doc_id."""
     text = ex.text
     shapley = values.sort_values(ascending=False, kind="stable")
     ranked = {"shapley": shapley.index.tolist()}
@@ -208,6 +223,7 @@ def _compare_example(ix: Indexes, ex: Any, qvecs: np.ndarray | None, values: pd.
             "variant": ex.variant,
             "doc_id": d,
             "shapley_value": float(values.get(d, np.nan)),
+            "standout_z": float(z.get(d, np.nan)),
             "is_target": bool(ex.target_id) and d == ex.target_id,
         }
         for m in METHODS:
@@ -258,16 +274,29 @@ def compare_run(
         raise UserError("k must be at least 1")
     depth = max(depth or 100, k)
     table, column = _run_values(run, view)
+    table["standout_z"] = standout(table)  # on the raw value: the same under every scaled/shifted view
+    n_reference = int(table.loc[table.val_set == REFERENCE_SET, "val_id"].nunique())
+    test_standout = n_reference >= MIN_REFERENCE
+    if not test_standout:
+        warnings.warn(
+            f"{run}: no fixed reference set with at least {MIN_REFERENCE} examples (this run has "
+            f"{n_reference}), so `non-obvious influence` cannot test whether a document stands out for "
+            "the text: it also counts documents that help every text",
+            UserWarning,
+            stacklevel=2,
+        )
     examples = _val_examples(run)
+    examples = examples[examples.val_set != REFERENCE_SET]  # the reference is not labelled against itself
     ix = Indexes.load(index_dir)
     grouped = {
-        key: g.set_index("doc_id")[ATTRIBUTION_COLUMN].astype("float64")
+        key: g.set_index("doc_id")[[ATTRIBUTION_COLUMN, "standout_z"]].astype("float64")
         for key, g in table.groupby(["val_set", "val_id"])
     }
     examples = examples[[(s, v) in grouped for s, v in zip(examples.val_set, examples.val_id, strict=True)]]
     if examples.empty:
         raise UserError(
-            f"{run}: example_values.parquet has no values for any validation example in val_sets/"
+            f"{run}: example_values.parquet has no values for any validation example in val_sets/ "
+            f"(other than the reference set {REFERENCE_SET!r})"
         )
     qvecs_all = None
     if ix.semantic is not None:
@@ -277,9 +306,9 @@ def compare_run(
         qvecs_all = [vecs[owner == i] for i in range(len(examples))]
     frames, stats = [], []
     for i, ex in enumerate(tqdm(list(examples.itertuples(index=False)), desc="compare", unit="example")):
-        frame, corr, hits = _compare_example(
-            ix, ex, None if qvecs_all is None else qvecs_all[i], grouped[(ex.val_set, ex.val_id)], k, depth
-        )
+        g = grouped[(ex.val_set, ex.val_id)]
+        qvecs = None if qvecs_all is None else qvecs_all[i]
+        frame, corr, hits = _compare_example(ix, ex, qvecs, g[ATTRIBUTION_COLUMN], g["standout_z"], k, depth)
         frames.append(frame)
         stats.append(
             {
@@ -294,10 +323,10 @@ def compare_run(
     for m in METHODS:
         comparison[f"{m}_rank"] = comparison[f"{m}_rank"].astype("Int64")
     comparison["longest_common_span"] = comparison["longest_common_span"].astype("Int64")
-    comparison["label"] = [label(r, t, k) for r in comparison.to_dict("records")]
+    comparison["label"] = [label(r, t, k, test_standout) for r in comparison.to_dict("records")]
     comparison = comparison[COLUMNS]
     if out is not None:
-        _write(Path(out), comparison, stats, run, Path(index_dir), ix, column, k, depth, t)
+        _write(Path(out), comparison, stats, run, Path(index_dir), ix, column, k, depth, t, n_reference)
     return comparison
 
 
@@ -368,6 +397,7 @@ def _write(
     k: int,
     depth: int,
     t: Thresholds,
+    n_reference: int,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(comparison, stats, k)
@@ -380,6 +410,14 @@ def _write(
     ]
     counts = {lab: int((top.label == lab).sum()) for lab in LABELS}
     n_top = len(top)
+    tested = n_reference >= MIN_REFERENCE
+    non_obvious = top[top.label == "non-obvious influence"]
+    # the experiment's control: a non-obvious pair whose document is not the text's target has no known relation
+    by_target = (
+        {"target": int(non_obvious.is_target.sum()), "not_target": int((~non_obvious.is_target).sum())}
+        if any(s["hits"] for s in stats)
+        else None
+    )
     info = {
         "run": str(run),
         "index": str(index_dir),
@@ -391,6 +429,14 @@ def _write(
         "ngram": ix.ngram,
         "thresholds": asdict(t),
         "shapley_top_k_labels": counts,
+        "standout": {
+            "tested": tested,
+            "reference_set": REFERENCE_SET,
+            "n_reference_examples": n_reference,
+            "min_reference_examples": MIN_REFERENCE,
+            "influence_z": t.influence_z,
+        },
+        "non_obvious_influence_by_target": by_target,
         "missing_from_index": int(comparison.ngram_containment.isna().sum()),
     }
     with atomic_write(out / "compare.json") as fh:
@@ -404,9 +450,28 @@ def _write(
         "",
         f"**{counts['non-obvious influence']} of {n_top} top contributors "
         f"({100 * counts['non-obvious influence'] / max(n_top, 1):.1f}%) are `non-obvious influence`**: "
-        f"top-{k} by Shapley value with a positive value, yet low n-gram overlap and low semantic similarity. "
+        f"top-{k} by Shapley value with a positive value, yet low n-gram overlap and low semantic similarity"
+        f"{', standing out from the reference set' if tested else ''}. "
         f"Verbatim {counts['verbatim']}, paraphrastic {counts['paraphrastic']}, other {counts['none']}.",
         "",
+        (
+            f"Standout test: a pair is `non-obvious influence` only if the document's raw value for the text "
+            f"is at least {t.influence_z:g} sample standard deviations above its mean value over the "
+            f"{n_reference} examples of the run's reference set (`standout_z` >= {t.influence_z:g}; the same "
+            "under the value, per-token and contrast views), so documents that help every text are left out."
+            if tested
+            else f"Standout not tested: this run has {n_reference} reference examples (fewer than "
+            f"{MIN_REFERENCE}), so `non-obvious influence` also counts documents that help every text."
+        ),
+        "",
+    ]
+    if by_target is not None:
+        lines += [
+            f"Of the {len(non_obvious)} `non-obvious influence` pairs, {by_target['target']} are the text's "
+            f"target document and {by_target['not_target']} are documents with no known relation to the text.",
+            "",
+        ]
+    lines += [
         "| method | val set | P@1 (target) | recall@k (target) | Spearman vs Shapley | Kendall vs Shapley |",
         "| --- | --- | --- | --- | --- | --- |",
     ]

@@ -85,6 +85,40 @@ def _col(name: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
 REFERENCE_SET = "reference"  # the run's fixed reference set (attribution.train.reference)
 
 
+MIN_REFERENCE = 4  # fewer reference examples than this: a document's spread over them means nothing
+
+
+def standout(
+    ev: pd.DataFrame,
+    column: str = "value",
+    reference: str = REFERENCE_SET,
+    min_reference: int = MIN_REFERENCE,
+) -> pd.Series:
+    """z(d, t) = (v(d, t) - mean_r v(d, r)) / sd_r v(d, r): how far a document's value for a text lies
+    above what it gives the reference set's texts r (sample sd over the document's reference rows).
+
+    Why: a document that helps *every* text (generic prose) has a large value for each one, but no
+    larger than for the reference texts, so its z is small; a document that helps *this* text in
+    particular stands out. z is NaN (cannot stand out) where the document has fewer than
+    `min_reference` reference values or they are all equal, and on the reference set's own rows.
+
+    z is unchanged when a document's values are scaled by a positive constant (the per-token view) or
+    shifted by one (the contrast views, for a text outside the reference set), so it is the same under
+    the raw value, per-token and contrast views. Callers compute it on the raw `value` (the contrast
+    views' leave-one-out on the reference's own rows widens their spread by n/(n-1)): a label built on
+    it does not depend on the view.
+    """
+    x = ev[column].to_numpy(dtype=np.float64)
+    doc = ev["doc_id"].astype(str).to_numpy()
+    in_ref = (ev["val_set"].astype(str) == reference).to_numpy()
+    stats = pd.Series(x[in_ref]).groupby(doc[in_ref]).agg(["mean", "std", "count"])
+    mean, sd, n = (stats[c].reindex(doc).to_numpy(dtype=np.float64) for c in ("mean", "std", "count"))
+    ok = (n >= min_reference) & (sd > 0) & ~in_ref
+    z = np.full(len(ev), np.nan)
+    z[ok] = (x[ok] - mean[ok]) / sd[ok]
+    return pd.Series(z, index=ev.index)
+
+
 def _contrast_of(
     base: Callable[[pd.DataFrame, pd.DataFrame], pd.Series],
 ) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
