@@ -220,6 +220,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--sketch-dim", type=int, default=256, help="in-run sketch dimension (0: the step writes none)"
     )
+    ap.add_argument(
+        "--sketch-side", type=int, default=None, help="the sketch's Kronecker side (default: the run's)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -302,7 +305,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         n_docs = s["batch"]
         sketch = InRunSketch(
-            model, args.sketch_dim, 0, [(0, 10**9)], np.arange(n_docs), [str(i) for i in range(n_docs)]
+            model,
+            args.sketch_dim,
+            0,
+            [(0, 10**9)],
+            np.arange(n_docs),
+            [str(i) for i in range(n_docs)],
+            side=args.sketch_side,
         )
 
     def sketch_step(train: Captured) -> None:
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
         if sketch is not None:
             add(
-                f"in-run sketch, dim {args.sketch_dim} (observe + mix + accumulate)",
+                f"in-run sketch, dim {args.sketch_dim} side {sketch.projection.side} (observe + mix + accumulate)",
                 True,
                 sketch_flops(sketch.projection, train, sketch.names),
                 timed(lambda train=train: sketch_step(train))[0],

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+CANDIDATES = (20, 50, 100)  # candidate-list sizes: how many the exact replay would have to confirm
+
 
 def _tiny_run(out: Path) -> tuple[Path, Path]:
     """A 40-step test-micro run on 60 generated documents, and 4 claims (3 excerpts, 1 unrelated text)."""
@@ -106,9 +108,10 @@ def _prefix_run(run: Path, sketch, dim: int, target: Path) -> Path:
     return target
 
 
-def _recall(est: pd.Series, exact: pd.Series, k: int = 10) -> float:
+def _recall(est: pd.Series, exact: pd.Series, k: int = 10, candidates: int | None = None) -> float:
+    """Share of the exact top `k` among the sketch's top `candidates` (default `k`: recall@k)."""
     top = set(exact.nlargest(k).index)
-    return len(top & set(est.nlargest(k).index)) / max(1, len(top))
+    return len(top & set(est.nlargest(candidates or k).index)) / max(1, len(top))
 
 
 def _target_rank(g: pd.DataFrame, column: str, target: str | None) -> float:
@@ -184,6 +187,10 @@ def main() -> None:
                         "n_docs": len(g),
                         "spearman": g["estimate"].corr(g["attribution"], method="spearman"),
                         "recall@10": _recall(g["estimate"], g["attribution"]),
+                        **{
+                            f"top10_in_{c}": _recall(g["estimate"], g["attribution"], 10, c)
+                            for c in CANDIDATES
+                        },
                         "target_rank_sketch": _target_rank(g, "estimate", target),
                         "target_rank_exact": _target_rank(g, "attribution", target),
                         "estimate_s": seconds,
@@ -193,7 +200,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "fidelity.csv", index=False)
     print(table.to_string(index=False))
-    cols = ["spearman", "recall@10", "target_rank_sketch", "target_rank_exact"]
+    cols = [
+        "spearman",
+        "recall@10",
+        *(f"top10_in_{c}" for c in CANDIDATES),
+        "target_rank_sketch",
+        "target_rank_exact",
+    ]
     print(table.groupby(["view", "dim"])[cols].mean().to_string())
     if table["kind"].astype(bool).any():
         print(table.groupby(["view", "kind", "dim"])[cols].mean().to_string())

@@ -11,12 +11,19 @@ import pytest
 from click.testing import CliRunner
 
 from attribution.errors import UserError
-from attribution.train.sketch import make_index, read_sketch
+from attribution.train.config import RunConfig
+from attribution.train.sketch import DEFAULT_DIM, make_index, read_sketch
 from attribution.values.results import RunValues
 from attribution.workflows.claim import claim
 from attribution.workflows.claim_fast import estimate, fast_claim
 from tests.test_claim_replay import _claims, _run, _texts
 from tests.train_fixtures import write_corpus, write_val
+
+DIM = RunConfig().sketch_dim
+
+
+def test_the_config_default_is_the_sketch_default():
+    assert DIM == DEFAULT_DIM
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +55,14 @@ def test_the_run_writes_the_sketch_index(run):
 
     meta = json.loads((run / "sketch" / "meta.json").read_text())
     docs = pd.read_parquet(run / "docs.parquet")
-    assert meta["dim"] == 256 and meta["segments"] == [[0, 2], [2, 4], [4, 6]]
+    assert meta["dim"] == DIM and meta["segments"] == [[0, 2], [2, 4], [4, 6]]
     values = pd.read_parquet(run / "doc_values.parquet")
     trained = set(values.loc[values["n_seen"] > 0, "doc_id"].astype(str))
     order = docs["doc_id"].astype(str)
     assert 0 < len(trained) < len(docs), "the 6 steps leave some documents untrained: they get no vector"
     assert meta["doc_ids"] == order[order.isin(trained)].tolist()
     raw, unit = (faiss.read_index(str(run / "sketch" / f)) for f in ("index.faiss", "index_unit.faiss"))
-    assert raw.ntotal == unit.ntotal == len(trained) and raw.d == unit.d == 256
+    assert raw.ntotal == unit.ntotal == len(trained) and raw.d == unit.d == DIM
     sketch = read_sketch(run)
     # float16 storage: each entry is rounded to 2**-11 relative, so a norm is within a few of that
     np.testing.assert_allclose(np.linalg.norm(sketch.vectors("unit"), axis=1), 1.0, rtol=4 * 2**-11)
@@ -138,12 +145,12 @@ def test_missing_index_and_dimension_mismatch_are_one_line_errors(corpus_dir, ru
         np.zeros((len(json.loads((run / "sketch" / "meta.json").read_text())["doc_ids"]), 8), np.float32)
     )
     faiss.write_index(index, str(copy / "sketch" / "index.faiss"))
-    with pytest.raises(UserError, match=r"index\.faiss: index holds .* dimension 8.*dimension 256"):
+    with pytest.raises(UserError, match=rf"index\.faiss: index holds .* dimension 8.*dimension {DIM}"):
         fast_claim(copy, texts, tmp_path / "o3", view="value", progress=False)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["config"]["sketch_dim"] = 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="sketch dimension 256 differs from the run's --sketch-dim 64"):
+    with pytest.raises(UserError, match=f"sketch dimension {DIM} differs from the run's --sketch-dim 64"):
         fast_claim(copy, texts, tmp_path / "o4", progress=False)
 
 
@@ -188,3 +195,13 @@ def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_p
 
     want = vectors(run)
     assert np.abs(want).max() > 0 and (vectors(copy) == want).all()
+
+
+def test_sketch_side_is_the_runs_and_the_claims(corpus_dir, texts, tmp_path):
+    """`--sketch-side` reaches the projection, is recorded in the meta, and claim --fast reads it back."""
+    narrow = _run(corpus_dir, "side4", sketch_side=4, sketch_dim=32)
+    sketch = read_sketch(narrow)
+    assert sketch.meta["side"] == 4 and sketch.projection().side == 4
+    assert max(max(x["block"]) for x in sketch.meta["layers"]) == 4
+    table, _, _, _ = estimate(narrow, texts, view="value")
+    assert table["estimate"].abs().max() > 0

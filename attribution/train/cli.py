@@ -143,7 +143,15 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     type=click.IntRange(min=1),
     default=None,
     help="Dimension of the in-run gradient sketch index (sketch/index.faiss) that `attribution claim "
-    "--fast` searches (default 256: 512 B per document, float16).",
+    "--fast` searches (default 512: 1 KiB per document, float16; docs/benchmarks.md, 'Sketch fidelity').",
+)
+@click.option(
+    "--sketch-side",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Per-parameter side of the sketch's Kronecker projection: a weight's rows and columns are "
+    "projected to at most this many (larger = closer to the exact gradient, more compute; default in "
+    "docs/benchmarks.md, 'sketch fidelity').",
 )
 @click.option(
     "--no-sketch",
@@ -182,6 +190,7 @@ def run_command(
     per_example_max,
     plain,
     sketch_dim,
+    sketch_side,
     no_sketch,
     batch_size,
     seq_len,
@@ -221,6 +230,7 @@ def run_command(
         "value": False if plain else None,
         "sketch": False if no_sketch else None,
         "sketch_dim": sketch_dim,
+        "sketch_side": sketch_side,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "lr": lr,

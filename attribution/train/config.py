@@ -53,7 +53,8 @@ class RunConfig:
     sketch: bool = (
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
-    sketch_dim: int = 256  # dimension of the sketch vectors (512 B float16 per document)
+    sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
+    sketch_side: int | None = None  # per-parameter Kronecker side of the sketch (None: sketch.SIDE)
     # Model and optimizer (None = from preset).
     n_layer: int | None = None
     n_head: int | None = None
@@ -131,6 +132,8 @@ class RunConfig:
             raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.keep_every is not None and self.keep_every < 0:
             raise UserError("--keep-every must be 0 (no replay chain) or a positive number of steps")
+        if self.sketch_side is not None and self.sketch_side < 1:
+            raise UserError(f"--sketch-side must be a positive number, got {self.sketch_side}")
         if self.sketch_dim < 1:
             raise UserError(f"--sketch-dim must be a positive number, got {self.sketch_dim}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):

@@ -653,6 +653,7 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         data.store_row_of_seq,
         data.docs["doc_id"].astype(str).tolist(),
         info,
+        side=cfg.sketch_side,
     )
     sketch.attach(valued_step)
     return sketch

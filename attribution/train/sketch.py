@@ -42,9 +42,10 @@ from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 
 SIDE = 32  # per-parameter Kronecker side: rows and columns larger than this are projected to SIDE
-DEFAULT_DIM = (
-    256  # index dimension: 512 B (float16) per document; ~19 ms exact search over 1M (docs/benchmarks.md)
-)
+# Index dimension: the largest whose exhaustive float16 search of 1M documents stays under 50 ms (37 ms
+# p50 at 512, 70 ms at 1024); 1 KiB per document. Chosen on the demo's own rewrites (docs/benchmarks.md,
+# "Sketch fidelity"): it finds more of the exact top 10 than 256 there.
+DEFAULT_DIM = 512
 SKETCH_DIR = "sketch"
 INDEX = "index.faiss"
 UNIT_INDEX = "index_unit.faiss"
@@ -175,9 +176,10 @@ class InRunSketch:
         store_row_of_seq: np.ndarray,
         doc_ids: Sequence[str],
         info=None,
+        side: int | None = None,
     ):
         shapes, self.names = model_params(model)
-        self.projection = Projection(shapes, dim, seed)
+        self.projection = Projection(shapes, dim, seed, SIDE if side is None else side)
         self.segs = segs
         self.store_row_of_seq = np.asarray(store_row_of_seq, dtype=np.int64)
         self.doc_ids = [str(d) for d in doc_ids]
