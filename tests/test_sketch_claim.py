@@ -205,3 +205,28 @@ def test_sketch_side_is_the_runs_and_the_claims(corpus_dir, texts, tmp_path):
     assert max(max(x["block"]) for x in sketch.meta["layers"]) == 4
     table, _, _, _ = estimate(narrow, texts, view="value")
     assert table["estimate"].abs().max() > 0
+
+
+def test_no_confirm_stops_at_the_estimates(run, texts, tmp_path):
+    from attribution.cli import main
+
+    res = CliRunner().invoke(
+        main,
+        [
+            "claim",
+            str(run),
+            "--texts",
+            str(texts),
+            "--out",
+            str(tmp_path / "nc"),
+            "--fast",
+            "--k",
+            "2",
+            "--no-confirm",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "estimates only (--no-confirm)" in res.output
+    table = pd.read_csv(tmp_path / "nc" / "fast.csv")
+    assert "exact" not in table.columns and len(table) == 2 * table["claim_id"].nunique()
+    assert not (tmp_path / "nc" / "replay").exists()

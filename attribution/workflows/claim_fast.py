@@ -266,8 +266,12 @@ def fast_claim(
     workers: int = 1,
     tolerance: float | None = None,
     progress: bool = True,
+    confirm: bool = True,
 ) -> FastClaims:
-    """Candidates from the sketch index, confirmed by targeted exact replay; writes `fast.csv` and `fast.md`."""
+    """Candidates from the sketch index, confirmed by targeted exact replay; writes `fast.csv` and `fast.md`.
+
+    `confirm=False` stops at the estimates (seconds): the replay re-runs every training step in which a
+    candidate was trained, which on a small corpus is most of the run (docs/benchmarks.md)."""
     from attribution.values.results import RunValues
     from attribution.workflows.claim import CLAIM_SET, claim
 
@@ -275,6 +279,9 @@ def fast_claim(
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists; choose another --out")
     table, view, notes, has_chain = estimate(run, texts, view=view, k=k, progress=progress)
+    if has_chain and not confirm:
+        notes.append("not confirmed (confirm=False / --no-confirm): estimates only")
+    has_chain = has_chain and confirm
     if has_chain:
         candidates = sorted(set(table["doc_id"]))
         replay = claim(

@@ -181,6 +181,13 @@ commands: list[click.Command] = [curate_command]
     help="--fast: candidate documents per claim.",
 )
 @click.option(
+    "--no-confirm",
+    "no_confirm",
+    is_flag=True,
+    help="--fast: stop at the sketch's estimates (seconds), without the targeted exact replay (which "
+    "re-runs the training steps the candidates were trained in).",
+)
+@click.option(
     "--view",
     "fast_view",
     default=None,
@@ -199,6 +206,7 @@ def claim_command(
     top_k: int,
     fast: bool,
     fast_k: int,
+    no_confirm: bool,
     fast_view: str | None,
 ) -> None:
     """Value texts that arrive after training against the finished run RUN, by exact replay.
@@ -218,7 +226,7 @@ def claim_command(
 
     t0 = time.perf_counter()
     if fast:
-        _fast(run, texts, out, docs, resume, fast_k, fast_view, workers, tolerance, t0)
+        _fast(run, texts, out, docs, resume, fast_k, fast_view, workers, tolerance, t0, not no_confirm)
         return
     ids = [d.strip() for d in docs.split(",") if d.strip()] if docs else None
     run_dir = claim(
@@ -244,16 +252,21 @@ def _fast(
     workers: int,
     tolerance: float | None,
     t0: float,
+    confirm: bool = True,
 ) -> None:
     from attribution.errors import UserError
     from attribution.workflows.claim_fast import fast_claim
 
     if docs or resume:
         raise UserError("--fast chooses the documents itself and cannot resume; drop --docs / --resume")
-    r = fast_claim(run, texts, out, k=k, view=view, workers=workers, tolerance=tolerance)
+    r = fast_claim(run, texts, out, k=k, view=view, workers=workers, tolerance=tolerance, confirm=confirm)
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
-    what = "confirmed by targeted exact replay" if r.confirmed else "estimates only (no replay chain)"
+    what = (
+        "confirmed by targeted exact replay"
+        if r.confirmed
+        else "estimates only (" + ("--no-confirm" if not confirm else "no replay chain") + ")"
+    )
     click.echo(
         f"{r.table['claim_id'].nunique()} claim(s), top {k} by the {r.view!r} sketch, {what}, in "
         f"{time.perf_counter() - t0:.1f} s: {r.out / 'fast.md'}",
