@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -230,3 +231,79 @@ def test_no_confirm_stops_at_the_estimates(run, texts, tmp_path):
     table = pd.read_csv(tmp_path / "nc" / "fast.csv")
     assert "exact" not in table.columns and len(table) == 2 * table["claim_id"].nunique()
     assert not (tmp_path / "nc" / "replay").exists()
+
+
+@pytest.fixture(scope="module")
+def aware_run(corpus_dir):
+    return _run(corpus_dir, "aware", optimizer_aware=True, dtype="float64", sketch_dim=64)
+
+
+def _query(run, texts):
+    from attribution.values.manifest import Manifest
+    from attribution.workflows.claim_fast import _config, _texts, query_vectors
+
+    cfg = _config(Manifest.read(run))
+    return query_vectors(run, cfg, read_sketch(run), _texts(run, cfg, texts, False))
+
+
+def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
+    aware_run, texts, monkeypatch
+):
+    """Brute force: sum over segments of the trapezoid of `M_s P (K_b * g(w_b))`, with autograd's per-text
+    gradient at each kept checkpoint b and K from b's optimizer state (step 0: the next checkpoint's)."""
+    import torch
+
+    from attribution.engine.rules import canonical_shape, trainable_params
+    from attribution.engine.task import LanguageModelingTask
+    from attribution.train import chain, loop
+    from attribution.values.manifest import Manifest
+    from attribution.workflows import claim_fast
+    from attribution.workflows.claim_fast import _config, _texts, link_preconditioner
+
+    got, notes = _query(aware_run, texts)
+    assert any("preconditioned" in n for n in notes)
+    cfg = _config(Manifest.read(aware_run))
+    sketch = read_sketch(aware_run)
+    proj, segs = sketch.projection(), sketch.segments
+    data = _texts(aware_run, cfg, texts, False)["claims"]
+    model = loop.build_model(cfg, "cpu", "float64")
+    opt = loop.build_optimizer(model, cfg)
+    links = {lk.step: lk for lk in chain.links(aware_run)}
+    bounds = sorted({a for a, _ in segs} | {b for _, b in segs})
+    ks = {}
+    for b in bounds[::-1]:
+        chain.load_link(links[b], model, opt)
+        ks[b] = link_preconditioner(model, opt) if b else ks[bounds[1]]
+    want = np.zeros_like(got["claims"])
+    params = trainable_params(model)
+    for b in bounds:
+        chain.load_link(links[b], model, opt)
+        for j in range(len(data.docs)):
+            rows = np.flatnonzero(data.seq_doc == j)
+            loss = LanguageModelingTask().per_sequence_loss(
+                model, torch.from_numpy(data.ids[rows]), torch.from_numpy(data.mask[rows])
+            )
+            gs = torch.autograd.grad(loss.sum(), [p for _, p in params.values()], allow_unused=True)
+            dense = {
+                name: (ks[b][pid] * (torch.zeros_like(p) if g is None else g)).reshape(canonical_shape(p))
+                for (pid, (name, p)), g in zip(params.items(), gs, strict=True)
+            }
+            for s, (a, e) in enumerate(segs):
+                if b in (a, e):
+                    want[j] += 0.5 * proj.apply_dense(dense, s).numpy()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got["claims"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    # and K = 1 gives the factor path's (unpreconditioned) vectors
+    monkeypatch.setattr(
+        claim_fast, "link_preconditioner", lambda m, o: {pid: 1.0 for pid in trainable_params(m)}
+    )
+    ones, _ = _query(aware_run, texts)
+    plain = claim_fast.query_vectors(
+        aware_run,
+        dataclasses.replace(cfg, optimizer_aware=False),
+        sketch,
+        _texts(aware_run, cfg, texts, False),
+    )[0]
+    np.testing.assert_allclose(
+        ones["claims"], plain["claims"], rtol=1e-9, atol=1e-12 * np.abs(plain["claims"]).max()
+    )

@@ -17,8 +17,10 @@ i.e. the segments' sketches concatenated and projected once more block by block 
 independent `M_s` make the cross-segment terms vanish in expectation, so a claim vector
 `sum_s M_s P g_claim(segment s)` scores a document as `sum_s <g_claim, weighted sum of g>` with a
 dimension that does not grow with the number of segments (memory: n_docs x dim).
-Weighting is the SGD formula; for optimizer-aware runs it is the SGD proxy (Adam's preconditioner is
-not applied to sketches).
+Weighting is the SGD formula. For optimizer-aware runs the value is `lr c w <K g_claim, g_z>` with
+Adam's elementwise preconditioner `K`, which belongs to the claim side: `claim --fast` preconditions the
+claim's gradient with `K` from each kept checkpoint's optimizer state (`attribution.workflows.claim_fast`),
+and the document vectors stay as they are.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ class Projection:
         """`[n, dim]` = `M_s` applied to `kronecker(...)` rows."""
         return kron @ self.mixer(segment, kron.device, kron.dtype)
 
-    def apply_dense(self, grads: Mapping[str, torch.Tensor], segment: int) -> torch.Tensor:
-        """`R_s g` of one dense gradient (name -> canonical `[P0, P1]`): the reference the tests compare with."""
+    def kronecker_dense(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`[width]` `(R0 (x) R1) g` of one dense gradient (name -> canonical `[P0, P1]`), float64."""
         parts = []
         for name in self.blocks:
             g = grads[name].to(torch.float64)
@@ -141,7 +143,11 @@ class Projection:
             g = g if r0 is None else r0 @ g
             g = g if r1 is None else g @ r1.t()
             parts.append(g.reshape(-1))
-        return self.mix(torch.cat(parts).unsqueeze(0), segment)[0]
+        return torch.cat(parts)
+
+    def apply_dense(self, grads: Mapping[str, torch.Tensor], segment: int) -> torch.Tensor:
+        """`R_s g` of one dense gradient (name -> canonical `[P0, P1]`): the reference the tests compare with."""
+        return self.mix(self.kronecker_dense(grads).unsqueeze(0), segment)[0]
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -253,8 +259,8 @@ class InRunSketch:
             "files": {"raw": INDEX, "unit": UNIT_INDEX},
             "storage": STORAGE,
             "scale": scales,
-            "weighting": "lr * clip factor * loss weight per sequence (the SGD formula; the SGD proxy for "
-            "optimizer-aware runs)",
+            "weighting": "lr * clip factor * loss weight per sequence (the SGD formula; for optimizer-aware "
+            "runs claim --fast preconditions the claim side with Adam's K at each kept checkpoint)",
             "projection": "per segment s: M_s (R0 (x) R1 per parameter, blocks concatenated); Gaussian N(0, 1/k)",
         }
         with atomic_write(folder / META) as fh:

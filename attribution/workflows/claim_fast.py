@@ -110,13 +110,72 @@ class _Gradients:
             out.index_add_(0, torch.from_numpy(owner[s : s + CHUNK]), rows)
         return out
 
+    def kron_preconditioned(
+        self, ids: np.ndarray, mask: np.ndarray, owner: np.ndarray, n_texts: int, k: dict
+    ):
+        """`(R0 (x) R1) (K * g)` per text: Adam's elementwise `K` needs each text's dense gradient, so texts
+        are backpropagated one at a time (param-sized memory, not texts x params)."""
+        import torch
+
+        from attribution.engine.rules import canonical_shape, trainable_params
+        from attribution.engine.task import LanguageModelingTask
+        from attribution.engine.valuer import eval_mode
+
+        task = LanguageModelingTask()
+        params = trainable_params(self.model)
+        dev = next(self.model.parameters()).device
+        out = torch.zeros(n_texts, self.projection.width, dtype=torch.float64)
+        for j in range(n_texts):
+            rows = np.flatnonzero(owner == j)
+            self.model.zero_grad(set_to_none=True)
+            with eval_mode(self.model), torch.enable_grad():
+                for s in range(0, len(rows), CHUNK):
+                    r = rows[s : s + CHUNK]
+                    i, m = torch.from_numpy(ids[r]).to(dev), torch.from_numpy(mask[r]).to(dev)
+                    task.per_sequence_loss(self.model, i, m).sum().backward()
+            grads = {
+                name: (k[pid] * p.grad).reshape(canonical_shape(p))
+                for pid, (name, p) in params.items()
+                if p.grad is not None
+            }
+            grads |= {
+                name: torch.zeros(canonical_shape(p), dtype=p.dtype, device=dev)
+                for pid, (name, p) in params.items()
+                if name not in grads
+            }
+            out[j] = self.projection.kronecker_dense(grads).cpu()
+        self.model.zero_grad(set_to_none=True)
+        return out
+
+
+def link_preconditioner(model, optimizer) -> dict:
+    """Adam's `K` (param id -> param-shaped) from the optimizer state loaded into `optimizer`.
+
+    The plain form of `attribution.engine.optimizer.adam_preconditioner` with no batch gradient: the
+    in-run values use each step's own `v_t`, which the kept checkpoint's `v` approximates for the steps
+    around it (`beta2` = 0.999 moves it slowly)."""
+    import torch
+
+    from attribution.engine.optimizer import adam_preconditioner
+    from attribution.engine.rules import trainable_params
+
+    params = {pid: p for pid, (_, p) in trainable_params(model).items()}
+    zeros = {pid: torch.zeros_like(p) for pid, p in params.items()}
+    return adam_preconditioner(optimizer, params, zeros, second_moment=False)
+
+
+def _has_adam_state(optimizer) -> bool:
+    return any("exp_avg_sq" in s for s in optimizer.state.values())
+
 
 def query_vectors(
     run: Path, cfg: RunConfig, sketch: SketchIndex, texts: dict, *, progress: bool = False
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """`name -> [n_texts, dim]` sketched claim-side vectors for each text set in `texts` (ValData).
 
-    Per segment, the trapezoid of the two kept checkpoints around it; without a chain, the final weights."""
+    Per segment, the trapezoid of the two kept checkpoints around it; without a chain, the final weights.
+    For optimizer-aware runs each checkpoint's claim gradient is preconditioned with Adam's `K` from its
+    optimizer state (the step-0 checkpoint has none yet and takes the next checkpoint's)."""
     from tqdm import tqdm
 
     from attribution.train import checkpoint as ckpt
@@ -134,14 +193,30 @@ def query_vectors(
     links = {lk.step: lk for lk in chain.links(run)}
     bounds = sorted({a for a, _ in segs} | {b for _, b in segs})
     out = {name: np.zeros((len(v.docs), sketch.dim)) for name, v in texts.items()}
+    from attribution.engine.optimizer import is_adam
+
+    aware = bool(cfg.optimizer_aware) and is_adam(optimizer)
+    k_next: dict | None = None  # K for a checkpoint with no optimizer state yet (step 0)
 
     def add(weights: list[tuple[int, float]]) -> None:
+        k = None
+        if aware:
+            k = link_preconditioner(model, optimizer) if _has_adam_state(optimizer) else k_next
         for name, v in texts.items():
-            kron = grads.kron(v.ids, v.mask, v.seq_doc, len(v.docs))
+            if k is None:
+                kron = grads.kron(v.ids, v.mask, v.seq_doc, len(v.docs))
+            else:
+                kron = grads.kron_preconditioned(v.ids, v.mask, v.seq_doc, len(v.docs), k)
             for s, w in weights:
                 out[name] += w * projection.mix(kron, s).numpy()
 
     if all(b in links for b in bounds):
+        if aware and len(bounds) > 1:  # the step-0 link has no Adam state: use the next link's K
+            chain.load_link(links[bounds[1]], model, optimizer, device=device)
+            k_next = link_preconditioner(model, optimizer)
+            notes.append(
+                "optimizer-aware run: claim gradients preconditioned with Adam's K of each kept checkpoint"
+            )
         for b in tqdm(
             bounds, desc="claim gradients", unit="checkpoint", disable=not progress, file=sys.stderr
         ):
