@@ -92,7 +92,7 @@ def test_float16_index_keeps_tiny_vectors_and_the_float32_ranking():
     assert (np.abs(scores * scale - top) <= bound).all()
 
 
-@pytest.mark.parametrize("view", ["value", "contrast_per_token"])
+@pytest.mark.parametrize("view", ["value", "contrast_per_token", "standout_cosine"])
 def test_fast_candidates_are_confirmed_with_the_full_replay_values_bitwise(run, texts, full, tmp_path, view):
     r = fast_claim(run, texts, tmp_path / "fast", k=4, view=view, progress=False)
     assert r.confirmed and r.view == view
@@ -116,6 +116,36 @@ def test_raw_estimates_track_the_exact_values(run, texts, full):
         assert g["estimate"].corr(g["value"], method="spearman") > 0.5
         scale = g["value"].abs().max()
         assert (g["estimate"] - g["value"]).abs().max() < scale  # same units: a value, not a cosine
+
+
+@pytest.mark.parametrize("view", ["standout", "standout_cosine"])
+def test_the_standout_views_are_linear_in_the_scaled_sketch(view):
+    """`<u_d / sd_d, q_t - mean_r q_r>` is the exact standout z (`views.standout`) of the scores
+    `<u_d, q>` (unit-normalized for the cosine view): the algebra the fast path relies on, in float64."""
+    from attribution.values import views
+    from attribution.workflows.claim_fast import _standout_vectors, _unit, rank_queries
+
+    rng = np.random.default_rng(5)
+    u, refs, claims = rng.normal(size=(7, 6)), rng.normal(size=(5, 6)), rng.normal(size=(3, 6))
+    u[3] = 0.0  # a document never trained on: no spread, z 0
+
+    class Sketch:
+        def vectors(self, kind):
+            return _unit(u) if kind == "unit" else u
+
+    got = (_standout_vectors(Sketch(), view, refs) @ rank_queries(claims, refs, view).T).T  # [claims, docs]
+    q = (lambda x: _unit(x)) if "cosine" in view else (lambda x: x)
+    doc_vecs = Sketch().vectors("unit" if "cosine" in view else "raw")
+    rows = [
+        (f"d{d}", name, f"{name}{j}", float(doc_vecs[d] @ q(x)[j]))
+        for name, x in (("reference", refs), ("claims", claims))
+        for j in range(len(x))
+        for d in range(len(u))
+    ]
+    ev = pd.DataFrame(rows, columns=["doc_id", "val_set", "val_id", "value"])
+    z = views.standout(ev).to_numpy()[ev["val_set"].to_numpy() == "claims"].reshape(len(claims), len(u))
+    np.testing.assert_allclose(np.nan_to_num(z, nan=0.0), got, rtol=1e-10, atol=1e-12)
+    assert np.isnan(z[:, 3]).all() and (got[:, 3] == 0).all()
 
 
 def test_a_run_without_chain_answers_with_estimates_only(corpus_dir, texts, tmp_path):

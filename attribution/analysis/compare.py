@@ -110,6 +110,15 @@ def label(row: Mapping[str, Any], t: Thresholds, k: int, test_standout: bool = T
     return "none"
 
 
+def _z_of(view: str) -> str:
+    """The column whose standout z labels pairs under `view` (`views.View.z_of`)."""
+    return VIEWS[view].z_of if view in VIEWS else "value"
+
+
+def _z_basis(view: str) -> str:
+    return "gradient cosine (`value_cosine`)" if _z_of(view) == "value_cosine" else "raw value"
+
+
 def _num(x: Any) -> float:
     return float("nan") if x is None or pd.isna(x) else float(x)
 
@@ -274,7 +283,8 @@ def compare_run(
         raise UserError("k must be at least 1")
     depth = max(depth or 100, k)
     table, column = _run_values(run, view)
-    table["standout_z"] = standout(table)  # on the raw value: the same under every scaled/shifted view
+    z_of = _z_of(column) if _z_of(column) in table.columns else "value"
+    table["standout_z"] = standout(table, z_of)  # the same under every scaled/shifted view of `z_of`
     n_reference = int(table.loc[table.val_set == REFERENCE_SET, "val_id"].nunique())
     test_standout = n_reference >= MIN_REFERENCE
     if not test_standout:
@@ -435,6 +445,7 @@ def _write(
             "n_reference_examples": n_reference,
             "min_reference_examples": MIN_REFERENCE,
             "influence_z": t.influence_z,
+            "z_of": _z_of(column),
         },
         "non_obvious_influence_by_target": by_target,
         "missing_from_index": int(comparison.ngram_containment.isna().sum()),
@@ -455,10 +466,10 @@ def _write(
         f"Verbatim {counts['verbatim']}, paraphrastic {counts['paraphrastic']}, other {counts['none']}.",
         "",
         (
-            f"Standout test: a pair is `non-obvious influence` only if the document's raw value for the text "
+            f"Standout test: a pair is `non-obvious influence` only if the document's {_z_basis(column)} for the text "
             f"is at least {t.influence_z:g} sample standard deviations above its mean value over the "
             f"{n_reference} examples of the run's reference set (`standout_z` >= {t.influence_z:g}; the same "
-            "under the value, per-token and contrast views), so documents that help every text are left out."
+            "under every scaled or shifted view of it), so documents that help every text are left out."
             if tested
             else f"Standout not tested: this run has {n_reference} reference examples (fewer than "
             f"{MIN_REFERENCE}), so `non-obvious influence` also counts documents that help every text."

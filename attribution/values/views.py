@@ -38,6 +38,9 @@ class View:
     meaning: str
     use: str
     needs: tuple[str, ...] = ("value",)
+    # the column whose standout z (`standout`) tells whether a document stands out for a text under
+    # this view: the raw value, or the cosine for the cosine family (z is unchanged by their scaling/shift)
+    z_of: str = "value"
 
 
 def _tokens(ev: pd.DataFrame, docs: pd.DataFrame) -> np.ndarray:
@@ -88,6 +91,25 @@ REFERENCE_SET = "reference"  # the run's fixed reference set (attribution.train.
 MIN_REFERENCE = 4  # fewer reference examples than this: a document's spread over them means nothing
 
 
+def _zscore(x: np.ndarray, doc: np.ndarray, mask: np.ndarray, min_n: int) -> np.ndarray:
+    """z of every row against the same document's rows in `mask` (mean, sample sd), leaving a row out
+    of its own statistics when it is in `mask`; NaN where fewer than `min_n` rows remain or they are all
+    equal. Two-pass moments (and the exact leave-one-out update), so equal values give sd 0, not noise."""
+    m = mask.astype(np.float64)
+    n = pd.Series(m).groupby(doc).sum().reindex(doc).to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = pd.Series(x * m).groupby(doc).sum().reindex(doc).to_numpy() / n
+        m2 = pd.Series(m * (x - mu) ** 2).groupby(doc).sum().reindex(doc).to_numpy()
+        # leave a mask row out: mu' = (n mu - x) / (n - 1), M2' = M2 - (x - mu)(x - mu')
+        loo_mu = (n * mu - x) / (n - 1)
+        m2 = np.where(mask, m2 - (x - mu) * (x - loo_mu), m2)
+        mu = np.where(mask, loo_mu, mu)
+        n = n - m
+        sd = np.sqrt(np.maximum(m2, 0.0) / (n - 1))
+        ok = (n >= min_n) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
+        return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), np.nan)
+
+
 def standout(
     ev: pd.DataFrame,
     column: str = "value",
@@ -104,19 +126,44 @@ def standout(
 
     z is unchanged when a document's values are scaled by a positive constant (the per-token view) or
     shifted by one (the contrast views, for a text outside the reference set), so it is the same under
-    the raw value, per-token and contrast views. Callers compute it on the raw `value` (the contrast
-    views' leave-one-out on the reference's own rows widens their spread by n/(n-1)): a label built on
-    it does not depend on the view.
+    the raw value, per-token and contrast views. It depends only on the text's own row and the
+    reference rows, never on the other texts asked about.
     """
     x = ev[column].to_numpy(dtype=np.float64)
     doc = ev["doc_id"].astype(str).to_numpy()
     in_ref = (ev["val_set"].astype(str) == reference).to_numpy()
-    stats = pd.Series(x[in_ref]).groupby(doc[in_ref]).agg(["mean", "std", "count"])
-    mean, sd, n = (stats[c].reindex(doc).to_numpy(dtype=np.float64) for c in ("mean", "std", "count"))
-    ok = (n >= min_reference) & (sd > 0) & ~in_ref
-    z = np.full(len(ev), np.nan)
-    z[ok] = (x[ok] - mean[ok]) / sd[ok]
+    z = _zscore(x, doc, in_ref, min_reference)
+    z[in_ref] = np.nan
     return pd.Series(z, index=ev.index)
+
+
+def _standout_of(column: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.Series]:
+    """The standout z of `column` as a ranking view: every row gets a number (reference rows their
+    leave-one-out z, so a reference text can be ranked too; 0, "does not stand out", where z is
+    undefined, e.g. a document never trained on). Runs without a reference set: z against the other
+    validation texts, with the contrast views' warning."""
+
+    def fn(ev: pd.DataFrame, docs: pd.DataFrame) -> pd.Series:
+        x = ev[column].to_numpy(dtype=np.float64)
+        doc = ev["doc_id"].astype(str).to_numpy()
+        mask = (ev["val_set"].astype(str) == REFERENCE_SET).to_numpy()
+        if not mask.any():
+            _warn_no_reference()
+            mask = np.ones(len(ev), dtype=bool)
+        z = _zscore(x, doc, mask, MIN_REFERENCE)
+        return pd.Series(np.nan_to_num(z, nan=0.0), index=ev.index)
+
+    return fn
+
+
+def _warn_no_reference() -> None:
+    warnings.warn(
+        "this run has no fixed reference set (made before it existed, or with --reference 0): the "
+        "contrast and standout views compare with the run's other validation texts, so a text's ranking "
+        "depends on which other texts were valued",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _contrast_of(
@@ -132,13 +179,7 @@ def _contrast_of(
         tmp["x"] = base(ev, docs).to_numpy()
         if (tmp["val_set"].astype(str) == REFERENCE_SET).any():
             return contrast(tmp, "x", reference=REFERENCE_SET)
-        warnings.warn(
-            "this run has no fixed reference set (made before it existed, or with --reference 0): the "
-            "contrast views subtract the mean over the run's other validation texts, so a text's ranking "
-            "depends on which other texts were valued",
-            UserWarning,
-            stacklevel=2,
-        )
+        _warn_no_reference()
         return contrast(tmp, "x")
 
     return fn
@@ -167,6 +208,7 @@ VIEWS: dict[str, View] = {
         "sum over steps of value / (||g_train_seq|| * ||g_val_example||): gradient alignment",
         "when documents with large gradients (rare tokens, early steps) dominate",
         ("value_cosine",),
+        z_of="value_cosine",
     ),
     "contrast": View(
         _contrast_of(_col("value")),
@@ -184,6 +226,19 @@ VIEWS: dict[str, View] = {
         "cosine view minus its mean over the other validation texts",
         "derived-from questions, robust to gradient scale",
         ("value_cosine",),
+        z_of="value_cosine",
+    ),
+    "standout": View(
+        _standout_of("value"),
+        "z of the value against the document's values for the reference set's texts",
+        "derived-from questions: what this document gives THIS text beyond what it gives texts in general",
+    ),
+    "standout_cosine": View(
+        _standout_of("value_cosine"),
+        "z of the cosine view against the document's cosines for the reference set's texts",
+        "derived-from questions, robust to gradient scale and to generally helpful documents",
+        ("value_cosine",),
+        z_of="value_cosine",
     ),
 }
 

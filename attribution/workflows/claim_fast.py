@@ -35,7 +35,17 @@ from attribution.train.sketch import Projection, SketchIndex, make_index, model_
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
 
-FAST_VIEWS = ("value", "per_token", "cosine", "contrast", "contrast_per_token", "contrast_cosine")
+FAST_VIEWS = (
+    "value",
+    "per_token",
+    "cosine",
+    "contrast",
+    "contrast_per_token",
+    "contrast_cosine",
+    "standout",
+    "standout_cosine",
+)
+REFERENCED = ("contrast", "standout")  # views that need the reference set's claim-side vectors
 CHUNK = 16  # claim sequences per gradient pass
 
 
@@ -69,8 +79,8 @@ def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]
             raise UserError(f"--view {name}: the sketch can rank by {', '.join(FAST_VIEWS)}")
         notes.append(f"the run's default view {name!r} is not linear in the sketch; ranked by raw value")
         name = "value"
-    if name.startswith("contrast") and not cfg.reference:
-        base = name.removeprefix("contrast").lstrip("_") or "value"
+    if name.startswith(REFERENCED) and not cfg.reference:
+        base = name.split("_", 1)[1] if "_" in name else "value"
         notes.append(f"the run has no fixed reference set, so {name!r} is ranked as {base!r}")
         name = base
     return name
@@ -249,8 +259,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 
-def _doc_index(sketch: SketchIndex, view: str, run: Path):
-    """(FAISS index, scale) the view ranks: raw, unit-normalized, or raw divided by each document's tokens."""
+def _doc_index(sketch: SketchIndex, view: str, run: Path, reference: np.ndarray | None = None):
+    """(FAISS index, scale) the view ranks: raw, unit-normalized, or raw divided by each document's
+    tokens; for the standout views, divided by each document's spread over the reference set."""
+    if view.startswith("standout"):
+        return make_index(_standout_vectors(sketch, view, reference))
     if "cosine" in view:
         return sketch.load("unit"), sketch.scale("unit")
     if "per_token" not in view:
@@ -260,10 +273,27 @@ def _doc_index(sketch: SketchIndex, view: str, run: Path):
     return make_index(sketch.vectors("raw") / np.maximum(tokens.to_numpy(np.float64), 1.0)[:, None])
 
 
+def _standout_vectors(sketch: SketchIndex, view: str, reference: np.ndarray | None) -> np.ndarray:
+    """`u_d / sd_d`: the standout z of `views.standout` is linear in the sketch once each document's
+    vector is divided by the sample sd of its scores for the reference texts,
+    z(d, t) = <u_d, q_t - mean_r q_r> / sd_r <u_d, q_r>; a document with no spread scores 0 (as the
+    exact view gives it)."""
+    from attribution.values.views import MIN_REFERENCE
+
+    if reference is None or len(reference) < MIN_REFERENCE:
+        raise UserError(f"--view {view}: needs at least {MIN_REFERENCE} reference texts in the run")
+    u = sketch.vectors("unit" if "cosine" in view else "raw")
+    r = _unit(reference) if "cosine" in view else reference
+    sd = (u @ r.T).std(axis=1, ddof=1)
+    ok = sd > 0
+    return np.where(ok[:, None], u / np.where(ok, sd, 1.0)[:, None], 0.0)
+
+
 def rank_queries(claims: np.ndarray, reference: np.ndarray | None, view: str) -> np.ndarray:
-    """The query vectors of a view: unit-normalized for cosine views, minus the reference mean for contrast."""
+    """The query vectors of a view: unit-normalized for cosine views, minus the reference mean for the
+    contrast and standout views."""
     q = _unit(claims) if "cosine" in view else claims
-    if view.startswith("contrast") and reference is not None and len(reference):
+    if view.startswith(REFERENCED) and reference is not None and len(reference):
         q = q - (_unit(reference) if "cosine" in view else reference).mean(0, keepdims=True)
     return q
 
@@ -310,11 +340,11 @@ def estimate(
     sketch = read_sketch(run, manifest.config)
     notes: list[str] = []
     view = _view(view, manifest, cfg, notes)
-    sets = _texts(run, cfg, texts, view.startswith("contrast"))
+    sets = _texts(run, cfg, texts, view.startswith(REFERENCED))
     vectors, more = query_vectors(run, cfg, sketch, sets, progress=progress)
     notes += more
     q = rank_queries(vectors["claims"], vectors.get("reference"), view)
-    index, scale = _doc_index(sketch, view, run)
+    index, scale = _doc_index(sketch, view, run, vectors.get("reference"))
     k = index.ntotal if k is None else min(int(k), index.ntotal)
     scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
     scores = scores.astype(np.float64) * scale

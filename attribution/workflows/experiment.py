@@ -304,34 +304,43 @@ def _irs_ranks(
 
 
 def _text_ranks(
-    records: Sequence[dict], train_texts: list[str], train_ids: list[str]
+    records: Sequence[dict], train_texts: list[str], train_ids: list[str], originals: Sequence[str] = ()
 ) -> dict[str, list[float]]:
-    """Ranks of the original under the text-only baselines, over the same training documents."""
+    """Ranks of the original under the text-only baselines, over the same training documents, and
+    `control_<name>`: the mean rank of the other `originals` for the same text, as for the views."""
     import bm25s
 
     from attribution.embeddings import embed
 
     row = {d: i for i, d in enumerate(train_ids)}
-    targets = [row[r["meta"]["target_id"]] for r in records]
+    targets = [r["meta"]["target_id"] for r in records]
     queries = [r["text"] for r in records]
 
     retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
     retriever.index(bm25s.tokenize(train_texts, stopwords="en", show_progress=False), show_progress=False)
     q_tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
-    bm25 = [rank_of(np.asarray(retriever.get_scores(q)), t) for q, t in zip(q_tokens, targets, strict=True)]
-
     # Semantic search as a retriever does it: one MiniLM vector per text (its first 256 word pieces).
     doc_vecs = embed(train_texts, show_progress=len(train_texts) > 500)
     q_vecs = embed(queries)
-    semantic = [rank_of(doc_vecs @ q, t) for q, t in zip(q_vecs, targets, strict=True)]
-
     doc_grams = [ngrams(words(t), 8) for t in train_texts]
-    contain = []
-    for q, t in zip(queries, targets, strict=True):
+
+    def containment(q: str) -> np.ndarray:
         qg = ngrams(words(q), 8)
-        scores = np.array([len(qg & g) / len(qg) if qg else 0.0 for g in doc_grams])
-        contain.append(rank_of(scores, t))
-    return {"bm25": bm25, "semantic": semantic, "containment": contain}
+        return np.array([len(qg & g) / len(qg) if qg else 0.0 for g in doc_grams])
+
+    scorers = {
+        "bm25": lambda i: np.asarray(retriever.get_scores(q_tokens[i])),
+        "semantic": lambda i: doc_vecs @ q_vecs[i],
+        "containment": lambda i: containment(queries[i]),
+    }
+    out: dict[str, list[float]] = {}
+    for name, score in scorers.items():
+        for i, target in enumerate(targets):
+            scores = score(i)
+            out.setdefault(name, []).append(rank_of(scores, row[target]))
+            others = [rank_of(scores, row[o]) for o in originals if o != target]
+            out.setdefault(f"control_{name}", []).append(float(np.mean(others)) if others else float("nan"))
+    return out
 
 
 def _methods(ranks_or_table: pd.DataFrame) -> list[str]:
@@ -419,13 +428,16 @@ def to_markdown(table: pd.DataFrame, meta: dict, each: bool = False) -> str:
             "| view | " + " | ".join(kinds) + " | control |",
             "|" + "---|" * (2 + len(kinds)),
         ]
-        for v in present:
-            name = f"**{v}** (default)" if v == DEFAULT_VIEW else v
-            col = f"control_{method_column(order, v)}_mean_rank"
+        rows = [(f"**{v}** (default)" if v == DEFAULT_VIEW else v, method_column(order, v)) for v in present]
+        rows += [
+            (f"{label} (text)", b) for b, label in BASELINES.items() if f"{b}_mean_rank" in table.columns
+        ]
+        for name, m in rows:
+            col = f"control_{m}_mean_rank"
             control = f"{table[col].mean():.1f}" if col in table.columns else "n/a"
             lines.append(
                 f"| {name} | "
-                + " | ".join(_cell(r, method_column(order, v), each) for _, r in table.iterrows())
+                + " | ".join(_cell(r, m, each) for _, r in table.iterrows())
                 + f" | {control} |"
             )
     lines += [
@@ -501,7 +513,7 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
         for column, values in by_view.items():
             ranks[column] = values
         ranks["target_seen"] = seen
-    for name, values in _text_ranks(records, [text_of[i] for i in train_ids], train_ids).items():
+    for name, values in _text_ranks(records, [text_of[i] for i in train_ids], train_ids, originals).items():
         ranks[name] = values
 
     table = summarize(ranks, len(train_ids))
