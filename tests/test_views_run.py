@@ -9,7 +9,7 @@ import pytest
 
 from attribution.train import RunConfig, train_and_value
 from attribution.values import RunValues
-from attribution.values.views import DEFAULT_VIEW
+from attribution.values.views import DEFAULT_VIEW, REFERENCE_SET
 from attribution.workflows import explore
 from tests.train_fixtures import write_corpus, write_val
 
@@ -59,7 +59,10 @@ def test_a_texts_views_do_not_change_when_other_texts_are_valued(runs, view):
     assert np.abs(x.to_numpy()).max() > 0  # the comparison is not between two empty columns
     np.testing.assert_allclose(y.to_numpy(), x.to_numpy(), rtol=1e-9, atol=1e-12 * np.abs(x.to_numpy()).max())
     # the reference set is what makes it so: it is in both runs, the same 4 texts
-    refs = [set(RunValues.read(r).examples().query("val_set == @REFERENCE_SET")["val_id"]) for r in runs]
+    refs = [
+        set(ev.loc[ev["val_set"] == REFERENCE_SET, "val_id"])
+        for ev in (RunValues.read(r).examples() for r in runs)
+    ]
     assert refs[0] == refs[1] and len(refs[0]) == 4
 
 
