@@ -193,7 +193,7 @@ commands: list[click.Command] = [curate_command]
     default=None,
     metavar="NAME",
     help="--fast: the view the sketch ranks by (value, per_token, cosine, contrast, contrast_per_token, "
-    "contrast_cosine; default: the run's default view).",
+    "contrast_cosine, standout, standout_cosine; default: the run's default view).",
 )
 def claim_command(
     run: Path,
