@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 
 from attribution.workflows.demo import target_ranks
@@ -17,16 +18,17 @@ def test_target_ranks_use_the_attribution_column_and_report_raw_value_too(tmp_pa
     pd.DataFrame(
         {"doc_id": ["generic", "orig", "other"], "source": "s", "owner": "o", "n_tokens": 10}
     ).to_parquet(tmp_path / "docs.parquet")
-    pd.DataFrame(
-        {
-            "doc_id": ["generic", "orig", "other"] * 2,
-            "val_set": ["rewrites"] * 3 + ["news"] * 3,
-            "val_id": ["v1"] * 3 + ["n1"] * 3,
-            # raw value: the generally helpful document wins for v1 (it helps the news text just as much)
-            "value": [5.0, 1.0, 2.0, 5.0, -2.0, 2.0],
-        }
-    ).to_parquet(tmp_path / "example_values.parquet")
-    # the default view (contrast_per_token, computed on read): v1 minus the other text, per token:
-    # generic 0, orig 0.3, other 0, so the original wins
+    docs = ["generic", "orig", "other"]
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(3, 5)) * 0.1 + np.array(
+        [[5.0], [0.0], [2.0]]
+    )  # generic and other: as for every text
+    rows = [(d, "rewrites", "v1", v) for d, v in zip(docs, [5.0, 1.0, 2.0], strict=True)]
+    rows += [(d, "reference", f"r{j}", ref[i, j]) for i, d in enumerate(docs) for j in range(5)]
+    ev = pd.DataFrame(rows, columns=["doc_id", "val_set", "val_id", "value"])
+    ev["value_cosine"] = ev["value"] / 10
+    ev.to_parquet(tmp_path / "example_values.parquet")
+    # raw value: the generally helpful document wins for v1; the default view (the standout z against the
+    # reference set, computed on read) puts the original first: 1.0 is ~10 sd above its reference values
     (row,) = target_ranks(tmp_path)
     assert (row["rank"], row["rank_value"], row["of"], row["target"]) == (1, 3, 3, "orig")
