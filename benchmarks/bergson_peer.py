@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import json
 import os
 import sys
@@ -244,7 +243,7 @@ def doc_text_scores(m: np.ndarray, train_doc: np.ndarray, query_text: np.ndarray
 
 
 def ranks_frame(prep: dict, scores: dict[str, np.ndarray], originals: list[str]) -> pd.DataFrame:
-    from attribution.values import rank_of
+    from attribution.values import rank_and_control
 
     row = {d: i for i, d in enumerate(prep["doc_ids"])}
     missing = [o for o in originals if o not in row]
@@ -256,18 +255,20 @@ def ranks_frame(prep: dict, scores: dict[str, np.ndarray], originals: list[str])
         item = {"variant": r["meta"]["variant"], "id": r["id"], "target_id": target}
         others = [row[o] for o in originals if o != target]
         for method, s in scores.items():
-            col = s[:, j]
-            item[method] = rank_of(col, row[target])
-            item[f"control_{method}"] = float(np.mean([rank_of(col, o) for o in others]))
+            item[method], item[f"control_{method}"] = rank_and_control(s[:, j], row[target], others)
         out.append(item)
     return pd.DataFrame(out)
 
 
 def select(ranks: pd.DataFrame, patterns: list[str]) -> pd.DataFrame:
-    keep = ranks["target_id"].map(lambda t: any(fnmatch.fnmatchcase(t, p) for p in patterns))
-    if not keep.any():
-        raise SystemExit(f"no variant's target id matches {', '.join(patterns)}")
-    return ranks[keep]
+    """The experiment's own target selection (`attribution.workflows.experiment.select_targets`)."""
+    from attribution.errors import UserError
+    from attribution.workflows.experiment import select_targets
+
+    try:
+        return select_targets(ranks, patterns)
+    except UserError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def to_markdown(ranks: pd.DataFrame, patterns: list[str], n_docs: int, meta: str) -> str:

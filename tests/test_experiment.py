@@ -11,12 +11,11 @@ import pytest
 
 from attribution.corpus.document import Document
 from attribution.errors import UserError
-from attribution.values import RunValues
+from attribution.values import RunValues, rank_and_control, rank_of
 from attribution.variants.thesaurus import DEFAULT_PATH
 from attribution.workflows.experiment import (
     CopyrightExperiment,
     outside_pool,
-    rank_of,
     run_copyright,
     summarize,
     table_for,
@@ -30,6 +29,8 @@ def test_rank_of_counts_higher_scores_and_splits_ties():
     assert rank_of(s, 1) == 1.0
     assert rank_of(s, 0) == 3.0  # two ties besides itself: ranks 2, 3, 4 -> 3
     assert rank_of(s, 3) == 5.0
+    assert rank_and_control(s, 1, [0, 3]) == (1.0, 4.0)  # control: the mean rank of the others
+    assert np.isnan(rank_and_control(s, 1, [])[1])
 
 
 def _news_corpus(path: Path, n: int = 14, words: int = 70) -> list[str]:

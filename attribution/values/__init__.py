@@ -6,7 +6,7 @@
 """
 
 from attribution.values.manifest import SCHEMA_VERSION, Manifest
-from attribution.values.ranks import rank_of
+from attribution.values.ranks import rank_and_control, rank_of
 from attribution.values.results import RunValues
 from attribution.values.rundir import RunDir, ValText, read_val_set
 from attribution.values.views import DEFAULT_VIEW, VIEWS
@@ -19,6 +19,7 @@ __all__ = [
     "RunDir",
     "RunValues",
     "ValText",
+    "rank_and_control",
     "rank_of",
     "read_val_set",
 ]

@@ -7,6 +7,8 @@ asked about (three documents tied for the top all get rank 2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -17,3 +19,11 @@ def rank_of(scores: np.ndarray, target: int) -> float:
     higher = int(np.sum(s > t))
     ties = int(np.sum(s == t)) - 1
     return 1.0 + higher + ties / 2.0
+
+
+def rank_and_control(scores: np.ndarray, target: int, others: Sequence[int]) -> tuple[float, float]:
+    """`rank_of` the target, and the control: the mean rank of `others` (the other originals) by the
+    same scores, about (n + 1) / 2 for a score that does not simply favour documents like them; NaN
+    without others."""
+    control = float(np.mean([rank_of(scores, o) for o in others])) if len(others) else float("nan")
+    return rank_of(scores, target), control

@@ -42,7 +42,7 @@ from attribution.corpus import Document, read_corpus_located
 from attribution.errors import BadInputError, UserError
 from attribution.io import atomic_path, atomic_write
 from attribution.text import ngrams, words
-from attribution.values import Manifest, RunDir, RunValues, rank_of
+from attribution.values import Manifest, RunDir, RunValues, rank_and_control
 from attribution.values.rundir import DOCS, EXAMPLE_VALUES
 from attribution.values.views import DEFAULT_VIEW, VIEWS, column_of
 from attribution.variants.build import (
@@ -294,10 +294,10 @@ def _irs_ranks(
         for v in names:
             scores = np.zeros(len(train_ids), dtype=np.float64)
             scores[at] = g[column_of(v)].to_numpy(dtype=np.float64)[ok]
-            ranks[method_column(order, v)].append(rank_of(scores, row[target]))
             # control: where the *other* originals rank for this text; about (n+1)/2 for a fair view,
             # lower when a view simply favours documents like the originals (e.g. short ones)
-            control = float(np.mean([rank_of(scores, o) for o in others])) if others else float("nan")
+            rank, control = rank_and_control(scores, row[target], others)
+            ranks[method_column(order, v)].append(rank)
             ranks.setdefault(f"control_{method_column(order, v)}", []).append(control)
         was_seen.append(target in seen)
     return ranks, was_seen
@@ -336,10 +336,11 @@ def _text_ranks(
     out: dict[str, list[float]] = {}
     for name, score in scorers.items():
         for i, target in enumerate(targets):
-            scores = score(i)
-            out.setdefault(name, []).append(rank_of(scores, row[target]))
-            others = [rank_of(scores, row[o]) for o in originals if o != target]
-            out.setdefault(f"control_{name}", []).append(float(np.mean(others)) if others else float("nan"))
+            rank, control = rank_and_control(
+                score(i), row[target], [row[o] for o in originals if o != target]
+            )
+            out.setdefault(name, []).append(rank)
+            out.setdefault(f"control_{name}", []).append(control)
     return out
 
 
