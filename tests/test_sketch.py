@@ -12,7 +12,17 @@ from attribution.engine.rules import canonical_shape, trainable_params
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import ValSet, Valuer
 from attribution.train.distributed import DistInfo
-from attribution.train.sketch import InRunSketch, Projection, model_params, prefix, segment_of, segments
+from attribution.train.sketch import (
+    BALANCED,
+    InRunSketch,
+    Projection,
+    balance,
+    balanced_claim_side,
+    model_params,
+    prefix,
+    segment_of,
+    segments,
+)
 from attribution.train.step import ValuedStep
 from tests.test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401 (fixture)
 
@@ -48,6 +58,53 @@ def test_sketch_of_the_factors_is_the_projection_of_the_per_sample_gradient():
         want = torch.stack([proj.apply_dense(g, segment) for g in _per_sample_grads(model, ids, mask)])
         assert got.dtype == torch.float64 and got.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+
+
+def _random_k(model, seed: int) -> dict[int, torch.Tensor]:
+    """A positive, heavy-tailed, param-shaped K (as Adam's is: 1 / (sqrt(v) + eps) over many scales)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        pid: torch.exp(3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        for pid, (_, p) in trainable_params(model).items()
+    }
+
+
+def test_the_balanced_document_side_stays_factored():
+    """`(R0 (x) R1) (F * g)` from the captured factors, with F = a b^T = balance(K), against the dense
+    per-sample gradient multiplied by F (embedding rows, dense rows and 1-column biases alike)."""
+    model = tiny_gpt2()
+    ids, mask = ragged_batch(3, 10, seed=1)
+    proj = _projection(model, 24, seed=5)
+    _, cap = Capturer(model).train(lambda: LanguageModelingTask().per_sequence_loss(model, ids, mask))
+    names = model_params(model)[1]
+    k = _random_k(model, 0)
+    scales = {names[pid]: balance(kk.reshape(proj.params[names[pid]])) for pid, kk in k.items()}
+    got = proj.mix(proj.kronecker(cap, names, scales), 1)
+    want = torch.stack(
+        [
+            proj.apply_dense({n: g[n] * torch.outer(*scales[n]) for n in g}, 1)
+            for g in _per_sample_grads(model, ids, mask)
+        ]
+    )
+    assert got.abs().max() > 0 and not torch.allclose(got, proj.mix(proj.kronecker(cap, names), 1))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+
+
+def test_balance_splits_k_exactly_and_fits_a_rank_one_k():
+    model = tiny_gpt2()
+    params = {pid: p for pid, (_, p) in trainable_params(model).items()}
+    k = _random_k(model, 1)
+    claim = balanced_claim_side(k, params)
+    for pid, kk in k.items():
+        a, b = balance(kk.reshape(canonical_shape(params[pid])))
+        f = torch.outer(a, b).reshape(kk.shape)
+        torch.testing.assert_close(claim[pid] * f, kk, rtol=1e-12, atol=0)  # K / F times F is K
+    a0 = torch.rand(7, dtype=torch.float64) + 0.1
+    b0 = torch.rand(5, dtype=torch.float64) + 0.1
+    a, b = balance(torch.outer(a0, b0) ** 2)  # sqrt of a rank-1 K is found exactly
+    torch.testing.assert_close(torch.outer(a, b), torch.outer(a0, b0), rtol=1e-12, atol=0)
+    a, b = balance(torch.zeros(3, 2))  # nothing to balance: F = 1
+    assert torch.equal(torch.outer(a, b), torch.ones(3, 2, dtype=torch.float64))
 
 
 def test_sketch_inner_products_are_unbiased():
@@ -123,3 +180,45 @@ def test_a_smaller_dimension_is_a_rescaled_prefix_of_a_larger_one(side):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
     with pytest.raises(ValueError, match="must be in 1..96"):
         prefix(np.zeros((1, 96)), 97)
+
+
+def test_optimizer_aware_steps_weight_each_document_with_the_steps_balanced_adam_k():
+    """The loop's feed with an optimizer-aware valuer and AdamW: lr * clip / n * R_s (balance(K_t) * g_i),
+    with K_t the Valuer's own preconditioner of step t (the values' K, computed once and shared)."""
+    model = tiny_gpt2()
+    val_ids, val_mask = ragged_batch(2, 8, seed=9)
+    valuer = Valuer(model, {"v": ValSet(val_ids, val_mask)}, optimizer_aware=True)
+    seq_doc = np.array([0, 1, 1, 0])
+    segs = segments(2, 3)
+    sketch = InRunSketch(
+        model, 12, seed=4, segs=segs, store_row_of_seq=seq_doc, doc_ids=["a", "b"], preconditioner=BALANCED
+    )
+    sketch.projection = Projection(sketch.projection.params, 12, 4, side=SIDE)
+    stepper = ValuedStep(model, valuer, DistInfo(), max_grad_norm=None)
+    sketch.attach(stepper)
+    ids_all, mask_all = ragged_batch(4, 10, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    names, params = model_params(model)[1], trainable_params(model)
+    want, plain = np.zeros((2, 12)), np.zeros((2, 12))
+    for step, (batch, lr) in enumerate([([0, 1], 0.01), ([2, 3], 0.02), ([1, 0], 0.03)], start=1):
+        b = np.asarray(batch)
+        grads = _per_sample_grads(model, ids_all[b], mask_all[b])
+        valuer.forward_backward(ids_all[b], mask_all[b])
+        k = valuer.preconditioner(opt)
+        assert k is valuer.preconditioner(opt)  # one K per step
+        f = {
+            names[pid]: torch.outer(*balance(kk.reshape(canonical_shape(params[pid][1]))))
+            for pid, kk in k.items()
+        }
+        seg = segment_of(segs, step)
+        for i, g in zip(b, grads, strict=True):
+            want[seq_doc[i]] += (
+                lr / len(b) * sketch.projection.apply_dense({n: g[n] * f[n] for n in g}, seg).numpy()
+            )
+            plain[seq_doc[i]] += lr / len(b) * sketch.projection.apply_dense(g, seg).numpy()
+        stepper.before_optimizer_step(lr, 1.0, opt)
+        sketch.add(step, b)
+        opt.step()
+        opt.zero_grad()
+    assert not np.allclose(want, plain, rtol=0.1)
+    np.testing.assert_allclose(sketch.acc, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())

@@ -279,13 +279,15 @@ def _query(run, texts):
 def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
     aware_run, texts, monkeypatch
 ):
-    """Brute force: sum over segments of the trapezoid of `M_s P (K_b * g(w_b))`, with autograd's per-text
-    gradient at each kept checkpoint b and K from b's optimizer state (step 0: the next checkpoint's)."""
+    """Brute force: sum over segments of the trapezoid of `M_s P ((K_b / F_b) * g(w_b))`, with autograd's
+    per-text gradient at each kept checkpoint b, K from b's optimizer state (step 0: the next checkpoint's)
+    and F_b = balance(K_b), the document side's share of the split."""
     import torch
 
     from attribution.engine.rules import canonical_shape, trainable_params
     from attribution.engine.task import LanguageModelingTask
     from attribution.train import chain, loop
+    from attribution.train.sketch import BALANCED, balanced_claim_side
     from attribution.values.manifest import Manifest
     from attribution.workflows import claim_fast
     from attribution.workflows.claim_fast import _config, _texts, link_preconditioner
@@ -304,6 +306,12 @@ def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
     for b in bounds[::-1]:
         chain.load_link(links[b], model, opt)
         ks[b] = link_preconditioner(model, opt) if b else ks[bounds[1]]
+    # the run's documents carry balance(K_t), so each checkpoint's claim side is K / balance(K)
+    assert sketch.meta["preconditioner"] == BALANCED
+    ks = {
+        b: balanced_claim_side(k, {pid: p for pid, (_, p) in trainable_params(model).items()})
+        for b, k in ks.items()
+    }
     want = np.zeros_like(got["claims"])
     params = trainable_params(model)
     for b in bounds:
@@ -325,7 +333,9 @@ def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
     np.testing.assert_allclose(got["claims"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     # and K = 1 gives the factor path's (unpreconditioned) vectors
     monkeypatch.setattr(
-        claim_fast, "link_preconditioner", lambda m, o: {pid: 1.0 for pid in trainable_params(m)}
+        claim_fast,
+        "link_preconditioner",
+        lambda m, o: {pid: torch.ones_like(p) for pid, (_, p) in trainable_params(m).items()},
     )
     ones, _ = _query(aware_run, texts)
     plain = claim_fast.query_vectors(

@@ -185,6 +185,7 @@ class Valuer:
         self.shapes = {pid: canonical_shape(p) for pid, (_, p) in self.capturer.params.items()}
         self.names = {pid: name for pid, (name, _) in self.capturer.params.items()}
         self.step = 0
+        self._pre: tuple[int, dict[int, torch.Tensor]] | None = None  # (step, K) of preconditioner()
         self._train: Captured | None = None
         self._plans: dict[str, Plan] = {}
         self._plan_key: tuple | None = None
@@ -338,21 +339,12 @@ class Valuer:
         """
         if self._train is None:
             raise UserError("values() needs a forward_backward() first")
-        pre = None
         train = self._train
         self._plan(train)  # a no-op unless the step was accumulated
-        if self.optimizer_aware:
-            if optimizer is None:
-                raise UserError("optimizer_aware=True: pass the optimizer to values()")
-            if is_adam(optimizer):
-                params = {pid: p for pid, (_, p) in self.capturer.params.items()}
-                pre = adam_preconditioner(
-                    optimizer,
-                    params,
-                    second_moment=self.second_moment,
-                    batch_size=train.n * _world_size(self.model),
-                )
-        train, self._train = self._train, None
+        if self.optimizer_aware and optimizer is None:
+            raise UserError("optimizer_aware=True: pass the optimizer to values()")
+        pre = self.preconditioner(optimizer)
+        train, self._train, self._pre = self._train, None, None
         if train.weights is None:
             lr_eff: float | torch.Tensor = lr * grad_scale / (train.n * _world_size(self.model))
         else:  # [n, 1]: each sequence's own share of the step
@@ -376,6 +368,25 @@ class Valuer:
             "val_norms": val_norms,
         }
         return None
+
+    def preconditioner(self, optimizer: torch.optim.Optimizer | None) -> dict[int, torch.Tensor] | None:
+        """This step's Adam `K` (param id -> param-shaped), or None (SGD proxy, or not an Adam optimizer).
+
+        Computed once per step and shared: `values()` scores with it and the in-run sketch weights each
+        document's gradient with it (`attribution.train.sketch`), before `optimizer.step()` changes the state.
+        """
+        if not self.optimizer_aware or optimizer is None or not is_adam(optimizer) or self._train is None:
+            return None
+        if self._pre is None or self._pre[0] != self.step:
+            params = {pid: p for pid, (_, p) in self.capturer.params.items()}
+            k = adam_preconditioner(
+                optimizer,
+                params,
+                second_moment=self.second_moment,
+                batch_size=self._train.n * _world_size(self.model),
+            )
+            self._pre = (self.step, k)
+        return self._pre[1]
 
     def after_step(self) -> StepValues | None:
         """After `optimizer.step()`. Order 2: the finished values of the step just taken; order 1: None."""

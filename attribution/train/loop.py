@@ -643,8 +643,9 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
     """The in-run gradient sketch (`attribution.train.sketch`), fed by the valuer's captures; needs values."""
     if not (cfg.sketch and cfg.value):
         return None
-    from attribution.train.sketch import InRunSketch, segments
+    from attribution.train.sketch import BALANCED, InRunSketch, segments
 
+    aware = cfg.optimizer_aware and cfg.optimizer == "adamw"
     sketch = InRunSketch(
         model,
         cfg.sketch_dim,
@@ -654,6 +655,7 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         data.docs["doc_id"].astype(str).tolist(),
         info,
         side=cfg.sketch_side,
+        preconditioner=BALANCED if aware else None,
     )
     sketch.attach(valued_step)
     return sketch

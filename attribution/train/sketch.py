@@ -17,10 +17,15 @@ i.e. the segments' sketches concatenated and projected once more block by block 
 independent `M_s` make the cross-segment terms vanish in expectation, so a claim vector
 `sum_s M_s P g_claim(segment s)` scores a document as `sum_s <g_claim, weighted sum of g>` with a
 dimension that does not grow with the number of segments (memory: n_docs x dim).
-Weighting is the SGD formula. For optimizer-aware runs the value is `lr c w <K g_claim, g_z>` with
-Adam's elementwise preconditioner `K`, which belongs to the claim side: `claim --fast` preconditions the
-claim's gradient with `K` from each kept checkpoint's optimizer state (`attribution.workflows.claim_fast`),
-and the document vectors stay as they are.
+For optimizer-aware runs the value is `lr c w <K_t g_claim, g_z>` with Adam's elementwise
+preconditioner `K_t` of the step, so `K_t` is split between the two sides: the document side takes
+`F_t = a b^T`, the rank-1 matrix closest to `sqrt|K_t|` in log space (`balance`), which keeps the
+per-sample gradient factored (`(a * row)(b * col)^T`) and so costs what the SGD sketch costs; the claim
+side takes `K / F` at each kept checkpoint (`attribution.workflows.claim_fast`). Why split: with all of
+`K` on the claim side (runs before the split), `K g_claim` is dominated by the coordinates of tiny
+second moment and the projection noise `|K g_claim| |g_z| / sqrt(dim)` buried the signal (fidelity near
+chance on the copyright experiment, docs/benchmarks.md); the split balances the two norms, as
+TrackStar's Adam normalization of both sides does, and the document side follows `K_t` step by step.
 """
 
 from __future__ import annotations
@@ -53,6 +58,39 @@ INDEX = "index.faiss"
 UNIT_INDEX = "index_unit.faiss"
 META = "meta.json"
 STORAGE = "faiss IndexScalarQuantizer QT_fp16, inner product, exhaustive; vectors divided by meta scale"
+
+
+BALANCED = "balanced"  # meta["preconditioner"]: documents carry F_t = balance(K_t), claims K / F
+
+
+def balance(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(a, b)` with `a b^T` the rank-1 fit of `sqrt|k|` in log space (`k`: canonical `[P0, P1]`).
+
+    Least squares on `log sqrt|k|` gives row and column log-means (Adafactor's factorization, in log space
+    so the few huge entries of tiny second moment do not dominate). `|k|` is clipped to 1e-12 of its
+    largest entry first: the path rule's `K` may be zero or negative in a coordinate, and the split only
+    needs a positive balance, since the claim side divides by the same `a b^T` it computes."""
+    mag = k.detach().abs().to(torch.float64)
+    top = float(mag.max()) if mag.numel() else 0.0
+    if top <= 0:
+        return torch.ones(k.shape[0], dtype=torch.float64), torch.ones(k.shape[1], dtype=torch.float64)
+    log = mag.clamp_min_(top * 1e-12).log_().mul_(0.5)
+    rows = log.mean(dim=1)
+    cols = log.mean(dim=0) - log.mean()
+    return rows.exp(), cols.exp()
+
+
+def balanced_claim_side(k: Mapping[int, torch.Tensor], params: Mapping[int, torch.nn.Parameter]) -> dict:
+    """`K / (a b^T)` per parameter id: the claim side's share of the split (`balance`)."""
+    from attribution.engine.rules import canonical_shape
+
+    out = {}
+    for pid, kk in k.items():
+        shape = canonical_shape(params[pid])
+        a, b = balance(kk.reshape(shape))
+        f = torch.outer(a, b).to(kk.device, kk.dtype).reshape(kk.shape)
+        out[pid] = kk / f
+    return out
 
 
 def segments(keep_every: int, total: int) -> list[tuple[int, int]]:
@@ -102,31 +140,48 @@ class Projection:
             self._mix = (key, self._gaussian(self.dim, self.width, -1, int(segment)).t().to(device, dtype))
         return self._mix[1]
 
-    def _block(self, name: str, uses: list[Use]) -> torch.Tensor:
+    def _block(
+        self, name: str, uses: list[Use], scale: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         dtype = factor_dtype(uses)
         dev = uses[0].row.device
         r0, r1 = self.factors(name, dev, dtype)
         p0 = self.params[name][0]
+        a, b = (None, None) if scale is None else (scale[0].to(dev, dtype), scale[1].to(dev, dtype))
+        if a is not None and uses[0].col is None:  # P1 == 1: the column factor is a number
+            a, b = a * b[0], None
         small = []
         for u in uses:
             if u.row_index:
                 row = r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype)
+                row = row if a is None else row * a[u.row].unsqueeze(-1)
             else:
-                row = u.row.to(dtype) @ r0.t() if r0 is not None else u.row.to(dtype)
-            col = None if u.col is None else (u.col.to(dtype) @ r1.t() if r1 is not None else u.col.to(dtype))
+                row = u.row.to(dtype) if a is None else u.row.to(dtype) * a
+                row = row @ r0.t() if r0 is not None else row
+            col = None
+            if u.col is not None:
+                col = u.col.to(dtype) if b is None else u.col.to(dtype) * b
+                col = col @ r1.t() if r1 is not None else col
             small.append(Use(row, col, False))
         return materialize(small, self.blocks[name], True, dtype).reshape(uses[0].n, -1)
 
-    def kronecker(self, cap: Captured, names: Mapping[int, str]) -> torch.Tensor:
-        """`[n, width]` per-sample `(R0 (x) R1) g` of every parameter, concatenated (no gradient is built)."""
+    def kronecker(
+        self,
+        cap: Captured,
+        names: Mapping[int, str],
+        scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """`[n, width]` per-sample `(R0 (x) R1) (F * g)` of every parameter, concatenated (no gradient is
+        built). `scales`: name -> `(a, b)` of `F = a b^T` (`balance`); none = `F = 1`."""
         by_name = {names[pid]: uses for pid, uses in cap.uses.items()}
         first = next(iter(cap.uses.values()))
         dtype, dev = factor_dtype(first), first[0].row.device
         parts = []
         for name, (a, b) in self.blocks.items():
             uses = by_name.get(name)
+            scale = None if scales is None else scales[name]
             parts.append(
-                self._block(name, uses) if uses else torch.zeros(cap.n, a * b, dtype=dtype, device=dev)
+                self._block(name, uses, scale) if uses else torch.zeros(cap.n, a * b, dtype=dtype, device=dev)
             )
         return torch.cat(parts, dim=1)
 
@@ -183,6 +238,7 @@ class InRunSketch:
         doc_ids: Sequence[str],
         info=None,
         side: int | None = None,
+        preconditioner: str | None = None,
     ):
         shapes, self.names = model_params(model)
         self.projection = Projection(shapes, dim, seed, SIDE if side is None else side)
@@ -193,15 +249,24 @@ class InRunSketch:
         self.info = info
         self.world = 1 if info is None else info.world
         self._pending: torch.Tensor | None = None  # the step's weighted (R0 (x) R1) g rows, until add()
+        self.preconditioner = preconditioner  # BALANCED: steps are weighted with Adam's K (optimizer-aware)
 
     # -- feeding ------------------------------------------------------------------------------
     def attach(self, step) -> None:
         """Observe a `ValuedStep`: each step's training capture is sketched before the valuer consumes it."""
         step.observers.append(self.observe)
 
-    def observe(self, cap: Captured, step_size: float) -> None:
-        """Weight each sequence as its value is weighted: `lr * c * w_i / world` (`w_i` = 1/n for the mean)."""
-        kron = self.projection.kronecker(cap, self.names)
+    def observe(self, cap: Captured, step_size: float, pre: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Weight each sequence as its value is weighted: `lr * c * w_i / world` (`w_i` = 1/n for the mean),
+        and, for optimizer-aware values, by the document side `balance(K_t)` of the step's Adam `K_t`."""
+        scales = None
+        if pre is not None:
+            self.preconditioner = BALANCED
+            scales = {
+                self.names[pid]: balance(k.reshape(self.projection.params[self.names[pid]]))
+                for pid, k in pre.items()
+            }
+        kron = self.projection.kronecker(cap, self.names, scales)
         w = cap.sample_weights().to(kron.device, kron.dtype) * (step_size / self.world)
         self._pending = kron * w.view(-1, 1)
 
@@ -259,8 +324,13 @@ class InRunSketch:
             "files": {"raw": INDEX, "unit": UNIT_INDEX},
             "storage": STORAGE,
             "scale": scales,
-            "weighting": "lr * clip factor * loss weight per sequence (the SGD formula; for optimizer-aware "
-            "runs claim --fast preconditions the claim side with Adam's K at each kept checkpoint)",
+            "weighting": "lr * clip factor * loss weight per sequence"
+            + (
+                " * F_t = balance(K_t), the rank-1 fit of sqrt|K_t| of the step's Adam K; claims take K / F"
+                if self.preconditioner == BALANCED
+                else " (the SGD formula)"
+            ),
+            "preconditioner": self.preconditioner,
             "projection": "per segment s: M_s (R0 (x) R1 per parameter, blocks concatenated); Gaussian N(0, 1/k)",
         }
         with atomic_write(folder / META) as fh:

@@ -119,7 +119,7 @@ class ValuedStep:
         self.max_grad_norm = max_grad_norm
         self.example_columns = dict(example_columns or {})
         self._first_order: StepValues | None = None
-        # called as observe(train capture, lr * clip factor) before each step's values (the in-run sketch)
+        # called as observe(train capture, lr * clip factor, Adam K or None) before each step's values (the sketch)
         self.observers: list = []
 
     def run(
@@ -165,8 +165,10 @@ class ValuedStep:
         """First-order values, from the clipped gradient about to be applied with `lr`."""
         aware = optimizer if self.valuer.optimizer_aware else None
         capture = getattr(self.valuer, "train_capture", None)
-        for observe in self.observers if capture is not None else ():
-            observe(capture, lr * grad_scale)
+        if capture is not None and self.observers:
+            pre = self.valuer.preconditioner(aware)
+            for observe in self.observers:
+                observe(capture, lr * grad_scale, pre)
         self._first_order = self.valuer.values(lr, grad_scale=grad_scale, optimizer=aware)
 
     def after_optimizer_step(self) -> BatchValues | None:

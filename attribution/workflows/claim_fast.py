@@ -20,6 +20,7 @@ an analogue of, not the same number as, the run's per-step cosine view).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attribution.engine.rules import trainable_params
 from attribution.errors import UserError
 from attribution.io import atomic_write
 from attribution.train import chain
 from attribution.train.config import RunConfig
-from attribution.train.sketch import Projection, SketchIndex, make_index, model_params, read_sketch
+from attribution.train.sketch import (
+    BALANCED,
+    Projection,
+    SketchIndex,
+    balanced_claim_side,
+    make_index,
+    model_params,
+    read_sketch,
+)
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
 
@@ -174,6 +184,11 @@ def link_preconditioner(model, optimizer) -> dict:
     return adam_preconditioner(optimizer, params, zeros, second_moment=False)
 
 
+def _claim_side(model, optimizer, params) -> dict:
+    """`K / F` of the checkpoint's Adam `K`: the claim side of the split (`attribution.train.sketch`)."""
+    return balanced_claim_side(link_preconditioner(model, optimizer), params)
+
+
 def _has_adam_state(optimizer) -> bool:
     return any("exp_avg_sq" in s for s in optimizer.state.values())
 
@@ -207,11 +222,17 @@ def query_vectors(
 
     aware = bool(cfg.optimizer_aware) and is_adam(optimizer)
     k_next: dict | None = None  # K for a checkpoint with no optimizer state yet (step 0)
+    split = sketch.meta.get("preconditioner") == BALANCED  # documents carry balance(K_t): claims take K / F
+    if aware and split:
+        params = {pid: p for pid, (_, p) in trainable_params(model).items()}
+        precondition = functools.partial(_claim_side, params=params)
+    else:
+        precondition = link_preconditioner
 
     def add(weights: list[tuple[int, float]]) -> None:
         k = None
         if aware:
-            k = link_preconditioner(model, optimizer) if _has_adam_state(optimizer) else k_next
+            k = precondition(model, optimizer) if _has_adam_state(optimizer) else k_next
         for name, v in texts.items():
             if k is None:
                 kron = grads.kron(v.ids, v.mask, v.seq_doc, len(v.docs))
@@ -223,9 +244,10 @@ def query_vectors(
     if all(b in links for b in bounds):
         if aware and len(bounds) > 1:  # the step-0 link has no Adam state: use the next link's K
             chain.load_link(links[bounds[1]], model, optimizer, device=device)
-            k_next = link_preconditioner(model, optimizer)
+            k_next = precondition(model, optimizer)
             notes.append(
                 "optimizer-aware run: claim gradients preconditioned with Adam's K of each kept checkpoint"
+                + (" (the claim side K / F of the split, attribution.train.sketch.balance)" if split else "")
             )
         for b in tqdm(
             bounds, desc="claim gradients", unit="checkpoint", disable=not progress, file=sys.stderr
