@@ -21,8 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(prefix: list[str], tmp_path, out) -> subprocess.CompletedProcess:
-    (tmp_path / "run.toml").write_text('dtype = "float64"\nbatch_size = 4\nsteps = 4\ncheckpoint_every = 2\n')
+def _run(prefix: list[str], tmp_path, out, extra: str = "") -> subprocess.CompletedProcess:
+    (tmp_path / "run.toml").write_text(
+        'dtype = "float64"\nbatch_size = 4\nsteps = 4\ncheckpoint_every = 2\n' + extra
+    )
     args = [
         "run",
         "--config",
@@ -51,11 +53,14 @@ def _run(prefix: list[str], tmp_path, out) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("extra", ["", "optimizer_aware = true\n"], ids=["sgd-proxy", "optimizer-aware"])
+def test_two_gloo_processes_equal_one(tmp_path, extra):
+    """Also optimizer-aware: Adam's path rule depends on the *global* batch size, which each rank must use
+    although the loop averages gradients itself (no DDP wrapper to ask)."""
     write_corpus(tmp_path)
     write_val(tmp_path, "a", 3, seed=1)
     write_val(tmp_path, "b", 2, seed=2)
-    one = _run([sys.executable], tmp_path, tmp_path / "one")
+    one = _run([sys.executable], tmp_path, tmp_path / "one", extra)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = [
         sys.executable,
@@ -70,10 +75,12 @@ def test_two_gloo_processes_equal_one(tmp_path):
         "--master_port",
         str(_free_port()),
     ]
-    two = _run(torchrun, tmp_path, tmp_path / "two")
+    two = _run(torchrun, tmp_path, tmp_path / "two", extra)
     assert two.returncode == 0, two.stderr[-3000:]
 
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]["world_size"] == 2
+    training = json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]
+    assert training["world_size"] == 2
+    assert training["values"] == ("adam-aware" if extra else "sgd-proxy")
     for name, keys in (
         ("doc_values", ["doc_id", "val_set"]),
         ("example_values", ["doc_id", "val_set", "val_id"]),

@@ -126,6 +126,14 @@ def _world_size(model: nn.Module) -> int:
     return 1
 
 
+def _processes() -> int:
+    """Ranks that share one optimizer step: the global batch is this many local batches. Unlike
+    `_world_size`, also when the loop averages gradients itself (`attribution.train.distributed`) and
+    the model is not wrapped in DDP: Adam's path rule depends on the global batch size."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
     """`||g_val||^2` of the whole set (per-example sides are summed first).
 
@@ -383,7 +391,7 @@ class Valuer:
                 optimizer,
                 params,
                 second_moment=self.second_moment,
-                batch_size=self._train.n * _world_size(self.model),
+                batch_size=self._train.n * _processes(),
             )
             self._pre = (self.step, k)
         return self._pre[1]
