@@ -53,7 +53,11 @@ def test_report_on_a_real_run(tmp_path):
     # Summary facts come from the run's manifest.
     manifest = Manifest.read(run).to_dict()
     assert manifest["corpus"]["fingerprint"] in md
-    assert "**Training steps:** `6`" in md and "first-order Taylor" in md and "SGD proxy" in md
+    assert (
+        "**Training steps:** `6`" in md
+        and "first-order Taylor" in md
+        and "optimizer-aware (Adam-preconditioned values)" in md
+    )
     # --by owner leads with the owner table; CIs come from the step bootstrap.
     assert md.index("### Per owner") < md.index("### Per source")
     assert "100 bootstrap replicates over the 6 training steps" in md

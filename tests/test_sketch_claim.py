@@ -37,7 +37,10 @@ def corpus_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(corpus_dir):
-    return _run(corpus_dir, "base")
+    """SGD-proxy values: the fidelity test below is of the SGD-weighted sketch, which tracks exact values;
+    the optimizer-aware sketch does not yet (docs/benchmarks.md, "Sketch fidelity under optimizer-aware
+    values"), and `aware_run` checks its arithmetic instead."""
+    return _run(corpus_dir, "base", optimizer_aware=False)
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,9 @@ def test_document_split_into_sequences_gets_the_sum_of_their_values(tmp_path):
     model = build_model(cfg, "cpu", "float64")
     opt = build_optimizer(model, cfg)
     valuer = Valuer(
-        model, {n: ValSet(torch.from_numpy(v.ids), torch.from_numpy(v.mask)) for n, v in val.items()}
+        model,
+        {n: ValSet(torch.from_numpy(v.ids), torch.from_numpy(v.mask)) for n, v in val.items()},
+        optimizer_aware=cfg.adam_aware,  # the run's default: AdamW-aware values
     )
     valuer.forward_backward(
         torch.from_numpy(np.asarray(data.seqset.ids[batch], dtype=np.int64)),
@@ -169,7 +171,7 @@ def test_document_split_into_sequences_gets_the_sum_of_their_values(tmp_path):
     )
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.clip)
     lr = lr_at(1, cfg, 1)
-    sv = valuer.values(lr, grad_scale=float(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0)))
+    sv = valuer.values(lr, grad_scale=float(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0)), optimizer=opt)
     opt.zero_grad()
 
     dv = pd.read_parquet(run / "doc_values.parquet").set_index(["doc_id", "val_set"])

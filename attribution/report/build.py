@@ -103,7 +103,11 @@ def _optimizer_mode(m: Manifest) -> tuple[str, bool | None]:
     aware = m.optimizer_aware
     name = m.training.optimizer or m.config.get("optimizer")
     if isinstance(mode, str):
-        text = {"sgd-proxy": "SGD proxy (values use the SGD step formula)"}.get(mode, mode)
+        text = {
+            "sgd-proxy": "SGD proxy (values use the SGD step formula)",
+            "sgd": "SGD (values use the SGD step formula, the step taken)",
+            "adam-aware": "optimizer-aware (Adam-preconditioned values)",
+        }.get(mode, mode)
     elif aware is not None:
         text = (
             "optimizer-aware (Adam-preconditioned values)"

@@ -72,14 +72,14 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     "--optimizer",
     type=click.Choice(["adamw", "sgd"]),
     default=None,
-    help="Training optimizer. Values use the SGD formula as a proxy under AdamW (as the paper) "
-    "unless --optimizer-aware.",
+    help="Training optimizer (default adamw). Under AdamW values are Adam-preconditioned unless --sgd-proxy.",
 )
 @click.option(
     "--optimizer-aware/--sgd-proxy",
     "optimizer_aware",
     default=None,
-    help="Value AdamW steps with Adam's preconditioner instead of the SGD proxy.",
+    help="Value AdamW steps with Adam's preconditioner, the step actually taken (default), or with the "
+    "SGD formula as a proxy, as the paper does (cheaper: the head can use ghost products).",
 )
 @click.option(
     "--seed", type=int, default=None, help="Seed for init and batch order (same seed, same values)."

@@ -49,7 +49,9 @@ class RunConfig:
     # Valuation switches.
     value: bool = True  # False = plain training (throughput baseline); no value files are written
     per_example_max: int = 64  # per-example values for validation sets with at most this many documents
-    optimizer_aware: bool = False  # Adam-preconditioned values (engine option), instead of the SGD proxy
+    # Adam-preconditioned values when the optimizer is AdamW (the step actually taken); False = the SGD
+    # proxy of the paper. Ignored under SGD. Why the default: docs/benchmarks.md, "Optimizer-aware by default".
+    optimizer_aware: bool = True
     sketch: bool = (
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
@@ -138,6 +140,11 @@ class RunConfig:
             raise UserError(f"--sketch-dim must be a positive number, got {self.sketch_dim}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float64 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def adam_aware(self) -> bool:
+        """Values are Adam-preconditioned: asked for, and the optimizer has a second moment."""
+        return bool(self.optimizer_aware) and self.optimizer == "adamw"
 
     def total_steps(self, n_sequences: int) -> int:
         """Number of optimizer steps: `steps`, or enough batches to cover `epochs` passes."""

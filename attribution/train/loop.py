@@ -8,8 +8,8 @@ values go to the value store (rank 0), per document. `train_and_value` reads top
 resume, train (log, evaluate, checkpoint), finish.
 
 Weight decay (AdamW) shrinks every weight by the same factor whatever the batch, so it is credited
-to no document. With AdamW the default values use the SGD formula as a proxy (as the paper does);
-`optimizer_aware=True` asks the engine for Adam-preconditioned values instead.
+to no document. With AdamW the values are Adam-preconditioned by default (`optimizer_aware`: the step
+actually taken); `optimizer_aware=False` (`--sgd-proxy`) uses the SGD formula as a proxy, as the paper does.
 
 Determinism: the model is initialised from `seed`; batches are a seeded permutation of the training
 sequences per epoch (epoch e uses `default_rng([seed, e])`), read as one endless stream, so the
@@ -375,7 +375,7 @@ def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedSte
             sets,
             order=cfg.order,
             per_example=per_example,
-            optimizer_aware=cfg.optimizer_aware,
+            optimizer_aware=cfg.adam_aware,
             grad_norms=bool(per_example),
             autocast_dtype=autocast_dtype,
         )
@@ -645,7 +645,6 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         return None
     from attribution.train.sketch import BALANCED, InRunSketch, segments
 
-    aware = cfg.optimizer_aware and cfg.optimizer == "adamw"
     sketch = InRunSketch(
         model,
         cfg.sketch_dim,
@@ -655,7 +654,7 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         data.docs["doc_id"].astype(str).tolist(),
         info,
         side=cfg.sketch_side,
-        preconditioner=BALANCED if aware else None,
+        preconditioner=BALANCED if cfg.adam_aware else None,
     )
     sketch.attach(valued_step)
     return sketch
@@ -942,7 +941,7 @@ def _write_manifest(
             tokens_per_step=cfg.batch_size * cfg.seq_len,
             order=cfg.order,
             optimizer=cfg.optimizer,
-            values="sgd-proxy" if not cfg.optimizer_aware else "adam-aware",
+            values="adam-aware" if cfg.adam_aware else ("sgd" if cfg.optimizer == "sgd" else "sgd-proxy"),
             clip="values are for the clipped step: scaled by min(1, clip/(||g||+1e-6))",
             weight_decay_credit="none (data-independent shrink)",
             threads=torch.get_num_threads(),
