@@ -20,7 +20,6 @@ an analogue of, not the same number as, the run's per-step cosine view).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +183,6 @@ def link_preconditioner(model, optimizer) -> dict:
     return adam_preconditioner(optimizer, params, zeros, second_moment=False)
 
 
-def _claim_side(model, optimizer, params) -> dict:
-    """`K / F` of the checkpoint's Adam `K`: the claim side of the split (`attribution.train.sketch`)."""
-    return balanced_claim_side(link_preconditioner(model, optimizer), params)
-
-
 def _has_adam_state(optimizer) -> bool:
     return any("exp_avg_sq" in s for s in optimizer.state.values())
 
@@ -223,11 +217,11 @@ def query_vectors(
     aware = bool(cfg.optimizer_aware) and is_adam(optimizer)
     k_next: dict | None = None  # K for a checkpoint with no optimizer state yet (step 0)
     split = sketch.meta.get("preconditioner") == BALANCED  # documents carry balance(K_t): claims take K / F
-    if aware and split:
-        params = {pid: p for pid, (_, p) in trainable_params(model).items()}
-        precondition = functools.partial(_claim_side, params=params)
-    else:
-        precondition = link_preconditioner
+    params = {pid: p for pid, (_, p) in trainable_params(model).items()}
+
+    def precondition(model, optimizer) -> dict:
+        k = link_preconditioner(model, optimizer)
+        return balanced_claim_side(k, params) if split else k
 
     def add(weights: list[tuple[int, float]]) -> None:
         k = None
