@@ -15,9 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from attribution.engine import ValSet, Valuer
 from attribution.engine.memory import (
     BEFORE,
-    COMBINED,
     PRE,
-    PRE_SIDE,
     SCORES,
     SIDE,
     TRAIN,
@@ -80,8 +78,8 @@ def test_memory_terms_equal_held_tensors(strategy, n) -> None:
 
 
 def test_memory_order2_and_optimizer_aware() -> None:
-    """Second order holds the 'before' side while the 'after' one is built, and the combined side;
-    optimizer-aware values hold one float per parameter and a preconditioned copy of each side."""
+    """Second order holds the 'before' side while the 'after' one is built, and combines and
+    preconditions in place (no third copy); optimizer-aware values hold one float per parameter."""
     model = _model()
     sets = _sets()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -93,14 +91,18 @@ def test_memory_order2_and_optimizer_aware() -> None:
     mem = step_memory(valuer.plans(), order=2, optimizer_aware=True, per_example=["each"])
     assert mem.get(PRE) == held_bytes(pre.values())
     before = valuer._pending["sides"]
+    expected = {}
     opt.step()
     for name in sets:
         assert mem.get(BEFORE, name) == held_bytes(_side_tensors(before[name]))
         after = valuer._val_side(name)[0]
-        combined = before[name].combine(after, 0.5, 0.5)
-        assert mem.get(COMBINED, name) == held_bytes(combined.dense.values())
-        assert mem.get(PRE_SIDE, name) == held_bytes(combined.precondition(pre).dense.values())
+        expected[name] = before[name].combine(after, 0.5, 0.5).precondition(pre)
     assert valuer.after_step() is not None
+    for (
+        name
+    ) in sets:  # the "before" buffers now hold the preconditioned trapezoid: nothing else was allocated
+        for pid, g in expected[name].dense.items():
+            assert torch.equal(before[name].dense[pid], g)
     plan = valuer.plans()["each"]
     alone = step_memory({"each": plan}, order=2, optimizer_aware=True, per_example=["each"])
     assert alone.get(BEFORE, "each") == mem.get(BEFORE, "each")  # one set's model needs no other set

@@ -240,3 +240,44 @@ def test_sets_scored_together_equal_each_set_scored_alone_and_brute_force(strate
     for name in sets:
         got = sv.per_example.get(name, sv.per_set[name][:, None])
         np.testing.assert_allclose(got, 0.05 / 5 * together[name].numpy(), rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("aware,strategy", [(True, None), (False, "ghost"), (False, "project")])
+def test_validation_in_chunks_gives_the_unchunked_values_norms_and_losses(aware, strategy):
+    """The validation pass runs in chunks of sequences (memory); the sides are linear, so every value,
+    norm and loss is the one pass over all sequences gives, at both orders' paths (float64)."""
+    va, vm = ragged_batch(7, 9, seed=11)
+    sets = {"each": ValSet(va, vm), "whole": ValSet(va[:5], vm[:5])}
+    runs = []
+    for chunk in (None, 3, 1):
+        model = tiny_gpt2()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        valuer = Valuer(
+            model,
+            sets,
+            order=2,
+            per_example=["each"],
+            optimizer_aware=aware,
+            strategy=strategy,
+            grad_norms=True,
+            val_chunk=chunk,
+        )
+        out = []
+        for step in range(3):
+            valuer.forward_backward(*ragged_batch(4, 10, seed=40 + step))
+            assert valuer.values(1e-2, optimizer=opt if aware else None) is None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(valuer.after_step())
+        runs.append(out)
+    for chunked in runs[1:]:
+        for ref, sv in zip(runs[0], chunked, strict=True):
+            np.testing.assert_allclose(sv.per_example["each"], ref.per_example["each"], rtol=1e-10, atol=0)
+            for name in sets:
+                np.testing.assert_allclose(sv.per_set[name], ref.per_set[name], rtol=1e-10, atol=0)
+                assert sv.val_loss[name] == pytest.approx(ref.val_loss[name], rel=1e-12)
+                assert sv.val_grad_sq_norm[name] == pytest.approx(ref.val_grad_sq_norm[name], rel=1e-10)
+            np.testing.assert_allclose(
+                sv.val_example_sq_norm["each"], ref.val_example_sq_norm["each"], rtol=1e-10
+            )
+    assert np.abs(runs[0][-1].per_example["each"]).max() > 0

@@ -5,8 +5,9 @@ up what lives across the step: the training captures (each module's input activa
 gradient, `[n, T, P]`, shared where a bias's factor *is* its weight's output gradient), each validation
 set's side (kept factors for ghost parameters, `G [groups, P0, P1]` for the dense ones), the score
 matrices, the AdamW preconditioner (one float per parameter) and, at second order, the "before" side
-held while the "after" side is built, plus the combined side. Not modelled: autograd's own activations
-during the forward passes (plain training holds them too) and allocator slack.
+held while the "after" side is built (the trapezoid and the preconditioner are applied in place, so
+there is no third copy). Not modelled: autograd's own activations during the forward passes (plain
+training holds them too; the validation passes run in chunks of `VAL_CHUNK_BYTES`) and allocator slack.
 
 `held_bytes` measures the same terms on live tensors, so tests check the model against the Valuer.
 """
@@ -72,9 +73,7 @@ SIDE = "validation side"
 SCORES = "scores"
 NORMS = "gradient norms"
 PRE = "preconditioner"
-PRE_SIDE = "preconditioned side"
 BEFORE = "order-2 pending side"
-COMBINED = "order-2 combined side"
 TRANSIENT = "scoring transient (largest parameter)"
 
 
@@ -218,11 +217,8 @@ def step_memory(
         model.terms.append(MemoryTerm(SCORES, set_name, 8 * n * (1 + (plan.sizes["groups"] if each else 0))))
         if grad_norms and each:
             model.terms.append(MemoryTerm(NORMS, set_name, 8 * plan.sizes["m"]))
-        if optimizer_aware:
-            model.terms.append(MemoryTerm(PRE_SIDE, set_name, dense))
-        if order == 2:
+        if order == 2:  # combined with "after" and preconditioned in place: no third copy
             model.terms.append(MemoryTerm(BEFORE, set_name, kept + dense))
-            model.terms.append(MemoryTerm(COMBINED, set_name, dense))
     if grad_norms:
         model.terms.append(MemoryTerm(NORMS, "train", 8 * n))
     if optimizer_aware:

@@ -33,15 +33,34 @@ class ValSide:
 
     def combine(self, other: ValSide, w_self: float, w_other: float) -> ValSide:
         """`w_self * self + w_other * other` (same validation set at two weight vectors)."""
-        ghost = [(c, w * w_self) for c, w in self.ghost] + [(c, w * w_other) for c, w in other.ghost]
-        dense = {k: w_self * g + w_other * other.dense[k] for k, g in self.dense.items()}
-        return ValSide(self.m, self.per_example, ghost, dense)
+        copy = ValSide(
+            self.m, self.per_example, list(self.ghost), {k: g.clone() for k, g in self.dense.items()}
+        )
+        return copy.combine_(other, w_self, w_other)
+
+    def combine_(self, other: ValSide, w_self: float, w_other: float) -> ValSide:
+        """`combine`, written into this side's own gradients (returns it). Why: at second order the
+        "before" side is dead once combined, so the step holds two `[groups, P0, P1]` sides, not three."""
+        self.ghost = [(c, w * w_self) for c, w in self.ghost] + [(c, w * w_other) for c, w in other.ghost]
+        for k, g in self.dense.items():
+            g.mul_(w_self).add_(other.dense[k], alpha=w_other)
+        return self
 
     def precondition(self, pre: dict[int, torch.Tensor]) -> ValSide:
         """Elementwise preconditioner on the materialized gradients (ghost parameters cannot take one)."""
+        return self._precondition(pre, in_place=False)
+
+    def precondition_(self, pre: dict[int, torch.Tensor]) -> ValSide:
+        """`precondition`, in place (returns this side): for a side nothing else holds."""
+        return self._precondition(pre, in_place=True)
+
+    def _precondition(self, pre: dict[int, torch.Tensor], in_place: bool) -> ValSide:
         if any(k in pre for cap, _ in self.ghost for k in cap.uses):
             raise ValueError("ghost-strategy parameters cannot be preconditioned; use 'project'")
-        dense = {
-            k: g * pre[k].reshape(g.shape[1:]).to(g.dtype) if k in pre else g for k, g in self.dense.items()
-        }
+        dense = {}
+        for k, g in self.dense.items():
+            factor = pre[k].reshape(g.shape[1:]).to(g.dtype) if k in pre else None
+            dense[k] = g if factor is None else g.mul_(factor) if in_place else g * factor
+        if in_place:
+            return self
         return ValSide(self.m, self.per_example, self.ghost, dense)

@@ -47,6 +47,8 @@ from .rules import canonical_shape
 from .scoring import ValSide, build_val_side, compute_dtype, materialize, score_sets, sq_norms
 from .task import LanguageModelingTask, Task
 
+VAL_CHUNK_BYTES = 1 << 26  # one validation chunk's [seqs, T, V] float32 tensor: 64 MiB
+
 
 class ValSet:
     """A validation set: token ids `[n, T]`, mask `[n, T]` (1 = real token) and one name per example.
@@ -170,6 +172,7 @@ class Valuer:
         grad_norms: bool = False,
         autocast_dtype: torch.dtype | None = None,
         second_moment: bool = True,
+        val_chunk: int | None = None,
     ):
         if order not in (1, 2):
             raise UserError(f"order must be 1 or 2, got {order}")
@@ -189,6 +192,7 @@ class Valuer:
         self.grad_norms = grad_norms
         self.autocast_dtype = autocast_dtype
         self.second_moment = second_moment
+        self.val_chunk = val_chunk  # validation sequences per forward/backward; None = by VAL_CHUNK_BYTES
         self.capturer = Capturer(self.inner)
         self.shapes = {pid: canonical_shape(p) for pid, (_, p) in self.capturer.params.items()}
         self.names = {pid: name for pid, (name, _) in self.capturer.params.items()}
@@ -252,20 +256,58 @@ class Valuer:
                 )
             self._plans[name] = plan
 
+    def _val_chunk(self, vs: ValSet) -> int:
+        """Sequences per validation forward/backward: `val_chunk`, or as many as keep one `[seqs, T, V]`
+        tensor (logits, their gradient, the head's captured factor) under `VAL_CHUNK_BYTES`."""
+        if self.val_chunk is not None:
+            return self.val_chunk
+        widest = max(p0 for p0, _ in self.shapes.values())
+        return max(1, VAL_CHUNK_BYTES // (vs.ids.shape[1] * widest * 4))
+
     def _val_side(self, name: str) -> tuple[ValSide, float]:
+        """The set's side at the current weights (cached per weights version), its summed loss.
+
+        Why in chunks of sequences: a set's `[seqs, T, V]` logits and head factors are the largest
+        temporaries of the step (several GB for 64 sequences of 64 tokens); the side itself is linear, so
+        the chunks' per-example gradients are placed side by side and whole-set gradients are summed."""
         version = self._version()
-        hit = self._cache.get(name)
+        hit = self._cache.pop(name, None)  # a stale side is freed before the new one is built
         if hit is not None and hit[0] == version:
+            self._cache[name] = hit
             return hit[1], hit[2]
-        vs = self.val_sets[name]
+        vs, plan, pe = self.val_sets[name], self._plans[name], name in self.per_example
         dev = self._device()
-        ids, mask = vs.ids.to(dev), vs.mask.to(dev)
-        with eval_mode(self.inner), torch.enable_grad(), self._autocast():
-            cap = self.capturer.grads_only(lambda: self.task.per_sequence_loss(self.inner, ids, mask))
-        side = build_val_side(cap, self._plans[name], self.shapes, name in self.per_example)
-        if self.grad_norms and name in self.per_example:  # ghost self-norms of each validation sequence
-            self._val_norms[name] = sq_norms(cap, self._plans[name]).numpy()
-        loss = float(cap.losses.double().sum())
+        step = self._val_chunk(vs)
+        dense: dict[int, torch.Tensor] = {}
+        kept: Captured | None = None  # factors of the strategies that score from them (ghost)
+        losses, norms = [], []
+        for lo in range(0, len(vs), step):
+            ids, mask = vs.ids[lo : lo + step].to(dev), vs.mask[lo : lo + step].to(dev)
+            with eval_mode(self.inner), torch.enable_grad(), self._autocast():
+                cap = self.capturer.grads_only(
+                    lambda ids=ids, mask=mask: self.task.per_sequence_loss(self.inner, ids, mask)
+                )
+            part = build_val_side(cap, plan, self.shapes, pe)
+            if self.grad_norms and pe:  # ghost self-norms of each validation sequence
+                norms.append(sq_norms(cap, plan))
+            losses.append(cap.losses)
+            del cap
+            if step >= len(vs):
+                dense, kept = part.dense, part.ghost[0][0] if part.ghost else None
+                break
+            for pid, g in part.dense.items():
+                if not pe:
+                    dense[pid] = g if pid not in dense else dense[pid].add_(g)
+                    continue
+                if pid not in dense:
+                    dense[pid] = g.new_zeros((len(vs), *g.shape[1:]))
+                dense[pid][lo : lo + len(g)] = g
+            for c, _ in part.ghost:
+                kept = c if kept is None else join_captures(kept, c)
+        side = ValSide(len(vs), pe, [(kept, 1.0)] if kept is not None else [], dense)
+        if norms:
+            self._val_norms[name] = torch.cat(norms).numpy()
+        loss = float(torch.cat(losses).double().sum())
         self._cache[name] = (version, side, loss)
         return side, loss
 
@@ -277,7 +319,7 @@ class Valuer:
         lr: float,
         grad_scale: float,
         lr_eff: float | torch.Tensor,
-        norms_sides: dict[str, ValSide],
+        set_norms: dict[str, float],
         val_norms: dict[str, np.ndarray] | None = None,
     ) -> StepValues:
         sv = StepValues(
@@ -298,9 +340,13 @@ class Valuer:
                 sv.per_example[name] = s.numpy()
         if self.grad_norms:
             sv.train_grad_sq_norm = sq_norms(train, self._plans[next(iter(self._plans))]).numpy()
-            sv.val_grad_sq_norm = {k: side_sq_norm(v, self.shapes) for k, v in norms_sides.items()}
+            sv.val_grad_sq_norm = dict(set_norms)
             sv.val_example_sq_norm = dict(val_norms or {})
         return sv
+
+    def _set_norms(self, sides: Mapping[str, ValSide]) -> dict[str, float]:
+        """`||g_val||^2` per set (grad_norms), read before the sides are combined or preconditioned in place."""
+        return {k: side_sq_norm(v, self.shapes) for k, v in sides.items()} if self.grad_norms else {}
 
     # -- the contract -----------------------------------------------------------------------------
     def forward_backward(
@@ -362,8 +408,11 @@ class Valuer:
             sides[name], losses[name] = self._val_side(name)
         val_norms = {k: self._val_norms[k] for k in self.per_example if k in self._val_norms}
         if self.order == 1:
-            scored = {k: s.precondition(pre) if pre else s for k, s in sides.items()}
-            return self._finish_values(train, scored, losses, lr, grad_scale, lr_eff, sides, val_norms)
+            norms = self._set_norms(sides)
+            if pre:  # the optimizer step makes the cached sides stale: precondition them in place
+                self._cache.clear()
+                sides = {k: s.precondition_(pre) for k, s in sides.items()}
+            return self._finish_values(train, sides, losses, lr, grad_scale, lr_eff, norms, val_norms)
         self._pending = {
             "train": train,
             "sides": sides,
@@ -405,12 +454,19 @@ class Valuer:
             after = p["sides"]
         else:
             after = {name: self._val_side(name)[0] for name in self.val_sets}
+        norms = self._set_norms(p["sides"])
         scored = {}
         for name, before in p["sides"].items():
-            side = before.combine(after[name], 0.5, 0.5)
-            scored[name] = side.precondition(p["pre"]) if p["pre"] else side
+            # "before" is dead after this step (the cache now holds "after"): combine into it, unless it
+            # *is* "after" (weights unchanged) and the cache still needs it
+            side = (
+                before.combine(before, 0.5, 0.5)
+                if after[name] is before
+                else before.combine_(after[name], 0.5, 0.5)
+            )
+            scored[name] = side.precondition_(p["pre"]) if p["pre"] else side
         return self._finish_values(
-            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"], p["val_norms"]
+            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], norms, p["val_norms"]
         )
 
     def finish(self) -> StepValues | None:
@@ -418,9 +474,10 @@ class Valuer:
         if self._pending is None:
             return None
         p, self._pending = self._pending, None
+        norms = self._set_norms(p["sides"])
         scored = {k: s.precondition(p["pre"]) if p["pre"] else s for k, s in p["sides"].items()}
         return self._finish_values(
-            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], p["sides"], p["val_norms"]
+            p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], norms, p["val_norms"]
         )
 
     def close(self) -> None:
