@@ -182,3 +182,16 @@ def test_document_split_into_sequences_gets_the_sum_of_their_values(tmp_path):
             # float32 model; the run scored per example (another summation order), hence rel 1e-4
             assert dv.loc[(doc_id, name), "value"] == pytest.approx(value, rel=1e-9, abs=1e-15)
             assert dv.loc[(doc_id, name), "n_seen"] == int((doc_ids[docs_in_batch] == doc_id).sum())
+
+
+def test_run_prints_the_memory_model_once_after_the_first_step(tmp_path, capsys):
+    write_corpus(tmp_path)
+    write_val(tmp_path, "a", 3)
+    write_val(tmp_path, "b", 2, seed=5)
+    cfg = _cfg(tmp_path, "r", order=2)
+    cfg.progress, cfg.steps = True, 2
+    train_and_value(cfg)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "valued step holds about" in x]
+    assert len(lines) == 1
+    assert "validation side" in lines[0] and "order-2 pending side" in lines[0] and "MiB" in lines[0]

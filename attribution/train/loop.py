@@ -734,6 +734,8 @@ def _train(run: _Session) -> float:
         if run.sketch is not None:
             run.sketch.add(run.step, batch_idx)
         progress.update(run, lr, loss, int(mask.sum()) * run.info.world)
+        if run.step == progress.first_step:
+            _print_memory_model(run)
         if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
             _checkpoint(run, flushed_through, run.prior_seconds + time.perf_counter() - t_train0)
             flushed_through = run.step
@@ -741,6 +743,35 @@ def _train(run: _Session) -> float:
     progress.close()
     run.valued_step.finish()
     return run.prior_seconds + time.perf_counter() - t_train0
+
+
+def _print_memory_model(run: _Session) -> None:
+    """After the first step, one line: what the valued step holds by the engine's memory model
+    (`attribution.engine.memory`), so a user sees before a long run where its memory goes."""
+    from tqdm import tqdm
+
+    from attribution.engine.memory import step_memory
+
+    valuer = run.valued_step.valuer
+    plans = valuer.plans() if hasattr(valuer, "plans") else {}
+    if not plans or not run.info.is_main or not run.cfg.progress:
+        return
+    param = next(run.model.parameters())
+    itemsize = 2 if _BF16[0] and param.device.type == "cuda" else param.element_size()
+    model = step_memory(
+        plans,
+        order=valuer.order,
+        optimizer_aware=valuer.optimizer_aware,
+        grad_norms=valuer.grad_norms,
+        itemsize=itemsize,
+        per_example=valuer.per_example,
+    )
+    parts = ", ".join(f"{what} {b / 2**20:,.0f}" for what, b in model.by_what().items() if b >= 2**20)
+    tqdm.write(
+        f"valued step holds about {model.total / 2**20:,.0f} MiB by the memory model ({parts} MiB); "
+        "allocator slack and forward activations come on top (docs/benchmarks.md, 'Session 8')",
+        file=sys.stderr,
+    )
 
 
 def _on_device(data: TrainData, seqs: np.ndarray, device: str):
@@ -757,6 +788,7 @@ class _Progress:
 
     def __init__(self, run: _Session):
         self.bar = _tqdm(run.total, run.step, run.cfg.progress and run.info.is_main)
+        self.first_step = run.step + 1  # this session's first step (a resumed run starts later)
         self.tokens, self.since = 0, time.perf_counter()
         self.last_val: dict[str, float] = {}
 
