@@ -98,9 +98,8 @@ def test_memory_order2_and_optimizer_aware() -> None:
         after = valuer._val_side(name)[0]
         expected[name] = before[name].combine(after, 0.5, 0.5).precondition(pre)
     assert valuer.after_step() is not None
-    for (
-        name
-    ) in sets:  # the "before" buffers now hold the preconditioned trapezoid: nothing else was allocated
+    # the "before" buffers now hold the preconditioned trapezoid: nothing else was allocated
+    for name in sets:
         for pid, g in expected[name].dense.items():
             assert torch.equal(before[name].dense[pid], g)
     plan = valuer.plans()["each"]

@@ -292,16 +292,16 @@ class Valuer:
                 norms.append(sq_norms(cap, plan))
             losses.append(cap.losses)
             del cap
-            if step >= len(vs):
-                dense, kept = part.dense, part.ghost[0][0] if part.ghost else None
-                break
             for pid, g in part.dense.items():
-                if not pe:
-                    dense[pid] = g if pid not in dense else dense[pid].add_(g)
+                if pid not in dense:  # the first chunk: its own gradient, or room for every example's
+                    whole = not pe or len(g) == len(vs)
+                    dense[pid] = g if whole else g.new_zeros((len(vs), *g.shape[1:]))
+                if dense[pid] is g:
                     continue
-                if pid not in dense:
-                    dense[pid] = g.new_zeros((len(vs), *g.shape[1:]))
-                dense[pid][lo : lo + len(g)] = g
+                if pe:
+                    dense[pid][lo : lo + len(g)] = g
+                else:
+                    dense[pid].add_(g)
             for c, _ in part.ghost:
                 kept = c if kept is None else join_captures(kept, c)
         side = ValSide(len(vs), pe, [(kept, 1.0)] if kept is not None else [], dense)

@@ -756,8 +756,7 @@ def _print_memory_model(run: _Session) -> None:
     plans = valuer.plans() if hasattr(valuer, "plans") else {}
     if not plans or not run.info.is_main or not run.cfg.progress:
         return
-    param = next(run.model.parameters())
-    itemsize = 2 if _BF16[0] and param.device.type == "cuda" else param.element_size()
+    itemsize = 2 if valuer.autocast_dtype is not None else next(run.model.parameters()).element_size()
     model = step_memory(
         plans,
         order=valuer.order,
