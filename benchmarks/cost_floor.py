@@ -177,14 +177,30 @@ def norm_flops(uses: list, shape: tuple[int, int], n: int, tokens_per_sample: in
 
 
 def sketch_flops(projection, train: Captured, names: dict[int, str]) -> float:
-    """FLOPs of `InRunSketch.observe` + mixing: per use, both factors projected to the block sides (a
-    gathered row costs none), the small per-sample products, and the `[n, width] x [width, dim]` mix."""
+    """FLOPs of `InRunSketch.observe` + mixing. Kronecker: per use, both factors projected to the block
+    sides (a gathered row costs none) and the small per-sample products. Tensor: per use, both factors'
+    count sketches (one add per entry), their real FFTs (2.5 W log2 W each per token), the complex
+    products summed over tokens, and one inverse FFT per sample. Both: the `[n, width] x [width, dim]` mix."""
+    import math
+
     flops = 2.0 * train.n * projection.width * projection.dim
+    w = projection.width
+    fft = 2.5 * w * math.log2(w)
+    if projection.kind == "tensor":
+        flops += train.n * fft
     for pid, uses in train.uses.items():
         name = names[pid]
-        (p0, p1), (a, b) = projection.params[name], projection.blocks[name]
+        (p0, p1) = projection.params[name]
         for u in uses:
             tokens = u.row.shape[0] * u.row.shape[1]
+            if projection.kind == "tensor":
+                flops += 0.0 if u.row_index else 2.0 * tokens * p0
+                flops += (
+                    0.0 if u.col is None else 2.0 * tokens * p1 + tokens * fft + 8.0 * tokens * (w // 2 + 1)
+                )
+                flops += tokens * fft
+                continue
+            a, b = projection.blocks[name]
             flops += 0.0 if u.row_index or a == p0 else 2.0 * tokens * p0 * a
             flops += 0.0 if u.col is None or b == p1 else 2.0 * tokens * p1 * b
             flops += 2.0 * tokens * a * b
@@ -220,8 +236,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--sketch-dim", type=int, default=256, help="in-run sketch dimension (0: the step writes none)"
     )
+    ap.add_argument("--sketch-kind", default="tensor", choices=["tensor", "kronecker"], help="first stage")
     ap.add_argument(
-        "--sketch-side", type=int, default=None, help="the sketch's Kronecker side (default: the run's)"
+        "--sketch-side", type=int, default=None, help="the Kronecker sketch's side (default: the run's)"
+    )
+    ap.add_argument(
+        "--sketch-width", type=int, default=None, help="the tensor sketch's width (default: the run's)"
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -312,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
             np.arange(n_docs),
             [str(i) for i in range(n_docs)],
             side=args.sketch_side,
+            kind=args.sketch_kind,
+            width=args.sketch_width,
         )
 
     def sketch_step(train: Captured) -> None:
@@ -349,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
         if sketch is not None:
             add(
-                f"in-run sketch, dim {args.sketch_dim} side {sketch.projection.side} (observe + mix + accumulate)",
+                f"in-run sketch, dim {args.sketch_dim} {sketch.projection.kind} width {sketch.projection.width} "
+                "(observe + mix + accumulate)",
                 True,
                 sketch_flops(sketch.projection, train, sketch.names),
                 timed(lambda train=train: sketch_step(train))[0],

@@ -14,12 +14,17 @@ from attribution.engine.valuer import ValSet, Valuer
 from attribution.train.distributed import DistInfo
 from attribution.train.sketch import (
     BALANCED,
+    KINDS,
     InRunSketch,
+    KroneckerProjection,
     Projection,
+    TensorProjection,
     balance,
     balanced_claim_side,
+    make_projection,
     model_params,
     prefix,
+    projection_from_meta,
     segment_of,
     segments,
 )
@@ -27,6 +32,7 @@ from attribution.train.step import ValuedStep
 from tests.test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401 (fixture)
 
 SIDE = 8  # below the tiny model's widths (16, 31, 48, 64): both projected and exact sides are exercised
+WIDTH = 40  # a tensor sketch narrower than most parameters: hash collisions are exercised
 
 
 def _per_sample_grads(model, ids, mask) -> list[dict[str, torch.Tensor]]:
@@ -42,19 +48,28 @@ def _per_sample_grads(model, ids, mask) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _projection(model, dim: int, seed: int) -> Projection:
-    return Projection(model_params(model)[0], dim, seed, side=SIDE)
+def _projection(model, dim: int, seed: int, kind: str = "tensor") -> Projection:
+    return make_projection(model_params(model)[0], dim, seed, kind, **_size(kind))
 
 
-def test_sketch_of_the_factors_is_the_projection_of_the_per_sample_gradient():
+def _size(kind: str) -> dict:
+    return {"side": SIDE} if kind == "kronecker" else {"width": WIDTH}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sketch_of_the_factors_is_the_projection_of_the_per_sample_gradient(kind):
+    """From the captured factors (tensor: circular convolution of the factors' count sketches) equals the
+    first stage applied to each dense per-sample gradient (tensor: entry (i, j) into bucket h0(i) + h1(j))."""
     model = tiny_gpt2()
     ids, mask = ragged_batch(3, 10, seed=1)
-    proj = _projection(model, 24, seed=5)
-    assert any(b != tuple(s) for b, s in zip(proj.blocks.values(), proj.params.values(), strict=True))
+    proj = _projection(model, 24, seed=5, kind=kind)
+    assert max(p0 * p1 for p0, p1 in proj.params.values()) > proj.width or kind == "kronecker"
+    if kind == "kronecker":
+        assert any(b != tuple(s) for b, s in zip(proj.blocks.values(), proj.params.values(), strict=True))
     _, cap = Capturer(model).train(lambda: LanguageModelingTask().per_sequence_loss(model, ids, mask))
     names = model_params(model)[1]
     for segment in (0, 3):
-        got = proj.mix(proj.kronecker(cap, names), segment)
+        got = proj.mix(proj.first_stage(cap, names), segment)
         want = torch.stack([proj.apply_dense(g, segment) for g in _per_sample_grads(model, ids, mask)])
         assert got.dtype == torch.float64 and got.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
@@ -69,24 +84,25 @@ def _random_k(model, seed: int) -> dict[int, torch.Tensor]:
     }
 
 
-def test_the_balanced_document_side_stays_factored():
-    """`(R0 (x) R1) (F * g)` from the captured factors, with F = a b^T = balance(K), against the dense
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_balanced_document_side_stays_factored(kind):
+    """`S (F * g)` from the captured factors, with F = a b^T = balance(K), against the dense
     per-sample gradient multiplied by F (embedding rows, dense rows and 1-column biases alike)."""
     model = tiny_gpt2()
     ids, mask = ragged_batch(3, 10, seed=1)
-    proj = _projection(model, 24, seed=5)
+    proj = _projection(model, 24, seed=5, kind=kind)
     _, cap = Capturer(model).train(lambda: LanguageModelingTask().per_sequence_loss(model, ids, mask))
     names = model_params(model)[1]
     k = _random_k(model, 0)
     scales = {names[pid]: balance(kk.reshape(proj.params[names[pid]])) for pid, kk in k.items()}
-    got = proj.mix(proj.kronecker(cap, names, scales), 1)
+    got = proj.mix(proj.first_stage(cap, names, scales), 1)
     want = torch.stack(
         [
             proj.apply_dense({n: g[n] * torch.outer(*scales[n]) for n in g}, 1)
             for g in _per_sample_grads(model, ids, mask)
         ]
     )
-    assert got.abs().max() > 0 and not torch.allclose(got, proj.mix(proj.kronecker(cap, names), 1))
+    assert got.abs().max() > 0 and not torch.allclose(got, proj.mix(proj.first_stage(cap, names), 1))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
 
 
@@ -107,7 +123,8 @@ def test_balance_splits_k_exactly_and_fits_a_rank_one_k():
     assert torch.equal(torch.outer(a, b), torch.ones(3, 2, dtype=torch.float64))
 
 
-def test_sketch_inner_products_are_unbiased():
+@pytest.mark.parametrize("kind", KINDS)
+def test_sketch_inner_products_are_unbiased(kind):
     """Mean over independent seeds of `<R g, R h>` is `<g, h>` within 4 standard errors; one seed is not exact."""
     model = tiny_gpt2()
     ids, mask = ragged_batch(2, 8, seed=2)
@@ -115,7 +132,7 @@ def test_sketch_inner_products_are_unbiased():
     exact = sum(float((g[n] * h[n]).sum()) for n in g)
     est = []
     for seed in range(300):
-        proj = _projection(model, 16, seed)
+        proj = _projection(model, 16, seed, kind)
         est.append(float(proj.apply_dense(g, seed % 3) @ proj.apply_dense(h, seed % 3)))
     est = np.asarray(est)
     se = est.std(ddof=1) / np.sqrt(len(est))
@@ -138,7 +155,7 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
     seq_doc = np.array([0, 0, 1, 2, 2, 1])  # six sequences, three documents
     segs = segments(2, 4)
     sketch = InRunSketch(model, 12, seed=4, segs=segs, store_row_of_seq=seq_doc, doc_ids=["a", "b", "c"])
-    sketch.projection = Projection(sketch.projection.params, 12, 4, side=SIDE)
+    sketch.projection = TensorProjection(sketch.projection.params, 12, 4, width=WIDTH)
     stepper = ValuedStep(model, valuer, DistInfo(), max_grad_norm=None)
     sketch.attach(stepper)
     ids_all, mask_all = ragged_batch(6, 10, seed=3)
@@ -165,13 +182,15 @@ def test_documents_accumulate_their_sequences_weighted_sketches_over_steps():
         sketch.add(5, np.array([0]))
 
 
-@pytest.mark.parametrize("side", [SIDE, 5])  # 5: block widths that are not multiples of the generator's chunk
-def test_a_smaller_dimension_is_a_rescaled_prefix_of_a_larger_one(side):
+# side 5: block widths that are not multiples of the generator's chunk
+@pytest.mark.parametrize("kind, size", [("kronecker", SIDE), ("kronecker", 5), ("tensor", WIDTH)])
+def test_a_smaller_dimension_is_a_rescaled_prefix_of_a_larger_one(kind, size):
     """`prefix` gives the sketch a run of the smaller `--sketch-dim` writes (the fidelity benchmark relies on it)."""
     model = tiny_gpt2()
     ids, mask = ragged_batch(2, 8, seed=4)
     shapes = model_params(model)[0]
-    big, small = Projection(shapes, 96, 7, side=side), Projection(shapes, 24, 7, side=side)
+    key = {"side": size} if kind == "kronecker" else {"width": size}
+    big, small = (make_projection(shapes, d, 7, kind, **key) for d in (96, 24))
     for g in _per_sample_grads(model, ids, mask):
         for segment in (0, 2):
             want = small.apply_dense(g, segment).numpy()
@@ -193,7 +212,7 @@ def test_optimizer_aware_steps_weight_each_document_with_the_steps_balanced_adam
     sketch = InRunSketch(
         model, 12, seed=4, segs=segs, store_row_of_seq=seq_doc, doc_ids=["a", "b"], preconditioner=BALANCED
     )
-    sketch.projection = Projection(sketch.projection.params, 12, 4, side=SIDE)
+    sketch.projection = TensorProjection(sketch.projection.params, 12, 4, width=WIDTH)
     stepper = ValuedStep(model, valuer, DistInfo(), max_grad_norm=None)
     sketch.attach(stepper)
     ids_all, mask_all = ragged_batch(4, 10, seed=3)
@@ -222,3 +241,36 @@ def test_optimizer_aware_steps_weight_each_document_with_the_steps_balanced_adam
         opt.zero_grad()
     assert not np.allclose(want, plain, rtol=0.1)
     np.testing.assert_allclose(sketch.acc, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+
+
+def test_a_meta_without_kind_is_the_kronecker_sketch_of_older_runs():
+    """Runs made before the tensor sketch wrote no `kind`: their meta gives back the same Kronecker matrices."""
+    model = tiny_gpt2()
+    shapes = model_params(model)[0]
+    old = KroneckerProjection(shapes, 24, 3, side=SIDE)
+    meta = {k: v for k, v in old.meta().items() if k != "kind"}
+    again = projection_from_meta(meta)
+    assert isinstance(again, KroneckerProjection) and again.side == SIDE
+    g = _per_sample_grads(model, *ragged_batch(1, 6, seed=8))[0]
+    assert torch.equal(again.apply_dense(g, 2), old.apply_dense(g, 2))
+    new = projection_from_meta(_projection(model, 24, 3).meta())
+    assert isinstance(new, TensorProjection) and new.width == WIDTH
+    with pytest.raises(ValueError, match="sketch kind 'gauss'"):
+        make_projection(shapes, 24, 3, "gauss")
+
+
+def test_the_tensor_sketch_estimates_inner_products_better_than_kronecker_blocks_of_its_width():
+    """Why the tensor sketch is the default: at the same first-stage width, its inner products of
+    low-rank per-sample gradients err less than Kronecker blocks' (mean squared error over seeds)."""
+    model = tiny_gpt2()
+    g, h = _per_sample_grads(model, *ragged_batch(2, 8, seed=2))
+    exact = sum(float((g[n] * h[n]).sum()) for n in g)
+    shapes = model_params(model)[0]
+    kron = [KroneckerProjection(shapes, 8, s, side=SIDE) for s in range(60)]
+    width = kron[0].width
+    tensor = [TensorProjection(shapes, 8, s, width=width) for s in range(60)]
+
+    def mse(projs):
+        return np.mean([(float(p.first_stage_dense(g) @ p.first_stage_dense(h)) - exact) ** 2 for p in projs])
+
+    assert mse(tensor) < mse(kron)

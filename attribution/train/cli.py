@@ -146,12 +146,26 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     "--fast` searches (default 512: 1 KiB per document, float16; docs/benchmarks.md, 'Sketch fidelity').",
 )
 @click.option(
+    "--sketch-kind",
+    type=click.Choice(["tensor", "kronecker"]),
+    default=None,
+    help="First stage of the sketch: 'tensor' (default: one tensor sketch of the whole gradient, "
+    "--sketch-width numbers) or 'kronecker' (per-parameter Gaussian blocks, as runs before it; "
+    "docs/benchmarks.md, 'Session 9').",
+)
+@click.option(
+    "--sketch-width",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Width of the tensor sketch's first stage (default 4096): its error is about that of a "
+    "projection to this many numbers; more costs a little more compute per step.",
+)
+@click.option(
     "--sketch-side",
     type=click.IntRange(min=1),
     default=None,
-    help="Per-parameter side of the sketch's Kronecker projection: a weight's rows and columns are "
-    "projected to at most this many (larger = closer to the exact gradient, more compute; default in "
-    "docs/benchmarks.md, 'sketch fidelity').",
+    help="With --sketch-kind kronecker: a weight's rows and columns are projected to at most this many "
+    "(default 32).",
 )
 @click.option(
     "--no-sketch",
@@ -190,6 +204,8 @@ def run_command(
     per_example_max,
     plain,
     sketch_dim,
+    sketch_kind,
+    sketch_width,
     sketch_side,
     no_sketch,
     batch_size,
@@ -230,6 +246,8 @@ def run_command(
         "value": False if plain else None,
         "sketch": False if no_sketch else None,
         "sketch_dim": sketch_dim,
+        "sketch_kind": sketch_kind,
+        "sketch_width": sketch_width,
         "sketch_side": sketch_side,
         "batch_size": batch_size,
         "seq_len": seq_len,

@@ -56,7 +56,9 @@ class RunConfig:
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
     sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
-    sketch_side: int | None = None  # per-parameter Kronecker side of the sketch (None: sketch.SIDE)
+    sketch_kind: str = "tensor"  # first stage of the sketch: "tensor" or "kronecker" (sketch.KINDS)
+    sketch_width: int | None = None  # tensor sketch's first-stage width (None: sketch.WIDTH)
+    sketch_side: int | None = None  # Kronecker side of a "kronecker" sketch (None: sketch.SIDE)
     # Model and optimizer (None = from preset).
     n_layer: int | None = None
     n_head: int | None = None
@@ -136,6 +138,16 @@ class RunConfig:
             raise UserError("--keep-every must be 0 (no replay chain) or a positive number of steps")
         if self.sketch_side is not None and self.sketch_side < 1:
             raise UserError(f"--sketch-side must be a positive number, got {self.sketch_side}")
+        if self.sketch_width is not None and self.sketch_width < 1:
+            raise UserError(f"--sketch-width must be a positive number, got {self.sketch_width}")
+        if self.sketch_kind not in ("tensor", "kronecker"):
+            raise UserError(f"--sketch-kind must be tensor or kronecker, got {self.sketch_kind!r}")
+        if self.sketch_side is not None and self.sketch_kind != "kronecker":
+            raise UserError(
+                "--sketch-side sets the Kronecker sketch's side: use it with --sketch-kind kronecker"
+            )
+        if self.sketch_width is not None and self.sketch_kind != "tensor":
+            raise UserError("--sketch-width sets the tensor sketch's width: use it with --sketch-kind tensor")
         if self.sketch_dim < 1:
             raise UserError(f"--sketch-dim must be a positive number, got {self.sketch_dim}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):

@@ -655,6 +655,8 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         info,
         side=cfg.sketch_side,
         preconditioner=BALANCED if cfg.adam_aware else None,
+        kind=cfg.sketch_kind,
+        width=cfg.sketch_width,
     )
     sketch.attach(valued_step)
     return sketch

@@ -5,12 +5,12 @@ trains lets `attribution claim --fast` answer in seconds with one inner product 
 then confirm only the top candidates by targeted exact replay.
 
 The projection `R_s` of segment s (the steps between two kept checkpoints of the replay chain) is
-`M_s (R0 (x) R1)`: per parameter, fixed Gaussian row and column projections `R0`, `R1` (a side of at
-most `SIDE` is kept exact) applied to the engine's captured token factors, so the per-sample gradient
-`sum_t row_t col_t^T` becomes `sum_t (R0 row_t)(R1 col_t)^T` without ever being materialized; the
-parameters' small blocks are concatenated and mixed into `dim` numbers by a Gaussian `M_s` drawn per
-segment. All entries are N(0, 1/k), so `E[R_s^T R_s] = I` and inner products of sketches are unbiased
-estimates of gradient dot products.
+`M_s S`: a fixed first stage `S` computed from the engine's captured token factors, so no per-sample
+gradient is ever materialized, then a Gaussian `M_s` drawn per segment that mixes it into `dim` numbers.
+`S` is a tensor sketch of the whole gradient into `WIDTH` numbers (`TensorProjection`, the default) or,
+in runs made before it, per-parameter Kronecker blocks `R0 (x) R1` (`KroneckerProjection`). Both have
+`E[S^T S] = I`, as does `M_s`, so inner products of sketches are unbiased estimates of gradient dot
+products.
 
 A document's vector is `sum over its sequences and steps of lr * clip factor * loss weight * R_s g`,
 i.e. the segments' sketches concatenated and projected once more block by block (`[M_1 ... M_S]`):
@@ -48,7 +48,13 @@ from attribution.engine.strategies.materialize import materialize
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 
-SIDE = 32  # per-parameter Kronecker side: rows and columns larger than this are projected to SIDE
+SIDE = 32  # Kronecker projection (older runs, `--sketch-kind kronecker`): per-parameter side
+# First-stage width of the tensor sketch (the default kind): one count sketch of the whole gradient, so its
+# error is that of a WIDTH-dimensional projection before the final mix to `dim` (docs/benchmarks.md,
+# "Session 9").
+WIDTH = 4096
+KINDS = ("tensor", "kronecker")
+DEFAULT_KIND = "tensor"
 # Index dimension: the largest whose exhaustive float16 search of 1M documents stays under 50 ms (37 ms
 # p50 at 512, 70 ms at 1024); 1 KiB per document. Chosen on the demo's own rewrites (docs/benchmarks.md,
 # "Sketch fidelity"): it finds more of the exact top 10 than 256 there.
@@ -105,23 +111,174 @@ def segment_of(segs: Sequence[tuple[int, int]], step: int) -> int:
 
 
 class Projection:
-    """`R_s` for one model: per-parameter `R0 (x) R1`, concatenated, then the segment's `M_s`.
+    """`R_s` for one model: a first stage per parameter, then the segment's Gaussian mix `M_s` to `dim`.
 
-    Seeded by `seed` and the parameter names only, so training and `claim --fast` draw the same
-    matrices in different processes. `params`: name -> canonical shape, in the model's order.
+    The first stage (`first_stage`, `first_stage_dense`) is the subclass's: `TensorProjection` (the
+    default) or `KroneckerProjection` (older runs). Seeded by `seed` and the parameter names only, so
+    training and `claim --fast` draw the same matrices in different processes. `params`: name ->
+    canonical shape, in the model's order. `width`: the first stage's output size.
     """
 
-    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, side: int = SIDE):
+    kind = ""
+    width = 0
+
+    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int):
         self.params = dict(params)
-        self.dim, self.seed, self.side = int(dim), int(seed), int(side)
+        self.dim, self.seed = int(dim), int(seed)
+        self._mix: tuple[tuple[int, torch.device, torch.dtype], torch.Tensor] | None = None
+
+    def _key(self) -> list:
+        """What, besides the seed, keys this kind's random draws (so kinds never share matrices)."""
+        raise NotImplementedError
+
+    def _generator(self, *key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(zlib.crc32(json.dumps([self.seed, *self._key(), *key]).encode()))
+
+    def _gaussian(self, rows: int, cols: int, *key: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=self._generator(*key), dtype=torch.float64) / rows**0.5
+
+    def mixer(self, segment: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`M_s^T` (`[width, dim]`), kept for the segment in use."""
+        key = (int(segment), device, dtype)
+        if self._mix is None or self._mix[0] != key:
+            self._mix = (key, self._gaussian(self.dim, self.width, -1, int(segment)).t().to(device, dtype))
+        return self._mix[1]
+
+    def first_stage(
+        self,
+        cap: Captured,
+        names: Mapping[int, str],
+        scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """`[n, width]`: the first stage of every sample's `F * g` from the captured factors (no gradient is
+        built). `scales`: name -> `(a, b)` of `F = a b^T` (`balance`); none = `F = 1`."""
+        raise NotImplementedError
+
+    def first_stage_dense(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`[width]`: the first stage of one dense gradient (name -> canonical `[P0, P1]`), float64."""
+        raise NotImplementedError
+
+    def mix(self, rows: torch.Tensor, segment: int) -> torch.Tensor:
+        """`[n, dim]` = `M_s` applied to `first_stage(...)` rows."""
+        return rows @ self.mixer(segment, rows.device, rows.dtype)
+
+    def apply_dense(self, grads: Mapping[str, torch.Tensor], segment: int) -> torch.Tensor:
+        """`R_s g` of one dense gradient (name -> canonical `[P0, P1]`): the reference the tests compare with."""
+        return self.mix(self.first_stage_dense(grads).unsqueeze(0), segment)[0]
+
+    def meta(self) -> dict[str, Any]:
+        """What `projection_from_meta` needs to draw the same matrices again."""
+        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "layers": self.describe()}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": n, "shape": list(s)} for n, s in self.params.items()]
+
+    @staticmethod
+    def _scaled(u: Use, scale, dtype, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(a, b)` of `F = a b^T` for one use, on its device (`P1 == 1`: `b` folded into `a`)."""
+        if scale is None:
+            return None, None
+        a, b = scale[0].to(dev, dtype), scale[1].to(dev, dtype)
+        return (a * b[0], None) if u.col is None else (a, b)
+
+
+class TensorProjection(Projection):
+    """First stage: one tensor sketch (Pham and Pagh 2013) of the whole gradient into `width` numbers.
+
+    Entry `(i, j)` of parameter `p` is added, with sign `s0(i) s1(j)`, to bucket `(h0(i) + h1(j)) mod width`
+    (random hashes per parameter): a count sketch of the flattened gradient, so inner products are unbiased
+    with an error of about `|g| |h| / sqrt(width)`. For a per-sample gradient `sum_t row_t col_t^T` it is
+    the circular convolution of the factors' own count sketches, `irfft(sum_t rfft(CS0 row_t) rfft(CS1
+    col_t))`, computed without the gradient. Why not a per-parameter Kronecker `R0 (x) R1`: a 32 x 32 block
+    estimates a low-rank gradient's inner products only as well as a 32-dimensional projection of each
+    factor (relative error ~ sqrt(2 / 32)), which buried optimizer-aware values (docs/benchmarks.md)."""
+
+    kind = "tensor"
+
+    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, width: int = WIDTH):
+        super().__init__(params, dim, seed)
+        self.width = int(width)
+        self._hashes: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def _key(self) -> list:
+        return ["tensor", self.width]
+
+    def hashes(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """`(h0, s0, h1, s1)`: bucket and sign of each row and column of a parameter."""
+        key = (name, device, dtype)
+        if key not in self._hashes:
+            p0, p1 = self.params[name]
+            gen = self._generator(zlib.crc32(name.encode()))
+            h0 = torch.randint(0, self.width, (p0,), generator=gen)
+            s0 = torch.randint(0, 2, (p0,), generator=gen).to(torch.float64) * 2 - 1
+            h1 = torch.randint(0, self.width, (p1,), generator=gen)
+            s1 = torch.randint(0, 2, (p1,), generator=gen).to(torch.float64) * 2 - 1
+            self._hashes[key] = (h0.to(device), s0.to(device, dtype), h1.to(device), s1.to(device, dtype))
+        return self._hashes[key]
+
+    def _count(self, x: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Count sketch of the last dimension of `x` (`[..., P]` -> `[..., width]`)."""
+        out = torch.zeros(*x.shape[:-1], self.width, dtype=x.dtype, device=x.device)
+        return out.index_add_(-1, h, x * s)
+
+    def _spectrum(self, name: str, u: Use, scale) -> torch.Tensor:
+        """`[n, width // 2 + 1]`: rfft of the tensor sketch of each sample's gradient of one use."""
+        dtype = factor_dtype([u])
+        dev = u.row.device
+        h0, s0, h1, s1 = self.hashes(name, dev, dtype)
+        a, b = self._scaled(u, scale, dtype, dev)
+        if u.row_index:  # one-hot rows: the count sketch has one entry per token
+            sign = s0[u.row] if a is None else s0[u.row] * a[u.row]
+            rows = torch.zeros(*u.row.shape, self.width, dtype=dtype, device=dev)
+            rows.scatter_(-1, h0[u.row].unsqueeze(-1), sign.unsqueeze(-1))
+        else:
+            rows = self._count(u.row.to(dtype) if a is None else u.row.to(dtype) * a, h0, s0)
+        if u.col is None:  # P1 == 1: the column is the number 1 (times b, folded into a)
+            one = torch.zeros(self.width, dtype=dtype, device=dev)
+            one[h1[0]] = s1[0]
+            return torch.fft.rfft(rows.sum(1)) * torch.fft.rfft(one)
+        cols = self._count(u.col.to(dtype) if b is None else u.col.to(dtype) * b, h1, s1)
+        return (torch.fft.rfft(rows) * torch.fft.rfft(cols)).sum(1)
+
+    def first_stage(self, cap, names, scales=None) -> torch.Tensor:
+        spectrum = None
+        for pid, uses in cap.uses.items():
+            name = names[pid]
+            for u in uses:
+                part = self._spectrum(name, u, None if scales is None else scales[name])
+                spectrum = part if spectrum is None else spectrum.add_(part)
+        return torch.fft.irfft(spectrum, n=self.width)
+
+    def first_stage_dense(self, grads) -> torch.Tensor:
+        out = torch.zeros(self.width, dtype=torch.float64)
+        for name in self.params:
+            g = grads[name].to(torch.float64)
+            h0, s0, h1, s1 = self.hashes(name, g.device, torch.float64)
+            bucket = (h0.unsqueeze(1) + h1.unsqueeze(0)) % self.width
+            out = out.to(g.device).index_add_(0, bucket.reshape(-1), (g * torch.outer(s0, s1)).reshape(-1))
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "width": self.width}
+
+
+class KroneckerProjection(Projection):
+    """First stage of runs made before the tensor sketch: per parameter, Gaussian row and column
+    projections `R0`, `R1` (a side of at most `side` is kept exact) of the captured token factors, so the
+    per-sample gradient `sum_t row_t col_t^T` becomes `sum_t (R0 row_t)(R1 col_t)^T`; the parameters'
+    small blocks are concatenated."""
+
+    kind = "kronecker"
+
+    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, side: int = SIDE):
+        super().__init__(params, dim, seed)
+        self.side = int(side)
         self.blocks = {name: (min(p0, side), min(p1, side)) for name, (p0, p1) in self.params.items()}
         self.width = sum(a * b for a, b in self.blocks.values())
         self._factors: dict[tuple[str, torch.device, torch.dtype], tuple[Any, Any]] = {}
-        self._mix: tuple[tuple[int, torch.device, torch.dtype], torch.Tensor] | None = None
 
-    def _gaussian(self, rows: int, cols: int, *key: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(zlib.crc32(json.dumps([self.seed, self.side, *key]).encode()))
-        return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / rows**0.5
+    def _key(self) -> list:
+        return [self.side]
 
     def factors(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
         """`(R0, R1)` of a parameter (`None` = that side is kept exact)."""
@@ -133,25 +290,14 @@ class Projection:
             self._factors[key] = (r0, r1)
         return self._factors[key]
 
-    def mixer(self, segment: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`M_s^T` (`[width, dim]`), kept for the segment in use."""
-        key = (int(segment), device, dtype)
-        if self._mix is None or self._mix[0] != key:
-            self._mix = (key, self._gaussian(self.dim, self.width, -1, int(segment)).t().to(device, dtype))
-        return self._mix[1]
-
-    def _block(
-        self, name: str, uses: list[Use], scale: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def _block(self, name: str, uses: list[Use], scale) -> torch.Tensor:
         dtype = factor_dtype(uses)
         dev = uses[0].row.device
         r0, r1 = self.factors(name, dev, dtype)
         p0 = self.params[name][0]
-        a, b = (None, None) if scale is None else (scale[0].to(dev, dtype), scale[1].to(dev, dtype))
-        if a is not None and uses[0].col is None:  # P1 == 1: the column factor is a number
-            a, b = a * b[0], None
         small = []
         for u in uses:
+            a, b = self._scaled(u, scale, dtype, dev)
             if u.row_index:
                 row = r0.t()[u.row] if r0 is not None else torch.nn.functional.one_hot(u.row, p0).to(dtype)
                 row = row if a is None else row * a[u.row].unsqueeze(-1)
@@ -165,14 +311,7 @@ class Projection:
             small.append(Use(row, col, False))
         return materialize(small, self.blocks[name], True, dtype).reshape(uses[0].n, -1)
 
-    def kronecker(
-        self,
-        cap: Captured,
-        names: Mapping[int, str],
-        scales: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """`[n, width]` per-sample `(R0 (x) R1) (F * g)` of every parameter, concatenated (no gradient is
-        built). `scales`: name -> `(a, b)` of `F = a b^T` (`balance`); none = `F = 1`."""
+    def first_stage(self, cap, names, scales=None) -> torch.Tensor:
         by_name = {names[pid]: uses for pid, uses in cap.uses.items()}
         first = next(iter(cap.uses.values()))
         dtype, dev = factor_dtype(first), first[0].row.device
@@ -185,12 +324,7 @@ class Projection:
             )
         return torch.cat(parts, dim=1)
 
-    def mix(self, kron: torch.Tensor, segment: int) -> torch.Tensor:
-        """`[n, dim]` = `M_s` applied to `kronecker(...)` rows."""
-        return kron @ self.mixer(segment, kron.device, kron.dtype)
-
-    def kronecker_dense(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`[width]` `(R0 (x) R1) g` of one dense gradient (name -> canonical `[P0, P1]`), float64."""
+    def first_stage_dense(self, grads) -> torch.Tensor:
         parts = []
         for name in self.blocks:
             g = grads[name].to(torch.float64)
@@ -200,14 +334,39 @@ class Projection:
             parts.append(g.reshape(-1))
         return torch.cat(parts)
 
-    def apply_dense(self, grads: Mapping[str, torch.Tensor], segment: int) -> torch.Tensor:
-        """`R_s g` of one dense gradient (name -> canonical `[P0, P1]`): the reference the tests compare with."""
-        return self.mix(self.kronecker_dense(grads).unsqueeze(0), segment)[0]
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "side": self.side}
 
     def describe(self) -> list[dict[str, Any]]:
         return [
             {"name": n, "shape": list(self.params[n]), "block": list(self.blocks[n])} for n in self.blocks
         ]
+
+
+def make_projection(
+    params: Mapping[str, tuple[int, int]],
+    dim: int,
+    seed: int,
+    kind: str = DEFAULT_KIND,
+    *,
+    side: int | None = None,
+    width: int | None = None,
+) -> Projection:
+    """The projection of `kind` (`tensor` or `kronecker`), with its size (`width` or `side`) or the default."""
+    if kind == "tensor":
+        return TensorProjection(params, dim, seed, WIDTH if width is None else width)
+    if kind == "kronecker":
+        return KroneckerProjection(params, dim, seed, SIDE if side is None else side)
+    raise ValueError(f"sketch kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+def projection_from_meta(meta: Mapping[str, Any]) -> Projection:
+    """The projection a run's `sketch/meta.json` describes (no `kind`: a Kronecker run made before kinds)."""
+    shapes = {x["name"]: tuple(x["shape"]) for x in meta["layers"]}
+    kind = meta.get("kind", "kronecker")
+    return make_projection(
+        shapes, int(meta["dim"]), int(meta["seed"]), kind, side=meta.get("side"), width=meta.get("width")
+    )
 
 
 def model_params(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], dict[int, str]]:
@@ -239,16 +398,18 @@ class InRunSketch:
         info=None,
         side: int | None = None,
         preconditioner: str | None = None,
+        kind: str = DEFAULT_KIND,
+        width: int | None = None,
     ):
         shapes, self.names = model_params(model)
-        self.projection = Projection(shapes, dim, seed, SIDE if side is None else side)
+        self.projection = make_projection(shapes, dim, seed, kind, side=side, width=width)
         self.segs = segs
         self.store_row_of_seq = np.asarray(store_row_of_seq, dtype=np.int64)
         self.doc_ids = [str(d) for d in doc_ids]
         self.acc = np.zeros((len(self.doc_ids), int(dim)), dtype=np.float64)
         self.info = info
         self.world = 1 if info is None else info.world
-        self._pending: torch.Tensor | None = None  # the step's weighted (R0 (x) R1) g rows, until add()
+        self._pending: torch.Tensor | None = None  # the step's weighted first-stage rows, until add()
         self.preconditioner = preconditioner  # BALANCED: steps are weighted with Adam's K (optimizer-aware)
 
     # -- feeding ------------------------------------------------------------------------------
@@ -266,9 +427,9 @@ class InRunSketch:
                 self.names[pid]: balance(k.reshape(self.projection.params[self.names[pid]]))
                 for pid, k in pre.items()
             }
-        kron = self.projection.kronecker(cap, self.names, scales)
-        w = cap.sample_weights().to(kron.device, kron.dtype) * (step_size / self.world)
-        self._pending = kron * w.view(-1, 1)
+        rows = self.projection.first_stage(cap, self.names, scales)
+        w = cap.sample_weights().to(rows.device, rows.dtype) * (step_size / self.world)
+        self._pending = rows * w.view(-1, 1)
 
     def add(self, step: int, batch_idx: np.ndarray) -> None:
         """Mix the pending rows with the step's segment and add them to their documents (global batch)."""
@@ -282,8 +443,8 @@ class InRunSketch:
             rows = dist_util.gather_rows(self.info, rows)
         self.accumulate(rows, np.asarray(batch_idx, dtype=np.int64))
 
-    def project_rows(self, kron: torch.Tensor, step: int) -> np.ndarray:
-        return self.projection.mix(kron, segment_of(self.segs, step)).double().cpu().numpy()
+    def project_rows(self, rows: torch.Tensor, step: int) -> np.ndarray:
+        return self.projection.mix(rows, segment_of(self.segs, step)).double().cpu().numpy()
 
     def accumulate(self, rows: np.ndarray, seqs: np.ndarray) -> None:
         docs = self.store_row_of_seq[seqs]
@@ -315,10 +476,7 @@ class InRunSketch:
             "unit": write_index(folder / UNIT_INDEX, self.acc[trained] / norms[trained, None]),
         }
         meta = {
-            "dim": self.projection.dim,
-            "seed": self.projection.seed,
-            "side": self.projection.side,
-            "layers": self.projection.describe(),
+            **self.projection.meta(),
             "segments": [list(s) for s in self.segs],
             "doc_ids": [self.doc_ids[i] for i in trained],
             "files": {"raw": INDEX, "unit": UNIT_INDEX},
@@ -331,7 +489,7 @@ class InRunSketch:
                 else " (the SGD formula)"
             ),
             "preconditioner": self.preconditioner,
-            "projection": "per segment s: M_s (R0 (x) R1 per parameter, blocks concatenated); Gaussian N(0, 1/k)",
+            "projection": f"per segment s: M_s ({self.projection.kind} first stage); M_s Gaussian N(0, 1/dim)",
         }
         with atomic_write(folder / META) as fh:
             json.dump(meta, fh)
@@ -398,12 +556,7 @@ class SketchIndex:
         return [(int(a), int(b)) for a, b in self.meta["segments"]]
 
     def projection(self) -> Projection:
-        return Projection(
-            {x["name"]: tuple(x["shape"]) for x in self.meta["layers"]},
-            self.dim,
-            int(self.meta["seed"]),
-            int(self.meta["side"]),
-        )
+        return projection_from_meta(self.meta)
 
     def scale(self, kind: str = "raw") -> float:
         """What the index's inner products are multiplied by (1 for the float32 indexes of older runs)."""

@@ -124,7 +124,7 @@ class _Gradients:
             m = torch.from_numpy(mask[s : s + CHUNK]).to(dev)
             with eval_mode(self.model), torch.enable_grad():
                 cap = self.capturer.grads_only(lambda i=i, m=m: task.per_sequence_loss(self.model, i, m))
-            rows = self.projection.kronecker(cap, self.names).double().cpu()
+            rows = self.projection.first_stage(cap, self.names).double().cpu()
             out = torch.zeros(n_texts, rows.shape[1], dtype=torch.float64) if out is None else out
             out.index_add_(0, torch.from_numpy(owner[s : s + CHUNK]), rows)
         return out
@@ -162,7 +162,7 @@ class _Gradients:
                 for pid, (name, p) in params.items()
                 if name not in grads
             }
-            out[j] = self.projection.kronecker_dense(grads).cpu()
+            out[j] = self.projection.first_stage_dense(grads).cpu()
         self.model.zero_grad(set_to_none=True)
         return out
 
