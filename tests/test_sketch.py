@@ -260,7 +260,7 @@ def test_a_meta_without_kind_is_the_kronecker_sketch_of_older_runs():
 
 
 def test_the_tensor_sketch_estimates_inner_products_better_than_kronecker_blocks_of_its_width():
-    """Why the tensor sketch is the default: at the same first-stage width, its inner products of
+    """What the tensor sketch is for: at the same first-stage width, its inner products of
     low-rank per-sample gradients err less than Kronecker blocks' (mean squared error over seeds)."""
     model = tiny_gpt2()
     g, h = _per_sample_grads(model, *ragged_batch(2, 8, seed=2))

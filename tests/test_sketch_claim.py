@@ -234,19 +234,19 @@ def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_p
 def test_sketch_kind_and_size_are_the_runs_and_the_claims(corpus_dir, texts, tmp_path):
     """`--sketch-kind` with `--sketch-side` / `--sketch-width` reach the projection, are recorded in the
     meta, and claim --fast reads them back."""
-    narrow = _run(corpus_dir, "side4", sketch_kind="kronecker", sketch_side=4, sketch_dim=32)
+    narrow = _run(corpus_dir, "side4", sketch_side=4, sketch_dim=32)
     sketch = read_sketch(narrow)
     assert sketch.meta["kind"] == "kronecker" and sketch.meta["side"] == 4 and sketch.projection().side == 4
     assert max(max(x["block"]) for x in sketch.meta["layers"]) == 4
     table, _, _, _ = estimate(narrow, texts, view="value")
     assert table["estimate"].abs().max() > 0
-    thin = _run(corpus_dir, "width64", sketch_width=64, sketch_dim=32)
+    thin = _run(corpus_dir, "width64", sketch_kind="tensor", sketch_width=64, sketch_dim=32)
     sketch = read_sketch(thin)
     assert sketch.meta["kind"] == "tensor" and sketch.meta["width"] == 64 and sketch.projection().width == 64
     table, _, _, _ = estimate(thin, texts, view="value")
     assert table["estimate"].abs().max() > 0
-    with pytest.raises(UserError, match="--sketch-side sets the Kronecker"):
-        _run(corpus_dir, "bad", sketch_side=4)
+    with pytest.raises(UserError, match="--sketch-width sets the tensor"):
+        _run(corpus_dir, "bad", sketch_width=64)
 
 
 def test_no_confirm_stops_at_the_estimates(run, texts, tmp_path):

@@ -147,18 +147,18 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--sketch-kind",
-    type=click.Choice(["tensor", "kronecker"]),
+    type=click.Choice(["kronecker", "tensor"]),
     default=None,
-    help="First stage of the sketch: 'tensor' (default: one tensor sketch of the whole gradient, "
-    "--sketch-width numbers) or 'kronecker' (per-parameter Gaussian blocks, as runs before it; "
-    "docs/benchmarks.md, 'Session 9').",
+    help="First stage of the sketch: 'kronecker' (default: per-parameter Gaussian blocks, --sketch-side) "
+    "or 'tensor' (one tensor sketch of the whole gradient, --sketch-width numbers: less error at the same "
+    "width, about 12x the in-run cost; docs/benchmarks.md, 'Session 9').",
 )
 @click.option(
     "--sketch-width",
     type=click.IntRange(min=1),
     default=None,
-    help="Width of the tensor sketch's first stage (default 4096): its error is about that of a "
-    "projection to this many numbers; more costs a little more compute per step.",
+    help="With --sketch-kind tensor: width of its first stage (default 4096); its error is about that of "
+    "a projection to this many numbers.",
 )
 @click.option(
     "--sketch-side",

@@ -56,7 +56,7 @@ class RunConfig:
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
     sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
-    sketch_kind: str = "tensor"  # first stage of the sketch: "tensor" or "kronecker" (sketch.KINDS)
+    sketch_kind: str = "kronecker"  # first stage of the sketch: "kronecker" or "tensor" (sketch.KINDS)
     sketch_width: int | None = None  # tensor sketch's first-stage width (None: sketch.WIDTH)
     sketch_side: int | None = None  # Kronecker side of a "kronecker" sketch (None: sketch.SIDE)
     # Model and optimizer (None = from preset).
