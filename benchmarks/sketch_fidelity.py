@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -79,11 +80,18 @@ def _with_dim(run: Path, dim: int, out: Path) -> Path:
     if cfg.sketch_dim == dim:
         return run
     target = out / f"dim_{dim}"
-    if (target / "sketch" / "meta.json").is_file():
-        return target
+    source = target / "made_from.txt"  # a cached dimension is reused only for the run it was made from
+    if (target / "sketch" / "meta.json").is_file() and source.is_file():
+        if source.read_text(encoding="utf-8") == str(run.resolve()):
+            return target
+    if target.exists():
+        shutil.rmtree(target)
     if dim > cfg.sketch_dim:
-        return train_and_value(dataclasses.replace(cfg, sketch_dim=dim, out=str(target)))
-    return _prefix_run(run, read_sketch(run), dim, target)
+        made = train_and_value(dataclasses.replace(cfg, sketch_dim=dim, out=str(target)))
+    else:
+        made = _prefix_run(run, read_sketch(run), dim, target)
+    source.write_text(str(run.resolve()), encoding="utf-8")
+    return made
 
 
 def _prefix_run(run: Path, sketch, dim: int, target: Path) -> Path:
