@@ -151,13 +151,13 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     default=None,
     help="First stage of the sketch: 'kronecker' (default: per-parameter Gaussian blocks, --sketch-side) "
     "or 'tensor' (one tensor sketch of the whole gradient, --sketch-width numbers: less error at the same "
-    "width, about 12x the in-run cost; docs/benchmarks.md, 'Session 9').",
+    "width, about 4x the in-run cost; docs/benchmarks.md, 'Session 9').",
 )
 @click.option(
     "--sketch-width",
     type=click.IntRange(min=1),
     default=None,
-    help="With --sketch-kind tensor: width of its first stage (default 4096); its error is about that of "
+    help="With --sketch-kind tensor: width of its first stage (default 2048); its error is about that of "
     "a projection to this many numbers.",
 )
 @click.option(
