@@ -236,7 +236,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--sketch-dim", type=int, default=256, help="in-run sketch dimension (0: the step writes none)"
     )
-    ap.add_argument("--sketch-kind", default="kronecker", choices=["kronecker", "tensor"], help="first stage")
+    ap.add_argument("--sketch-kind", default="tensor", choices=["tensor", "kronecker"], help="first stage")
     ap.add_argument(
         "--sketch-side", type=int, default=None, help="the Kronecker sketch's side (default: the run's)"
     )

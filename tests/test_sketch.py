@@ -248,9 +248,9 @@ def test_a_meta_without_kind_is_the_kronecker_sketch_of_older_runs():
     model = tiny_gpt2()
     shapes = model_params(model)[0]
     old = KroneckerProjection(shapes, 24, 3, side=SIDE)
-    meta = {k: v for k, v in old.meta().items() if k != "kind"}
+    meta = {k: v for k, v in old.meta().items() if k not in ("kind", "mix")}
     again = projection_from_meta(meta)
-    assert isinstance(again, KroneckerProjection) and again.side == SIDE
+    assert isinstance(again, KroneckerProjection) and again.side == SIDE and again.mix_kind == "segment"
     g = _per_sample_grads(model, *ragged_batch(1, 6, seed=8))[0]
     assert torch.equal(again.apply_dense(g, 2), old.apply_dense(g, 2))
     new = projection_from_meta(_projection(model, 24, 3).meta())
@@ -274,3 +274,17 @@ def test_the_tensor_sketch_estimates_inner_products_better_than_kronecker_blocks
         return np.mean([(float(p.first_stage_dense(g) @ p.first_stage_dense(h)) - exact) ** 2 for p in projs])
 
     assert mse(tensor) < mse(kron)
+
+
+def test_a_shared_mix_is_one_matrix_for_every_segment():
+    """`mix = shared`: every segment is mixed by segment 0's draw; `segment`: a different draw per segment."""
+    shapes = model_params(tiny_gpt2())[0]
+    shared = TensorProjection(shapes, 12, 3, width=WIDTH, mix="shared")
+    apart = TensorProjection(shapes, 12, 3, width=WIDTH, mix="segment")
+    dev, dt = torch.device("cpu"), torch.float64
+    assert torch.equal(shared.mixer(3, dev, dt), shared.mixer(0, dev, dt))
+    assert torch.equal(shared.mixer(3, dev, dt), apart.mixer(0, dev, dt))
+    assert not torch.equal(apart.mixer(3, dev, dt), apart.mixer(0, dev, dt))
+    assert projection_from_meta(shared.meta()).mix_kind == "shared"
+    with pytest.raises(ValueError, match="sketch mix 'both'"):
+        TensorProjection(shapes, 12, 3, mix="both")

@@ -234,19 +234,23 @@ def test_the_sketch_survives_a_resume_from_the_checkpoint(corpus_dir, run, tmp_p
 def test_sketch_kind_and_size_are_the_runs_and_the_claims(corpus_dir, texts, tmp_path):
     """`--sketch-kind` with `--sketch-side` / `--sketch-width` reach the projection, are recorded in the
     meta, and claim --fast reads them back."""
-    narrow = _run(corpus_dir, "side4", sketch_side=4, sketch_dim=32)
+    narrow = _run(
+        corpus_dir, "side4", sketch_kind="kronecker", sketch_mix="segment", sketch_side=4, sketch_dim=32
+    )
     sketch = read_sketch(narrow)
     assert sketch.meta["kind"] == "kronecker" and sketch.meta["side"] == 4 and sketch.projection().side == 4
+    assert sketch.meta["mix"] == "segment" and sketch.projection().mix_kind == "segment"
     assert max(max(x["block"]) for x in sketch.meta["layers"]) == 4
     table, _, _, _ = estimate(narrow, texts, view="value")
     assert table["estimate"].abs().max() > 0
-    thin = _run(corpus_dir, "width64", sketch_kind="tensor", sketch_width=64, sketch_dim=32)
+    thin = _run(corpus_dir, "width64", sketch_width=64, sketch_dim=32)
     sketch = read_sketch(thin)
     assert sketch.meta["kind"] == "tensor" and sketch.meta["width"] == 64 and sketch.projection().width == 64
+    assert sketch.meta["mix"] == "shared" and sketch.projection().mix_kind == "shared"  # the defaults
     table, _, _, _ = estimate(thin, texts, view="value")
     assert table["estimate"].abs().max() > 0
     with pytest.raises(UserError, match="--sketch-width sets the tensor"):
-        _run(corpus_dir, "bad", sketch_width=64)
+        _run(corpus_dir, "bad", sketch_kind="kronecker", sketch_width=64)
 
 
 def test_no_confirm_stops_at_the_estimates(run, texts, tmp_path):
@@ -290,7 +294,7 @@ def _query(run, texts):
 def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
     aware_run, texts, monkeypatch
 ):
-    """Brute force: sum over segments of the trapezoid of `M_s P ((K_b / F_b) * g(w_b))`, with autograd's
+    """Brute force: mean over segments of the trapezoid of `M_s P ((K_b / F_b) * g(w_b))`, with autograd's
     per-text gradient at each kept checkpoint b, K from b's optimizer state (step 0: the next checkpoint's)
     and F_b = balance(K_b), the document side's share of the split."""
     import torch
@@ -340,7 +344,9 @@ def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
             for s, (a, e) in enumerate(segs):
                 if b in (a, e):
                     want[j] += 0.5 * proj.apply_dense(dense, s).numpy()
-    assert np.abs(want).max() > 0
+    if proj.mix_kind == "shared":  # one mix for every segment: the claim side is the mean over segments
+        want /= len(segs)
+    assert sketch.meta["mix"] == "shared" and np.abs(want).max() > 0
     np.testing.assert_allclose(got["claims"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     # and K = 1 gives the factor path's (unpreconditioned) vectors
     monkeypatch.setattr(

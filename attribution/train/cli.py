@@ -147,11 +147,18 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--sketch-kind",
-    type=click.Choice(["kronecker", "tensor"]),
+    type=click.Choice(["tensor", "kronecker"]),
     default=None,
-    help="First stage of the sketch: 'kronecker' (default: per-parameter Gaussian blocks, --sketch-side) "
-    "or 'tensor' (one tensor sketch of the whole gradient, --sketch-width numbers: less error at the same "
-    "width, about 4x the in-run cost; docs/benchmarks.md, 'Session 9').",
+    help="First stage of the sketch: 'tensor' (default: one tensor sketch of the whole gradient, "
+    "--sketch-width numbers) or 'kronecker' (per-parameter Gaussian blocks, --sketch-side: about a "
+    "quarter of the in-run cost, and the runs before session 9; docs/benchmarks.md, 'Session 9').",
+)
+@click.option(
+    "--sketch-mix",
+    type=click.Choice(["shared", "segment"]),
+    default=None,
+    help="'shared' (default): one random mix for every replay segment, so a claim meets each "
+    "document's whole training; 'segment': one mix per segment (unbiased per segment, noisier).",
 )
 @click.option(
     "--sketch-width",
@@ -205,6 +212,7 @@ def run_command(
     plain,
     sketch_dim,
     sketch_kind,
+    sketch_mix,
     sketch_width,
     sketch_side,
     no_sketch,
@@ -247,6 +255,7 @@ def run_command(
         "sketch": False if no_sketch else None,
         "sketch_dim": sketch_dim,
         "sketch_kind": sketch_kind,
+        "sketch_mix": sketch_mix,
         "sketch_width": sketch_width,
         "sketch_side": sketch_side,
         "batch_size": batch_size,

@@ -56,7 +56,8 @@ class RunConfig:
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
     sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
-    sketch_kind: str = "kronecker"  # first stage of the sketch: "kronecker" or "tensor" (sketch.KINDS)
+    sketch_kind: str = "tensor"  # first stage of the sketch: "tensor" or "kronecker" (sketch.KINDS)
+    sketch_mix: str = "shared"  # one mix for every segment, or "segment": one per segment (sketch.MIXES)
     sketch_width: int | None = None  # tensor sketch's first-stage width (None: sketch.WIDTH)
     sketch_side: int | None = None  # Kronecker side of a "kronecker" sketch (None: sketch.SIDE)
     # Model and optimizer (None = from preset).
@@ -142,6 +143,8 @@ class RunConfig:
             raise UserError(f"--sketch-width must be a positive number, got {self.sketch_width}")
         if self.sketch_kind not in ("tensor", "kronecker"):
             raise UserError(f"--sketch-kind must be tensor or kronecker, got {self.sketch_kind!r}")
+        if self.sketch_mix not in ("shared", "segment"):
+            raise UserError(f"--sketch-mix must be shared or segment, got {self.sketch_mix!r}")
         if self.sketch_side is not None and self.sketch_kind != "kronecker":
             raise UserError(
                 "--sketch-side sets the Kronecker sketch's side: use it with --sketch-kind kronecker"

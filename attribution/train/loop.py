@@ -657,6 +657,7 @@ def _make_sketch(cfg: RunConfig, model, valued_step: ValuedStep, data: TrainData
         preconditioner=BALANCED if cfg.adam_aware else None,
         kind=cfg.sketch_kind,
         width=cfg.sketch_width,
+        mix=cfg.sketch_mix,
     )
     sketch.attach(valued_step)
     return sketch

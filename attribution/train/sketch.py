@@ -6,17 +6,21 @@ then confirm only the top candidates by targeted exact replay.
 
 The projection `R_s` of segment s (the steps between two kept checkpoints of the replay chain) is
 `M_s S`: a fixed first stage `S` computed from the engine's captured token factors, so no per-sample
-gradient is ever materialized, then a Gaussian `M_s` drawn per segment that mixes it into `dim` numbers.
-`S` is per-parameter Kronecker blocks `R0 (x) R1` (`KroneckerProjection`, the default) or a tensor
-sketch of the whole gradient into `WIDTH` numbers (`TensorProjection`, `--sketch-kind tensor`). Both have
+gradient is ever materialized, then a Gaussian `M_s` that mixes it into `dim` numbers. `S` is a tensor
+sketch of the whole gradient into `WIDTH` numbers (`TensorProjection`, the default) or per-parameter
+Kronecker blocks `R0 (x) R1` (`KroneckerProjection`, `--sketch-kind kronecker`). Both have
 `E[S^T S] = I`, as does `M_s`, so inner products of sketches are unbiased estimates of gradient dot
 products.
 
-A document's vector is `sum over its sequences and steps of lr * clip factor * loss weight * R_s g`,
-i.e. the segments' sketches concatenated and projected once more block by block (`[M_1 ... M_S]`):
-independent `M_s` make the cross-segment terms vanish in expectation, so a claim vector
-`sum_s M_s P g_claim(segment s)` scores a document as `sum_s <g_claim, weighted sum of g>` with a
-dimension that does not grow with the number of segments (memory: n_docs x dim).
+A document's vector is `sum over its sequences and steps of lr * clip factor * loss weight * R_s g`, and a
+claim's is `sum_s R_s g_claim(segment s)` (the trapezoid of the kept checkpoints around each segment), so
+the dimension does not grow with the number of segments (memory: n_docs x dim). With one shared `M` (the
+default, `mix = shared`) the score is `<sum_s g_claim(s), weighted sum of the document's g>`: every
+segment's claim gradient meets the document's whole training, a TrackStar-like similarity over the kept
+checkpoints. With an independent `M_s` per segment (`mix = segment`, runs before session 9) the
+cross-segment terms vanish in expectation, so the score estimates `sum_s <g_claim(s), the document's g in
+s>` without bias, but each of them adds its full size as noise; on the optimizer-aware demo that noise
+buried the originals (docs/benchmarks.md, "Session 9").
 For optimizer-aware runs the value is `lr c w <K_t g_claim, g_z>` with Adam's elementwise
 preconditioner `K_t` of the step, so `K_t` is split between the two sides: the document side takes
 `F_t = a b^T`, the rank-1 matrix closest to `sqrt|K_t|` in log space (`balance`), which keeps the
@@ -53,11 +57,15 @@ SIDE = 32  # Kronecker projection (the default kind): per-parameter side
 # so its error is about that of a WIDTH-dimensional projection before the final mix to `dim`. 2048 is the
 # largest whose in-run cost stays under 10% of the optimizer-aware demo's valued step (8.9%; 4096: 11.9%).
 WIDTH = 2048
-KINDS = ("kronecker", "tensor")
-# Why Kronecker stays the default (docs/benchmarks.md, "Session 9"): on the optimizer-aware demo's own
-# rewrites (the tuning set) neither kind wins on every measure, each index being mostly the final mix's
-# noise; the tensor sketch costs 8.9% of a valued step against Kronecker's 2.1%.
-DEFAULT_KIND = "kronecker"
+KINDS = ("tensor", "kronecker")
+MIXES = ("shared", "segment")
+# Why a tensor first stage and one shared mix (docs/benchmarks.md, "Session 9"): chosen on the
+# optimizer-aware demo's own rewrites, where it led on every measure at dim 512 (Spearman 0.25 / 0.21 under
+# the default view / raw value against 0.09 / 0.12 for Kronecker with a mix per segment; the original's
+# rank 18.6 / 17.3 against 30.0 / 27.6). Independent per-segment mixes make cross-segment terms vanish
+# only in expectation: each adds every other segment's claim vector as noise. Cost: 8.9% of a valued step.
+DEFAULT_KIND = "tensor"
+DEFAULT_MIX = "shared"
 # Index dimension: the largest whose exhaustive float16 search of 1M documents stays under 50 ms (37 ms
 # p50 at 512, 70 ms at 1024); 1 KiB per document. Chosen on the demo's own rewrites (docs/benchmarks.md,
 # "Sketch fidelity"): it finds more of the exact top 10 than 256 there.
@@ -114,7 +122,10 @@ def segment_of(segs: Sequence[tuple[int, int]], step: int) -> int:
 
 
 class Projection:
-    """`R_s` for one model: a first stage per parameter, then the segment's Gaussian mix `M_s` to `dim`.
+    """`R_s` for one model: a first stage per parameter, then a Gaussian mix `M_s` to `dim`.
+
+    `mix`: `shared` (one `M` for every segment) or `segment` (an independent `M_s` per segment, the
+    runs before session 9).
 
     The first stage (`first_stage`, `first_stage_dense`) is the subclass's: `TensorProjection` (the
     default) or `KroneckerProjection` (older runs). Seeded by `seed` and the parameter names only, so
@@ -125,9 +136,11 @@ class Projection:
     kind = ""
     width = 0
 
-    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int):
+    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, mix: str = "segment"):
+        if mix not in MIXES:
+            raise ValueError(f"sketch mix {mix!r}: expected one of {', '.join(MIXES)}")
         self.params = dict(params)
-        self.dim, self.seed = int(dim), int(seed)
+        self.dim, self.seed, self.mix_kind = int(dim), int(seed), mix
         self._mix: tuple[tuple[int, torch.device, torch.dtype], torch.Tensor] | None = None
 
     def _key(self) -> list:
@@ -141,8 +154,9 @@ class Projection:
         return torch.randn(rows, cols, generator=self._generator(*key), dtype=torch.float64) / rows**0.5
 
     def mixer(self, segment: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`M_s^T` (`[width, dim]`), kept for the segment in use."""
-        key = (int(segment), device, dtype)
+        """`M_s^T` (`[width, dim]`), kept for the segment in use (segment 0's for every segment when shared)."""
+        segment = 0 if self.mix_kind == "shared" else int(segment)
+        key = (segment, device, dtype)
         if self._mix is None or self._mix[0] != key:
             self._mix = (key, self._gaussian(self.dim, self.width, -1, int(segment)).t().to(device, dtype))
         return self._mix[1]
@@ -171,7 +185,13 @@ class Projection:
 
     def meta(self) -> dict[str, Any]:
         """What `projection_from_meta` needs to draw the same matrices again."""
-        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "layers": self.describe()}
+        return {
+            "kind": self.kind,
+            "mix": self.mix_kind,
+            "dim": self.dim,
+            "seed": self.seed,
+            "layers": self.describe(),
+        }
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": n, "shape": list(s)} for n, s in self.params.items()]
@@ -200,8 +220,15 @@ class TensorProjection(Projection):
 
     kind = "tensor"
 
-    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, width: int = WIDTH):
-        super().__init__(params, dim, seed)
+    def __init__(
+        self,
+        params: Mapping[str, tuple[int, int]],
+        dim: int,
+        seed: int,
+        width: int = WIDTH,
+        mix: str = "segment",
+    ):
+        super().__init__(params, dim, seed, mix)
         self.width = int(width)
         self._hashes: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
@@ -275,8 +302,15 @@ class KroneckerProjection(Projection):
 
     kind = "kronecker"
 
-    def __init__(self, params: Mapping[str, tuple[int, int]], dim: int, seed: int, side: int = SIDE):
-        super().__init__(params, dim, seed)
+    def __init__(
+        self,
+        params: Mapping[str, tuple[int, int]],
+        dim: int,
+        seed: int,
+        side: int = SIDE,
+        mix: str = "segment",
+    ):
+        super().__init__(params, dim, seed, mix)
         self.side = int(side)
         self.blocks = {name: (min(p0, side), min(p1, side)) for name, (p0, p1) in self.params.items()}
         self.width = sum(a * b for a, b in self.blocks.values())
@@ -356,21 +390,28 @@ def make_projection(
     *,
     side: int | None = None,
     width: int | None = None,
+    mix: str = DEFAULT_MIX,
 ) -> Projection:
     """The projection of `kind` (`tensor` or `kronecker`), with its size (`width` or `side`) or the default."""
     if kind == "tensor":
-        return TensorProjection(params, dim, seed, WIDTH if width is None else width)
+        return TensorProjection(params, dim, seed, WIDTH if width is None else width, mix)
     if kind == "kronecker":
-        return KroneckerProjection(params, dim, seed, SIDE if side is None else side)
+        return KroneckerProjection(params, dim, seed, SIDE if side is None else side, mix)
     raise ValueError(f"sketch kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
 def projection_from_meta(meta: Mapping[str, Any]) -> Projection:
-    """The projection a run's `sketch/meta.json` describes (no `kind`: a Kronecker run made before kinds)."""
+    """The projection a run's `sketch/meta.json` describes. Older runs wrote no `kind` (Kronecker) and no
+    `mix` (a mix per segment)."""
     shapes = {x["name"]: tuple(x["shape"]) for x in meta["layers"]}
-    kind = meta.get("kind", "kronecker")
     return make_projection(
-        shapes, int(meta["dim"]), int(meta["seed"]), kind, side=meta.get("side"), width=meta.get("width")
+        shapes,
+        int(meta["dim"]),
+        int(meta["seed"]),
+        meta.get("kind", "kronecker"),
+        side=meta.get("side"),
+        width=meta.get("width"),
+        mix=meta.get("mix", "segment"),
     )
 
 
@@ -405,9 +446,10 @@ class InRunSketch:
         preconditioner: str | None = None,
         kind: str = DEFAULT_KIND,
         width: int | None = None,
+        mix: str = DEFAULT_MIX,
     ):
         shapes, self.names = model_params(model)
-        self.projection = make_projection(shapes, dim, seed, kind, side=side, width=width)
+        self.projection = make_projection(shapes, dim, seed, kind, side=side, width=width, mix=mix)
         self.segs = segs
         self.store_row_of_seq = np.asarray(store_row_of_seq, dtype=np.int64)
         self.doc_ids = [str(d) for d in doc_ids]

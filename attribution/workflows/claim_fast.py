@@ -193,6 +193,8 @@ def query_vectors(
     """`name -> [n_texts, dim]` sketched claim-side vectors for each text set in `texts` (ValData).
 
     Per segment, the trapezoid of the two kept checkpoints around it; without a chain, the final weights.
+    Under a shared mix (`attribution.train.sketch`) the segments' vectors are averaged, so that the score is
+    in the units of a value: exact if the claim's gradient did not change over training.
     For optimizer-aware runs each checkpoint's claim gradient is preconditioned with Adam's `K` from its
     optimizer state (the step-0 checkpoint has none yet and takes the next checkpoint's)."""
     from tqdm import tqdm
@@ -263,6 +265,8 @@ def query_vectors(
             f"{run}: the replay chain lacks the kept checkpoints at steps {missing[:5]} that the sketch's "
             "segments end at"
         )
+    if projection.mix_kind == "shared":  # one mix: the mean over segments meets the document's whole training
+        out = {name: v / len(segs) for name, v in out.items()}
     return out, notes
 
 
