@@ -34,6 +34,20 @@ def _rank(scores: pd.Series, target: str) -> int:
     return int((scores > scores[target]).sum() + 1)
 
 
+def _compare(claims: list[dict], docs: list[str], got, want) -> tuple[float, list[int], list[int]]:
+    """(mean Spearman of `got` with `want`, the original's rank under each): `got[i]` and `want(i)` are
+    claim i's scores over `docs`."""
+    sp, rk, rk_want = [], [], []
+    for i, c in enumerate(claims):
+        a, b = pd.Series(got[i], index=docs), pd.Series(want(i), index=docs)
+        sp.append(a.corr(b, method="spearman"))
+        target = (c.get("meta") or {}).get("target_id")
+        if target in a.index:
+            rk.append(_rank(a, target))
+            rk_want.append(_rank(b, target))
+    return float(np.mean(sp)), rk, rk_want
+
+
 def main() -> None:
     import torch
 
@@ -131,19 +145,14 @@ def main() -> None:
         print(f"link {s} done", flush=True)
 
     exact = RunValues.read(args.exact).view("value").query("val_set == 'claims'")
+
+    def exact_of(i: int) -> np.ndarray:
+        rows = exact[exact.val_id == claims[i]["id"]].set_index("doc_id")["value"]
+        return rows.reindex(trained).to_numpy()
+
     for name, m in (("links, weighted", weighted), ("links, unweighted", unweighted)):
-        sp, rk, rk_exact = [], [], []
-        for i, c in enumerate(claims):
-            e = exact[exact.val_id == c["id"]].set_index("doc_id")["value"].reindex(trained)
-            est = pd.Series(m[i], index=trained)
-            sp.append(est.corr(e, method="spearman"))
-            target = (c.get("meta") or {}).get("target_id")
-            if target in est.index:
-                rk.append(_rank(est, target))
-                rk_exact.append(_rank(e, target))
-        print(
-            f"{name}: Spearman with the exact value {np.mean(sp):.3f}; original's rank {rk} (exact {rk_exact})"
-        )
+        sp, rk, rk_exact = _compare(claims, trained, m, exact_of)
+        print(f"{name}: Spearman with the exact value {sp:.3f}; original's rank {rk} (exact {rk_exact})")
 
     claim_side, doc_sides, u = kept
     dense = np.stack([(u @ flat(doc_sides[d])).numpy() for d in trained], axis=1)
@@ -151,17 +160,10 @@ def main() -> None:
         proj = make_projection(shapes, args.dim, cfg.seed, kind)
         up = torch.stack([proj.apply_dense(x, 0) for x in claim_side])
         est = np.stack([(up @ proj.apply_dense(doc_sides[d], 0)).numpy() for d in trained], axis=1)
-        sp, rk, rk_dense = [], [], []
-        for i, c in enumerate(claims):
-            a, b = pd.Series(est[i], index=trained), pd.Series(dense[i], index=trained)
-            sp.append(a.corr(b, method="spearman"))
-            target = (c.get("meta") or {}).get("target_id")
-            if target in a.index:
-                rk.append(_rank(a, target))
-                rk_dense.append(_rank(b, target))
+        sp, rk, rk_dense = _compare(claims, trained, est, lambda i: dense[i])
         print(
             f"projected at link {middle}, {kind} (width {proj.width}, dim {args.dim}): Spearman with the dense "
-            f"scores {np.mean(sp):.3f}; original's rank {rk} (dense {rk_dense})"
+            f"scores {sp:.3f}; original's rank {rk} (dense {rk_dense})"
         )
 
 

@@ -128,7 +128,7 @@ class Projection:
     runs before session 9).
 
     The first stage (`first_stage`, `first_stage_dense`) is the subclass's: `TensorProjection` (the
-    default) or `KroneckerProjection` (older runs). Seeded by `seed` and the parameter names only, so
+    default) or `KroneckerProjection` (older runs, `--sketch-kind kronecker`). Seeded by `seed` and the parameter names only, so
     training and `claim --fast` draw the same matrices in different processes. `params`: name ->
     canonical shape, in the model's order. `width`: the first stage's output size.
     """
