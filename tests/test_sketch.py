@@ -288,3 +288,18 @@ def test_a_shared_mix_is_one_matrix_for_every_segment():
     assert projection_from_meta(shared.meta()).mix_kind == "shared"
     with pytest.raises(ValueError, match="sketch mix 'both'"):
         TensorProjection(shapes, 12, 3, mix="both")
+
+
+def test_a_checkpointed_sketch_is_restored_only_under_the_same_projection():
+    """Resuming must not add steps of one projection to an accumulator made with another (or by older code
+    that recorded none): the loop then writes no sketch rather than a wrong one."""
+    model = tiny_gpt2()
+    args = dict(dim=12, seed=4, segs=segments(2, 4), store_row_of_seq=np.array([0, 1]), doc_ids=["a", "b"])
+    saved = InRunSketch(model, **args)
+    saved.acc[:] = 1.5
+    arrays = saved.state_arrays()
+    same = InRunSketch(model, **args)
+    assert same.load_state_arrays(arrays) and (same.acc == 1.5).all()
+    for other in ({"kind": "kronecker"}, {"mix": "segment"}, {"width": 64}):
+        assert not InRunSketch(model, **args, **other).load_state_arrays(arrays), other
+    assert not InRunSketch(model, **args).load_state_arrays({"sketch.acc": arrays["sketch.acc"]})

@@ -687,7 +687,11 @@ def _resume(run: _Session) -> None:
         run.store.load_state_arrays(loaded.arrays)
         run.store.discard_after(run.step)
     if run.sketch is not None and not run.sketch.load_state_arrays(loaded.arrays):
-        warnings.warn("the checkpoint holds no gradient sketch; this run will write none", stacklevel=2)
+        warnings.warn(
+            "the checkpoint holds no gradient sketch of this run's projection (none, or one made with other "
+            "sketch settings or older code); this run will write none",
+            stacklevel=2,
+        )
         run.sketch = None
 
 

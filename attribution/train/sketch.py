@@ -499,13 +499,22 @@ class InRunSketch:
         np.add.at(self.acc, docs[keep], rows[keep])
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _projection_key(self) -> np.ndarray:
+        """The projection's description as bytes: a resumed run must keep adding with the same matrices."""
+        meta = {k: v for k, v in self.projection.meta().items() if k != "layers"}
+        return np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {"sketch.acc": self.acc}
+        return {"sketch.acc": self.acc, "sketch.projection": self._projection_key()}
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> bool:
-        """Restore the accumulator; False when the checkpoint has none (made without a sketch)."""
-        saved = arrays.get("sketch.acc")
+        """Restore the accumulator; False when the checkpoint has none (made without a sketch) or one made
+        with another projection (another kind, mix, width, side, dimension or seed, or code from before
+        the projection was recorded): adding new steps to it would mix two projections."""
+        saved, key = arrays.get("sketch.acc"), arrays.get("sketch.projection")
         if saved is None or np.asarray(saved).shape != self.acc.shape:
+            return False
+        if key is None or not np.array_equal(np.asarray(key, dtype=np.uint8), self._projection_key()):
             return False
         self.acc = np.asarray(saved, dtype=np.float64).copy()
         return True
