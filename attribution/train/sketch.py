@@ -52,7 +52,7 @@ from attribution.engine.strategies.materialize import materialize
 from attribution.errors import UserError
 from attribution.io import atomic_path, atomic_write
 
-SIDE = 32  # Kronecker projection (the default kind): per-parameter side
+SIDE = 32  # Kronecker projection (`--sketch-kind kronecker`, runs before session 9): per-parameter side
 # First-stage width of the tensor sketch (`--sketch-kind tensor`): one count sketch of the whole gradient,
 # so its error is about that of a WIDTH-dimensional projection before the final mix to `dim`. 2048 is the
 # largest whose in-run cost stays under 10% of the optimizer-aware demo's valued step (8.9%; 4096: 11.9%).
@@ -215,8 +215,8 @@ class TensorProjection(Projection):
     col_t))`, computed without the gradient. Why offered: a per-parameter Kronecker block of side 32
     estimates a low-rank gradient's inner products only about as well as a 32-dimensional projection of
     each factor (relative error ~ sqrt(2 / 32)); the tensor sketch's first stage errs less at the same
-    width (tests/test_sketch.py). Not the default: it costs more per step, and on the optimizer-aware demo
-    the final mix's noise, not the first stage, limits fidelity (docs/benchmarks.md, "Session 9")."""
+    width (tests/test_sketch.py), and on the optimizer-aware demo it keeps far more of the ranking through
+    the final mix (docs/benchmarks.md, "Session 9"). It costs about 4x the Kronecker stage per step."""
 
     kind = "tensor"
 
@@ -295,10 +295,10 @@ class TensorProjection(Projection):
 
 
 class KroneckerProjection(Projection):
-    """First stage of runs made before the tensor sketch: per parameter, Gaussian row and column
-    projections `R0`, `R1` (a side of at most `side` is kept exact) of the captured token factors, so the
-    per-sample gradient `sum_t row_t col_t^T` becomes `sum_t (R0 row_t)(R1 col_t)^T`; the parameters'
-    small blocks are concatenated."""
+    """First stage of runs made before the tensor sketch, and of `--sketch-kind kronecker`: per parameter,
+    Gaussian row and column projections `R0`, `R1` (a side of at most `side` is kept exact) of the captured
+    token factors, so the per-sample gradient `sum_t row_t col_t^T` becomes `sum_t (R0 row_t)(R1 col_t)^T`;
+    the parameters' small blocks are concatenated."""
 
     kind = "kronecker"
 
