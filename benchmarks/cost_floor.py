@@ -23,6 +23,9 @@ at first order) are timed too and marked "no"; sums use the others only.
     .venv/bin/python benchmarks/cost_floor.py --shape demo --rounds 3
     .venv/bin/python benchmarks/cost_floor.py --shape twelve-text --rounds 3
     .venv/bin/python benchmarks/cost_floor.py --shape gpt2-small-cpu --rounds 2 --json /tmp/floor.json
+    python benchmarks/cost_floor.py --shape gpt2-small-cpu --device cuda --sketch-dim 0   # GPU (fp32)
+
+On a GPU every timing synchronizes the device before and after, and the rates are the device's.
 
 Presets: `demo` is the `attribution demo` step (cpu-tiny; its two validation sets `rewrites` and `news`,
 8 texts each, approximated as 60 tokens per text, one 64-token sequence; per-example; first order;
@@ -117,9 +120,19 @@ class Row:
     times: list[float] = field(default_factory=list)
 
 
+DEVICE = torch.device("cpu")  # set by main; a CUDA device makes every timing synchronize
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    _sync()
     t0 = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t0, out
 
 
@@ -127,9 +140,9 @@ def gemm_rate(tokens: int, d: int, vocab: int) -> dict[str, float]:
     """flop/s of `torch.matmul` on sizes this shape multiplies (best of a few runs each)."""
     out = {}
     for m, k, n in ((tokens, d, 4 * d), (tokens, d, vocab), (d, tokens, 4 * d)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             best = min(best, timed(lambda a=a, b=b: a @ b)[0])
         out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best
     return out
@@ -137,8 +150,8 @@ def gemm_rate(tokens: int, d: int, vocab: int) -> dict[str, float]:
 
 def bandwidth() -> float:
     """bytes/s of an elementwise add over 16M floats (two reads, one write)."""
-    a, b, c = torch.randn(1 << 24), torch.randn(1 << 24), torch.empty(1 << 24)
-    best = min(timed(lambda: torch.add(a, b, out=c))[0] for _ in range(3))
+    a, b, c = (torch.randn(1 << 24, device=DEVICE) for _ in range(3))
+    best = min(timed(lambda: torch.add(a, b, out=c))[0] for _ in range(5))
     return 3 * a.numel() * 4 / best
 
 
@@ -244,6 +257,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--sketch-width", type=int, default=None, help="the tensor sketch's width (default: the run's)"
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (fp32 throughout)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     shape = dict(SHAPES[args.shape])
@@ -265,7 +279,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global DEVICE
     args = parse(argv)
+    DEVICE = torch.device(args.device)
     s = args.shape_spec
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -277,10 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg).to(DEVICE)
     plain_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     sets = {name: val_set(lengths, s["seq_len"], args.vocab, gen) for name, lengths in s["sets"].items()}
+    sets = {name: ValSet(vs.ids.to(DEVICE), vs.mask.to(DEVICE)) for name, vs in sets.items()}
     per_example = list(sets) if args.per_example else []
     valuer = Valuer(
         model,
@@ -295,7 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
         for m in (model, plain_model)
     }
     task = LanguageModelingTask()
-    batches = [torch.randint(0, args.vocab, (s["batch"], s["seq_len"]), generator=gen) for _ in range(2)]
+    batches = [
+        torch.randint(0, args.vocab, (s["batch"], s["seq_len"]), generator=gen).to(DEVICE) for _ in range(2)
+    ]
     tokens = s["batch"] * s["seq_len"]
     rates = gemm_rate(tokens, s["n_embd"], args.vocab)
     rate, bw = max(rates.values()), bandwidth()
@@ -532,7 +551,8 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
             "terms": [t.__dict__ for t in mem.terms],
         },
     }
-    print(f"shape {args.shape}: {json.dumps(res['shape'])}")
+    res["device"] = str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    print(f"shape {args.shape} on {res['device']}: {json.dumps(res['shape'])}")
     print(
         f"GEMM rate {rate / 1e9:.1f} GFLOP/s (best of {', '.join(f'{k}: {v / 1e9:.1f}' for k, v in rates.items())}); "
         f"bandwidth {bw / 1e9:.1f} GB/s; {res['threads']} threads; plans {json.dumps(res['plans'])}\n"

@@ -56,6 +56,25 @@ def build(args: argparse.Namespace):
     return model, opt, ids, mask, ValSet(val, torch.ones_like(val))
 
 
+def profile(fns: dict, modes: list[str], failed: dict, args: argparse.Namespace) -> None:
+    """One step of each mode under torch.profiler: where the time goes (stderr, self time sorted)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for mode in modes:
+        if mode in failed:
+            continue
+        _sync(args.device)
+        with torch_profile(activities=activities) as prof:
+            fns[mode]()
+            _sync(args.device)
+        print(f"\n## profile: {mode}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="cpu-tiny")
@@ -76,6 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plan", action="store_true", help="print the first-order plan")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one step of each mode (torch.profiler) and print its top N ops",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             if rep >= args.warmup:
                 times[mode].append(time.perf_counter() - t0)
         valuers["order2"].finish()
+    if args.profile:
+        profile(fns, modes, failed, args)
     if args.plan and "order1" in modes:
         print(valuers["order1"].plans()["val"], file=sys.stderr)
     res = {

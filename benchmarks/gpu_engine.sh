@@ -10,7 +10,9 @@
 #    sequences of 1024 tokens;
 # 3. direct per-sample gradients (torch.func vmap) at batch 4 for contrast (may run out of memory;
 #    reported, not fatal).
-# Each step has its own timeout so the whole script stays under ~12 minutes.
+# 4. the CPU cost-floor shape of the valued-step issue (GPT-2 small, batch 16 x 128, 4 per-example texts of
+#    64 tokens), fp32 and bf16, so that the GPU ratio sits beside the CPU one.
+# Each step has its own timeout so the whole script stays under 9 minutes (one device call).
 set -uo pipefail
 OUT=${OUT:-/tmp/engine_gpu}
 PY=${PYTHON:-python}
@@ -18,7 +20,7 @@ mkdir -p "$OUT"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 3
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 
-timeout 120 $PY - > "$OUT/exactness.txt" 2>&1 <<'PYEOF'
+timeout 90 $PY - > "$OUT/exactness.txt" 2>&1 <<'PYEOF'
 import sys
 import numpy as np
 import torch
@@ -47,10 +49,15 @@ PYEOF
 echo "exactness rc=$?" >> "$OUT/exactness.txt"
 
 B="$PY benchmarks/engine_overhead.py --model gpt2-small --device cuda --dtype bf16"
-timeout 240 $B --reps 5 --val-seqs 1 --val-len 1024 --modes plain,order1,order2,aware --plan \
+timeout 160 $B --reps 5 --val-seqs 1 --val-len 1024 --modes plain,order1,order2,aware --plan \
   --json "$OUT/gpt2_small_val1.json" > "$OUT/gpt2_small_val1.md" 2> "$OUT/gpt2_small_val1.err"
-timeout 150 $B --reps 3 --val-seqs 4 --val-len 1024 --modes plain,order1 \
+timeout 100 $B --reps 3 --val-seqs 4 --val-len 1024 --modes plain,order1 \
   --json "$OUT/gpt2_small_val4.json" > "$OUT/gpt2_small_val4.md" 2> "$OUT/gpt2_small_val4.err"
-timeout 150 $B --reps 3 --batch 4 --val-seqs 1 --val-len 1024 --modes plain,order1,vmap \
+timeout 100 $B --reps 3 --batch 4 --val-seqs 1 --val-len 1024 --modes plain,order1,vmap \
   --json "$OUT/gpt2_small_vmap.json" > "$OUT/gpt2_small_vmap.md" 2> "$OUT/gpt2_small_vmap.err"
-cat "$OUT"/*.md "$OUT/exactness.txt"
+for dt in fp32 bf16; do
+  timeout 50 $B --dtype $dt --reps 5 --batch 16 --seq-len 128 --val-seqs 4 --val-len 64 --modes plain,order1,order2,aware \
+    --json "$OUT/gpt2_small_cpushape_$dt.json" > "$OUT/gpt2_small_cpushape_$dt.md" 2> "$OUT/gpt2_small_cpushape_$dt.err"
+done
+cat "$OUT/gpu.txt" "$OUT"/*.md "$OUT/exactness.txt"
+tail -n 3 "$OUT"/*.err
