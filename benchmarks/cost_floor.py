@@ -4,7 +4,7 @@ First the machine's rates: `torch.matmul` on sizes of the shape (tokens x d x 4d
 d x tokens x 4d; the best is the GEMM rate) and an elementwise add (the memory bandwidth). Then, in
 one process, rounds alternate: a plain step (forward/backward, clip, AdamW) on a copy of the model, a
 whole valued step, and each component of a valued step on the valued model: the capturing
-forward/backward, each validation set's forward/backward, scoring per set, parameter group and planned
+forward/backward, each validation set's forward/backward (in the Valuer's chunks of sequences), scoring per set, parameter group and planned
 strategy (the strategy's validation gradient plus its score, timed per parameter), gradient norms, the
 Adam preconditioner and the second-order extra (combining the two sides, and the ghost parameters'
 second Gram product; the validation pass at the new weights is the next step's "before" pass, so it
@@ -50,7 +50,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from attribution.engine import ValSet, Valuer
-from attribution.engine.capture import Captured
+from attribution.engine.capture import Captured, join_captures
 from attribution.engine.memory import held_bytes, step_memory, use_tensors
 from attribution.engine.optimizer import PATH_POINTS, adam_preconditioner
 from attribution.engine.planner import estimate_costs
@@ -410,12 +410,20 @@ def main(argv: list[str] | None = None) -> dict:
         pre_bytes = PRE_ACCESSES * 4 * n_params
         for name, vs in sets.items():
             plan, pe = plans[name], name in per_example
-            with eval_mode(valuer.inner), torch.enable_grad():
-                t_val, cap = timed(
-                    lambda vs=vs: valuer.capturer.grads_only(
-                        lambda: task.per_sequence_loss(valuer.inner, vs.ids, vs.mask)
+            t_val, cap = 0.0, None
+            chunk = valuer._val_chunk(vs)  # in chunks of sequences, as the Valuer runs it
+            for lo in range(0, len(vs), chunk):
+                ids, mask = vs.ids[lo : lo + chunk], vs.mask[lo : lo + chunk]
+                with eval_mode(valuer.inner), torch.enable_grad():
+                    t, part = timed(
+                        lambda ids=ids, mask=mask: valuer.capturer.grads_only(
+                            lambda: task.per_sequence_loss(valuer.inner, ids, mask)
+                        )
                     )
-                )
+                t_val += t
+                cap = (
+                    part if cap is None else join_captures(cap, part)
+                )  # untimed: scoring below takes it whole
             val_tokens = vs.ids.numel()
             add(
                 f"validation forward/backward [{name}]",

@@ -281,3 +281,46 @@ def test_validation_in_chunks_gives_the_unchunked_values_norms_and_losses(aware,
                 sv.val_example_sq_norm["each"], ref.val_example_sq_norm["each"], rtol=1e-10
             )
     assert np.abs(runs[0][-1].per_example["each"]).max() > 0
+
+
+@pytest.mark.parametrize("order,aware", [(1, False), (1, True), (2, False), (2, True)])
+def test_a_dead_sides_buffers_are_reused_with_the_same_values(order, aware, monkeypatch):
+    """A per-example side built in chunks is written into the buffers of the side that died before it
+    (memory, see `Valuer._buffer`); the values are the ones fresh buffers give, to the bit."""
+    va, vm = ragged_batch(7, 9, seed=11)
+    build = Valuer._buffer
+    taken: list[bool] = []
+
+    def watched(self, name, pid, g, rows):
+        taken.append((name, pid) in self._spare)
+        return build(self, name, pid, g, rows)
+
+    monkeypatch.setattr(Valuer, "_buffer", watched)
+    runs = []
+    for recycle in (False, True):
+        taken.clear()
+        model = tiny_gpt2()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        valuer = Valuer(
+            model,
+            {"each": ValSet(va, vm)},
+            order=order,
+            per_example=["each"],
+            optimizer_aware=aware,
+            strategy="materialize",
+            val_chunk=3,
+        )
+        if not recycle:
+            valuer._recycle = lambda name, side: None
+        out = []
+        for step in range(4):
+            valuer.forward_backward(*ragged_batch(4, 10, seed=40 + step))
+            first = valuer.values(1e-2, optimizer=opt if aware else None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(first if order == 1 else valuer.after_step())
+        runs.append(out)
+        assert any(taken) == recycle  # the recycled run did write into dead buffers
+    for fresh, recycled in zip(*runs, strict=True):
+        np.testing.assert_array_equal(fresh.per_example["each"], recycled.per_example["each"])
+    assert np.abs(runs[0][-1].per_example["each"]).max() > 0

@@ -74,6 +74,41 @@ def join_captures(a: Captured, b: Captured) -> Captured:
     return Captured(a.n + b.n, uses, torch.cat([a.losses, b.losses]), weights)
 
 
+def _rescaled(
+    pairs: list[tuple[nn.Parameter, Use]], scale: float | torch.Tensor
+) -> list[tuple[nn.Parameter, Use]]:
+    """Each use times `scale` (a scalar, or `[n]` per sample), applied to one dense factor of each.
+
+    Why not scale the module's output gradient once, before the rule: for the tied head that gradient is
+    `[n, T, 50257]`, and its copy cost more than the rest of the rescaling together. A product of factors
+    may be scaled through either, so each use takes the smaller one, or one already scaled for another use
+    of the same module (a layer's output gradient serves its weight and its bias: scaled once).
+    """
+    done: dict[int, torch.Tensor] = {}
+
+    def times(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            w = scale.to(t.device, t.dtype).view(-1, 1, 1) if isinstance(scale, torch.Tensor) else scale
+            done[id(t)] = t * w
+        return done[id(t)]
+
+    def dense(u: Use) -> list[torch.Tensor]:
+        return [t for t in (None if u.row_index else u.row, u.col) if t is not None]
+
+    picked: dict[int, torch.Tensor] = {}  # use index -> the factor it scales; single-choice uses first
+    for i in sorted(range(len(pairs)), key=lambda i: len(dense(pairs[i][1]))):
+        options = dense(pairs[i][1])
+        cached = [t for t in options if id(t) in done]
+        picked[i] = cached[0] if cached else min(options, key=lambda t: t.numel())
+        times(picked[i])
+    out = []
+    for i, (p, u) in enumerate(pairs):
+        scaled = done[id(picked[i])]
+        use = Use(u.row, scaled, u.row_index) if picked[i] is u.col else Use(scaled, u.col, u.row_index)
+        out.append((p, use))
+    return out
+
+
 class Capturer:
     """Registers forward hooks on the model's supported modules; inactive unless inside `capture()`."""
 
@@ -117,11 +152,10 @@ class Capturer:
         for (module, inp, _), g in zip(records, grads, strict=True):
             if g is None:  # output did not influence the loss
                 continue
-            if isinstance(scale, torch.Tensor):  # per sample, along the batch dimension
-                g = g * scale.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
-            elif scale != 1.0:
-                g = g * scale
-            for p, use in rule_for(module)(module, inp, g.detach(), n):
+            pairs = rule_for(module)(module, inp, g.detach(), n)
+            if isinstance(scale, torch.Tensor) or scale != 1.0:
+                pairs = _rescaled(pairs, scale)
+            for p, use in pairs:
                 cap.uses.setdefault(id(p), []).append(use)
         return cap
 

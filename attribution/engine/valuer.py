@@ -142,9 +142,10 @@ def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
     Ghost parameters are summed into one dense gradient first: that costs tokens x parameter size,
     where a ghost self-product would cost tokens^2 x (rows + cols), ruinous for long validation sets.
     """
-    total = 0.0
+    # a device scalar until the end: one synchronization, not one per parameter
+    total: float | torch.Tensor = 0.0
     for g in side.dense.values():
-        total += float((g.sum(0).double() ** 2).sum())
+        total = total + (g.sum(0).double() ** 2).sum()
     summed: dict[int, torch.Tensor] = {}
     for cap, w in side.ghost:
         for pid, uses in cap.uses.items():
@@ -152,8 +153,8 @@ def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
             g = w * materialize(uses, shapes[pid], False, dtype)[0].double()
             summed[pid] = g if pid not in summed else summed[pid] + g
     for g in summed.values():
-        total += float((g**2).sum())
-    return total
+        total = total + (g**2).sum()
+    return float(total)
 
 
 class Valuer:
@@ -203,6 +204,7 @@ class Valuer:
         self._plan_key: tuple | None = None
         self._cache: dict[str, tuple[int, ValSide, float]] = {}  # name -> (weights version, side, loss)
         self._val_norms: dict[str, np.ndarray] = {}  # per-example set -> ||g_val_j||^2 at the cached weights
+        self._spare: dict[tuple[str, int], torch.Tensor] = {}  # a dead side's buffers, for the next side
         self._pending: dict | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -275,6 +277,8 @@ class Valuer:
         if hit is not None and hit[0] == version:
             self._cache[name] = hit
             return hit[1], hit[2]
+        if hit is not None and self.order == 1:  # (at order 2 the stale side is the pending "before")
+            self._recycle(name, hit[1])
         vs, plan, pe = self.val_sets[name], self._plans[name], name in self.per_example
         dev = self._device()
         step = self._val_chunk(vs)
@@ -295,7 +299,7 @@ class Valuer:
             for pid, g in part.dense.items():
                 if pid not in dense:  # the first chunk: its own gradient, or room for every example's
                     whole = not pe or len(g) == len(vs)
-                    dense[pid] = g if whole else g.new_zeros((len(vs), *g.shape[1:]))
+                    dense[pid] = g if whole else self._buffer(name, pid, g, len(vs))
                 if dense[pid] is g:
                     continue
                 if pe:
@@ -310,6 +314,24 @@ class Valuer:
         loss = float(torch.cat(losses).double().sum())
         self._cache[name] = (version, side, loss)
         return side, loss
+
+    def _buffer(self, name: str, pid: int, g: torch.Tensor, rows: int) -> torch.Tensor:
+        """Zeros `[rows, *g.shape[1:]]` for a per-example side, in a dead side's buffer where one fits.
+
+        Why: a per-example side of the tied head is the step's largest tensor (811 MB for 64 sequences
+        at d = 64). Allocated afresh every step, glibc's heap (mmap off, `attribution.memory`) fills the
+        hole it leaves with smaller temporaries and grows; reused, the peak stays put."""
+        buf = self._spare.pop((name, pid), None)
+        shape = (rows, *g.shape[1:])
+        if buf is None or buf.shape != shape or buf.dtype != g.dtype or buf.device != g.device:
+            return g.new_zeros(shape)
+        return buf.zero_()
+
+    def _recycle(self, name: str, side: ValSide) -> None:
+        """Keep a side nothing holds any more (its per-example buffers) for `_buffer`."""
+        if side.per_example:
+            for pid, g in side.dense.items():
+                self._spare[(name, pid)] = g
 
     def _finish_values(
         self,
@@ -409,10 +431,15 @@ class Valuer:
         val_norms = {k: self._val_norms[k] for k in self.per_example if k in self._val_norms}
         if self.order == 1:
             norms = self._set_norms(sides)
-            if pre:  # the optimizer step makes the cached sides stale: precondition them in place
-                self._cache.clear()
-                sides = {k: s.precondition_(pre) for k, s in sides.items()}
-            return self._finish_values(train, sides, losses, lr, grad_scale, lr_eff, norms, val_norms)
+            if not pre:
+                return self._finish_values(train, sides, losses, lr, grad_scale, lr_eff, norms, val_norms)
+            # the optimizer step makes the cached sides stale: precondition them in place, then recycle
+            self._cache.clear()
+            sides = {k: s.precondition_(pre) for k, s in sides.items()}
+            sv = self._finish_values(train, sides, losses, lr, grad_scale, lr_eff, norms, val_norms)
+            for k, side in sides.items():
+                self._recycle(k, side)
+            return sv
         self._pending = {
             "train": train,
             "sides": sides,
@@ -465,9 +492,13 @@ class Valuer:
                 else before.combine_(after[name], 0.5, 0.5)
             )
             scored[name] = side.precondition_(p["pre"]) if p["pre"] else side
-        return self._finish_values(
+        sv = self._finish_values(
             p["train"], scored, p["losses"], p["lr"], p["grad_scale"], p["lr_eff"], norms, p["val_norms"]
         )
+        for name, side in scored.items():
+            if side is not after[name]:  # "before", combined in place (or a copy): nothing holds it now
+                self._recycle(name, side)
+        return sv
 
     def finish(self) -> StepValues | None:
         """Flush: a pending order-2 step whose optimizer step never happened is valued at first order."""
