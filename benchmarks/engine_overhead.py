@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--modes", default="plain,order1,order2", help="comma list of plain,order1,order2,aware,vmap"
     )
     ap.add_argument("--strategy", default=None, help="force one strategy for every parameter")
+    ap.add_argument(
+        "--per-example",
+        action="store_true",
+        help="one value per validation sequence, with gradient norms, as `attribution run` values small sets",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plan", action="store_true", help="print the first-order plan")
@@ -109,10 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     task = LanguageModelingTask()
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     modes = args.modes.split(",")
+    pe = {"per_example": ["val"], "grad_norms": True} if args.per_example else {}
     valuers = {
-        "order1": Valuer(model, {"val": vs}, order=1, strategy=args.strategy, autocast_dtype=amp),
-        "order2": Valuer(model, {"val": vs}, order=2, strategy=args.strategy, autocast_dtype=amp),
-        "aware": Valuer(model, {"val": vs}, order=1, optimizer_aware=True, autocast_dtype=amp),
+        "order1": Valuer(model, {"val": vs}, order=1, strategy=args.strategy, autocast_dtype=amp, **pe),
+        "order2": Valuer(model, {"val": vs}, order=2, strategy=args.strategy, autocast_dtype=amp, **pe),
+        "aware": Valuer(model, {"val": vs}, order=1, optimizer_aware=True, autocast_dtype=amp, **pe),
     }
     for name, v in valuers.items():  # only the mode being timed may capture
         if name not in modes:
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         out = out or v.after_step()
         assert out is not None and out.per_set["val"].shape == (ids.shape[0],)
+        assert not args.per_example or out.per_example["val"].shape == (ids.shape[0], len(vs))
 
     def vmap_grads() -> None:
         """Direct per-sample gradients with torch.func, dotted with the validation gradient.
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_seqs": len(vs),
         "val_len": vs.ids.shape[1],
         "reps": args.reps,
+        "per_example": args.per_example,
         "threads": torch.get_num_threads(),
         "median_s": {m: statistics.median(t) for m, t in times.items() if t},
         "ratio": {},

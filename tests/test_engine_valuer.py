@@ -10,6 +10,7 @@ import torch
 from test_engine_helpers import one_thread, ragged_batch, rel_err, tiny_gpt2  # noqa: F401
 
 from attribution.engine import StepValues, ValSet, Valuer, grad_dot_products, grad_norms, step_values
+from attribution.engine import valuer as valuer_module
 from attribution.engine.exact import per_sample_grads
 from attribution.engine.task import LanguageModelingTask
 from attribution.errors import UserError
@@ -58,10 +59,14 @@ def test_training_gradients_identical_to_plain_backward_with_dropout():
     assert sv.per_set["v"].dtype == np.float64 and sv.per_set["v"].shape == (6,)
 
 
-def test_order1_loop_matches_step_values_and_per_example():
+@pytest.mark.parametrize("strategy,ghost_norm", [(None, False), ("ghost", False), ("ghost", True)])
+def test_order1_loop_matches_step_values_and_per_example(strategy, ghost_norm, monkeypatch):
+    """Values, per-example values and norms against brute force; the set's norm by both of its routes for
+    ghost parameters (the summed dense gradient, or the ghost self-product of all tokens)."""
+    monkeypatch.setattr(valuer_module, "ghost_norm_is_cheaper", lambda tokens, shape: ghost_norm)
     model = tiny_gpt2()
     va, vm, vs = _val()
-    valuer = Valuer(model, vs, per_example=["v"], grad_norms=True)
+    valuer = Valuer(model, vs, per_example=["v"], grad_norms=True, strategy=strategy)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(3):
         tr, tm = ragged_batch(5, 10, seed=40 + step)
