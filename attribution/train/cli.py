@@ -55,9 +55,8 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     "--preset",
     type=click.Choice(preset_names()),
     default=None,
-    help="Model and optimizer settings: cpu-tiny (demo on 2 CPU cores), cpu-small (4 layers, d=128: lower "
-    "validation loss per CPU-minute, slower valued steps), gpt2-small (the paper's 124M GPT-2, T=1024, "
-    "AdamW 6e-4 -> 6e-5), test-micro (seconds).",
+    help="Model and optimizer settings: cpu-tiny (demo on 2 CPU cores), gpt2-small (the paper's 124M "
+    "GPT-2, T=1024, AdamW 6e-4 -> 6e-5), test-micro (seconds).",
 )
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
 @click.option(

@@ -32,29 +32,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stage_window": 20,
         "dtype": "float32",
     },
-    # cpu-tiny twice as wide and deep (4 layers, d = 128), every other setting the same: see
-    # docs/benchmarks.md, "Session 10: a wider CPU preset", for its validation loss per CPU-minute.
-    "cpu-small": {
-        "n_layer": 4,
-        "n_head": 4,
-        "n_embd": 128,
-        "seq_len": 64,
-        "batch_size": 16,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 8,
-        "weight_decay": 0.1,
-        "betas": (0.9, 0.95),
-        "clip": 1.0,
-        "steps": 80,
-        "eval_every": 20,
-        "log_every": 5,
-        "checkpoint_every": 40,
-        "keep_every": 20,
-        "reference": 16,
-        "stage_window": 20,
-        "dtype": "float32",
-    },
     # The paper's setup: GPT-2 124M, T=1024, batch 16, AdamW 6e-4 -> 6e-5, wd 0.1, betas 0.9/0.95, clip 1.0.
     "gpt2-small": {
         "n_layer": 12,
