@@ -19,11 +19,13 @@ from attribution.engine.memory import (
     SCORES,
     SIDE,
     TRAIN,
+    TRANSIENT,
     held_bytes,
     step_memory,
     use_tensors,
 )
 from attribution.engine.optimizer import adam_preconditioner
+from attribution.engine.strategies.materialize import materialize
 
 VOCAB = 97
 
@@ -75,6 +77,27 @@ def test_memory_terms_equal_held_tensors(strategy, n) -> None:
         assert mem.get(SCORES, name) == sum(a.nbytes for a in arrays)
     assert mem.total > mem.get(TRAIN) > 0
     assert "| **total** |" in str(mem)
+
+
+def test_scoring_transient_is_what_scoring_allocates_beyond_the_side() -> None:
+    """Under `materialize`, scoring one parameter allocates its per-sample training gradients `[n, P0, P1]`
+    (the validation gradient it is dotted with is the side's, counted there): the transient is the
+    largest of them, for one set; sets scored together add the stacked copy of their G's."""
+    model = _model()
+    sets = _sets()
+    valuer = Valuer(model, {"each": sets["each"]}, per_example=["each"], strategy="materialize")
+    valuer.forward_backward(torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(2)))
+    train = valuer._train
+    largest = max(
+        materialize(uses, valuer.shapes[pid], True, torch.float32).nbytes for pid, uses in train.uses.items()
+    )
+    assert step_memory(valuer.plans(), per_example=["each"]).get(TRANSIENT) == largest
+    both = Valuer(_model(), sets, per_example=["each"], strategy="materialize")
+    both.forward_backward(torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(2)))
+    stacked = max(
+        (len(sets["each"]) + 1) * p0 * p1 * 4 + 4 * p0 * p1 * 4 for p0, p1 in both.shapes.values()
+    )  # 3 examples of "each" + the whole of "whole", and 4 training samples
+    assert step_memory(both.plans(), per_example=["each"]).get(TRANSIENT) == stacked
 
 
 def test_memory_order2_and_optimizer_aware() -> None:

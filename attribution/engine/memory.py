@@ -151,17 +151,36 @@ def _stub_uses(lp: LayerPlan) -> list[Use]:
     return [Use(empty, empty if col else None, index) for index, col in _kinds(lp)]
 
 
-def _strategy_bytes(lp: LayerPlan, sizes: Mapping[str, int], groups: int) -> int:
+def _strategy_bytes(lp: LayerPlan, sizes: Mapping[str, int], groups: int, itemsize: int = 4) -> int:
     est = estimate_costs(
-        lp.shape, _stub_uses(lp), sizes["n"], sizes["train_tokens"], sizes["m"], sizes["val_tokens"], groups
+        lp.shape,
+        _stub_uses(lp),
+        sizes["n"],
+        sizes["train_tokens"],
+        sizes["m"],
+        sizes["val_tokens"],
+        groups,
+        itemsize=itemsize,
     )
     return int(est[lp.strategy][1]) if lp.strategy in est else 0
 
 
-def scoring_transient(plan: Plan) -> int:
-    """The largest bytes-held estimate of any parameter's planned strategy (scoring is one parameter at a time)."""
+def _transient_bytes(lp: LayerPlan, sizes: Mapping[str, int], groups: int, g_item: int) -> int:
+    """What scoring one parameter allocates: its strategy's bytes-held estimate less the validation
+    gradient `G [groups, P0, P1]` that estimate includes, which the side already holds (its own term)."""
+    held = _strategy_bytes(lp, sizes, groups, g_item)
+    if get_strategy(lp.strategy).val_gradient is not None:
+        p0, p1 = _dense_shape(lp)
+        held -= groups * p0 * p1 * g_item
+    return max(held, 0)
+
+
+def scoring_transient(plan: Plan, itemsize: int = 4) -> int:
+    """The largest allocation of any parameter's planned strategy (scoring is one parameter at a time)."""
+    g_item = 8 if itemsize == 8 else 4
     return max(
-        (_strategy_bytes(lp, plan.sizes, plan.sizes["groups"]) for lp in plan.layers.values()), default=0
+        (_transient_bytes(lp, plan.sizes, plan.sizes["groups"], g_item) for lp in plan.layers.values()),
+        default=0,
     )
 
 
@@ -179,11 +198,11 @@ def joint_scoring_transient(plans: Mapping[str, Plan], itemsize: int = 4) -> int
         for name, group in planned.items():
             lp = group[0].layers[pid]
             if get_strategy(name).val_gradient is None or len(group) == 1:
-                held = max(_strategy_bytes(p.layers[pid], p.sizes, p.sizes["groups"]) for p in group)
-            else:
+                held = max(_transient_bytes(p.layers[pid], p.sizes, p.sizes["groups"], g_item) for p in group)
+            else:  # the stacked copy of the sets' G's, and the strategy's own allocation at that many groups
                 groups = sum(p.sizes["groups"] for p in group)
                 p0, p1 = _dense_shape(lp)
-                held = groups * p0 * p1 * g_item + _strategy_bytes(lp, group[0].sizes, groups)
+                held = groups * p0 * p1 * g_item + _transient_bytes(lp, group[0].sizes, groups, g_item)
             best = max(best, held)
     return best
 
