@@ -156,7 +156,7 @@ def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
     for pid, parts in entries.items():
         uses, w = parts[0]
         dtype = compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row)
-        tokens = sum(u.row.shape[0] * u.row.shape[1] for u in uses[:1])
+        tokens = uses[0].row.shape[0] * uses[0].row.shape[1]  # every use of a parameter sees the same tokens
         if len(parts) == 1 and ghost_norm_is_cheaper(tokens, shapes[pid]):
             flat = [_one_sample(u) for u in uses]
             total = total + (w * w) * self_sq_norms(flat, dtype)[0].double()
@@ -340,8 +340,9 @@ class Valuer:
         """Zeros `[rows, *g.shape[1:]]` for a per-example side, in a dead side's buffer where one fits.
 
         Why: a per-example side of the tied head is the step's largest tensor (811 MB for 64 sequences
-        at d = 64). Allocated afresh every step, glibc's heap (mmap off, `attribution.memory`) fills the
-        hole it leaves with smaller temporaries and grows; reused, the peak stays put."""
+        at d = 64). Allocated afresh every step, glibc's heap (mmap off, `attribution.memory`) may fill
+        the hole it leaves with smaller temporaries and grow. Measured at the twelve-text shape the
+        effect is small (engine peak 3.16 -> 3.13 GB, docs/benchmarks.md "Session 10"), but free."""
         buf = self._spare.pop((name, pid), None)
         shape = (rows, *g.shape[1:])
         if buf is None or buf.shape != shape or buf.dtype != g.dtype or buf.device != g.device:
