@@ -421,9 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
                         )
                     )
                 t_val += t
-                cap = (
-                    part if cap is None else join_captures(cap, part)
-                )  # untimed: scoring below takes it whole
+                # untimed: the scoring below takes the set's capture whole
+                cap = part if cap is None else join_captures(cap, part)
             val_tokens = vs.ids.numel()
             add(
                 f"validation forward/backward [{name}]",

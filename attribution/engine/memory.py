@@ -175,19 +175,10 @@ def _transient_bytes(lp: LayerPlan, sizes: Mapping[str, int], groups: int, g_ite
     return max(held, 0)
 
 
-def scoring_transient(plan: Plan, itemsize: int = 4) -> int:
-    """The largest allocation of any parameter's planned strategy (scoring is one parameter at a time)."""
-    g_item = 8 if itemsize == 8 else 4
-    return max(
-        (_transient_bytes(lp, plan.sizes, plan.sizes["groups"], g_item) for lp in plan.layers.values()),
-        default=0,
-    )
-
-
 def joint_scoring_transient(plans: Mapping[str, Plan], itemsize: int = 4) -> int:
-    """`scoring_transient` of `scoring.score_sets`: per parameter, the sets planned with the same dense
-    strategy are scored together, holding the stacked copy of their `G`s and the strategy's buffers at the
-    stacked group count; the largest parameter wins."""
+    """What `scoring.score_sets` allocates beyond the sides, for its largest parameter (it scores one
+    parameter at a time): the sets planned with the same dense strategy are scored together, holding the
+    stacked copy of their `G`s and the strategy's buffers at the stacked group count."""
     g_item = 8 if itemsize == 8 else 4
     first = next(iter(plans.values()))
     best = 0

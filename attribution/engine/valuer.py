@@ -161,7 +161,7 @@ def side_sq_norm(side: ValSide, shapes: dict[int, tuple[int, int]]) -> float:
             flat = [_one_sample(u) for u in uses]
             total = total + (w * w) * self_sq_norms(flat, dtype)[0].double()
             continue
-        g = sum(w * materialize(u, shapes[pid], False, dtype)[0].double() for u, w in parts)
+        g = sum(weight * materialize(part, shapes[pid], False, dtype)[0].double() for part, weight in parts)
         total = total + (g**2).sum()
     return float(total)
 
