@@ -3,6 +3,8 @@ texts the run valued, and the royalty numbers do not depend on the view at all."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from attribution.train import RunConfig, train_and_value
 from attribution.values import RunValues
 from attribution.values.views import DEFAULT_VIEW, REFERENCE_SET
-from attribution.workflows import explore
+from attribution.workflows import checkpoint_similarity, explore
 from tests.train_fixtures import write_corpus, write_val
 
 
@@ -42,7 +44,10 @@ def _run(folder, name: str, val: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def runs(folder):
-    return _run(folder, "alone", {"a": "a"}), _run(folder, "more", {"a": "a", "b": "b"})
+    out = _run(folder, "alone", {"a": "a"}), _run(folder, "more", {"a": "a", "b": "b"})
+    for run in out:
+        checkpoint_similarity.write(run, checkpoint_similarity.for_run(run))
+    return out
 
 
 def _of_a(run, view: str) -> pd.Series:
@@ -51,7 +56,9 @@ def _of_a(run, view: str) -> pd.Series:
     return ev["attribution"]
 
 
-@pytest.mark.parametrize("view", [DEFAULT_VIEW, "standout", "contrast_per_token"])
+@pytest.mark.parametrize(
+    "view", [DEFAULT_VIEW, "standout", "contrast_per_token", "checkpoint_cosine", "standout_checkpoint"]
+)
 def test_a_texts_views_do_not_change_when_other_texts_are_valued(runs, view):
     alone, more = runs
     x, y = _of_a(alone, view), _of_a(more, view)
@@ -78,7 +85,7 @@ def test_royalties_are_the_same_under_every_default_view(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     tables, attributions = [], []
-    for view in ["value", DEFAULT_VIEW, "standout", "contrast_per_token"]:
+    for view in ["value", DEFAULT_VIEW, "standout", "contrast_per_token", "standout_checkpoint"]:
         m = Manifest.read(run)
         m.values.default_view = view
         m.write(run)
@@ -98,3 +105,51 @@ def test_royalties_are_the_same_under_every_default_view(runs, tmp_path):
     want = 1000.0 * want / want.sum()
     got = tables[0].reindex(want.index).fillna(0.0)
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), atol=0.011)  # payouts are rounded to cents
+
+
+def test_checkpoint_cosines_are_read_with_the_example_rows(runs):
+    """The checkpoint table covers every trained document and every per-example text (the reference set
+    too), and `RunValues` joins it to the right rows: a text's column equals the table's, key by key."""
+    run = runs[1]
+    table = pd.read_parquet(run / checkpoint_similarity.TABLE)
+    ev = RunValues.read(run).examples()
+    assert set(table["val_set"]) == {"a", "b", REFERENCE_SET}
+    assert len(table) == len(table.drop_duplicates(["doc_id", "val_set", "val_id"]))
+    got = ev.set_index(["doc_id", "val_set", "val_id"])["checkpoint_cosine"].dropna()
+    want = table.set_index(["doc_id", "val_set", "val_id"])["checkpoint_cosine"].reindex(got.index)
+    assert len(got) == len(ev) and np.abs(want.to_numpy()).max() > 0
+    np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+    assert (np.abs(table["checkpoint_cosine"]) <= 1 + 1e-12).all()
+
+
+def test_a_run_without_a_replay_chain_is_named(folder, tmp_path):
+    import shutil
+
+    from attribution.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(folder / "alone", run)
+    shutil.rmtree(run / "replay")
+    with pytest.raises(UserError, match="kept no replay chain"):
+        checkpoint_similarity.for_run(run)
+
+
+def test_the_documents_gradients_use_the_sequences_the_loop_trained_on(runs):
+    """`trained_sequences` replays the loop's sampler: per document, the stream positions it takes are
+    the `n_seen` the value store counted (repeats included), and a set of them each once."""
+    from attribution.train import loop
+    from attribution.train.distributed import DistInfo
+    from attribution.workflows.claim_fast import _config
+
+    run = runs[0]
+    cfg = _config(RunValues.read(run).run.manifest())
+    data = loop.load_training(cfg, loop.load_validation(cfg), Path(cfg.cache_dir), DistInfo())
+    taken = cfg.total_steps(len(data.train_seqs)) * cfg.batch_size
+    stream = loop.Sampler(data.train_seqs, cfg.seed).take(0, taken)
+    doc_ids = data.docs["doc_id"].astype(str).to_numpy()
+    counted = pd.Series(doc_ids[data.store_row_of_seq[stream]]).value_counts().sort_index()
+    dv = RunValues.read(run).to_dataframe().set_index("doc_id")["n_seen"]
+    pd.testing.assert_series_equal(counted, dv[dv > 0].sort_index(), check_names=False)
+    np.testing.assert_array_equal(
+        checkpoint_similarity.trained_sequences(data.train_seqs, cfg.seed, taken), np.unique(stream)
+    )

@@ -30,6 +30,8 @@ from attribution.values.rundir import DOC_VALUES, DOCS, EXAMPLE_VALUES, RunDir
 
 KEYS = tuple(views_mod.KEYS)
 RAW_COLUMNS = ("value", "value_normalized", "value_cosine")  # what the value store writes per example
+# computed after training at the kept checkpoints (attribution.workflows.checkpoint_similarity), own table
+CHECKPOINT_COLUMN, CHECKPOINT_TABLE = "checkpoint_cosine", "checkpoint_values.parquet"
 DOC_META = ("doc_id", "source", "owner", "license", "n_tokens")
 GROUPS = ("source", "owner")
 
@@ -114,7 +116,17 @@ class RunValues:
     def _stored(self) -> list[str]:
         if not self.run.example_values_path.is_file():
             return []
-        return self.run.columns(EXAMPLE_VALUES)
+        extra = [CHECKPOINT_COLUMN] if (self.run.path / CHECKPOINT_TABLE).is_file() else []
+        return self.run.columns(EXAMPLE_VALUES) + extra
+
+    def _checkpoint_column(self, keys: pd.DataFrame) -> pd.Series:
+        """`checkpoint_cosine` aligned with the example rows' keys (NaN where the table has no row)."""
+        cols = [*KEYS, CHECKPOINT_COLUMN]
+        table = self.run.table(CHECKPOINT_TABLE, cols, required=True, needs=cols)
+        assert table is not None
+        lookup = table.astype({k: str for k in KEYS}).set_index(list(KEYS))[CHECKPOINT_COLUMN]
+        index = pd.MultiIndex.from_frame(keys[list(KEYS)].astype(str))
+        return pd.Series(lookup.reindex(index).to_numpy(dtype=np.float64), index=keys.index)
 
     def has_examples(self) -> bool:
         return all(c in self._stored() for c in (*KEYS, "value"))
@@ -131,13 +143,16 @@ class RunValues:
                 "per-text values were not recorded"
             )
         stored = self._stored()
-        asked = dict.fromkeys(columns if columns is not None else RAW_COLUMNS)
+        asked = dict.fromkeys(columns if columns is not None else (*RAW_COLUMNS, CHECKPOINT_COLUMN))
         want = [c for c in asked if c in stored and c not in KEYS]
-        need = [c for c in (*KEYS, *want) if c not in self._columns]
+        need = [c for c in (*KEYS, *want) if c not in self._columns and c != CHECKPOINT_COLUMN]
         if need:
             frame = self.run.table(EXAMPLE_VALUES, need)
             assert frame is not None
             self._columns.update({c: frame[c] for c in need})
+        if CHECKPOINT_COLUMN in want and CHECKPOINT_COLUMN not in self._columns:
+            keys = pd.DataFrame({c: self._columns[c] for c in KEYS})
+            self._columns[CHECKPOINT_COLUMN] = self._checkpoint_column(keys)
         out = pd.DataFrame({c: self._columns[c] for c in (*KEYS, *want)})
         if "value_cosine" in out.columns and out["value_cosine"].isna().all() and len(out):
             out = out.drop(columns="value_cosine")

@@ -240,6 +240,20 @@ VIEWS: dict[str, View] = {
         ("value_cosine",),
         z_of="value_cosine",
     ),
+    "checkpoint_cosine": View(
+        _col("checkpoint_cosine"),
+        "mean over the kept checkpoints of the Adam-normalized gradient cosine (TrackStar's recipe, exact)",
+        "derived-from questions: similarity at fixed weights rather than the effect of a training step",
+        ("checkpoint_cosine",),
+        z_of="checkpoint_cosine",
+    ),
+    "standout_checkpoint": View(
+        _standout_of("checkpoint_cosine"),
+        "z of the checkpoint cosine against the document's checkpoint cosines for the reference set's texts",
+        "derived-from questions, with generally similar documents discounted",
+        ("checkpoint_cosine",),
+        z_of="checkpoint_cosine",
+    ),
 }
 
 # Chosen by the held-out protocol of docs/benchmarks.md ("Held-out views", benchmarks/heldout_views.py):

@@ -1,0 +1,282 @@
+"""Exact gradient similarity at the run's kept checkpoints: TrackStar's recipe with no projection.
+
+Why: an In-Run Shapley value answers "what did this document's update do to this text's loss, at the
+step it was trained". A copyright reviewer mostly asks another question, "which document is this text
+derived from", and for that a similarity of gradients at a few fixed weights ranks originals better:
+TrackStar (Chang et al., 2024) uses Adam-normalized, unit-normalized gradients at a handful of
+checkpoints, through random projections. A run's replay chain (`attribution.train.chain`) keeps
+checkpoints *with their Adam state*, so the same similarity can be computed exactly, with every
+parameter and no projection:
+
+    u_s(x) = K_s^(power/2) * g_x(w_s)                     (elementwise; K_s = Adam's 1/(sqrt(v_hat)+eps))
+    checkpoint_cosine(d, t) = mean over kept links s of <u_s(d), u_s(t)> / (|u_s(d)| |u_s(t)|)
+
+`g_x` is the gradient of the summed per-sequence loss over x's sequences (the training sequences the
+run trained a document on, every validation sequence of a text). `power=1` weighs coordinates as one Adam update
+does (`<g_t, K g_d>`); `power=2` divides each side by `sqrt(v)` as TrackStar does. Runs trained with
+SGD have `K = 1`: plain cosines. The step-0 link has no Adam state yet and takes the next link's `K`.
+
+A text's score depends only on its own gradients and the documents', never on the other texts asked
+about. The result is a column of per-example rows (`checkpoint_values.parquet` in the run directory),
+which `attribution.values.RunValues` joins to `example_values` so that views can read it.
+
+Cost: one gradient per document and text per kept link (a pass over the training corpus per link,
+no optimizer step), held dense: `texts x parameters` floats per link (`MAX_TEXT_BYTES` bounds it by
+taking the texts in groups).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+
+COLUMN = "checkpoint_cosine"
+POWER = 1.0  # the exponent of K each side takes by default (see the module docstring)
+TABLE = "checkpoint_values.parquet"
+MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once (float32): larger sets go in groups
+DOC_BLOCK_BYTES = 1 << 29  # documents' dense gradients scored against the texts at once
+SEQ_CHUNK = 32  # sequences per forward/backward
+
+
+class Sequences:
+    """Token sequences owned by items (documents or texts): ids/mask `[n_seq, T]`, owner `[n_seq]`."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, owner: np.ndarray, n_items: int):
+        self.ids, self.mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
+        self.owner = np.asarray(owner, dtype=np.int64)
+        self.n_items = int(n_items)
+        order = np.argsort(self.owner, kind="stable")
+        bounds = np.searchsorted(self.owner[order], np.arange(self.n_items + 1))
+        self._rows = [order[bounds[i] : bounds[i + 1]] for i in range(self.n_items)]
+
+    def rows(self, item: int) -> np.ndarray:
+        return self._rows[item]
+
+    def subset(self, items: Sequence[int]) -> Sequences:
+        rows = [self.rows(i) for i in items]
+        owner = np.concatenate([np.full(len(r), j) for j, r in enumerate(rows)]) if rows else np.zeros(0)
+        take = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        return Sequences(self.ids[take], self.mask[take], owner, len(rows))
+
+
+def unit_gradients(
+    model, task, seqs: Sequences, scale: Mapping[int, object], params: Mapping[int, tuple[str, object]]
+):
+    """`[n_items, n_params]` in the model's dtype: each item's `scale * g` (flattened in `params` order),
+    unit norm (a zero row where the item has no label token)."""
+    import torch
+
+    from attribution.engine.valuer import eval_mode
+
+    dev = next(model.parameters()).device
+    n_params = sum(p.numel() for _, p in params.values())
+    dtype = next(iter(params.values()))[1].dtype
+    out = torch.zeros(seqs.n_items, n_params, dtype=dtype)
+    for item in range(seqs.n_items):
+        rows = seqs.rows(item)
+        model.zero_grad(set_to_none=True)
+        with eval_mode(model), torch.enable_grad():
+            for s in range(0, len(rows), SEQ_CHUNK):
+                r = rows[s : s + SEQ_CHUNK]
+                ids, mask = torch.from_numpy(seqs.ids[r]).to(dev), torch.from_numpy(seqs.mask[r]).to(dev)
+                task.per_sequence_loss(model, ids, mask).sum().backward()
+        at = 0
+        for pid, (_, p) in params.items():
+            n = p.numel()
+            if p.grad is not None:
+                out[item, at : at + n] = (p.grad * scale[pid]).reshape(-1).to(dtype).cpu()
+            at += n
+    model.zero_grad(set_to_none=True)
+    norm = out.double().norm(dim=1, keepdim=True).to(dtype)
+    return torch.where(norm > 0, out / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+def cosines(
+    model,
+    task,
+    load_links: Sequence[Callable[[], Mapping[int, object] | None]],
+    texts: Sequences,
+    docs: Sequences,
+    *,
+    power: float = 1.0,
+    progress: bool = False,
+) -> np.ndarray:
+    """`[n_texts, n_docs]` mean over links of the preconditioned gradient cosine.
+
+    Each entry of `load_links` loads one kept checkpoint into `model` and returns Adam's `K` there
+    (param id -> param-shaped tensor), or None where the link has no Adam state: it then takes the next
+    link's `K` (the step-0 link), or `K = 1` when no link has one (SGD)."""
+    import torch
+    from tqdm import tqdm
+
+    from attribution.engine.rules import trainable_params
+
+    params = trainable_params(model)
+    n_params = sum(p.numel() for _, p in params.values())
+    group = max(1, int(MAX_TEXT_BYTES // (4 * n_params)))
+    block = max(1, int(DOC_BLOCK_BYTES // (4 * n_params)))
+    passes = -(-texts.n_items // group)
+    total = np.zeros((texts.n_items, docs.n_items))
+    bar = tqdm(
+        total=len(load_links) * (texts.n_items + docs.n_items * passes),
+        desc="checkpoint gradients",
+        unit="grad",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    for i, load in enumerate(load_links):
+        k = load()
+        if k is None:  # no Adam state here (step 0): the next link that has one lends its K
+            k = next((kk for kk in (later() for later in load_links[i + 1 :]) if kk is not None), None)
+            load()
+        scale = {
+            pid: (torch.ones((), dtype=p.dtype) if k is None else k[pid].pow(power / 2)).to(p.device)
+            for pid, (_, p) in params.items()
+        }
+        for start in range(0, texts.n_items, group):
+            items = range(start, min(start + group, texts.n_items))
+            u = unit_gradients(model, task, texts.subset(items), scale, params)
+            bar.update(len(items))
+            for b in range(0, docs.n_items, block):
+                cols = range(b, min(b + block, docs.n_items))
+                d = unit_gradients(model, task, docs.subset(cols), scale, params)
+                total[start : items.stop, b : cols.stop] += (u @ d.T).double().numpy()
+                bar.update(len(cols))
+    bar.close()
+    return total / max(len(load_links), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run directory
+
+
+def trained_sequences(train_seqs: np.ndarray, seed: int, taken: int) -> np.ndarray:
+    """The sequences the run's loop trained on (its first `taken` stream positions), each once: a
+    document's gradient is that of what it gave training, not of text the run never reached."""
+    from attribution.train.loop import Sampler
+
+    return np.unique(Sampler(train_seqs, seed).take(0, taken))
+
+
+def _run_sets(run: Path, cfg) -> dict:
+    """The run's validation sets, from its own copies (the reference set comes separately)."""
+    import dataclasses
+
+    from attribution.train import loop
+    from attribution.train.reference import NAME as REFERENCE
+    from attribution.values.rundir import RunDir
+
+    paths = {n: str(p) for n, p in RunDir(run).val_set_paths().items() if n != REFERENCE}
+    return loop.load_validation(dataclasses.replace(cfg, val=paths))
+
+
+def for_run(
+    run: str | Path,
+    texts: Mapping | None = None,
+    *,
+    power: float = POWER,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """`doc_id, val_set, val_id, checkpoint_cosine` for every trained document and every text of `texts`
+    (`{set name: ValData}`; default: the run's per-example validation sets) and of the run's reference
+    set, at the run's kept checkpoints."""
+    import dataclasses
+
+    import torch
+
+    from attribution.engine.optimizer import is_adam
+    from attribution.engine.rules import trainable_params
+    from attribution.engine.task import LanguageModelingTask
+    from attribution.train import chain, loop
+    from attribution.train.distributed import DistInfo
+    from attribution.values.rundir import RunDir
+    from attribution.workflows.claim_fast import _config, _has_adam_state, link_preconditioner
+
+    run = Path(run)
+    cfg = _config(RunDir(run).manifest())
+    links = chain.links(run)
+    if not links:
+        raise UserError(
+            f"{run}: the run kept no replay chain, so there are no checkpoints to compare gradients at "
+            "(train with --keep-every N)"
+        )
+    own = _run_sets(run, cfg)
+    texts = dict({n: v for n, v in own.items() if v.per_example} if texts is None else texts)
+    device, dtype = loop.resolve_device(cfg)
+    model = loop.build_model(cfg, device, "float64" if dtype == "float64" else "float32")
+    optimizer = loop.build_optimizer(model, cfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else loop.default_cache_dir()
+    # the run's own validation sets decide which documents were held out, as they did in training
+    data = loop.load_training(dataclasses.replace(cfg, val={}), own, cache, DistInfo())
+    ref = loop.reference_set(data)
+    if ref is not None:
+        texts[ref.name] = ref
+    if not texts:
+        raise UserError(f"{run}: no per-example texts to compare the documents with")
+
+    seqs = trained_sequences(
+        data.train_seqs, cfg.seed, cfg.total_steps(len(data.train_seqs)) * cfg.batch_size
+    )
+    docs = Sequences(
+        data.seqset.ids[seqs], data.seqset.mask[seqs], data.store_row_of_seq[seqs], len(data.doc_rows)
+    )
+    names = [(n, i) for n, v in texts.items() for i in v.example_ids]
+    offsets = np.cumsum([0] + [len(v.docs) for v in texts.values()])
+    text_seqs = Sequences(
+        np.concatenate([v.ids for v in texts.values()]),
+        np.concatenate([v.mask for v in texts.values()]),
+        np.concatenate([v.seq_doc + o for v, o in zip(texts.values(), offsets, strict=False)]),
+        len(names),
+    )
+
+    params = trainable_params(model)
+    ones = None if is_adam(optimizer) else {pid: torch.ones_like(p) for pid, (_, p) in params.items()}
+
+    def loader(link):
+        def load():
+            chain.load_link(link, model, optimizer, device=device)
+            if ones is not None:  # SGD: plain cosines
+                return ones
+            return link_preconditioner(model, optimizer) if _has_adam_state(optimizer) else None
+
+        return load
+
+    scores = cosines(
+        model,
+        LanguageModelingTask(),
+        [loader(lk) for lk in links],
+        text_seqs,
+        docs,
+        power=power,
+        progress=progress,
+    )
+    doc_ids = data.docs["doc_id"].astype(str).to_numpy()
+    return pd.DataFrame(
+        {
+            "doc_id": np.tile(doc_ids, len(names)),
+            "val_set": np.repeat([n for n, _ in names], len(doc_ids)),
+            "val_id": np.repeat([i for _, i in names], len(doc_ids)),
+            COLUMN: scores.reshape(-1),
+        }
+    )
+
+
+def write(run: str | Path, frame: pd.DataFrame, *, power: float = POWER) -> Path:
+    """Write `checkpoint_values.parquet` atomically (the power it was computed with in its metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from attribution.io import atomic_path
+
+    path = Path(run) / TABLE
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"power": str(power).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
