@@ -87,10 +87,13 @@ def test_cosines_match_brute_force_per_item_gradients(power, monkeypatch):
 
         return load
 
-    got = cs.cosines(model, LanguageModelingTask(), [loader(i) for i in range(3)], texts, docs, power=power)
+    got = cs.cosines(
+        model, LanguageModelingTask(), [loader(i) for i in range(3)], texts, docs, powers=(power, 0.0)
+    )
     want = _brute(model, states, ks, texts, docs, power)
-    assert np.abs(want).max() > 0.01 and np.abs(got).max() <= 1.0 + 1e-12
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert got.shape == (2, 3, 5) and np.abs(want).max() > 0.01 and np.abs(got).max() <= 1.0 + 1e-12
+    np.testing.assert_allclose(got[0], want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], _brute(model, states, ks, texts, docs, 0.0), rtol=1e-10, atol=1e-12)
     # the power matters (it would not if K were ignored)
     other = _brute(model, states, ks, texts, docs, 3.0 - power)
     assert np.abs(other - want).max() > 1e-3
@@ -112,7 +115,9 @@ def test_texts_are_scored_in_groups_as_one(monkeypatch):
         return [make(i) for i in range(2)]
 
     whole = cs.cosines(model, LanguageModelingTask(), loaders(), texts, docs)
-    monkeypatch.setattr(cs, "MAX_TEXT_BYTES", 8 * sum(p.numel() for p in model.parameters()))  # one at a time
+    monkeypatch.setattr(
+        cs, "MAX_TEXT_BYTES", 2 * 8 * sum(p.numel() for p in model.parameters())
+    )  # one at a time
     np.testing.assert_allclose(
         cs.cosines(model, LanguageModelingTask(), loaders(), texts, docs), whole, rtol=1e-12
     )

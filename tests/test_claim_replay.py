@@ -57,6 +57,23 @@ def test_replay_equals_in_run_bitwise(corpus_dir, tmp_path, order, aware, dtype)
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["claim"]["verified"] == "bitwise" and manifest["claim"]["replayed_steps"] == 6
+    # the claims' checkpoint cosines (the default view's input) are the run's own for the same texts
+    got, want = _checkpoint(out, "claims"), _checkpoint(run, "a")
+    assert len(want) > 0 and np.abs(want.to_numpy()).max() > 0
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-9, atol=_cosine_atol(run, dtype))
+
+
+def _checkpoint(run, val_set: str) -> pd.Series:
+    t = pd.read_parquet(run / "checkpoint_values.parquet")
+    return t[t["val_set"] == val_set].set_index(["doc_id", "val_id"])["checkpoint_cosine"].sort_index()
+
+
+def _cosine_atol(run, dtype: str) -> float:
+    """Unit vectors' dot products summed in another order: about sqrt(n_params) roundings of the dtype."""
+    from safetensors.numpy import load_file
+
+    n = sum(v.size for v in load_file(str(run / "replay" / "step_0000000" / "model.safetensors")).values())
+    return 10 * np.sqrt(n) * float(np.finfo(dtype).eps)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +130,11 @@ def test_workers_and_targeted_replay_give_the_sequential_values(corpus_dir, base
     pd.testing.assert_frame_equal(got, want[want.doc_id.isin(late)].reset_index(drop=True), check_exact=True)
     info = json.loads((tgt / "manifest.json").read_text())["claim"]
     assert info["replayed_steps"] < 6 and info["targeted_docs"] == late
+    got, full = _checkpoint(tgt, "claims"), _checkpoint(seq, "claims")
+    assert set(got.index.get_level_values("doc_id")) == set(late)
+    np.testing.assert_allclose(
+        got.to_numpy(), full.loc[got.index].to_numpy(), atol=_cosine_atol(seq, "float32")
+    )
 
 
 def test_kill_9_then_resume_gives_identical_values(corpus_dir, base_run, tmp_path):

@@ -181,6 +181,14 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     default=False,
     help="Write no gradient sketch index (claims then need the exact replay).",
 )
+@click.option(
+    "--no-checkpoint-view",
+    "no_checkpoint_view",
+    is_flag=True,
+    default=False,
+    help="Skip the exact gradient similarity at the kept checkpoints after training (one gradient pass over "
+    "the trained documents per kept checkpoint); the default view is then the in-run standout_cosine.",
+)
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (overrides the preset).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (overrides the preset).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (overrides the preset).")
@@ -216,6 +224,7 @@ def run_command(
     sketch_width,
     sketch_side,
     no_sketch,
+    no_checkpoint_view,
     batch_size,
     seq_len,
     lr,
@@ -253,6 +262,7 @@ def run_command(
         "per_example_max": per_example_max,
         "value": False if plain else None,
         "sketch": False if no_sketch else None,
+        "checkpoint_view": False if no_checkpoint_view else None,
         "sketch_dim": sketch_dim,
         "sketch_kind": sketch_kind,
         "sketch_mix": sketch_mix,

@@ -55,6 +55,8 @@ class RunConfig:
     sketch: bool = (
         True  # in-run gradient sketches as a FAISS index for `claim --fast` (attribution.train.sketch)
     )
+    # checkpoint similarity after training (attribution.workflows.checkpoint_similarity): the default view's input
+    checkpoint_view: bool = True
     sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
     sketch_kind: str = "tensor"  # first stage of the sketch: "tensor" or "kronecker" (sketch.KINDS)
     sketch_mix: str = "shared"  # one mix for every segment, or "segment": one per segment (sketch.MIXES)

@@ -43,6 +43,7 @@ from attribution.train import checkpoint as ckpt
 from attribution.train import distributed as dist_util
 from attribution.train.config import RunConfig
 from attribution.train.store import ValueStore
+from attribution.values.views import default_for
 
 if TYPE_CHECKING:
     from attribution.train.step import ValuedStep
@@ -878,6 +879,8 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
     if run.store is not None:
         run.store.finalize()
     _write_docs_parquet(run.out, run.data)
+    if run.store is not None:
+        run.store.default_view = default_for(_checkpoint_cosines(run))
     if run.sketch is not None:
         run.sketch.write(run.out)
     final_val = evaluate(run.model, run.val, run.device)
@@ -911,6 +914,21 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
             "`attribution claim` can value texts against this run later",
             file=sys.stderr,
         )
+
+
+def _checkpoint_cosines(run: _Session) -> bool:
+    """The exact gradient similarity at the kept checkpoints (`checkpoint_values.parquet`), which the
+    default view reads; whether the run has it. Needs the replay chain and per-example texts."""
+    from attribution.workflows import checkpoint_similarity
+
+    per_example = any(v.per_example for v in run.val.values())
+    if not (run.cfg.checkpoint_view and per_example and chain.links(run.out)):
+        return False
+    table = run.out / checkpoint_similarity.TABLE
+    if not table.is_file():  # a resumed run that got this far already has it
+        frame = checkpoint_similarity.for_run(run.out, progress=run.cfg.progress)
+        checkpoint_similarity.write(run.out, frame)
+    return True
 
 
 def _write_manifest(

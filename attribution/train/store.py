@@ -87,6 +87,9 @@ class ValueStore:
         self.set_names = list(set_names)
         self.example_ids = {k: [str(x) for x in v] for k, v in (example_ids or {}).items()}
         self.stage_window = int(stage_window)
+        # the view the manifest names as the default; the loop sets the in-run one when no checkpoint
+        # cosines are computed (no replay chain, --no-checkpoint-view)
+        self.default_view = DEFAULT_VIEW
         n_docs, n_sets = len(self.docs), len(self.set_names)
         self.value = np.zeros((n_docs, n_sets), dtype=np.float64)
         self.value_norm = np.zeros((n_docs, n_sets), dtype=np.float64)
@@ -369,7 +372,7 @@ class ValueStore:
             normalization=NORMALIZATION_RULE,
             stage_window=self.stage_window,
             per_example_sets={k: len(v) for k, v in self.example_ids.items()},
-            default_view=DEFAULT_VIEW,
+            default_view=self.default_view,
             views=_view_docs(),
         )
 

@@ -172,9 +172,11 @@ class RunValues:
 
     def view(self, name: str | None = None) -> pd.DataFrame:
         """Per-example attribution under one view (default: the run's): `doc_id, val_set, val_id, value,
-        attribution`. Falls back to the raw value when the run lacks what the default view needs."""
+        attribution`. Falls back to the in-run default view, then to the raw value, when the run lacks
+        what the default view needs."""
         if name is None:
-            name = self.default_view if self.default_view in self.available_views() else "value"
+            have = self.available_views()
+            name = next((v for v in (self.default_view, views_mod.IN_RUN_VIEW) if v in have), "value")
         elif name not in views_mod.VIEWS:
             raise UserError(f"unknown view {name!r}; known: {', '.join(views_mod.VIEWS)}")
         needs = [c for c in views_mod.VIEWS[name].needs if c != "n_tokens"]

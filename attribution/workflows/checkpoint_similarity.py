@@ -28,7 +28,7 @@ taking the texts in groups).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,36 +65,43 @@ class Sequences:
         return Sequences(self.ids[take], self.mask[take], owner, len(rows))
 
 
-def unit_gradients(
-    model, task, seqs: Sequences, scale: Mapping[int, object], params: Mapping[int, tuple[str, object]]
-):
-    """`[n_items, n_params]` in the model's dtype: each item's `scale * g` (flattened in `params` order),
-    unit norm (a zero row where the item has no label token)."""
+def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, object]]):
+    """`[n_items, n_params]` on the model's device and in its dtype: each item's gradient of its summed
+    per-sequence loss, flattened in `params` order (a zero row where the item has no label token)."""
     import torch
 
     from attribution.engine.valuer import eval_mode
 
-    dev = next(model.parameters()).device
+    first = next(iter(params.values()))[1]
     n_params = sum(p.numel() for _, p in params.values())
-    dtype = next(iter(params.values()))[1].dtype
-    out = torch.zeros(seqs.n_items, n_params, dtype=dtype)
+    out = torch.zeros(seqs.n_items, n_params, dtype=first.dtype, device=first.device)
     for item in range(seqs.n_items):
         rows = seqs.rows(item)
         model.zero_grad(set_to_none=True)
         with eval_mode(model), torch.enable_grad():
             for s in range(0, len(rows), SEQ_CHUNK):
                 r = rows[s : s + SEQ_CHUNK]
-                ids, mask = torch.from_numpy(seqs.ids[r]).to(dev), torch.from_numpy(seqs.mask[r]).to(dev)
+                ids = torch.from_numpy(seqs.ids[r]).to(first.device)
+                mask = torch.from_numpy(seqs.mask[r]).to(first.device)
                 task.per_sequence_loss(model, ids, mask).sum().backward()
         at = 0
-        for pid, (_, p) in params.items():
-            n = p.numel()
+        for _, p in params.values():
             if p.grad is not None:
-                out[item, at : at + n] = (p.grad * scale[pid]).reshape(-1).to(dtype).cpu()
-            at += n
+                out[item, at : at + p.numel()] = p.grad.reshape(-1)
+            at += p.numel()
     model.zero_grad(set_to_none=True)
-    norm = out.double().norm(dim=1, keepdim=True).to(dtype)
-    return torch.where(norm > 0, out / torch.where(norm > 0, norm, 1.0), 0.0)
+    return out
+
+
+def _unit(x):
+    """Rows scaled to unit norm (zero rows stay zero)."""
+    norm = x.norm(dim=1, keepdim=True)
+    return x / norm.clamp_min(float(np.finfo(np.float64).tiny))
+
+
+def _side(g, scale):
+    """One side of the cosine: the gradients weighted by `K^(power/2)` (None: unweighted), unit rows."""
+    return _unit(g if scale is None else g * scale)
 
 
 def cosines(
@@ -104,25 +111,27 @@ def cosines(
     texts: Sequences,
     docs: Sequences,
     *,
-    power: float = 1.0,
+    powers: Sequence[float] = (POWER,),
     progress: bool = False,
 ) -> np.ndarray:
-    """`[n_texts, n_docs]` mean over links of the preconditioned gradient cosine.
+    """`[len(powers), n_texts, n_docs]`: per power, the mean over links of the preconditioned cosine.
 
     Each entry of `load_links` loads one kept checkpoint into `model` and returns Adam's `K` there
     (param id -> param-shaped tensor), or None where the link has no Adam state: it then takes the next
-    link's `K` (the step-0 link), or `K = 1` when no link has one (SGD)."""
+    link's `K` (the step-0 link), or `K = 1` when no link has one (SGD). Several powers share one
+    gradient pass."""
     import torch
     from tqdm import tqdm
 
     from attribution.engine.rules import trainable_params
 
     params = trainable_params(model)
-    n_params = sum(p.numel() for _, p in params.values())
-    group = max(1, int(MAX_TEXT_BYTES // (4 * n_params)))
-    block = max(1, int(DOC_BLOCK_BYTES // (4 * n_params)))
+    first = next(iter(params.values()))[1]
+    row_bytes = first.element_size() * sum(p.numel() for _, p in params.values())
+    group = max(1, int(MAX_TEXT_BYTES // (row_bytes * (1 + len(powers)))))
+    block = max(1, int(DOC_BLOCK_BYTES // (row_bytes * 2)))
     passes = -(-texts.n_items // group)
-    total = np.zeros((texts.n_items, docs.n_items))
+    total = np.zeros((len(powers), texts.n_items, docs.n_items))
     bar = tqdm(
         total=len(load_links) * (texts.n_items + docs.n_items * passes),
         desc="checkpoint gradients",
@@ -135,18 +144,21 @@ def cosines(
         if k is None:  # no Adam state here (step 0): the next link that has one lends its K
             k = next((kk for kk in (later() for later in load_links[i + 1 :]) if kk is not None), None)
             load()
-        scale = {
-            pid: (torch.ones((), dtype=p.dtype) if k is None else k[pid].pow(power / 2)).to(p.device)
-            for pid, (_, p) in params.items()
-        }
+        flat_k = None if k is None else torch.cat([k[pid].reshape(-1) for pid in params]).to(first)
+        scales = [None if flat_k is None else flat_k.pow(p / 2) for p in powers]
         for start in range(0, texts.n_items, group):
             items = range(start, min(start + group, texts.n_items))
-            u = unit_gradients(model, task, texts.subset(items), scale, params)
+            g = gradients(model, task, texts.subset(items), params)
+            units = [_side(g, sc) for sc in scales]
+            del g
             bar.update(len(items))
             for b in range(0, docs.n_items, block):
                 cols = range(b, min(b + block, docs.n_items))
-                d = unit_gradients(model, task, docs.subset(cols), scale, params)
-                total[start : items.stop, b : cols.stop] += (u @ d.T).double().numpy()
+                d = gradients(model, task, docs.subset(cols), params)
+                for j, u in enumerate(units):
+                    total[j, start : items.stop, b : cols.stop] += (
+                        (u @ _side(d, scales[j]).T).double().cpu().numpy()
+                    )
                 bar.update(len(cols))
     bar.close()
     return total / max(len(load_links), 1)
@@ -180,12 +192,14 @@ def for_run(
     run: str | Path,
     texts: Mapping | None = None,
     *,
-    power: float = POWER,
+    doc_ids: Collection[str] | None = None,
+    powers: Sequence[float] = (POWER,),
     progress: bool = False,
 ) -> pd.DataFrame:
-    """`doc_id, val_set, val_id, checkpoint_cosine` for every trained document and every text of `texts`
-    (`{set name: ValData}`; default: the run's per-example validation sets) and of the run's reference
-    set, at the run's kept checkpoints."""
+    """`doc_id, val_set, val_id` and one `p<power>` column of checkpoint cosines per power (`write` keeps
+    one), for every document of the run's value store and every text of `texts` (`{set name:
+    ValData}`; default: the run's per-example validation sets) and of the run's reference set. `doc_ids`:
+    only these documents (a targeted claim)."""
     import dataclasses
 
     import torch
@@ -223,8 +237,15 @@ def for_run(
     seqs = trained_sequences(
         data.train_seqs, cfg.seed, cfg.total_steps(len(data.train_seqs)) * cfg.batch_size
     )
+    doc_table = data.docs
+    row = np.arange(len(doc_table))  # store row -> row of the documents scored (-1: not scored)
+    if doc_ids is not None:
+        keep = doc_table["doc_id"].astype(str).isin(set(map(str, doc_ids))).to_numpy()
+        row = np.where(keep, np.cumsum(keep) - 1, -1)
+        doc_table = doc_table[keep].reset_index(drop=True)
+        seqs = seqs[row[data.store_row_of_seq[seqs]] >= 0]
     docs = Sequences(
-        data.seqset.ids[seqs], data.seqset.mask[seqs], data.store_row_of_seq[seqs], len(data.doc_rows)
+        data.seqset.ids[seqs], data.seqset.mask[seqs], row[data.store_row_of_seq[seqs]], len(doc_table)
     )
     names = [(n, i) for n, v in texts.items() for i in v.example_ids]
     offsets = np.cumsum([0] + [len(v.docs) for v in texts.values()])
@@ -253,28 +274,34 @@ def for_run(
         [loader(lk) for lk in links],
         text_seqs,
         docs,
-        power=power,
+        powers=powers,
         progress=progress,
     )
-    doc_ids = data.docs["doc_id"].astype(str).to_numpy()
+    ids = doc_table["doc_id"].astype(str).to_numpy()
     return pd.DataFrame(
         {
-            "doc_id": np.tile(doc_ids, len(names)),
-            "val_set": np.repeat([n for n, _ in names], len(doc_ids)),
-            "val_id": np.repeat([i for _, i in names], len(doc_ids)),
-            COLUMN: scores.reshape(-1),
+            "doc_id": np.tile(ids, len(names)),
+            "val_set": np.repeat([n for n, _ in names], len(ids)),
+            "val_id": np.repeat([i for _, i in names], len(ids)),
+            **{power_column(p): scores[j].reshape(-1) for j, p in enumerate(powers)},
         }
     )
 
 
+def power_column(power: float) -> str:
+    return f"p{power:g}"
+
+
 def write(run: str | Path, frame: pd.DataFrame, *, power: float = POWER) -> Path:
-    """Write `checkpoint_values.parquet` atomically (the power it was computed with in its metadata)."""
+    """Write `checkpoint_values.parquet` atomically: the keys and `checkpoint_cosine`, the cosines of
+    `frame` at `power` (recorded in the file's metadata)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from attribution.io import atomic_path
 
     path = Path(run) / TABLE
+    frame = frame[["doc_id", "val_set", "val_id"]].assign(**{COLUMN: frame[power_column(power)]})
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"power": str(power).encode()})
     with atomic_path(path) as tmp:

@@ -47,6 +47,7 @@ from attribution.train.reference import NAME as REFERENCE_SET
 from attribution.values.manifest import FILENAME as MANIFEST_FILE
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import DOCS, RunDir
+from attribution.values.views import default_for
 
 CLAIM_SET = "claims"
 SEGMENTS_DIR = ".segments"
@@ -474,11 +475,25 @@ def _merge(
     with atomic_path(out / DOCS) as tmp:
         parent_docs.to_parquet(tmp, index=False)
     loop._write_val_copies(out, val)
+    store.default_view = default_for(_checkpoint_cosines(job, cfg, val, out))
     finished = time.time()
     manifest = _claim_manifest(parent, cfg, val, store, segs, job, started, finished, n_steps, worst, workers)
     manifest.write(out)
     shutil.rmtree(out / SEGMENTS_DIR, ignore_errors=True)
     return out
+
+
+def _checkpoint_cosines(job: ClaimJob, cfg: RunConfig, val, out: Path) -> bool:
+    """The claims' exact gradient similarity at the parent's kept checkpoints (`checkpoint_values.parquet`,
+    the default view's input), against the replayed documents; the reference rows come from the parent
+    run as in training. Whether the claim run has it."""
+    from attribution.workflows import checkpoint_similarity
+
+    if not cfg.checkpoint_view:
+        return False
+    frame = checkpoint_similarity.for_run(job.run, {CLAIM_SET: val[CLAIM_SET]}, doc_ids=job.targets)
+    checkpoint_similarity.write(out, frame)
+    return True
 
 
 def _claim_manifest(

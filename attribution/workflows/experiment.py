@@ -502,7 +502,21 @@ def run_copyright(exp: CopyrightExperiment) -> ExperimentResult:
     originals = [t.doc_id for t in targets]
     set_size = max(pd.Series([r["meta"]["variant"] for r in records]).value_counts())
     run_dirs = {o: _train(exp, o, val_paths, exclude, originals, int(set_size)) for o in exp.orders}
+    return rank_runs(exp, run_dirs, docs, targets, pool, records, started)
 
+
+def rank_runs(
+    exp: CopyrightExperiment,
+    run_dirs: dict[int, Path],
+    docs: Sequence,
+    targets: Sequence,
+    pool: Sequence,
+    records: Sequence[dict],
+    started: float,
+) -> ExperimentResult:
+    """Rank the originals under every view of the finished runs (one per order) and the text
+    baselines; write OUT/table.csv, table.md, ranks.csv, ranks.png and experiment.json."""
+    originals = [t.doc_id for t in targets]
     first = next(iter(run_dirs.values()))
     train_ids = RunDir(first).table(DOCS, ["doc_id"], required=True)["doc_id"].tolist()
     text_of = {d.doc_id: d.text for d in docs}
