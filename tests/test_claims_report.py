@@ -60,6 +60,10 @@ def make_claim_run(root: Path) -> Path:
     ev["value_normalized"] = ev["value"] * 10
     ev["value_cosine"] = ev["value"] * 3
     ev.to_parquet(root / "example_values.parquet")
+    # the checkpoint cosines (`attribution.workflows.checkpoint_similarity`), in their own table
+    ev[["doc_id", "val_set", "val_id"]].assign(checkpoint_cosine=ev["value"] * 2).to_parquet(
+        root / "checkpoint_values.parquet"
+    )
     dv = ev.groupby("doc_id", as_index=False)["value"].sum().merge(docs[["doc_id", "source", "owner"]])
     dv["val_set"] = "claims"
     dv["value_normalized"], dv["n_seen"], dv["first_step"], dv["last_step"] = dv["value"], 1, 0, 0
@@ -75,7 +79,9 @@ def make_claim_run(root: Path) -> Path:
 
 def expected(root: Path, claim_id: str) -> pd.DataFrame:
     """The claim's rows in default-view order, computed straight from the frame with the view's function."""
+    keys = ["doc_id", "val_set", "val_id"]
     ev = pd.read_parquet(root / "example_values.parquet")
+    ev = ev.merge(pd.read_parquet(root / "checkpoint_values.parquet"), on=keys, how="left")
     docs = pd.read_parquet(root / "docs.parquet", columns=["doc_id", "n_tokens"])
     ev["score"] = VIEWS[DEFAULT_VIEW].fn(ev, docs).to_numpy()
     one = ev[ev["val_id"] == claim_id]

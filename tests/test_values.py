@@ -177,6 +177,11 @@ def make_values_run(path):
     for col in ("value", "value_normalized", "value_cosine"):
         ev[col] = rng.normal(size=len(ev))
     ev.to_parquet(path / "example_values.parquet")
+    # the checkpoint cosines live in their own table, rows in another order; readers join them by key
+    ev["checkpoint_cosine"] = rng.uniform(-1, 1, size=len(ev))
+    ev[["doc_id", "val_set", "val_id", "checkpoint_cosine"]][::-1].to_parquet(
+        path / "checkpoint_values.parquet"
+    )
     return path, docs, ev
 
 
@@ -215,6 +220,8 @@ def test_view_matches_views_compute_on_the_same_frame(tmp_path):
 
 def test_stored_views_of_old_runs_are_ignored_and_null_cosine_counts_as_absent(tmp_path):
     path, docs, ev = make_values_run(tmp_path / "run")
+    ev = ev.drop(columns="checkpoint_cosine")  # an old run: no checkpoint cosines either
+    (path / "checkpoint_values.parquet").unlink()
     old = ev.assign(value_cosine=np.nan, view_contrast=99.0, attribution=99.0)
     old.to_parquet(path / "example_values.parquet")
     values = RunValues.read(path)

@@ -75,6 +75,12 @@ def test_raw_value_untouched_and_default_column():
     assert set(views.available(ev, docs)) >= {"value", "per_token", "contrast", "cosine", "contrast_cosine"}
     assert "normalized" not in views.available(ev, docs)  # needs value_normalized
     assert "per_token" not in views.available(ev)  # needs the documents' n_tokens
-    assert np.array_equal(out["attribution"].to_numpy(), out[views.column_of(views.DEFAULT_VIEW)].to_numpy())
+    # no checkpoint cosines in this frame: the default falls back to the in-run default view
+    assert "checkpoint_cosine" not in ev.columns and views.default_for(False) == views.IN_RUN_VIEW
+    assert np.array_equal(out["attribution"].to_numpy(), out[views.column_of(views.IN_RUN_VIEW)].to_numpy())
+    with_ckpt = views.compute(ev.assign(checkpoint_cosine=ev["value"] * 0.5), docs)
+    assert np.array_equal(
+        with_ckpt["attribution"].to_numpy(), with_ckpt[views.column_of(views.DEFAULT_VIEW)].to_numpy()
+    )
     with pytest.raises(UserError, match="unknown view"):
         views.compute(ev, docs, ["bogus"])

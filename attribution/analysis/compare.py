@@ -119,7 +119,11 @@ def _z_of(view: str) -> str:
 
 
 def _z_basis(view: str) -> str:
-    return "gradient cosine (`value_cosine`)" if _z_of(view) == "value_cosine" else "raw value"
+    names = {
+        "value_cosine": "gradient cosine (`value_cosine`)",
+        "checkpoint_cosine": "gradient cosine at the kept checkpoints (`checkpoint_cosine`)",
+    }
+    return names.get(_z_of(view), "raw value")
 
 
 def _num(x: Any) -> float:

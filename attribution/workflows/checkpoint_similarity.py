@@ -95,8 +95,10 @@ def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, obje
 
 def _unit(x):
     """Rows scaled to unit norm (zero rows stay zero)."""
+    import torch
+
     norm = x.norm(dim=1, keepdim=True)
-    return x / norm.clamp_min(float(np.finfo(np.float64).tiny))
+    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def _side(g, scale):
