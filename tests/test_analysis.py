@@ -246,7 +246,9 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     assert planted.shapley_rank == 1 and planted.label == "non-obvious influence"
     assert planted.standout_z > 100
     generic = saved[saved.doc_id == GENERIC]  # top-2 for every text, but it does not stand out
-    assert (generic.shapley_rank <= 2).all() and (generic.standout_z.abs() < Thresholds().influence_z).all()
+    assert (generic.shapley_rank <= 2).all() and (
+        generic.standout_z.abs() < Thresholds().for_basis("value").influence_z
+    ).all()
     assert set(generic.label) <= {"none", "verbatim", "paraphrastic"} and len(generic) == 4
     assert REFERENCE_SET not in set(saved.val_set)  # the reference is not labelled against itself
 

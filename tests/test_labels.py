@@ -85,7 +85,7 @@ def _pair(z: float, value: float = 0.3) -> dict:
 
 
 def test_non_obvious_influence_needs_standout(ev):
-    t, z = Thresholds(), standout(ev)
+    t, z = Thresholds().for_basis("value"), standout(ev)
     by = ev.assign(z=z).set_index(["doc_id", "val_id"]).z
     assert label(_pair(by["special", "t0"]), t, k=5) == "non-obvious influence"
     assert label(_pair(by["generic", "t0"]), t, k=5) == "none"
@@ -95,3 +95,13 @@ def test_non_obvious_influence_needs_standout(ev):
     assert label(_pair(4.0), Thresholds.parse({"influence_z": "5"}), k=5) == "none"
     # a run without a reference set: the rule without the standout test
     assert label(_pair(float("nan")), t, k=5, test_standout=False) == "non-obvious influence"
+
+
+def test_influence_threshold_follows_the_z_basis_unless_given():
+    from attribution.analysis.compare import INFLUENCE_Z
+
+    assert Thresholds().for_basis("checkpoint_cosine").influence_z == INFLUENCE_Z["checkpoint_cosine"]
+    assert Thresholds().for_basis("value_cosine").influence_z == INFLUENCE_Z["value_cosine"]
+    assert Thresholds().for_basis("value").influence_z == max(INFLUENCE_Z.values())  # not measured: strictest
+    assert Thresholds.parse({"influence_z": "7"}).for_basis("checkpoint_cosine").influence_z == 7.0
+    assert INFLUENCE_Z["checkpoint_cosine"] != INFLUENCE_Z["value_cosine"]  # the lookup is not moot

@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,13 @@ COLUMNS = [
 ]
 
 
+# The default influence_z per z basis (`views.View.z_of`): the smallest z whose share among unrelated
+# top-10 documents was at most 5% on the tuning half of the hand-written cases, both seeds
+# (benchmarks/label_threshold.py; docs/benchmarks.md, "Held-out views" for the in-run cosine, "Session 11"
+# for the checkpoint cosine). A basis not measured takes the strictest.
+INFLUENCE_Z = {"value_cosine": 25.0, "checkpoint_cosine": 20.0}
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Label thresholds; written into `summary.md` and `compare.json` with the results."""
@@ -77,10 +84,14 @@ class Thresholds:
     paraphrase_semantic: float = 0.7  # cosine at or above (and not verbatim): paraphrastic
     low_containment: float = 0.1  # "low" n-gram overlap, for non-obvious influence
     low_semantic: float = 0.5  # "low" semantic similarity, for non-obvious influence
-    # standout_z at or above, for non-obvious influence: the smallest z whose share among unrelated top-10
-    # documents was at most 5% on the tuning half of the hand-written cases, both seeds
-    # (benchmarks/label_threshold.py; docs/benchmarks.md, "Held-out views")
-    influence_z: float = 25.0
+    # standout_z at or above, for non-obvious influence; None: by the z's basis (`INFLUENCE_Z`)
+    influence_z: float | None = None
+
+    def for_basis(self, z_of: str) -> Thresholds:
+        """These thresholds with `influence_z` filled in for a z of column `z_of` when it was not given."""
+        if self.influence_z is not None:
+            return self
+        return replace(self, influence_z=INFLUENCE_Z.get(z_of, max(INFLUENCE_Z.values())))
 
     @classmethod
     def parse(cls, items: Mapping[str, str]) -> Thresholds:
@@ -107,7 +118,8 @@ def label(row: Mapping[str, Any], t: Thresholds, k: int, test_standout: bool = T
     if sem >= t.paraphrase_semantic:
         return "paraphrastic"
     top = not pd.isna(row["shapley_rank"]) and row["shapley_rank"] <= k and _num(row["shapley_value"]) > 0
-    stands_out = not test_standout or _num(row.get("standout_z")) >= t.influence_z
+    z_min = t.influence_z if t.influence_z is not None else max(INFLUENCE_Z.values())
+    stands_out = not test_standout or _num(row.get("standout_z")) >= z_min
     if top and c < t.low_containment and sem < t.low_semantic and not math.isnan(sem) and stands_out:
         return "non-obvious influence"
     return "none"
@@ -291,6 +303,7 @@ def compare_run(
     depth = max(depth or 100, k)
     table, column = _run_values(run, view)
     z_of = _z_of(column) if _z_of(column) in table.columns else "value"
+    t = t.for_basis(z_of)
     table["standout_z"] = standout(table, z_of)  # the same under every scaled/shifted view of `z_of`
     n_reference = int(table.loc[table.val_set == REFERENCE_SET, "val_id"].nunique())
     test_standout = n_reference >= MIN_REFERENCE
