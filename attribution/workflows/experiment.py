@@ -261,20 +261,9 @@ def _train(
         per_example_max=max(64, set_size),
         **exp.run_overrides,
     )
-    if not RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
-        train_and_value(cfg)  # else the same run already finished: reuse it
-    _checkpoint_values(run_dir)
-    return run_dir
-
-
-def _checkpoint_values(run_dir: Path) -> None:
-    """The run's checkpoint cosines (`attribution.workflows.checkpoint_similarity`), unless it has them
-    or kept no replay chain."""
-    from attribution.train import chain
-    from attribution.workflows import checkpoint_similarity
-
-    if chain.links(run_dir) and not (run_dir / checkpoint_similarity.TABLE).is_file():
-        checkpoint_similarity.write(run_dir, checkpoint_similarity.for_run(run_dir, progress=True))
+    if RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
+        return run_dir  # the same run already finished: reuse it
+    return Path(train_and_value(cfg))  # its checkpoint cosines come with it (RunConfig.checkpoint_view)
 
 
 def _irs_ranks(
