@@ -20,9 +20,10 @@ A text's score depends only on its own gradients and the documents', never on th
 about. The result is a column of per-example rows (`checkpoint_values.parquet` in the run directory),
 which `attribution.values.RunValues` joins to `example_values` so that views can read it.
 
-Cost: one gradient per document and text per kept link (a pass over the training corpus per link,
+Cost: one gradient per document and text per kept link (a pass over the trained sequences per link,
 no optimizer step), held dense: `texts x parameters` floats per link (`MAX_TEXT_BYTES` bounds it by
-taking the texts in groups).
+taking the texts in groups, each group another pass over the documents). It runs in one process, after
+training (rank 0 under torchrun).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import pandas as pd
 from attribution.errors import UserError
 
 COLUMN = "checkpoint_cosine"
-POWER = 1.0  # the exponent of K each side takes by default (see the module docstring)
+# the exponent of K each side takes by default: chosen on the tuning half of the hand-written cases over
+# powers 0, 1, 2 (benchmarks/checkpoint_power.py; docs/benchmarks.md, "Session 11")
+POWER = 1.0
 TABLE = "checkpoint_values.parquet"
-MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once (float32): larger sets go in groups
+MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets go in groups
 DOC_BLOCK_BYTES = 1 << 29  # documents' dense gradients scored against the texts at once
 SEQ_CHUNK = 32  # sequences per forward/backward
 
