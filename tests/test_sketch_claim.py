@@ -364,3 +364,16 @@ def test_optimizer_aware_claims_are_preconditioned_with_each_checkpoints_adam_k(
     np.testing.assert_allclose(
         ones["claims"], plain["claims"], rtol=1e-9, atol=1e-12 * np.abs(plain["claims"]).max()
     )
+
+
+def test_a_checkpoint_default_view_is_ranked_by_the_in_run_default(run, texts):
+    """The sketch holds in-run gradients: a run whose default view reads the checkpoint cosines is ranked
+    by the in-run default view, and the answer says so."""
+    from attribution.values.manifest import Manifest
+    from attribution.values.views import DEFAULT_VIEW, IN_RUN_VIEW
+    from attribution.workflows.claim_fast import estimate
+
+    assert Manifest.read(run).default_view == DEFAULT_VIEW != IN_RUN_VIEW
+    _, view, notes, _ = estimate(run, texts, k=3)
+    assert view == IN_RUN_VIEW
+    assert any(f"ranked by {IN_RUN_VIEW!r}" in n for n in notes)

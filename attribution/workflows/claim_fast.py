@@ -43,6 +43,7 @@ from attribution.train.sketch import (
 )
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
+from attribution.values.views import IN_RUN_VIEW
 
 FAST_VIEWS = (
     "value",
@@ -86,8 +87,9 @@ def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]
     if name not in FAST_VIEWS:
         if view is not None:
             raise UserError(f"--view {name}: the sketch can rank by {', '.join(FAST_VIEWS)}")
-        notes.append(f"the run's default view {name!r} is not linear in the sketch; ranked by raw value")
-        name = "value"
+        # the checkpoint views need gradients at the kept checkpoints, not the in-run sketch
+        name, was = (IN_RUN_VIEW if IN_RUN_VIEW in FAST_VIEWS else "value"), name
+        notes.append(f"the run's default view {was!r} is not linear in the sketch; ranked by {name!r}")
     if name.startswith(REFERENCED) and not cfg.reference:
         base = name.split("_", 1)[1] if "_" in name else "value"
         notes.append(f"the run has no fixed reference set, so {name!r} is ranked as {base!r}")
