@@ -153,3 +153,26 @@ def test_the_documents_gradients_use_the_sequences_the_loop_trained_on(runs):
     np.testing.assert_array_equal(
         checkpoint_similarity.trained_sequences(data.train_seqs, cfg.seed, taken), np.unique(stream)
     )
+
+
+def test_without_the_checkpoint_pass_the_default_is_the_in_run_view(folder):
+    """`--no-checkpoint-view`: no checkpoint table, and the manifest names the in-run default, which
+    readers then show."""
+    from attribution.values.manifest import Manifest
+    from attribution.values.views import IN_RUN_VIEW
+
+    cfg = RunConfig(
+        corpus=[str(folder / "corpus.jsonl")],
+        val={"a": str(folder / "a.jsonl")},
+        out=str(folder / "no_ckpt"),
+        preset="test-micro",
+        steps=4,
+        reference=4,
+        checkpoint_view=False,
+        cache_dir=str(folder / "cache"),
+        progress=False,
+    )
+    run = train_and_value(cfg)
+    assert not (run / checkpoint_similarity.TABLE).exists()
+    assert Manifest.read(run).default_view == IN_RUN_VIEW != DEFAULT_VIEW
+    assert RunValues.read(run).view().attrs["view"] == IN_RUN_VIEW
