@@ -25,7 +25,7 @@ def folder(tmp_path_factory):
     return tmp
 
 
-def _run(folder, name: str, val: dict[str, str]):
+def _run(folder, name: str, val: dict[str, str], **kw):
     cfg = RunConfig(
         corpus=[str(folder / "corpus.jsonl")],
         val={k: str(folder / f"{v}.jsonl") for k, v in val.items()},
@@ -38,6 +38,7 @@ def _run(folder, name: str, val: dict[str, str]):
         reference=4,
         cache_dir=str(folder / "cache"),
         progress=False,
+        **kw,
     )
     return train_and_value(cfg)
 
@@ -161,18 +162,7 @@ def test_without_the_checkpoint_pass_the_default_is_the_in_run_view(folder):
     from attribution.values.manifest import Manifest
     from attribution.values.views import IN_RUN_VIEW
 
-    cfg = RunConfig(
-        corpus=[str(folder / "corpus.jsonl")],
-        val={"a": str(folder / "a.jsonl")},
-        out=str(folder / "no_ckpt"),
-        preset="test-micro",
-        steps=4,
-        reference=4,
-        checkpoint_view=False,
-        cache_dir=str(folder / "cache"),
-        progress=False,
-    )
-    run = train_and_value(cfg)
+    run = _run(folder, "no_ckpt", {"a": "a"}, checkpoint_view=False)
     assert not (run / checkpoint_similarity.TABLE).exists()
     assert Manifest.read(run).default_view == IN_RUN_VIEW != DEFAULT_VIEW
     assert RunValues.read(run).view().attrs["view"] == IN_RUN_VIEW

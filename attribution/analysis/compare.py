@@ -87,8 +87,9 @@ class Thresholds:
     # standout_z at or above, for non-obvious influence; None: by the z's basis (`INFLUENCE_Z`)
     influence_z: float | None = None
 
-    def for_basis(self, z_of: str) -> Thresholds:
-        """These thresholds with `influence_z` filled in for a z of column `z_of` when it was not given."""
+    def for_basis(self, z_of: str | None = None) -> Thresholds:
+        """These thresholds with `influence_z` filled in for a z of column `z_of` when it was not given
+        (the strictest of `INFLUENCE_Z` for a basis not measured, or none named)."""
         if self.influence_z is not None:
             return self
         return replace(self, influence_z=INFLUENCE_Z.get(z_of, max(INFLUENCE_Z.values())))
@@ -118,8 +119,7 @@ def label(row: Mapping[str, Any], t: Thresholds, k: int, test_standout: bool = T
     if sem >= t.paraphrase_semantic:
         return "paraphrastic"
     top = not pd.isna(row["shapley_rank"]) and row["shapley_rank"] <= k and _num(row["shapley_value"]) > 0
-    z_min = t.influence_z if t.influence_z is not None else max(INFLUENCE_Z.values())
-    stands_out = not test_standout or _num(row.get("standout_z")) >= z_min
+    stands_out = not test_standout or _num(row.get("standout_z")) >= t.for_basis().influence_z
     if top and c < t.low_containment and sem < t.low_semantic and not math.isnan(sem) and stands_out:
         return "non-obvious influence"
     return "none"

@@ -26,12 +26,12 @@ import pandas as pd
 from attribution.errors import UserError
 from attribution.values import views as views_mod
 from attribution.values.manifest import ATTRIBUTION_COLUMN
-from attribution.values.rundir import DOC_VALUES, DOCS, EXAMPLE_VALUES, RunDir
+from attribution.values.rundir import CHECKPOINT_VALUES, DOC_VALUES, DOCS, EXAMPLE_VALUES, RunDir
 
 KEYS = tuple(views_mod.KEYS)
 RAW_COLUMNS = ("value", "value_normalized", "value_cosine")  # what the value store writes per example
 # computed after training at the kept checkpoints (attribution.workflows.checkpoint_similarity), own table
-CHECKPOINT_COLUMN, CHECKPOINT_TABLE = "checkpoint_cosine", "checkpoint_values.parquet"
+CHECKPOINT_COLUMN = "checkpoint_cosine"
 DOC_META = ("doc_id", "source", "owner", "license", "n_tokens")
 GROUPS = ("source", "owner")
 
@@ -116,13 +116,13 @@ class RunValues:
     def _stored(self) -> list[str]:
         if not self.run.example_values_path.is_file():
             return []
-        extra = [CHECKPOINT_COLUMN] if (self.run.path / CHECKPOINT_TABLE).is_file() else []
+        extra = [CHECKPOINT_COLUMN] if (self.run.path / CHECKPOINT_VALUES).is_file() else []
         return self.run.columns(EXAMPLE_VALUES) + extra
 
     def _checkpoint_column(self, keys: pd.DataFrame) -> pd.Series:
         """`checkpoint_cosine` aligned with the example rows' keys (NaN where the table has no row)."""
         cols = [*KEYS, CHECKPOINT_COLUMN]
-        table = self.run.table(CHECKPOINT_TABLE, cols, required=True, needs=cols)
+        table = self.run.table(CHECKPOINT_VALUES, cols, required=True, needs=cols)
         assert table is not None
         lookup = table.astype({k: str for k in KEYS}).set_index(list(KEYS))[CHECKPOINT_COLUMN]
         index = pd.MultiIndex.from_frame(keys[list(KEYS)].astype(str))

@@ -10,6 +10,7 @@ copies included), so a change of layout is a change of this module.
 | `docs.parquet` | `doc_id, source, owner, license, n_tokens, n_seqs` (+ `text` for snippets) |
 | `doc_values.parquet` | `doc_id, source, owner, val_set, value, value_normalized, n_seen, first_step, last_step` |
 | `example_values.parquet` | `doc_id, val_set, val_id, value, value_normalized, value_cosine` (raw accumulators) |
+| `checkpoint_values.parquet` | `doc_id, val_set, val_id, checkpoint_cosine` (after training, at the kept checkpoints) |
 | `stage_values.parquet` | `window_start, window_end, source, val_set, value, value_normalized` |
 | `step_values.parquet` | `step, doc_id, val_set, value, value_normalized` |
 | `val_sets/NAME.jsonl` | the validation texts used, `{"id", "text", "meta"}` a line |
@@ -35,6 +36,7 @@ from attribution.values.manifest import Manifest
 DOCS = "docs.parquet"
 DOC_VALUES = "doc_values.parquet"
 EXAMPLE_VALUES = "example_values.parquet"
+CHECKPOINT_VALUES = "checkpoint_values.parquet"  # attribution.workflows.checkpoint_similarity
 STEP_VALUES = "step_values.parquet"
 STAGE_VALUES = "stage_values.parquet"
 TRAIN_LOG = "train_log.csv"

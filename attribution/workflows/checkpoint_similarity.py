@@ -36,12 +36,12 @@ import numpy as np
 import pandas as pd
 
 from attribution.errors import UserError
+from attribution.values.results import CHECKPOINT_COLUMN as COLUMN
+from attribution.values.rundir import CHECKPOINT_VALUES as TABLE
 
-COLUMN = "checkpoint_cosine"
 # the exponent of K each side takes by default: chosen on the tuning half of the hand-written cases over
 # powers 0, 1, 2 (benchmarks/checkpoint_power.py; docs/benchmarks.md, "Session 11")
 POWER = 1.0
-TABLE = "checkpoint_values.parquet"
 MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets go in groups
 DOC_BLOCK_BYTES = 1 << 29  # documents' dense gradients scored against the texts at once
 SEQ_CHUNK = 32  # sequences per forward/backward
@@ -181,18 +181,6 @@ def trained_sequences(train_seqs: np.ndarray, seed: int, taken: int) -> np.ndarr
     return np.unique(Sampler(train_seqs, seed).take(0, taken))
 
 
-def _run_sets(run: Path, cfg) -> dict:
-    """The run's validation sets, from its own copies (the reference set comes separately)."""
-    import dataclasses
-
-    from attribution.train import loop
-    from attribution.train.reference import NAME as REFERENCE
-    from attribution.values.rundir import RunDir
-
-    paths = {n: str(p) for n, p in RunDir(run).val_set_paths().items() if n != REFERENCE}
-    return loop.load_validation(dataclasses.replace(cfg, val=paths))
-
-
 def for_run(
     run: str | Path,
     texts: Mapping | None = None,
@@ -205,7 +193,6 @@ def for_run(
     one), for every document of the run's value store and every text of `texts` (`{set name:
     ValData}`; default: the run's per-example validation sets) and of the run's reference set. `doc_ids`:
     only these documents (a targeted claim)."""
-    import dataclasses
 
     import torch
 
@@ -213,9 +200,8 @@ def for_run(
     from attribution.engine.rules import trainable_params
     from attribution.engine.task import LanguageModelingTask
     from attribution.train import chain, loop
-    from attribution.train.distributed import DistInfo
     from attribution.values.rundir import RunDir
-    from attribution.workflows.claim_fast import _config, _has_adam_state, link_preconditioner
+    from attribution.workflows.claim_fast import _config, _has_adam_state, link_preconditioner, parent_data
 
     run = Path(run)
     cfg = _config(RunDir(run).manifest())
@@ -225,14 +211,11 @@ def for_run(
             f"{run}: the run kept no replay chain, so there are no checkpoints to compare gradients at "
             "(train with --keep-every N)"
         )
-    own = _run_sets(run, cfg)
+    own, data = parent_data(run, cfg)
     texts = dict({n: v for n, v in own.items() if v.per_example} if texts is None else texts)
     device, dtype = loop.resolve_device(cfg)
     model = loop.build_model(cfg, device, "float64" if dtype == "float64" else "float32")
     optimizer = loop.build_optimizer(model, cfg)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else loop.default_cache_dir()
-    # the run's own validation sets decide which documents were held out, as they did in training
-    data = loop.load_training(dataclasses.replace(cfg, val={}), own, cache, DistInfo())
     ref = loop.reference_set(data)
     if ref is not None:
         texts[ref.name] = ref

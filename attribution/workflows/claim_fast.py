@@ -327,7 +327,6 @@ def rank_queries(claims: np.ndarray, reference: np.ndarray | None, view: str) ->
 def _texts(run: Path, cfg: RunConfig, texts: Path, contrast: bool) -> dict:
     from attribution.corpus import read_validation
     from attribution.train import loop
-    from attribution.train.distributed import DistInfo
     from attribution.train.reference import NAME as REFERENCE
 
     if not texts.is_file():
@@ -336,13 +335,25 @@ def _texts(run: Path, cfg: RunConfig, texts: Path, contrast: bool) -> dict:
         raise UserError(f"{texts}: no claim texts")
     out = {"claims": loop.load_validation(dataclasses.replace(cfg, val={"claims": str(texts)}))["claims"]}
     if contrast:  # the run's fixed reference set, rebuilt from the corpus as the replay does
-        parent = {n: str(p) for n, p in RunDir(run).val_set_paths().items() if n != REFERENCE}
-        pcfg = dataclasses.replace(cfg, val=parent)
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else loop.default_cache_dir()
-        ref = loop.reference_set(loop.load_training(pcfg, loop.load_validation(pcfg), cache, DistInfo()))
+        ref = loop.reference_set(parent_data(run, cfg)[1])
         if ref is not None:
             out[REFERENCE] = ref
     return out
+
+
+def parent_data(run: Path, cfg: RunConfig) -> tuple[dict, object]:
+    """The finished run's validation sets (from its own copies; the reference set is rebuilt from the
+    corpus, never read back) and its training data, as training had them: the sets decide which
+    documents were held out as identical to a validation text."""
+    from attribution.train import loop
+    from attribution.train.distributed import DistInfo
+    from attribution.train.reference import NAME as REFERENCE
+
+    parent = {n: str(p) for n, p in RunDir(run).val_set_paths().items() if n != REFERENCE}
+    pcfg = dataclasses.replace(cfg, val=parent)
+    val = loop.load_validation(pcfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else loop.default_cache_dir()
+    return val, loop.load_training(pcfg, val, cache, DistInfo())
 
 
 def estimate(
