@@ -918,15 +918,23 @@ def _finish_files(run: _Session, train_seconds: float) -> None:
 
 def _checkpoint_cosines(run: _Session) -> bool:
     """The exact gradient similarity at the kept checkpoints (`checkpoint_values.parquet`), which the
-    default view reads; whether the run has it. Needs the replay chain and per-example texts."""
-    from attribution.workflows import checkpoint_similarity
+    default view reads, and its sketch index for `claim --fast` (`--no-sketch`: none); whether the run
+    has it. Needs the replay chain and per-example texts."""
+    from attribution.workflows import checkpoint_similarity, checkpoint_sketch
 
     per_example = any(v.per_example for v in run.val.values())
     if not (run.cfg.checkpoint_view and per_example and chain.links(run.out)):
         return False
     table = run.out / checkpoint_similarity.TABLE
-    if not table.is_file():  # a resumed run that got this far already has it
-        frame = checkpoint_similarity.for_run(run.out, progress=run.cfg.progress)
+    if not table.is_file():  # a resumed run that got this far already has it (and its index)
+        sink = (
+            checkpoint_sketch.for_documents(run.out, run.cfg.sketch_dim, run.cfg.seed)
+            if run.cfg.sketch
+            else None
+        )
+        frame = checkpoint_similarity.for_run(run.out, progress=run.cfg.progress, sink=sink)
+        if sink is not None:  # the index first: a table on disk means its index is too
+            checkpoint_sketch.write(run.out, sink, frame, power=checkpoint_similarity.POWER)
         checkpoint_similarity.write(run.out, frame)
     return True
 

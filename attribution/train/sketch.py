@@ -631,10 +631,11 @@ class SketchIndex:
         if not path.is_file():
             raise UserError(f"{path}: sketch index file is missing")
         index = faiss.read_index(str(path))
-        if index.d != self.dim or index.ntotal != len(self.meta["doc_ids"]):
+        dim = int(self.meta.get("index_dims", {}).get(kind, self.dim))  # an index may add columns
+        if index.d != dim or index.ntotal != len(self.meta["doc_ids"]):
             raise UserError(
                 f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, but the run's sketch "
-                f"meta says {len(self.meta['doc_ids'])} of dimension {self.dim}; rebuild the run's sketch"
+                f"meta says {len(self.meta['doc_ids'])} of dimension {dim}; rebuild the run's sketch"
             )
         return index
 

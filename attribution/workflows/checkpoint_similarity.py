@@ -118,13 +118,15 @@ def cosines(
     *,
     powers: Sequence[float] = (POWER,),
     progress: bool = False,
+    sink: Callable[[str, int, range, object], None] | None = None,
 ) -> np.ndarray:
     """`[len(powers), n_texts, n_docs]`: per power, the mean over links of the preconditioned cosine.
 
     Each entry of `load_links` loads one kept checkpoint into `model` and returns Adam's `K` there
     (param id -> param-shaped tensor), or None where the link has no Adam state: it then takes the next
     link's `K` (the step-0 link), or `K = 1` when no link has one (SGD). Several powers share one
-    gradient pass."""
+    gradient pass. `sink("text" | "doc", link, items, rows)`, when given, sees every item's unit side
+    at the first power once per link (`attribution.workflows.checkpoint_sketch` sketches them)."""
     import torch
     from tqdm import tqdm
 
@@ -156,14 +158,17 @@ def cosines(
             g = gradients(model, task, texts.subset(items), params)
             units = [_side(g, sc) for sc in scales]
             del g
+            if sink is not None:
+                sink("text", i, items, units[0])
             bar.update(len(items))
             for b in range(0, docs.n_items, block):
                 cols = range(b, min(b + block, docs.n_items))
                 d = gradients(model, task, docs.subset(cols), params)
                 for j, u in enumerate(units):
-                    total[j, start : items.stop, b : cols.stop] += (
-                        (u @ _side(d, scales[j]).T).double().cpu().numpy()
-                    )
+                    side = _side(d, scales[j])
+                    if sink is not None and j == 0 and start == 0:
+                        sink("doc", i, cols, side)
+                    total[j, start : items.stop, b : cols.stop] += (u @ side.T).double().cpu().numpy()
                 bar.update(len(cols))
     bar.close()
     return total / max(len(load_links), 1)
@@ -188,11 +193,14 @@ def for_run(
     doc_ids: Collection[str] | None = None,
     powers: Sequence[float] = (POWER,),
     progress: bool = False,
+    reference: bool = True,
+    sink: Callable[[str, int, range, object], None] | None = None,
 ) -> pd.DataFrame:
     """`doc_id, val_set, val_id` and one `p<power>` column of checkpoint cosines per power (`write` keeps
     one), for every document of the run's value store and every text of `texts` (`{set name:
-    ValData}`; default: the run's per-example validation sets) and of the run's reference set. `doc_ids`:
-    only these documents (a targeted claim)."""
+    ValData}`; default: the run's per-example validation sets) and of the run's reference set
+    (`reference=False`: not). `doc_ids`: only these documents (a targeted claim). `sink`: see `cosines`;
+    its items are the frame's texts in order, and the documents of the frame's `doc_id` order."""
 
     import torch
 
@@ -216,7 +224,7 @@ def for_run(
     device, dtype = loop.resolve_device(cfg)
     model = loop.build_model(cfg, device, "float64" if dtype == "float64" else "float32")
     optimizer = loop.build_optimizer(model, cfg)
-    ref = loop.reference_set(data)
+    ref = loop.reference_set(data) if reference else None
     if ref is not None:
         texts[ref.name] = ref
     if not texts:
@@ -264,6 +272,7 @@ def for_run(
         docs,
         powers=powers,
         progress=progress,
+        sink=sink,
     )
     ids = doc_table["doc_id"].astype(str).to_numpy()
     return pd.DataFrame(

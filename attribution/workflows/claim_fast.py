@@ -11,7 +11,11 @@ checkpoints around it (the run's values use the weights of every step between). 
 chain is answered with the gradient at its final weights for every segment, as an estimate only.
 
 Ranking follows a view (default: the run's default view), so the fast candidates are the top of the
-ranking the exact values are read by. The views are linear in the sketch: `per_token` divides the
+ranking the exact values are read by. The default view (`standout_checkpoint`) and `checkpoint_cosine`
+read the checkpoint similarity, not in-run values: they are ranked from the run's checkpoint index
+(`attribution.workflows.checkpoint_sketch`) and confirmed by the candidates' exact checkpoint cosines,
+with no replay of training (an older run without that index is ranked by the in-run default view, and
+the answer says so). The in-run views are linear in the sketch: `per_token` divides the
 document vectors by the tokens the document contributed, `contrast` subtracts the mean reference-set
 query vector from the claim's, `cosine` uses the unit-normalized index and query (TrackStar style;
 an analogue of, not the same number as, the run's per-step cosine view).
@@ -46,6 +50,8 @@ from attribution.values.rundir import RunDir
 from attribution.values.views import IN_RUN_VIEW
 
 FAST_VIEWS = (
+    "standout_checkpoint",
+    "checkpoint_cosine",
     "value",
     "per_token",
     "cosine",
@@ -57,6 +63,11 @@ FAST_VIEWS = (
 )
 REFERENCED = ("contrast", "standout")  # views that need the reference set's claim-side vectors
 CHUNK = 16  # claim sequences per gradient pass
+REPLAY_CONFIRMED = "by targeted exact replay"
+CHECKPOINT_CONFIRMED = (
+    "by their exact checkpoint similarity (every parameter, no projection, at the run's hash-verified kept "
+    "checkpoints)"
+)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class FastClaims:
     view: str
     confirmed: bool
     notes: list[str]
+    how: str = ""  # how the candidates were confirmed (empty: estimates only)
 
 
 def _config(manifest: Manifest) -> RunConfig:
@@ -82,14 +94,20 @@ def _config(manifest: Manifest) -> RunConfig:
     )
 
 
-def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]) -> str:
+def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str], run: Path) -> str:
+    from attribution.workflows import checkpoint_sketch
+
     name = view or manifest.default_view
-    if name not in FAST_VIEWS:
-        if view is not None:
-            raise UserError(f"--view {name}: the sketch can rank by {', '.join(FAST_VIEWS)}")
-        # the checkpoint views need gradients at the kept checkpoints, not the in-run sketch
+    if name in checkpoint_sketch.VIEWS and (view is not None or checkpoint_sketch.exists(run)):
+        return name
+    if view is not None and name not in FAST_VIEWS:
+        raise UserError(f"--view {name}: the sketch can rank by {', '.join(FAST_VIEWS)}")
+    if name not in FAST_VIEWS or name in checkpoint_sketch.VIEWS:
+        # an older run, or one made with --no-sketch: the in-run sketch answers by the in-run default view
         name, was = (IN_RUN_VIEW if IN_RUN_VIEW in FAST_VIEWS else "value"), name
-        notes.append(f"the run's default view {was!r} is not linear in the sketch; ranked by {name!r}")
+        notes.append(
+            f"the run has no checkpoint sketch index for its default view {was!r}; ranked by {name!r}"
+        )
     if name.startswith(REFERENCED) and not cfg.reference:
         base = name.split("_", 1)[1] if "_" in name else "value"
         notes.append(f"the run has no fixed reference set, so {name!r} is ranked as {base!r}")
@@ -364,30 +382,44 @@ def estimate(
     k: int | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, str, list[str], bool]:
-    """Top-`k` documents per claim by the sketch (all documents when `k` is None).
+    """Top-`k` documents per claim by the sketch (all documents when `k` is None): the checkpoint index
+    for the checkpoint views, the in-run sketch for the others.
 
     Returns (rows `claim_id, rank, doc_id, estimate`, the view used, notes, whether a chain exists)."""
+    from attribution.workflows import checkpoint_sketch
+
     run, texts = Path(run), Path(texts)
     manifest = RunDir(run).manifest()
     cfg = _config(manifest)
-    sketch = read_sketch(run, manifest.config)
     notes: list[str] = []
-    view = _view(view, manifest, cfg, notes)
-    sets = _texts(run, cfg, texts, view.startswith(REFERENCED))
-    vectors, more = query_vectors(run, cfg, sketch, sets, progress=progress)
-    notes += more
-    q = rank_queries(vectors["claims"], vectors.get("reference"), view)
-    index, scale = _doc_index(sketch, view, run, vectors.get("reference"))
-    k = index.ntotal if k is None else min(int(k), index.ntotal)
-    scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-    scores = scores.astype(np.float64) * scale
-    doc_ids = np.asarray(sketch.meta["doc_ids"], dtype=object)
+    view = _view(view, manifest, cfg, notes, run)
+    if view in checkpoint_sketch.VIEWS:
+        index = checkpoint_sketch.read(run, manifest.config)
+        if view == "standout_checkpoint" and "standout" not in index.meta["files"]:
+            notes.append(
+                "the run has no fixed reference set, so 'standout_checkpoint' is ranked as 'checkpoint_cosine'"
+            )
+            view = "checkpoint_cosine"
+        sets = _texts(run, cfg, texts, contrast=False)
+        scores, doc_ids = checkpoint_sketch.search(run, index, view, sets["claims"], k)
+    else:
+        sketch = read_sketch(run, manifest.config)
+        sets = _texts(run, cfg, texts, view.startswith(REFERENCED))
+        vectors, more = query_vectors(run, cfg, sketch, sets, progress=progress)
+        notes += more
+        q = rank_queries(vectors["claims"], vectors.get("reference"), view)
+        index, scale = _doc_index(sketch, view, run, vectors.get("reference"))
+        k = index.ntotal if k is None else min(int(k), index.ntotal)
+        scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        scores = scores.astype(np.float64) * scale
+        doc_ids = np.asarray(sketch.meta["doc_ids"], dtype=object)[rows]
     claim_ids = sets["claims"].example_ids
+    k = scores.shape[1]
     table = pd.DataFrame(
         {
             "claim_id": np.repeat(claim_ids, k),
             "rank": np.tile(np.arange(1, k + 1), len(claim_ids)),
-            "doc_id": doc_ids[rows.reshape(-1)],
+            "doc_id": doc_ids.reshape(-1),
             "estimate": scores.reshape(-1),
         }
     )
@@ -411,6 +443,7 @@ def fast_claim(
     `confirm=False` stops at the estimates (seconds): the replay re-runs every training step in which a
     candidate was trained, which on a small corpus is most of the run (docs/benchmarks.md)."""
     from attribution.values.results import RunValues
+    from attribution.workflows import checkpoint_sketch
     from attribution.workflows.claim import CLAIM_SET, claim
 
     run, texts, out = Path(run), Path(texts), Path(out)
@@ -420,7 +453,27 @@ def fast_claim(
     if has_chain and not confirm:
         notes.append("not confirmed (confirm=False / --no-confirm): estimates only")
     has_chain = has_chain and confirm
-    if has_chain:
+    how = ""
+    if has_chain and view in checkpoint_sketch.VIEWS:
+        how = CHECKPOINT_CONFIRMED
+        cfg = _config(RunDir(run).manifest())
+        exact = checkpoint_sketch.confirm(
+            run,
+            checkpoint_sketch.read(run),
+            _texts(run, cfg, texts, contrast=False)["claims"],
+            sorted(set(table["doc_id"])),
+            view,
+            progress=progress,
+        )
+        table = table.merge(exact, on=["claim_id", "doc_id"], how="left")
+        table["exact_rank"] = table.groupby("claim_id")["exact"].rank(ascending=False, method="average")
+        ids = ",".join(sorted(set(table["doc_id"].astype(str))))
+        notes.append(
+            "the candidates' exact in-run values (royalty units) need a targeted replay of training: "
+            f"`attribution claim {run} --texts {texts} --out DIR --docs {ids}`"
+        )
+    elif has_chain:
+        how = REPLAY_CONFIRMED
         candidates = sorted(set(table["doc_id"]))
         replay = claim(
             run,
@@ -443,25 +496,26 @@ def fast_claim(
     with atomic_write(out / "fast.csv") as fh:
         table.to_csv(fh, index=False)
     with atomic_write(out / "fast.md") as fh:
-        fh.write(_markdown(table, view, notes, run, has_chain))
-    return FastClaims(out, table, view, has_chain, notes)
+        fh.write(_markdown(table, view, notes, run, how))
+    return FastClaims(out, table, view, has_chain, notes, how)
 
 
-def _markdown(table: pd.DataFrame, view: str, notes: list[str], run: Path, confirmed: bool) -> str:
+def _markdown(table: pd.DataFrame, view: str, notes: list[str], run: Path, how: str) -> str:
     lines = [
         f"# Fast claims against {run}",
         "",
         f"Candidates from the run's gradient-sketch index, ranked by the `{view}` view "
         + (
-            "and confirmed by targeted exact replay (`exact`: the exact value under that view, `exact_rank`: "
-            "its rank among the candidates)."
-            if confirmed
+            f"and confirmed {how} (`exact`: the exact value under that view, `exact_rank`: its rank among "
+            "the candidates)."
+            if how
             else "(estimates only, not confirmed)."
         ),
         "",
     ]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
-    cols = ["rank", "doc_id", "estimate"] + (["exact", "exact_value", "exact_rank"] if confirmed else [])
+    extra = [c for c in ("exact", "exact_cosine", "exact_value", "exact_rank") if c in table.columns]
+    cols = ["rank", "doc_id", "estimate"] + extra
     for claim_id, rows in table.groupby("claim_id", sort=False):
         lines += [f"## {claim_id}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         for r in rows.itertuples(index=False):

@@ -169,8 +169,10 @@ commands: list[click.Command] = [curate_command]
 @click.option(
     "--fast",
     is_flag=True,
-    help="Candidates from the run's gradient-sketch index in seconds, then confirmed by targeted exact "
-    "replay; writes fast.csv and fast.md (estimate, exact value, exact rank among the candidates).",
+    help="Candidates from the run's sketch index in seconds, then confirmed exactly; writes fast.csv and "
+    "fast.md (estimate, exact value, exact rank among the candidates). Under the default view the index "
+    "is the checkpoint similarity's and the confirmation its exact cosines (seconds); under the in-run "
+    "views it is the in-run sketch's, confirmed by targeted exact replay.",
 )
 @click.option(
     "--k",
@@ -184,16 +186,17 @@ commands: list[click.Command] = [curate_command]
     "--no-confirm",
     "no_confirm",
     is_flag=True,
-    help="--fast: stop at the sketch's estimates (seconds), without the targeted exact replay (which "
-    "re-runs the training steps the candidates were trained in).",
+    help="--fast: stop at the sketch's estimates, without the exact confirmation (for the in-run views a "
+    "targeted replay, which re-runs the training steps the candidates were trained in).",
 )
 @click.option(
     "--view",
     "fast_view",
     default=None,
     metavar="NAME",
-    help="--fast: the view the sketch ranks by (value, per_token, cosine, contrast, contrast_per_token, "
-    "contrast_cosine, standout, standout_cosine; default: the run's default view).",
+    help="--fast: the view the sketch ranks by (standout_checkpoint, checkpoint_cosine: the checkpoint "
+    "index; value, per_token, cosine, contrast, contrast_per_token, contrast_cosine, standout, "
+    "standout_cosine: the in-run sketch; default: the run's default view).",
 )
 def claim_command(
     run: Path,
@@ -263,7 +266,7 @@ def _fast(
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
     what = (
-        "confirmed by targeted exact replay"
+        f"confirmed {r.how}"
         if r.confirmed
         else "estimates only (" + ("--no-confirm" if not confirm else "no replay chain") + ")"
     )

@@ -1,0 +1,272 @@
+"""A FAISS index of the checkpoint similarity, so that `claim --fast` ranks the way the default view ranks.
+
+Why: the default view (`standout_checkpoint`, `attribution.workflows.checkpoint_similarity`) reads the
+mean over the kept links s of the cosine of `u_s(x) = K_s^(power/2) g_x(w_s)`. The in-run sketch
+(`attribution.train.sketch`) projects another quantity, each step's weighted gradient, so its fast
+answer disagrees with the default view by design (docs/benchmarks.md, "Session 9"). The checkpoint pass
+that `attribution run` makes after training already holds every document's unit side at every link;
+this module count-sketches it there, with no extra gradient:
+
+    v(x) = concat over the L links s of  C_s(u_s(x) / |u_s(x)|) / sqrt(L)
+
+`C_s` sends every parameter coordinate to one of the link's `D_s` buckets with a random sign
+(`CountSketch`; `E[C^T C] = I`, the `D_s` split `dim` evenly), so `<v(d), v(t)>` estimates
+`checkpoint_cosine(d, t)` without bias, with an error of about `1/sqrt(dim)` whatever the number of
+parameters. A claim's `v(t)` is the same recipe at the same links with the same hashes (drawn from the
+seed in the meta). The standout z is linear in it once each document's vector is divided by the sd of
+its exact reference cosines (read from the run's checkpoint table):
+`z(d, t) = <[v_d, -mu_d] / sd_d, [v_t, 1]>`.
+
+The candidates are then confirmed exactly: their checkpoint cosines with every parameter at the
+hash-verified kept checkpoints (`confirm`), seconds rather than a replay of training.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from attribution.errors import UserError
+from attribution.io import atomic_write
+from attribution.train.sketch import SketchIndex, write_index
+
+FOLDER = "checkpoint_sketch"
+INDEX = "index.faiss"
+STANDOUT_INDEX = "index_standout.faiss"
+META = "meta.json"
+VIEWS = ("checkpoint_cosine", "standout_checkpoint")
+CHUNK = 1 << 22  # parameter coordinates whose hashes are drawn (and held) at once
+
+
+class CountSketch:
+    """`C: R^n -> R^width`: coordinate i is added to bucket `h(i)` with sign `s(i)`, both drawn from
+    (seed, link) chunk by chunk, so a claim made later draws the same `C` from the meta's seed."""
+
+    def __init__(self, n: int, width: int, seed: int, link: int, device, dtype):
+        import torch
+
+        self.width = int(width)
+        self.parts = []
+        for c, start in enumerate(range(0, n, CHUNK)):
+            key = zlib.crc32(f"checkpoint-sketch:{seed}:{link}:{c}".encode())
+            gen = torch.Generator().manual_seed(key)
+            m = min(CHUNK, n - start)
+            h = torch.randint(0, self.width, (m,), generator=gen)
+            s = torch.randint(0, 2, (m,), generator=gen).to(dtype) * 2 - 1
+            self.parts.append((start, h.to(device), s.to(device)))
+
+    def __call__(self, x):
+        """`[B, n] -> [B, width]`."""
+        out = x.new_zeros(x.shape[0], self.width)
+        for start, h, s in self.parts:
+            out.index_add_(1, h, x[:, start : start + len(h)] * s)
+        return out
+
+
+def widths(dim: int, n_links: int) -> list[int]:
+    """The buckets of each link: `dim` split as evenly as possible (earlier links take the remainder)."""
+    if dim < n_links:
+        raise UserError(f"--sketch-dim {dim} is smaller than the run's {n_links} kept checkpoints")
+    return [len(part) for part in np.array_split(np.arange(dim), n_links)]
+
+
+class Sketcher:
+    """Collects `v(x)` of one kind of item ("doc" or "text") from `checkpoint_similarity.cosines`' sink."""
+
+    def __init__(self, kind: str, dim: int, n_links: int, seed: int):
+        self.kind, self.seed, self.n_links = kind, int(seed), int(n_links)
+        self.widths = widths(dim, n_links)
+        self.offsets = np.cumsum([0] + self.widths)
+        self.vectors = np.zeros((0, dim))  # grows to the items seen
+        self._link: tuple[int, CountSketch] | None = None
+
+    def __call__(self, kind: str, link: int, items: range, rows) -> None:
+        if kind != self.kind:
+            return
+        if self._link is None or self._link[0] != link:  # one link's hashes held at a time
+            self._link = None
+            count = CountSketch(rows.shape[1], self.widths[link], self.seed, link, rows.device, rows.dtype)
+            self._link = (link, count)
+        part = self._link[1](rows).double().cpu().numpy() / np.sqrt(self.n_links)
+        if items.stop > len(self.vectors):
+            grown = np.zeros((items.stop, self.vectors.shape[1]))
+            grown[: len(self.vectors)] = self.vectors
+            self.vectors = grown
+        self.vectors[items.start : items.stop, self.offsets[link] : self.offsets[link + 1]] = part
+
+
+def for_documents(run: str | Path, dim: int, seed: int) -> Sketcher:
+    """The sink that sketches the run's documents during its checkpoint pass."""
+    from attribution.train import chain
+
+    return Sketcher("doc", dim, len(chain.links(run)), seed)
+
+
+def write(run: str | Path, sketch: Sketcher, frame: pd.DataFrame, *, power: float) -> Path:
+    """`checkpoint_sketch/index.faiss` (`v_d`), `index_standout.faiss` (`[v_d, -mu_d] / sd_d`, when the
+    run has a reference set) and `meta.json`, written last: its presence means a whole index. `frame`:
+    the checkpoint pass's rows (`checkpoint_similarity.for_run`), whose reference rows give mu and sd."""
+    from attribution.train import chain
+    from attribution.train.sketch import STORAGE
+    from attribution.values.views import REFERENCE_SET
+
+    folder = Path(run) / FOLDER
+    doc_ids = [str(d) for d in pd.unique(frame["doc_id"])]
+    vectors = np.zeros((len(doc_ids), sketch.vectors.shape[1]))
+    vectors[: len(sketch.vectors)] = sketch.vectors  # documents the pass never reached: zero rows
+    files, scales = {"raw": INDEX}, {"raw": write_index(folder / INDEX, vectors)}
+    dims = {"raw": vectors.shape[1]}
+    ref = frame[frame["val_set"].astype(str) == REFERENCE_SET]
+    if len(ref):
+        standout = standout_vectors(vectors, ref, doc_ids, power)
+        files["standout"], dims["standout"] = STANDOUT_INDEX, standout.shape[1]
+        scales["standout"] = write_index(folder / STANDOUT_INDEX, standout)
+    meta = {
+        "dim": int(vectors.shape[1]),
+        "widths": sketch.widths,
+        "links": [lk.step for lk in chain.links(run)],
+        "seed": sketch.seed,
+        "power": power,
+        "doc_ids": doc_ids,
+        "files": files,
+        "index_dims": dims,
+        "scale": scales,
+        "storage": STORAGE,
+        "similarity": "concat over kept links s of C_s(unit K_s^(power/2) g(w_s)) / sqrt(L); C_s a count "
+        "sketch of every parameter; inner products estimate checkpoint_cosine",
+        "standout": "[v_d, -mu_d] / sd_d (mu, sd: the document's exact checkpoint cosines for the reference "
+        "texts; 0 where its z is undefined), searched with [v_t, 1]",
+    }
+    with atomic_write(folder / META) as fh:
+        json.dump(meta, fh)
+    return folder
+
+
+def standout_vectors(
+    vectors: np.ndarray, ref: pd.DataFrame, doc_ids: Sequence[str], power: float
+) -> np.ndarray:
+    """`[v_d, -mu_d] / sd_d` per document (zero where `views.standout` leaves z undefined: fewer than
+    `MIN_REFERENCE` reference rows, or no spread), so that `<., [v_t, 1]>` is the standout z of the
+    estimate. `ref`: the document's exact checkpoint cosines for the reference texts (column at `power`)."""
+    from attribution.values.views import MIN_REFERENCE
+    from attribution.workflows.checkpoint_similarity import power_column
+
+    stats = ref.groupby(ref["doc_id"].astype(str))[power_column(power)].agg(["mean", "std", "count"])
+    stats = stats.reindex([str(d) for d in doc_ids])
+    mu, sd = stats["mean"].to_numpy(np.float64), stats["std"].to_numpy(np.float64)
+    ok = (stats["count"].to_numpy() >= MIN_REFERENCE) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
+    both = np.hstack([vectors, -mu[:, None]])
+    return np.where(ok[:, None], both / np.where(ok, sd, 1.0)[:, None], 0.0)
+
+
+def describe(run: str | Path) -> dict[str, Any] | None:
+    """The manifest's description of the index, or None when the run has none."""
+    path = Path(run) / FOLDER / META
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    return {k: meta[k] for k in ("dim", "links", "seed", "power", "storage", "similarity")} | {
+        "path": f"{FOLDER}/{INDEX}",
+        "documents": len(meta["doc_ids"]),
+    }
+
+
+def exists(run: str | Path) -> bool:
+    return (Path(run) / FOLDER / META).is_file()
+
+
+def read(run: str | Path, config: Mapping[str, Any] | None = None) -> SketchIndex:
+    """The run's checkpoint index; one clear line when there is none or it does not match the run."""
+    from attribution.train import chain
+
+    folder = Path(run) / FOLDER
+    if not exists(run):
+        raise UserError(
+            f"{run}: this run has no checkpoint sketch index ({FOLDER}/{META}); it was trained with "
+            "--no-sketch or --no-checkpoint-view, or before the index existed: use `attribution claim` "
+            "without --fast (exact), or --fast --view standout_cosine (the in-run sketch)"
+        )
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{folder / META}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    want = (config or {}).get("sketch_dim")
+    if want is not None and int(want) != int(meta.get("dim", -1)):
+        raise UserError(
+            f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim {want}: "
+            "the index is not this run's"
+        )
+    steps = [lk.step for lk in chain.links(run)]
+    if [int(s) for s in meta.get("links", [])] != steps:
+        raise UserError(
+            f"{folder / META}: the index was made at kept checkpoints {meta.get('links')}, but the run's "
+            f"replay chain holds {steps}: the index is not this run's"
+        )
+    return SketchIndex(folder, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+
+
+def query_vectors(run: str | Path, index: SketchIndex, claims) -> np.ndarray:
+    """`[n_claims, dim]`: `v(t)` of each claim text (`ValData`), at the index's links and hashes."""
+    from attribution.workflows import checkpoint_similarity
+
+    meta = index.meta
+    texts = Sketcher("text", index.dim, len(meta["links"]), meta["seed"])
+    checkpoint_similarity.for_run(
+        run, {"claims": claims}, doc_ids=(), powers=(float(meta["power"]),), reference=False, sink=texts
+    )
+    out = np.zeros((len(claims.example_ids), index.dim))
+    out[: len(texts.vectors)] = texts.vectors
+    return out
+
+
+def ranking_index(index: SketchIndex, view: str):
+    """(FAISS index, scale, query suffix) of a checkpoint view: `checkpoint_cosine` searches `v_d` with
+    queries `v_t`; `standout_checkpoint` searches `[v_d, -mu_d] / sd_d` with queries `[v_t, 1]`."""
+    if view == "checkpoint_cosine":
+        return index.load("raw"), index.scale("raw"), np.zeros(0)
+    return index.load("standout"), index.scale("standout"), np.ones(1)
+
+
+def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None):
+    """(scores `[n, k]`, document ids `[n, k]`) of the claims' top `k` documents under a checkpoint view."""
+    if view not in VIEWS:
+        raise ValueError(f"{view!r} is not a checkpoint view ({', '.join(VIEWS)})")
+    q = query_vectors(run, index, claims)
+    faiss_index, scale, suffix = ranking_index(index, view)
+    q = np.hstack([q, np.broadcast_to(suffix, (len(q), len(suffix)))])
+    k = faiss_index.ntotal if k is None else min(int(k), faiss_index.ntotal)
+    scores, rows = faiss_index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+    return scores.astype(np.float64) * scale, np.asarray(index.meta["doc_ids"], dtype=object)[rows]
+
+
+def confirm(
+    run: str | Path, index: SketchIndex, claims, doc_ids: Sequence[str], view: str, *, progress: bool = False
+) -> pd.DataFrame:
+    """`claim_id, doc_id, exact, exact_cosine`: the candidates' exact checkpoint cosines (every parameter,
+    no projection, at the index's power) and their value under `view`; the standout z is against the
+    reference set's exact cosines for the same documents, computed in the same pass."""
+    from attribution.values.results import CHECKPOINT_COLUMN
+    from attribution.values.views import REFERENCE_SET
+    from attribution.values.views import VIEWS as ALL_VIEWS
+    from attribution.workflows import checkpoint_similarity
+
+    power = float(index.meta["power"])
+    frame = checkpoint_similarity.for_run(
+        run, {"claims": claims}, doc_ids=doc_ids, powers=(power,), progress=progress
+    )
+    frame = frame.rename(columns={checkpoint_similarity.power_column(power): CHECKPOINT_COLUMN})
+    frame["exact"] = ALL_VIEWS[view].fn(frame, pd.DataFrame())
+    out = frame[frame["val_set"] != REFERENCE_SET]
+    return out.rename(columns={"val_id": "claim_id", CHECKPOINT_COLUMN: "exact_cosine"})[
+        ["claim_id", "doc_id", "exact", "exact_cosine"]
+    ]

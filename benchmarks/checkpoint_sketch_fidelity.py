@@ -1,0 +1,140 @@
+"""The checkpoint sketch index against the exact checkpoint similarity, per dimension, in one gradient pass.
+
+    .venv/bin/python benchmarks/checkpoint_sketch_fidelity.py --run RUN --claims claims.jsonl \
+        --dims 128,256,512,1024,2048
+    .venv/bin/python benchmarks/checkpoint_sketch_fidelity.py --run RUN --val-set NAME --dims ...
+
+One pass of the run's checkpoint similarity (`attribution.workflows.checkpoint_similarity.for_run`) over
+every document and the texts (claims, or one of the run's own validation sets) gives the exact cosines and
+the reference statistics; its sink feeds one pair of `Sketcher`s per dimension, drawn from the run's seed
+as `attribution run` draws its index. So every dimension is measured on the same gradients, and the
+dimension the run wrote is checked against the run's own index (the same numbers, up to float16).
+
+Per text, view (`checkpoint_cosine`, `standout_checkpoint`) and dimension: Spearman between estimate and
+exact over every document, recall@10 (the share of the exact top 10 in the sketch's top 10; also within the
+top 50, what `--k 50` would confirm), and, for texts with a `meta.target_id`, the target's rank under both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _recall(est: np.ndarray, exact: np.ndarray, k: int = 10, candidates: int = 10) -> float:
+    top = set(np.argsort(-exact, kind="stable")[:k])
+    return len(top & set(np.argsort(-est, kind="stable")[:candidates])) / k
+
+
+def _rank(x: np.ndarray, j: int) -> float:
+    return float(pd.Series(x).rank(ascending=False, method="average").iloc[j])
+
+
+def main() -> None:
+    from attribution.corpus import read_validation
+    from attribution.train import chain, loop
+    from attribution.values.manifest import Manifest
+    from attribution.values.views import REFERENCE_SET, VIEWS
+    from attribution.workflows import checkpoint_similarity as cs
+    from attribution.workflows import checkpoint_sketch as ck
+    from attribution.workflows.claim_fast import _config, parent_data
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a finished run with a replay chain")
+    ap.add_argument("--claims", type=Path, default=None, help="JSONL texts the run never saw")
+    ap.add_argument("--val-set", default=None, help="or: one of the run's per-example validation sets")
+    ap.add_argument("--dims", default="128,256,512,1024,2048", help="index dimensions, comma separated")
+    ap.add_argument("--csv", type=Path, default=None, help="write the per-text rows here")
+    args = ap.parse_args()
+    if (args.claims is None) == (args.val_set is None):
+        raise SystemExit("give exactly one of --claims and --val-set")
+    manifest = Manifest.read(args.run)
+    cfg = _config(manifest)
+    if args.val_set:
+        val = parent_data(args.run, cfg)[0]
+        texts = val[args.val_set]
+        path = Path(texts.path)
+    else:
+        path = args.claims
+        texts = loop.load_validation(dataclasses.replace(cfg, val={"claims": str(path)}))["claims"]
+    meta = {str(t.doc_id): dict(t.meta or {}) for t in read_validation(path)}
+    dims = [int(d) for d in args.dims.split(",")]
+    n_links = len(chain.links(args.run))
+    sinks = {d: {k: ck.Sketcher(k, d, n_links, cfg.seed) for k in ("doc", "text")} for d in dims}
+
+    def fan(*a):
+        for pair in sinks.values():
+            for s in pair.values():
+                s(*a)
+
+    t0 = time.perf_counter()
+    frame = cs.for_run(args.run, {"claims": texts}, sink=fan, progress=True)
+    print(
+        f"one checkpoint pass ({n_links} links, {len(dims)} dimensions sketched): {time.perf_counter() - t0:.1f} s"
+    )
+    col = cs.power_column(cs.POWER)
+    docs = list(pd.unique(frame["doc_id"]))
+    n_claims = len(texts.example_ids)
+    exact = frame[frame["val_set"] == "claims"][col].to_numpy().reshape(n_claims, len(docs))
+    z_frame = frame.rename(columns={col: "checkpoint_cosine"})
+    z_exact = VIEWS["standout_checkpoint"].fn(z_frame, pd.DataFrame())
+    z_exact = z_exact[(frame["val_set"] == "claims").to_numpy()].to_numpy().reshape(n_claims, len(docs))
+    ref = frame[frame["val_set"] == REFERENCE_SET]
+    stats = ref.groupby("doc_id")[col].agg(["mean", "std", "count"]).reindex(docs)
+    ok = (stats["count"] >= 4) & (stats["std"] > 0)
+    mu, sd = stats["mean"].to_numpy(), np.where(ok, stats["std"].to_numpy(), np.nan)
+
+    if cfg.sketch_dim in sinks and (args.run / ck.FOLDER).is_dir():  # the run's own index: same numbers
+        stored = ck.read(args.run).vectors("raw")
+        mine = sinks[cfg.sketch_dim]["doc"].vectors
+        print(
+            f"dim {cfg.sketch_dim}: largest difference from the run's index {np.abs(stored - mine).max():.2e} "
+            f"(entries up to {np.abs(mine).max():.2e}; float16 storage)"
+        )
+
+    rows = []
+    for d, pair in sinks.items():
+        est = pair["text"].vectors[:n_claims] @ pair["doc"].vectors.T
+        z_est = np.nan_to_num((est - mu) / sd)
+        for i, cid in enumerate(texts.example_ids):
+            target = meta.get(str(cid), {}).get("target_id")
+            j = docs.index(target) if target in docs else None
+            for view, e, x in (
+                ("checkpoint_cosine", est[i], exact[i]),
+                ("standout_checkpoint", z_est[i], z_exact[i]),
+            ):
+                rows.append(
+                    {
+                        "dim": d,
+                        "view": view,
+                        "text": cid,
+                        "kind": meta.get(str(cid), {}).get("variant", ""),
+                        "spearman": pd.Series(e).corr(pd.Series(x), method="spearman"),
+                        "recall10": _recall(e, x),
+                        "recall10_in50": _recall(e, x, candidates=50),
+                        "target_sketch": _rank(e, j) if j is not None else np.nan,
+                        "target_exact": _rank(x, j) if j is not None else np.nan,
+                    }
+                )
+    table = pd.DataFrame(rows)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    summary = table.groupby(["view", "dim"]).agg(
+        spearman=("spearman", "mean"),
+        recall10=("recall10", "mean"),
+        recall10_in50=("recall10_in50", "mean"),
+        target_sketch=("target_sketch", "mean"),
+        target_exact=("target_exact", "mean"),
+        top1_sketch=("target_sketch", lambda r: int((r == 1).sum())),
+    )
+    print(f"{n_claims} texts, {len(docs)} documents")
+    print(summary.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
