@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import time
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def _rank(x: np.ndarray, j: int) -> float:
     return float(pd.Series(x).rank(ascending=False, method="average").iloc[j])
 
 
+def _merge(sets: dict):
+    """One `ValData` of several sets' texts, each id prefixed with its set's name."""
+    first = next(iter(sets.values()))
+    ids, masks, owners, docs, at = [], [], [], [], 0
+    for name, v in sets.items():
+        ids.append(v.ids)
+        masks.append(v.mask)
+        owners.append(v.seq_doc + at)
+        docs += [dataclasses.replace(d, doc_id=f"{name}/{d.doc_id}") for d in v.docs]
+        at += len(v.docs)
+    return dataclasses.replace(
+        first,
+        name="claims",
+        ids=np.concatenate(ids),
+        mask=np.concatenate(masks),
+        seq_doc=np.concatenate(owners),
+        docs=docs,
+    )
+
+
 def main() -> None:
     from attribution.corpus import read_validation
     from attribution.train import chain, loop
@@ -47,36 +68,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished run with a replay chain")
     ap.add_argument("--claims", type=Path, default=None, help="JSONL texts the run never saw")
-    ap.add_argument("--val-set", default=None, help="or: one of the run's per-example validation sets")
+    ap.add_argument("--val-set", default=None, help="or: the run's per-example validation sets (a glob)")
     ap.add_argument("--dims", default="128,256,512,1024,2048", help="index dimensions, comma separated")
     ap.add_argument("--csv", type=Path, default=None, help="write the per-text rows here")
+    ap.add_argument("--npz", type=Path, default=None, help="write the exact and estimated scores here")
     args = ap.parse_args()
     if (args.claims is None) == (args.val_set is None):
         raise SystemExit("give exactly one of --claims and --val-set")
     manifest = Manifest.read(args.run)
     cfg = _config(manifest)
-    if args.val_set:
+    if args.val_set:  # the run's own sets, as one text set (a text keeps its set's name in its id)
         val = parent_data(args.run, cfg)[0]
-        texts = val[args.val_set]
-        path = Path(texts.path)
+        names = [n for n in val if fnmatch.fnmatch(n, args.val_set) and val[n].per_example]
+        if not names:
+            raise SystemExit(f"{args.run}: no per-example validation set matches {args.val_set!r}")
+        paths = {n: val[n].path for n in names}
     else:
-        path = args.claims
-        texts = loop.load_validation(dataclasses.replace(cfg, val={"claims": str(path)}))["claims"]
-    meta = {str(t.doc_id): dict(t.meta or {}) for t in read_validation(path)}
+        paths = {"claims": str(args.claims)}
+    sets = loop.load_validation(dataclasses.replace(cfg, val=paths))
+    texts = _merge(sets)
+    meta = {f"{n}/{t.doc_id}": dict(t.meta or {}) for n, p in paths.items() for t in read_validation(p)}
     dims = [int(d) for d in args.dims.split(",")]
     n_links = len(chain.links(args.run))
     sinks = {d: {k: ck.Sketcher(k, d, n_links, cfg.seed) for k in ("doc", "text")} for d in dims}
 
+    spent = dict.fromkeys(dims, 0.0)  # seconds in each dimension's sketching, inside the one pass
+
     def fan(*a):
-        for pair in sinks.values():
+        for d, pair in sinks.items():
+            t = time.perf_counter()
             for s in pair.values():
                 s(*a)
+            spent[d] += time.perf_counter() - t
 
     t0 = time.perf_counter()
     frame = cs.for_run(args.run, {"claims": texts}, sink=fan, progress=True)
-    print(
-        f"one checkpoint pass ({n_links} links, {len(dims)} dimensions sketched): {time.perf_counter() - t0:.1f} s"
-    )
+    wall = time.perf_counter() - t0
+    bare = wall - sum(spent.values())
+    print(f"one checkpoint pass ({n_links} links, {len(dims)} dimensions sketched): {wall:.1f} s")
+    for d, sec in spent.items():
+        print(f"  sketching at dim {d}: {sec:.1f} s = {sec / bare:.1%} of the pass without sketches")
     col = cs.power_column(cs.POWER)
     docs = list(pd.unique(frame["doc_id"]))
     n_claims = len(texts.example_ids)
@@ -121,6 +152,21 @@ def main() -> None:
                         "target_exact": _rank(x, j) if j is not None else np.nan,
                     }
                 )
+    if args.npz:
+        np.savez(
+            args.npz,
+            exact=exact,
+            z_exact=z_exact,
+            mu=mu,
+            sd=sd,
+            docs=np.asarray(docs, dtype=str),
+            texts=np.asarray(texts.example_ids, dtype=str),
+            targets=np.asarray([meta.get(str(c), {}).get("target_id") or "" for c in texts.example_ids]),
+            **{
+                f"est_{d}": pair["text"].vectors[:n_claims] @ pair["doc"].vectors.T
+                for d, pair in sinks.items()
+            },
+        )
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)

@@ -34,7 +34,8 @@ def _matrix(sketch: ck.CountSketch, n: int) -> np.ndarray:
 
 
 def test_the_count_sketch_is_its_hash_matrix(monkeypatch):
-    monkeypatch.setattr(ck, "CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(ck, "CHUNK", 7)  # several draws, the last one short
+    monkeypatch.setattr(ck, "APPLY", 3)  # and several slices of each
     n, width = 30, 5
     sketch = ck.CountSketch(n, width, seed=3, link=1, device="cpu", dtype=torch.float64)
     c = _matrix(sketch, n)
@@ -162,7 +163,9 @@ def test_fast_ranks_by_the_default_view_and_confirms_with_the_runs_exact_cosines
     np.testing.assert_allclose(got["exact"], z.loc[got.index, "attribution"], rtol=1e-4, atol=1e-3)
     assert set(r.table["exact_rank"]) <= {1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5}
     text = (tmp_path / "fast" / "fast.md").read_text()
-    assert "exact_cosine" in text and "--docs" in text
+    assert "exact_cosine" in text and "--docs $(cat" in text
+    ids = (tmp_path / "fast" / "candidates.txt").read_text().strip().split(",")
+    assert sorted(ids) == sorted(set(r.table["doc_id"]))
 
 
 def test_estimates_of_every_document_are_within_the_sketchs_error(run, own_texts):
@@ -220,3 +223,11 @@ def test_cli_fast_under_the_default_view(run, own_texts, tmp_path):
     assert res.exit_code == 0, res.output
     assert "confirmed by their exact checkpoint similarity" in res.output and DEFAULT_VIEW in res.output
     assert len(pd.read_csv(tmp_path / "f" / "fast.csv")) == 2 * 3
+
+
+def test_without_a_reference_set_the_standout_view_is_ranked_as_the_cosine(corpus_dir, own_texts):
+    bare = _run(corpus_dir, "noref", reference=0)
+    meta = json.loads((bare / ck.FOLDER / ck.META).read_text())
+    assert set(meta["files"]) == {"raw"}
+    _, view, notes, _ = estimate(bare, own_texts, view="standout_checkpoint", k=2)
+    assert view == "checkpoint_cosine" and any("no fixed reference set" in n for n in notes)

@@ -63,6 +63,7 @@ FAST_VIEWS = (
 )
 REFERENCED = ("contrast", "standout")  # views that need the reference set's claim-side vectors
 CHUNK = 16  # claim sequences per gradient pass
+CANDIDATES = "candidates.txt"
 REPLAY_CONFIRMED = "by targeted exact replay"
 CHECKPOINT_CONFIRMED = (
     "by their exact checkpoint similarity (every parameter, no projection, at the run's hash-verified kept "
@@ -467,10 +468,9 @@ def fast_claim(
         )
         table = table.merge(exact, on=["claim_id", "doc_id"], how="left")
         table["exact_rank"] = table.groupby("claim_id")["exact"].rank(ascending=False, method="average")
-        ids = ",".join(sorted(set(table["doc_id"].astype(str))))
         notes.append(
             "the candidates' exact in-run values (royalty units) need a targeted replay of training: "
-            f"`attribution claim {run} --texts {texts} --out DIR --docs {ids}`"
+            f"`attribution claim {run} --texts {texts} --out DIR --docs $(cat {out / CANDIDATES})`"
         )
     elif has_chain:
         how = REPLAY_CONFIRMED
@@ -493,6 +493,8 @@ def fast_claim(
         )
         table["exact_rank"] = table.groupby("claim_id")["exact"].rank(ascending=False, method="average")
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / CANDIDATES) as fh:  # the union of the candidates, as `--docs` takes them
+        fh.write(",".join(sorted(set(table["doc_id"].astype(str)))) + "\n")
     with atomic_write(out / "fast.csv") as fh:
         table.to_csv(fh, index=False)
     with atomic_write(out / "fast.md") as fh:
