@@ -56,6 +56,49 @@ def _merge(sets: dict):
     )
 
 
+def rankings_for_the_default_view(
+    est: np.ndarray, z_exact: np.ndarray, mu: np.ndarray, sd: np.ndarray, targets: list[int | None], dim: int
+) -> pd.DataFrame:
+    """How well each candidate ranking serves the default view (`standout_checkpoint`): the cosine
+    estimate, the plain z of the estimate, and z with the spread widened by c / dim (c = 1 is the
+    estimate's noise variance, the index's choice). Per ranking: recall of the exact top 10 within its top
+    10 and top 50, the original's mean rank, how often the original is among its top 10, and how often it
+    is then first among those candidates by the exact z (what `claim --fast` reports)."""
+    rankings = {"cosine": est, "standout, plain sd": np.nan_to_num((est - mu) / sd)}
+    for c in (0.25, 1.0, 4.0):
+        rankings[f"standout, sd widened by {c:g}/dim"] = np.nan_to_num(
+            (est - mu) / np.sqrt(sd**2 + c / (dim - 1))
+        )
+    rows = []
+    for name, r in rankings.items():
+        rec10, rec50, target, found, first = [], [], [], 0, 0
+        for i in range(len(est)):
+            top = set(np.argsort(-z_exact[i], kind="stable")[:10])
+            order = np.argsort(-r[i], kind="stable")
+            rec10.append(len(top & set(order[:10])) / 10)
+            rec50.append(len(top & set(order[:50])) / 10)
+            j = targets[i]
+            if j is None:
+                continue
+            target.append(_rank(r[i], j))
+            cand = list(order[:10])
+            if j in cand:
+                found += 1
+                first += int(_rank(z_exact[i][cand], cand.index(j)) == 1)
+        rows.append(
+            {
+                "dim": dim,
+                "ranking": name,
+                "recall10": np.mean(rec10),
+                "recall10_in50": np.mean(rec50),
+                "target_rank": np.mean(target) if target else np.nan,
+                "target_in_top10": found,
+                "then_first_by_exact": first,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     from attribution.corpus import read_validation
     from attribution.train import chain, loop
@@ -72,6 +115,11 @@ def main() -> None:
     ap.add_argument("--dims", default="128,256,512,1024,2048", help="index dimensions, comma separated")
     ap.add_argument("--csv", type=Path, default=None, help="write the per-text rows here")
     ap.add_argument("--npz", type=Path, default=None, help="write the exact and estimated scores here")
+    ap.add_argument(
+        "--groups",
+        default="*",
+        help="report texts in groups: comma-separated globs over their ids (e.g. '*hw-a-*,*hw-b-*')",
+    )
     args = ap.parse_args()
     if (args.claims is None) == (args.val_set is None):
         raise SystemExit("give exactly one of --claims and --val-set")
@@ -119,6 +167,17 @@ def main() -> None:
     stats = ref.groupby("doc_id")[col].agg(["mean", "std", "count"]).reindex(docs)
     ok = (stats["count"] >= 4) & (stats["std"] > 0)
     mu, sd = stats["mean"].to_numpy(), np.where(ok, stats["std"].to_numpy(), np.nan)
+    # documents the run trained (a gradient, so a vector): the exact views and the index hold only these
+    keep = np.abs(sinks[dims[0]]["doc"].vectors).sum(axis=1) > 0
+    docs, exact, z_exact, mu, sd = (
+        [d for d, k in zip(docs, keep, strict=True) if k],
+        exact[:, keep],
+        z_exact[:, keep],
+        mu[keep],
+        sd[keep],
+    )
+    for pair in sinks.values():
+        pair["doc"].vectors = pair["doc"].vectors[keep]
 
     if cfg.sketch_dim in sinks and (args.run / ck.FOLDER).is_dir():  # the run's own index: same numbers
         stored = ck.read(args.run).vectors("raw")
@@ -128,10 +187,25 @@ def main() -> None:
             f"(entries up to {np.abs(mine).max():.2e}; float16 storage)"
         )
 
-    rows = []
+    globs = args.groups.split(",")
+    group = np.asarray(
+        [next((g for g in globs if fnmatch.fnmatch(str(c), g)), "") for c in texts.example_ids], dtype=object
+    )
+    rows, candidates = [], []
     for d, pair in sinks.items():
         est = pair["text"].vectors[:n_claims] @ pair["doc"].vectors.T
-        z_est = np.nan_to_num((est - mu) / sd)
+        z_est = np.nan_to_num((est - mu) / np.sqrt(sd**2 + ck.NOISE / (d - 1)))  # the index's widened z
+        targets = [
+            docs.index(t) if (t := meta.get(str(c), {}).get("target_id")) in docs else None
+            for c in texts.example_ids
+        ]
+        for g in globs:
+            at = np.flatnonzero(group == g)
+            if len(at):
+                part = rankings_for_the_default_view(
+                    est[at], z_exact[at], mu, sd, [targets[i] for i in at], d
+                )
+                candidates.append(part.assign(group=g, texts=len(at)))
         for i, cid in enumerate(texts.example_ids):
             target = meta.get(str(cid), {}).get("target_id")
             j = docs.index(target) if target in docs else None
@@ -144,6 +218,7 @@ def main() -> None:
                         "dim": d,
                         "view": view,
                         "text": cid,
+                        "group": group[i],
                         "kind": meta.get(str(cid), {}).get("variant", ""),
                         "spearman": pd.Series(e).corr(pd.Series(x), method="spearman"),
                         "recall10": _recall(e, x),
@@ -170,16 +245,28 @@ def main() -> None:
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    summary = table.groupby(["view", "dim"]).agg(
-        spearman=("spearman", "mean"),
-        recall10=("recall10", "mean"),
-        recall10_in50=("recall10_in50", "mean"),
-        target_sketch=("target_sketch", "mean"),
-        target_exact=("target_exact", "mean"),
-        top1_sketch=("target_sketch", lambda r: int((r == 1).sum())),
+    summary = (
+        table[table["group"] != ""]
+        .groupby(["group", "view", "dim"])
+        .agg(
+            texts=("text", "size"),
+            spearman=("spearman", "mean"),
+            recall10=("recall10", "mean"),
+            recall10_in50=("recall10_in50", "mean"),
+            target_sketch=("target_sketch", "mean"),
+            target_exact=("target_exact", "mean"),
+            top1_sketch=("target_sketch", lambda r: int((r == 1).sum())),
+        )
     )
     print(f"{n_claims} texts, {len(docs)} documents")
     print(summary.round(3).to_string())
+    kinds = table[(table["group"] != "") & (table["kind"] != "") & (table["view"] == "standout_checkpoint")]
+    if len(kinds):
+        print("\nthe original's mean rank by variant kind, standout_checkpoint (sketch / exact):")
+        by = kinds.groupby(["group", "kind", "dim"])[["target_sketch", "target_exact"]].mean()
+        print(by.round(2).unstack("dim").to_string())
+    print("\ncandidate rankings for the default view (standout_checkpoint):")
+    print(pd.concat(candidates).round(3).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ Small by default (seconds, 20k vectors, the test-micro model). The full size, on
    (`attribution.train.sketch.make_index`, float16) and in a float32 `IndexFlatIP`; p50/p95 of
    single-claim top-`--k` searches (target: < 50 ms p50 at 1M), one batched search of all queries, and
    the float16 index's recall of the float32 top k;
-2. the claim side: one `--seq-len` claim's sketched gradient at one kept checkpoint (forward, backward to
-   the captured factors, Kronecker projection, segment mixing) for the preset's model, p50 over repeats;
-   a claim costs that times the number of kept checkpoints.
+2. the claim side: one `--seq-len` claim's sketched gradient at one kept checkpoint for the preset's model,
+   p50 over repeats, for the in-run sketch (forward, backward to the captured factors, tensor first stage,
+   mixing) and for the checkpoint index (forward, dense backward, unit norm, count sketch); a claim costs
+   that times the number of kept checkpoints.
 """
 
 from __future__ import annotations
@@ -77,19 +78,26 @@ def claim_gradient_times(
 ) -> dict[str, float]:
     import torch
 
+    from attribution.engine.rules import trainable_params
+    from attribution.engine.task import LanguageModelingTask
     from attribution.train import loop
     from attribution.train.config import RunConfig
-    from attribution.train.sketch import Projection, model_params
+    from attribution.train.sketch import make_projection, model_params
+    from attribution.workflows import checkpoint_similarity as cs
+    from attribution.workflows.checkpoint_sketch import CountSketch
     from attribution.workflows.claim_fast import _Gradients
 
     cfg = RunConfig(preset=preset, val={"x": "unused"}, device=device, seq_len=seq_len).resolved()
     dev, dtype = loop.resolve_device(cfg)
     model = loop.build_model(cfg, dev, "float32")
-    projection = Projection(model_params(model)[0], dim, seed=0)
+    projection = make_projection(model_params(model)[0], dim, seed=0)
     grads = _Gradients(model, projection)
     ids = np.random.default_rng(0).integers(0, 50257, (1, cfg.seq_len)).astype(np.int64)
     mask = np.ones_like(ids)
-    times = []
+    params = trainable_params(model)
+    seqs = cs.Sequences(ids, mask, np.zeros(1, dtype=np.int64), 1)
+    count = CountSketch(sum(p.numel() for _, p in params.values()), dim, 0, 0, dev, torch.float32)
+    times, dense = [], []
     for _ in range(repeats + 1):
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
@@ -97,12 +105,18 @@ def claim_gradient_times(
         kron = grads.kron(ids, mask, np.zeros(1, dtype=np.int64), 1)
         projection.mix(kron, 0)
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # the checkpoint index's claim side: a dense gradient, unit, count sketch
+        count(cs._unit(cs.gradients(model, LanguageModelingTask(), seqs, params)))
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        dense.append(time.perf_counter() - t0)
     return {
         "preset": preset,
         "seq_len": cfg.seq_len,
         "device": dev,
         "width": projection.width,
         "per_checkpoint_s": float(np.median(times[1:])),
+        "checkpoint_index_per_checkpoint_s": float(np.median(dense[1:])),
     }
 
 

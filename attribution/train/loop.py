@@ -927,16 +927,27 @@ def _checkpoint_cosines(run: _Session) -> bool:
         return False
     table = run.out / checkpoint_similarity.TABLE
     if not table.is_file():  # a resumed run that got this far already has it (and its index)
-        sink = (
-            checkpoint_sketch.for_documents(run.out, run.cfg.sketch_dim, run.cfg.seed)
-            if run.cfg.sketch
-            else None
-        )
+        sink = None
+        if run.cfg.sketch:
+            try:
+                sink = checkpoint_sketch.for_documents(run.out, run.cfg.sketch_dim, run.cfg.seed)
+            except UserError as exc:  # more kept checkpoints than --sketch-dim: the run still finishes
+                warnings.warn(f"no checkpoint sketch index for claim --fast: {exc}", stacklevel=1)
         frame = checkpoint_similarity.for_run(run.out, progress=run.cfg.progress, sink=sink)
         if sink is not None:  # the index first: a table on disk means its index is too
             checkpoint_sketch.write(run.out, sink, frame, power=checkpoint_similarity.POWER)
         checkpoint_similarity.write(run.out, frame)
     return True
+
+
+def _indexes(out: Path) -> dict[str, Any]:
+    """What the run's `claim --fast` indexes hold, for the manifest (none while the run trains)."""
+    from attribution.train.sketch import SKETCH_DIR
+    from attribution.train.sketch import describe as in_run
+    from attribution.workflows import checkpoint_sketch
+
+    found = {SKETCH_DIR: in_run(out), checkpoint_sketch.FOLDER: checkpoint_sketch.describe(out)}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _write_manifest(
@@ -1012,6 +1023,7 @@ def _write_manifest(
         ),
         values=store.describe() if store is not None else None,
         final_val_loss=final_val,
+        indexes=_indexes(out),
         timings=merged,
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),

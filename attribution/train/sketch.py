@@ -631,13 +631,26 @@ class SketchIndex:
         if not path.is_file():
             raise UserError(f"{path}: sketch index file is missing")
         index = faiss.read_index(str(path))
-        dim = int(self.meta.get("index_dims", {}).get(kind, self.dim))  # an index may add columns
-        if index.d != dim or index.ntotal != len(self.meta["doc_ids"]):
+        if index.d != self.dim or index.ntotal != len(self.meta["doc_ids"]):
             raise UserError(
                 f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, but the run's sketch "
-                f"meta says {len(self.meta['doc_ids'])} of dimension {dim}; rebuild the run's sketch"
+                f"meta says {len(self.meta['doc_ids'])} of dimension {self.dim}; rebuild the run's sketch"
             )
         return index
+
+
+def describe(run: str | Path) -> dict[str, Any] | None:
+    """The manifest's description of a run's in-run sketch index, or None when it has none."""
+    path = Path(run) / SKETCH_DIR / META
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    keys = ("dim", "kind", "mix", "width", "seed", "storage", "weighting", "preconditioner")
+    return {k: meta[k] for k in keys if k in meta} | {
+        "files": [f"{SKETCH_DIR}/{f}" for f in meta["files"].values()],
+        "documents": len(meta["doc_ids"]),
+        "views": "the in-run views (value, cosine, contrast, standout, standout_cosine, ...)",
+    }
 
 
 def read_sketch(run: str | Path, config: Mapping[str, Any] | None = None) -> SketchIndex:

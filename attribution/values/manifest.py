@@ -132,6 +132,8 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     resumed_from: list[int] = field(default_factory=list)
+    # the FAISS indexes `claim --fast` searches, by folder: what each holds (`checkpoint_sketch.describe`)
+    indexes: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
@@ -176,6 +178,7 @@ class Manifest:
             "versions": self.versions,
             "git_commit": self.git_commit,
             "resumed_from": self.resumed_from,
+            "indexes": self.indexes,
         }
         return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
 

@@ -10,12 +10,12 @@ this module count-sketches it there, with no extra gradient:
     v(x) = concat over the L links s of  C_s(u_s(x) / |u_s(x)|) / sqrt(L)
 
 `C_s` sends every parameter coordinate to one of the link's `D_s` buckets with a random sign
-(`CountSketch`; `E[C^T C] = I`, the `D_s` split `dim` evenly), so `<v(d), v(t)>` estimates
+(`CountSketch`; `E[C^T C] = I`, the `D_s` split `dim - 1` evenly; the last column is reserved), so `<v(d), v(t)>` estimates
 `checkpoint_cosine(d, t)` without bias, with an error of about `1/sqrt(dim)` whatever the number of
 parameters. A claim's `v(t)` is the same recipe at the same links with the same hashes (drawn from the
 seed in the meta). The standout z is linear in it once each document's vector is divided by the sd of
 its exact reference cosines (from the same pass), widened by the estimate's own noise variance:
-`z(d, t) = <[v_d, -mu_d], [v_t, 1]> / sqrt(sd_d^2 + 1/dim)`.
+`z(d, t) = <[v_d, -mu_d], [v_t, 1]> / sqrt(sd_d^2 + 1/dim)`, with `-mu_d` and `1` in the reserved column.
 
 The candidates are then confirmed exactly: their checkpoint cosines with every parameter at the
 hash-verified kept checkpoints (`confirm`), seconds rather than a replay of training.
@@ -91,7 +91,11 @@ class Sketcher:
 
     def __init__(self, kind: str, dim: int, n_links: int, seed: int):
         self.kind, self.seed, self.n_links = kind, int(seed), int(n_links)
-        self.widths = widths(dim, n_links)
+        if dim - 1 < n_links:
+            raise UserError(f"--sketch-dim {dim} is too small for the run's {n_links} kept checkpoints")
+        # the last column is reserved (zero): the standout index puts its constant there, so that both
+        # indexes keep `dim` columns (FAISS's float16 search is ~13x slower at 513 than at 512 columns)
+        self.widths = widths(dim - 1, n_links)
         self.offsets = np.cumsum([0] + self.widths)
         self.vectors = np.zeros((0, dim))  # grows to the items seen
         self._link: tuple[int, CountSketch] | None = None
@@ -127,16 +131,20 @@ def write(run: str | Path, sketch: Sketcher, frame: pd.DataFrame, *, power: floa
     from attribution.values.views import REFERENCE_SET
 
     folder = Path(run) / FOLDER
-    doc_ids = [str(d) for d in pd.unique(frame["doc_id"])]
-    vectors = np.zeros((len(doc_ids), sketch.vectors.shape[1]))
-    vectors[: len(sketch.vectors)] = sketch.vectors  # documents the pass never reached: zero rows
+    # only documents with a gradient: one the run never trained has no sequence, no value and no row in
+    # the exact views, so it has no vector here either (as in the in-run sketch)
+    every = np.asarray(pd.unique(frame["doc_id"]), dtype=object)
+    vectors = np.zeros((len(every), sketch.vectors.shape[1]))
+    vectors[: len(sketch.vectors)] = sketch.vectors
+    trained = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
+    doc_ids, vectors = [str(d) for d in every[trained]], vectors[trained]
     files, scales = {"raw": INDEX}, {"raw": write_index(folder / INDEX, vectors)}
-    dims = {"raw": vectors.shape[1]}
     ref = frame[frame["val_set"].astype(str) == REFERENCE_SET]
     if len(ref):
-        standout = standout_vectors(vectors, ref, doc_ids, power)
-        files["standout"], dims["standout"] = STANDOUT_INDEX, standout.shape[1]
-        scales["standout"] = write_index(folder / STANDOUT_INDEX, standout)
+        files["standout"] = STANDOUT_INDEX
+        scales["standout"] = write_index(
+            folder / STANDOUT_INDEX, standout_vectors(vectors, ref, doc_ids, power)
+        )
     meta = {
         "dim": int(vectors.shape[1]),
         "widths": sketch.widths,
@@ -145,7 +153,6 @@ def write(run: str | Path, sketch: Sketcher, frame: pd.DataFrame, *, power: floa
         "power": power,
         "doc_ids": doc_ids,
         "files": files,
-        "index_dims": dims,
         "scale": scales,
         "storage": STORAGE,
         "similarity": "concat over kept links s of C_s(unit K_s^(power/2) g(w_s)) / sqrt(L); C_s a count "
@@ -178,8 +185,9 @@ def standout_vectors(
     stats = stats.reindex([str(d) for d in doc_ids])
     mu, sd = stats["mean"].to_numpy(np.float64), stats["std"].to_numpy(np.float64)
     ok = (stats["count"].to_numpy() >= MIN_REFERENCE) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
-    both = np.hstack([vectors, -mu[:, None]])
-    spread = np.sqrt(np.where(ok, sd, 0.0) ** 2 + NOISE / vectors.shape[1])
+    both = vectors.copy()
+    both[:, -1] = -mu  # the reserved column
+    spread = np.sqrt(np.where(ok, sd, 0.0) ** 2 + NOISE / (vectors.shape[1] - 1))
     return np.where(ok[:, None], both / spread[:, None], 0.0)
 
 
@@ -189,9 +197,11 @@ def describe(run: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     meta = json.loads(path.read_text(encoding="utf-8"))
-    return {k: meta[k] for k in ("dim", "links", "seed", "power", "storage", "similarity")} | {
-        "path": f"{FOLDER}/{INDEX}",
+    keys = ("dim", "widths", "links", "seed", "power", "noise", "storage", "similarity", "standout")
+    return {k: meta[k] for k in keys if k in meta} | {
+        "files": [f"{FOLDER}/{f}" for f in meta["files"].values()],
         "documents": len(meta["doc_ids"]),
+        "views": ", ".join(VIEWS),
     }
 
 
@@ -248,11 +258,12 @@ def query_vectors(run: str | Path, index: SketchIndex, claims) -> np.ndarray:
 
 
 def ranking_index(index: SketchIndex, view: str):
-    """(FAISS index, scale, query suffix) of a checkpoint view: `checkpoint_cosine` searches `v_d` with
-    queries `v_t`; `standout_checkpoint` searches the widened `[v_d, -mu_d] / sd_d` with queries `[v_t, 1]`."""
+    """(FAISS index, scale, the query's reserved column) of a checkpoint view: `checkpoint_cosine` searches
+    `[v_d, 0]` with queries `[v_t, 0]`; `standout_checkpoint` the widened `[v_d, -mu_d] / sd_d` with
+    queries `[v_t, 1]`."""
     if view == "checkpoint_cosine":
-        return index.load("raw"), index.scale("raw"), np.zeros(0)
-    return index.load("standout"), index.scale("standout"), np.ones(1)
+        return index.load("raw"), index.scale("raw"), 0.0
+    return index.load("standout"), index.scale("standout"), 1.0
 
 
 def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None):
@@ -260,8 +271,8 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
     if view not in VIEWS:
         raise ValueError(f"{view!r} is not a checkpoint view ({', '.join(VIEWS)})")
     q = query_vectors(run, index, claims)
-    faiss_index, scale, suffix = ranking_index(index, view)
-    q = np.hstack([q, np.broadcast_to(suffix, (len(q), len(suffix)))])
+    faiss_index, scale, constant = ranking_index(index, view)
+    q[:, -1] = constant
     k = faiss_index.ntotal if k is None else min(int(k), faiss_index.ntotal)
     scores, rows = faiss_index.search(np.ascontiguousarray(q, dtype=np.float32), k)
     return scores.astype(np.float64) * scale, np.asarray(index.meta["doc_ids"], dtype=object)[rows]

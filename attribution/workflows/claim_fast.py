@@ -439,10 +439,12 @@ def fast_claim(
     progress: bool = True,
     confirm: bool = True,
 ) -> FastClaims:
-    """Candidates from the sketch index, confirmed by targeted exact replay; writes `fast.csv` and `fast.md`.
+    """Candidates from an index, confirmed exactly; writes `fast.csv`, `fast.md` and `candidates.txt`.
 
-    `confirm=False` stops at the estimates (seconds): the replay re-runs every training step in which a
-    candidate was trained, which on a small corpus is most of the run (docs/benchmarks.md)."""
+    Checkpoint views: the checkpoint index, confirmed by the candidates' exact checkpoint cosines
+    (seconds). In-run views: the in-run sketch, confirmed by targeted exact replay, which re-runs every
+    training step in which a candidate was trained (on a small corpus most of the run). `confirm=False`
+    stops at the estimates."""
     from attribution.values.results import RunValues
     from attribution.workflows import checkpoint_sketch
     from attribution.workflows.claim import CLAIM_SET, claim
