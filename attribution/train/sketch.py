@@ -662,14 +662,19 @@ def read_sketch(run: str | Path, config: Mapping[str, Any] | None = None) -> Ske
             "--no-sketch, without values, or before sketches existed: use `attribution claim` without "
             "--fast (exact replay)"
         )
+    return SketchIndex(folder, read_meta(folder / META, config))
+
+
+def read_meta(path: Path, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An index's `meta.json`, whose dimension must be the run's `--sketch-dim` (one clear line if not)."""
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{folder / META}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
     want = (config or {}).get("sketch_dim")
     if want is not None and int(want) != int(meta.get("dim", -1)):
         raise UserError(
-            f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim "
+            f"{path}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim "
             f"{want}: the index is not this run's"
         )
-    return SketchIndex(folder, meta)
+    return meta

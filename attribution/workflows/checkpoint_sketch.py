@@ -34,7 +34,7 @@ import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_write
-from attribution.train.sketch import SketchIndex, write_index
+from attribution.train.sketch import SketchIndex, read_meta, write_index
 
 FOLDER = "checkpoint_sketch"
 INDEX = "index.faiss"
@@ -220,16 +220,7 @@ def read(run: str | Path, config: Mapping[str, Any] | None = None) -> SketchInde
             "--no-sketch or --no-checkpoint-view, or before the index existed: use `attribution claim` "
             "without --fast (exact), or --fast --view standout_cosine (the in-run sketch)"
         )
-    try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{folder / META}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    want = (config or {}).get("sketch_dim")
-    if want is not None and int(want) != int(meta.get("dim", -1)):
-        raise UserError(
-            f"{folder / META}: sketch dimension {meta.get('dim')} differs from the run's --sketch-dim {want}: "
-            "the index is not this run's"
-        )
+    meta = read_meta(folder / META, config)
     steps = [lk.step for lk in chain.links(run)]
     if [int(s) for s in meta.get("links", [])] != steps:
         raise UserError(
