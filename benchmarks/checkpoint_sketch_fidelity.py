@@ -164,9 +164,7 @@ def main() -> None:
     z_exact = VIEWS["standout_checkpoint"].fn(z_frame, pd.DataFrame())
     z_exact = z_exact[(frame["val_set"] == "claims").to_numpy()].to_numpy().reshape(n_claims, len(docs))
     ref = frame[frame["val_set"] == REFERENCE_SET]
-    stats = ref.groupby("doc_id")[col].agg(["mean", "std", "count"]).reindex(docs)
-    ok = (stats["count"] >= 4) & (stats["std"] > 0)
-    mu, sd = stats["mean"].to_numpy(), np.where(ok, stats["std"].to_numpy(), np.nan)
+    mu, sd = ck.reference_stats(ref, docs, cs.POWER)  # the index's own statistics
     # documents the run trained (a gradient, so a vector): the exact views and the index hold only these
     keep = np.abs(sinks[dims[0]]["doc"].vectors).sum(axis=1) > 0
     docs, exact, z_exact, mu, sd = (

@@ -178,6 +178,18 @@ def standout_vectors(
     found the original among the top 10 for 2 of 8 texts, the widened z for 8 of 8 (docs/benchmarks.md,
     "Session 12"). `ref`: the document's exact checkpoint cosines for the reference texts (column at
     `power`)."""
+    mu, sd = reference_stats(ref, doc_ids, power)
+    ok = np.isfinite(sd)
+    both = vectors.copy()
+    both[:, -1] = np.nan_to_num(-mu)  # the reserved column
+    spread = np.sqrt(np.where(ok, sd, 0.0) ** 2 + NOISE / (vectors.shape[1] - 1))
+    return np.where(ok[:, None], both / spread[:, None], 0.0)
+
+
+def reference_stats(ref: pd.DataFrame, doc_ids: Sequence[str], power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's mean and sample sd of its exact checkpoint cosines for the reference texts (rows
+    of `ref`, column at `power`); sd is NaN where `views.standout` leaves z undefined (fewer than
+    `MIN_REFERENCE` rows, or no spread)."""
     from attribution.values.views import MIN_REFERENCE
     from attribution.workflows.checkpoint_similarity import power_column
 
@@ -185,10 +197,7 @@ def standout_vectors(
     stats = stats.reindex([str(d) for d in doc_ids])
     mu, sd = stats["mean"].to_numpy(np.float64), stats["std"].to_numpy(np.float64)
     ok = (stats["count"].to_numpy() >= MIN_REFERENCE) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
-    both = vectors.copy()
-    both[:, -1] = -mu  # the reserved column
-    spread = np.sqrt(np.where(ok, sd, 0.0) ** 2 + NOISE / (vectors.shape[1] - 1))
-    return np.where(ok[:, None], both / spread[:, None], 0.0)
+    return mu, np.where(ok, sd, np.nan)
 
 
 def describe(run: str | Path) -> dict[str, Any] | None:
