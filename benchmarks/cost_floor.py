@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -58,7 +59,7 @@ from attribution.engine.scoring import _param, build_val_side, sq_norms
 from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
 from attribution.engine.task import LanguageModelingTask
-from attribution.engine.valuer import eval_mode, side_sq_norm
+from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
 
 VOCAB = 50257
 COMPONENTS = [
@@ -156,14 +157,16 @@ def bandwidth() -> float:
 
 
 def val_set(lengths: list[int], seq_len: int, vocab: int, gen: torch.Generator) -> ValSet:
-    """Texts of these token counts cut into `seq_len` sequences, the last one of each padded (mask 0)."""
-    rows, masks = [], []
-    for n_tokens in lengths:
+    """Texts of these token counts cut into `seq_len` sequences, the last one of each padded (mask 0);
+    each text one per-example column, as `attribution run` groups a document's sequences."""
+    rows, masks, groups = [], [], []
+    for text, n_tokens in enumerate(lengths):
         for start in range(0, n_tokens, seq_len):
             real = min(seq_len, n_tokens - start)
             rows.append(torch.randint(0, vocab, (seq_len,), generator=gen))
             masks.append(torch.arange(seq_len) < real)
-    return ValSet(torch.stack(rows), torch.stack(masks).long())
+            groups.append(text)
+    return ValSet(torch.stack(rows), torch.stack(masks).long(), groups=groups)
 
 
 def group_of(name: str, shape: tuple[int, int]) -> str:
@@ -297,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     plain_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     sets = {name: val_set(lengths, s["seq_len"], args.vocab, gen) for name, lengths in s["sets"].items()}
-    sets = {name: ValSet(vs.ids.to(DEVICE), vs.mask.to(DEVICE)) for name, vs in sets.items()}
+    sets = {
+        name: ValSet(vs.ids.to(DEVICE), vs.mask.to(DEVICE), vs.names, groups=vs.groups)
+        for name, vs in sets.items()
+    }
     per_example = list(sets) if args.per_example else []
     valuer = Valuer(
         model,
@@ -431,6 +437,21 @@ def main(argv: list[str] | None = None) -> dict:
                 t_val,
             )
             side = build_val_side(cap, plan, valuer.shapes, pe)
+            columns = vs.groups.to(DEVICE) if pe and vs.groups is not None else None
+
+            def by_column(g: torch.Tensor, columns=columns, rows=vs.n_columns) -> torch.Tensor:
+                """A document's sequences summed into its row, as the Valuer builds a grouped side."""
+                return g if columns is None else g.new_zeros(rows, *g.shape[1:]).index_add_(0, columns, g)
+
+            if columns is not None:
+                side = ValSide(
+                    side.m,
+                    True,
+                    side.ghost,
+                    {pid: by_column(g) for pid, g in side.dense.items()},
+                    columns=columns,
+                    n_columns=vs.n_columns,
+                )
             sz = plan.sizes
             for pid, uses in train.uses.items():
                 lp = plan.layers[pid]
@@ -439,7 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
                 t = 0.0
                 if strat.val_gradient is not None:
                     t += timed(
-                        lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: f(u, param, pe)
+                        lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: by_column(
+                            f(u, param, pe)
+                        )
                     )[0]
                 t_score = timed(
                     lambda f=strat.score, uses=uses, side=side, param=param: f(uses, side, param)
@@ -459,17 +482,19 @@ def main(argv: list[str] | None = None) -> dict:
             if args.grad_norms:
                 t_norms += timed(lambda side=side: side_sq_norm(side, valuer.shapes))[0]
                 n_flops += sum(2.0 * g.numel() for g in side.dense.values())
-                if pe:
-                    t_norms += timed(lambda cap=cap, plan=plan: sq_norms(cap, plan))[0]
+                if pe:  # each column's norm: dense rows directly, ghost factors by their self-product
+                    t_norms += timed(lambda side=side: column_sq_norms(side))[0]
+                    n_flops += sum(2.0 * g.numel() for g in side.dense.values())
                     n_flops += sum(
                         norm_flops(u, valuer.shapes[pid], cap.n, vs.ids.shape[1])
-                        for pid, u in cap.uses.items()
+                        for c, _ in side.ghost
+                        for pid, u in c.uses.items()
                     )
             t_o2 += timed(lambda side=side: side.combine(side, 0.5, 0.5))[0]
             elements = sum(g.numel() for g in side.dense.values())
             o2_flops, o2_bytes = o2_flops + 3.0 * elements, o2_bytes + COMBINE_ACCESSES * 4 * elements
             if pre is not None:
-                dense_side = ValSide(side.m, side.per_example, [], side.dense)  # ghost sides take none
+                dense_side = dataclasses.replace(side, ghost=[])  # ghost sides take none
                 t_pre += timed(lambda side=dense_side, pre=pre: side.precondition(pre))[0]
                 pre_bytes += 3 * 4 * elements
         add("gradient norms", args.grad_norms, max(n_flops, 1.0), max(t_norms, 1e-9))

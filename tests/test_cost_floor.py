@@ -100,6 +100,37 @@ def test_scoring_transient_is_what_scoring_allocates_beyond_the_side() -> None:
     assert step_memory(both.plans(), per_example=["each"]).get(TRANSIENT) == stacked
 
 
+def test_scoring_in_blocks_of_parameter_rows_gives_the_same_scores(monkeypatch) -> None:
+    """`materialize` scores the per-sample gradients of `score_block` parameter rows at a time (the tied
+    head's `[n, V, d]` was the step's largest transient): the same scores as all rows at once (float64,
+    embedding tokens of other rows masked out), and the memory model's transient is the block's."""
+    from attribution.engine.strategies import materialize as mat
+
+    model = _model().double()
+    valuer = Valuer(model, {"each": _sets()["each"]}, per_example=["each"], strategy="materialize")
+    n = 5
+    valuer.forward_backward(torch.randint(0, VOCAB, (n, 10), generator=torch.Generator().manual_seed(4)))
+    train, side = valuer._train, valuer._val_side("each")[0]
+    shapes = valuer.shapes
+
+    def scores() -> dict:
+        return {
+            pid: mat.score_materialized(u, shapes[pid], side.dense[pid], torch.float64)
+            for pid, u in train.uses.items()
+        }
+
+    whole = scores()
+    monkeypatch.setattr(mat, "SCORE_BLOCK_BYTES", n * 16 * 8 * 3)  # 3 rows of a 16-wide parameter
+    assert mat.score_block(n, (VOCAB, 16), 8) == 3 and mat.score_block(n, (16, 64), 8) == 1
+    for pid, got in scores().items():
+        torch.testing.assert_close(got, whole[pid], rtol=1e-12, atol=1e-14 * float(whole[pid].abs().max()))
+    assert max(float(w.abs().max()) for w in whole.values()) > 0
+    valuer._plan_key = None  # re-plan: the cost model reads the block
+    valuer._plan(train)
+    block = max(n * mat.score_block(n, shape, 8) * shape[1] * 8 for shape in shapes.values())
+    assert step_memory(valuer.plans(), per_example=["each"], itemsize=8).get(TRANSIENT) == block
+
+
 def test_memory_order2_and_optimizer_aware() -> None:
     """Second order holds the 'before' side while the 'after' one is built, and combines and
     preconditions in place (no third copy); optimizer-aware values hold one float per parameter."""

@@ -46,6 +46,10 @@ class Use:
     def tokens(self) -> int:
         return self.row.shape[1]
 
+    def samples(self, index: slice | torch.Tensor) -> Use:
+        """The use restricted to some of its samples (a slice or an index tensor)."""
+        return Use(self.row[index], None if self.col is None else self.col[index], self.row_index)
+
     def scaled(self, w: float | torch.Tensor) -> Use:
         """The same use times a scalar or a per-sample weight `[n]` (applied to the dense factor)."""
         if isinstance(w, torch.Tensor) and w.dim() == 1:

@@ -6,7 +6,7 @@ import it without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,22 +20,31 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class ValSide:
-    """What training samples are scored against, for one validation set."""
+    """What training samples are scored against, for one validation set.
 
-    m: int
+    Per-example sides have one column per validation example. An example may span several sequences
+    (a document longer than the context): `columns` maps each captured sequence to its example, and the
+    dense gradients hold one row per example, the sum of its sequences' gradients. Why: the scores are
+    linear, so a document's value is the same, and the side (the step's largest tensor for the tied head)
+    shrinks from one row per sequence to one per document.
+    """
+
+    m: int  # validation sequences captured
     per_example: bool
     ghost: list[tuple[Captured, float]] = field(default_factory=list)
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
+    columns: torch.Tensor | None = None  # [m] each sequence's column; None = every sequence its own
+    n_columns: int = 0  # with `columns`: how many columns
 
     @property
     def groups(self) -> int:
-        return self.m if self.per_example else 1
+        if not self.per_example:
+            return 1
+        return self.m if self.columns is None else self.n_columns
 
     def combine(self, other: ValSide, w_self: float, w_other: float) -> ValSide:
         """`w_self * self + w_other * other` (same validation set at two weight vectors)."""
-        copy = ValSide(
-            self.m, self.per_example, list(self.ghost), {k: g.clone() for k, g in self.dense.items()}
-        )
+        copy = replace(self, ghost=list(self.ghost), dense={k: g.clone() for k, g in self.dense.items()})
         return copy.combine_(other, w_self, w_other)
 
     def combine_(self, other: ValSide, w_self: float, w_other: float) -> ValSide:
@@ -63,4 +72,4 @@ class ValSide:
             dense[k] = g if factor is None else g.mul_(factor) if in_place else g * factor
         if in_place:
             return self
-        return ValSide(self.m, self.per_example, self.ghost, dense)
+        return replace(self, dense=dense)

@@ -51,10 +51,20 @@ from .task import LanguageModelingTask, Task
 VAL_CHUNK_BYTES = 1 << 26  # one validation chunk's [seqs, T, V] float32 tensor: 64 MiB
 
 
+def sequences_per_pass(seq_len: int, widest: int) -> int:
+    """Sequences per gradient-only forward/backward: as many as keep one `[seqs, T, widest]` float32
+    tensor (the logits, their gradient, the head's captured factor) under `VAL_CHUNK_BYTES`. Why: those
+    tensors are the largest of such a pass; the gradients add up, so the chunking changes no value."""
+    return max(1, VAL_CHUNK_BYTES // (seq_len * widest * 4))
+
+
 class ValSet:
     """A validation set: token ids `[n, T]`, mask `[n, T]` (1 = real token) and one name per example.
 
-    `names` (alias `ids_names`) label the columns of per-example values; default "0", "1", ...
+    An example is one sequence, unless `groups` says which example each sequence belongs to (a document
+    longer than the context is several sequences): `groups` `[n]` holds each sequence's example index in
+    `0..len(names)-1`, and per-example values are then one column per example, the value against the
+    sum of its sequences' losses. `names` (alias `ids_names`) label the columns; default "0", "1", ...
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class ValSet:
         names: list[str] | None = None,
         *,
         ids_names: list[str] | None = None,
+        groups: torch.Tensor | np.ndarray | list[int] | None = None,
     ):
         ids = torch.as_tensor(ids)
         if ids.dim() != 2 or ids.shape[0] == 0:
@@ -75,13 +86,29 @@ class ValSet:
                 f"validation mask shape {tuple(self.mask.shape)} != ids shape {tuple(self.ids.shape)}"
             )
         names = names if names is not None else ids_names
-        self.names = [str(i) for i in range(len(self.ids))] if names is None else [str(x) for x in names]
-        if len(self.names) != len(self.ids):
+        self.groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
+        if self.groups is not None:
+            if self.groups.shape != (len(self.ids),):
+                raise UserError(f"{self.groups.numel()} validation groups for {len(self.ids)} sequences")
+            if int(self.groups.min()) < 0:
+                raise UserError("validation groups must be example indices >= 0")
+        n_columns = len(self.ids) if self.groups is None else int(self.groups.max()) + 1
+        self.names = [str(i) for i in range(n_columns)] if names is None else [str(x) for x in names]
+        if self.groups is not None and int(self.groups.max()) >= len(self.names):
+            raise UserError(
+                f"validation group {int(self.groups.max())} has no name ({len(self.names)} names)"
+            )
+        if self.groups is None and len(self.names) != len(self.ids):
             raise UserError(f"{len(self.names)} validation names for {len(self.ids)} sequences")
 
     @property
     def ids_names(self) -> list[str]:
         return self.names
+
+    @property
+    def n_columns(self) -> int:
+        """Per-example columns: examples (the names), which are sequences unless grouped."""
+        return len(self.names)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,7 +126,8 @@ class StepValues:
     val_grad_sq_norm: dict[str, float] = field(
         default_factory=dict
     )  # ||grad L_val||^2 (when grad_norms=True)
-    # per-example sets, grad_norms=True: [n_val] ||grad loss_j||^2 of each validation sequence (weights before the step)
+    # per-example sets, grad_norms=True: [n_val] ||grad loss_j||^2 of each validation example (the sum of its
+    # sequences' losses), at the weights before the step
     val_example_sq_norm: dict[str, np.ndarray] = field(default_factory=dict)
     lr: float = 0.0
     grad_scale: float = 1.0
@@ -176,6 +204,44 @@ def _one_sample(u: Use) -> Use:
     row = u.row.reshape(1, -1) if u.row_index else u.row.reshape(1, -1, u.row.shape[-1])
     col = None if u.col is None else u.col.reshape(1, -1, u.col.shape[-1])
     return Use(row, col, u.row_index)
+
+
+def column_sq_norms(side: ValSide) -> torch.Tensor:
+    """`[groups]` float64 `||g||^2` of each per-example column's validation gradient (one sequence's, or
+    the sum of a grouped example's sequences'), read from the side as built (before preconditioning).
+
+    Dense parameters: the rows themselves (a dot product per row; for the tied head far cheaper than the
+    ghost self-product of the factors). Ghost parameters: the ghost self-norm of each column's tokens
+    taken as one sample, cross terms between its sequences included. Approximate strategies (kronecker)
+    give the norm in their own sketched space, as their values are."""
+    device = next(iter(side.dense.values())).device if side.dense else None
+    total: torch.Tensor | None = None
+
+    def add(part: torch.Tensor) -> None:
+        nonlocal total
+        part = part.double()
+        total = part if total is None else total + part.to(total.device)
+
+    for g in side.dense.values():
+        flat = g.reshape(len(g), 1, -1)
+        add(torch.bmm(flat, flat.transpose(1, 2)).view(-1))
+    for cap, w in side.ghost:
+        for uses in cap.uses.values():
+            dtype = compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row)
+            if side.columns is None:
+                add((w * w) * self_sq_norms(uses, dtype))
+                continue
+            cols = side.columns.to(uses[0].row.device)
+            norms = [
+                self_sq_norms([_one_sample(u.samples((cols == c).nonzero().view(-1))) for u in uses], dtype)[
+                    0
+                ]
+                for c in range(side.groups)
+            ]
+            add((w * w) * torch.stack(norms))
+    if total is None:
+        return torch.zeros(side.groups, dtype=torch.float64, device=device)
+    return total
 
 
 class Valuer:
@@ -264,7 +330,7 @@ class Valuer:
                 "train_tokens": t_tokens,
                 "m": len(vs),
                 "val_tokens": vs.ids.numel(),
-                "groups": len(vs) if pe else 1,
+                "groups": vs.n_columns if pe else 1,
             }
             plan = Plan(sizes=sizes)
             for pid, uses in train.uses.items():
@@ -280,12 +346,10 @@ class Valuer:
             self._plans[name] = plan
 
     def _val_chunk(self, vs: ValSet) -> int:
-        """Sequences per validation forward/backward: `val_chunk`, or as many as keep one `[seqs, T, V]`
-        tensor (logits, their gradient, the head's captured factor) under `VAL_CHUNK_BYTES`."""
+        """Sequences per validation forward/backward: `val_chunk`, or `sequences_per_pass`."""
         if self.val_chunk is not None:
             return self.val_chunk
-        widest = max(p0 for p0, _ in self.shapes.values())
-        return max(1, VAL_CHUNK_BYTES // (vs.ids.shape[1] * widest * 4))
+        return sequences_per_pass(vs.ids.shape[1], max(p0 for p0, _ in self.shapes.values()))
 
     def _val_side(self, name: str) -> tuple[ValSide, float]:
         """The set's side at the current weights (cached per weights version), its summed loss.
@@ -303,9 +367,11 @@ class Valuer:
         vs, plan, pe = self.val_sets[name], self._plans[name], name in self.per_example
         dev = self._device()
         step = self._val_chunk(vs)
+        columns = vs.groups.to(dev) if pe and vs.groups is not None else None
+        rows = vs.n_columns if pe else 1
         dense: dict[int, torch.Tensor] = {}
         kept: Captured | None = None  # factors of the strategies that score from them (ghost)
-        losses, norms = [], []
+        losses = []
         for lo in range(0, len(vs), step):
             ids, mask = vs.ids[lo : lo + step].to(dev), vs.mask[lo : lo + step].to(dev)
             with eval_mode(self.inner), torch.enable_grad(), self._autocast():
@@ -313,25 +379,32 @@ class Valuer:
                     lambda ids=ids, mask=mask: self.task.per_sequence_loss(self.inner, ids, mask)
                 )
             part = build_val_side(cap, plan, self.shapes, pe)
-            if self.grad_norms and pe:  # ghost self-norms of each validation sequence
-                norms.append(sq_norms(cap, plan))
             losses.append(cap.losses)
             del cap
             for pid, g in part.dense.items():
-                if pid not in dense:  # the first chunk: its own gradient, or room for every example's
-                    whole = not pe or len(g) == len(vs)
-                    dense[pid] = g if whole else self._buffer(name, pid, g, len(vs))
+                if pid not in dense:  # the first chunk: its own gradient, or room for every column's
+                    whole = not pe or (columns is None and len(g) == len(vs))
+                    dense[pid] = g if whole else self._buffer(name, pid, g, rows)
                 if dense[pid] is g:
                     continue
-                if pe:
-                    dense[pid][lo : lo + len(g)] = g
-                else:
+                if not pe:
                     dense[pid].add_(g)
+                elif columns is None:
+                    dense[pid][lo : lo + len(g)] = g
+                else:  # each sequence's gradient into its example's row
+                    dense[pid].index_add_(0, columns[lo : lo + len(g)], g)
             for c, _ in part.ghost:
                 kept = c if kept is None else join_captures(kept, c)
-        side = ValSide(len(vs), pe, [(kept, 1.0)] if kept is not None else [], dense)
-        if norms:
-            self._val_norms[name] = torch.cat(norms).numpy()
+        side = ValSide(
+            len(vs),
+            pe,
+            [(kept, 1.0)] if kept is not None else [],
+            dense,
+            columns=columns,
+            n_columns=rows if columns is not None else 0,
+        )
+        if self.grad_norms and pe:  # before anything preconditions or combines the side in place
+            self._val_norms[name] = column_sq_norms(side).cpu().numpy()
         loss = float(torch.cat(losses).double().sum())
         self._cache[name] = (version, side, loss)
         return side, loss

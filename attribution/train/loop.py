@@ -363,10 +363,12 @@ def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedSte
     per_example = [name for name, v in val.items() if v.per_example]
     if cfg.value:
         sets = {
+            # a per-example set's columns are its documents: the engine sums each document's sequences
             name: ValSet(
                 torch.from_numpy(v.ids).to(device),
                 torch.from_numpy(v.mask).to(device),
-                [f"{v.docs[d].doc_id}#{i}" for i, d in enumerate(v.seq_doc)],
+                [d.doc_id for d in v.docs] if v.per_example else None,
+                groups=v.seq_doc if v.per_example else None,
             )
             for name, v in val.items()
         }
@@ -382,9 +384,7 @@ def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedSte
         )
     else:
         valuer = PlainTraining(model, autocast_dtype=autocast_dtype)
-    # per-example values are reported per validation document (the sum of its sequences' columns)
-    columns = {name: (val[name].seq_doc, len(val[name].docs)) for name in per_example}
-    return ValuedStep(model, valuer, info, max_grad_norm=cfg.clip, example_columns=columns)
+    return ValuedStep(model, valuer, info, max_grad_norm=cfg.clip)
 
 
 # ---------------------------------------------------------------------------------------------

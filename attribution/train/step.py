@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,20 +87,12 @@ class BatchValues:
     per_example_cos: dict[str, np.ndarray]  # the same, each divided by the two gradient norms
 
 
-def sum_columns(matrix: np.ndarray, column_of: np.ndarray, n_columns: int) -> np.ndarray:
-    """Columns (validation sequences) summed into `n_columns` groups (validation documents)."""
-    out = np.zeros((matrix.shape[0], n_columns), dtype=np.float64)
-    np.add.at(out.T, column_of, matrix.T)
-    return out
-
-
 class ValuedStep:
     """The valued optimizer step (see the module docstring); `run` is the whole step for a plain loop.
 
     `valuer`: an `attribution.engine.Valuer`, or `PlainTraining` for no values. `max_grad_norm`:
-    None = no clipping. `example_columns`: per-example set -> (validation document of each of its
-    sequences, number of documents), to report per-example values per document; sets not named are
-    reported per validation sequence.
+    None = no clipping. Per-example values come from the engine one column per validation example
+    (`ValSet(groups=)` makes a document's sequences one example).
     """
 
     def __init__(
@@ -111,13 +102,11 @@ class ValuedStep:
         info: dist_util.DistInfo,
         *,
         max_grad_norm: float | None,
-        example_columns: Mapping[str, tuple[np.ndarray, int]] | None = None,
     ):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.valuer = valuer
         self.info = info
         self.max_grad_norm = max_grad_norm
-        self.example_columns = dict(example_columns or {})
         self._first_order: StepValues | None = None
         # called as observe(train capture, lr * clip factor, Adam K or None) before each step's values (the sketch)
         self.observers: list = []
@@ -189,14 +178,10 @@ class ValuedStep:
         per_example, per_example_cos = {}, {}
         for name, matrix in sv.per_example.items():
             raw = np.asarray(matrix, dtype=np.float64) * scale
-            per_example[name] = gather(self._columns(name, raw))
+            per_example[name] = gather(raw)
             val_norms = sv.val_example_sq_norm.get(name)
             if sv.train_grad_sq_norm is not None and val_norms is not None:
                 denom = np.sqrt(np.outer(np.asarray(sv.train_grad_sq_norm, dtype=np.float64), val_norms))
                 cos = np.divide(raw, denom, out=np.zeros_like(raw), where=denom > 0)
-                per_example_cos[name] = gather(self._columns(name, cos))
+                per_example_cos[name] = gather(cos)
         return BatchValues(per_set, per_example, per_example_cos)
-
-    def _columns(self, name: str, matrix: np.ndarray) -> np.ndarray:
-        columns = self.example_columns.get(name)
-        return matrix if columns is None else sum_columns(matrix, *columns)

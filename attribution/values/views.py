@@ -205,7 +205,7 @@ VIEWS: dict[str, View] = {
     ),
     "cosine": View(
         _col("value_cosine"),
-        "sum over steps of value / (||g_train_seq|| * ||g_val_example||): gradient alignment",
+        "sum over steps of value / (||g_train_seq|| * ||g_val_text||): gradient alignment",
         "when documents with large gradients (rare tokens, early steps) dominate",
         ("value_cosine",),
         z_of="value_cosine",

@@ -43,8 +43,10 @@ from attribution.values.rundir import CHECKPOINT_VALUES as TABLE
 # powers 0, 1, 2 (benchmarks/checkpoint_power.py; docs/benchmarks.md, "Session 11")
 POWER = 1.0
 MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets go in groups
-DOC_BLOCK_BYTES = 1 << 29  # documents' dense gradients scored against the texts at once
-SEQ_CHUNK = 32  # sequences per forward/backward
+# documents' dense gradients scored against the texts at once: the scoring is one pass over memory
+# whatever the block, so a small block costs no time, and keeps this pass under the training step's peak
+DOC_BLOCK_BYTES = 1 << 27
+SEQ_CHUNK: int | None = None  # sequences per forward/backward; None = the engine's `sequences_per_pass`
 
 
 class Sequences:
@@ -73,17 +75,18 @@ def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, obje
     per-sequence loss, flattened in `params` order (a zero row where the item has no label token)."""
     import torch
 
-    from attribution.engine.valuer import eval_mode
+    from attribution.engine.valuer import eval_mode, sequences_per_pass
 
     first = next(iter(params.values()))[1]
     n_params = sum(p.numel() for _, p in params.values())
     out = torch.zeros(seqs.n_items, n_params, dtype=first.dtype, device=first.device)
+    chunk = SEQ_CHUNK or sequences_per_pass(seqs.ids.shape[1], max(p.shape[0] for _, p in params.values()))
     for item in range(seqs.n_items):
         rows = seqs.rows(item)
         model.zero_grad(set_to_none=True)
         with eval_mode(model), torch.enable_grad():
-            for s in range(0, len(rows), SEQ_CHUNK):
-                r = rows[s : s + SEQ_CHUNK]
+            for s in range(0, len(rows), chunk):
+                r = rows[s : s + chunk]
                 ids = torch.from_numpy(seqs.ids[r]).to(first.device)
                 mask = torch.from_numpy(seqs.mask[r]).to(first.device)
                 task.per_sequence_loss(model, ids, mask).sum().backward()
@@ -96,17 +99,20 @@ def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, obje
     return out
 
 
-def _unit(x):
-    """Rows scaled to unit norm (zero rows stay zero)."""
+def _unit(x, *, in_place: bool = False):
+    """Rows scaled to unit norm (zero rows stay zero); `in_place`: written into `x`."""
     import torch
 
-    norm = x.norm(dim=1, keepdim=True)
-    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
+    norm = x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return x.div_(norm) if in_place else x / norm
 
 
-def _side(g, scale):
-    """One side of the cosine: the gradients weighted by `K^(power/2)` (None: unweighted), unit rows."""
-    return _unit(g if scale is None else g * scale)
+def _side(g, scale, *, in_place: bool = False):
+    """One side of the cosine: the gradients weighted by `K^(power/2)` (None: unweighted), unit rows.
+    `in_place`: written into `g` (its last use), so a block of documents is held once, not three times."""
+    if scale is not None:
+        g = g.mul_(scale) if in_place else g * scale
+    return _unit(g, in_place=in_place or scale is not None)
 
 
 def cosines(
@@ -156,7 +162,7 @@ def cosines(
         for start in range(0, texts.n_items, group):
             items = range(start, min(start + group, texts.n_items))
             g = gradients(model, task, texts.subset(items), params)
-            units = [_side(g, sc) for sc in scales]
+            units = [_side(g, sc, in_place=j == len(scales) - 1) for j, sc in enumerate(scales)]
             del g
             if sink is not None:
                 sink("text", i, items, units[0])
@@ -165,7 +171,7 @@ def cosines(
                 cols = range(b, min(b + block, docs.n_items))
                 d = gradients(model, task, docs.subset(cols), params)
                 for j, u in enumerate(units):
-                    side = _side(d, scales[j])
+                    side = _side(d, scales[j], in_place=j == len(units) - 1)
                     if sink is not None and j == 0 and start == 0:
                         sink("doc", i, cols, side)
                     total[j, start : items.stop, b : cols.stop] += (u @ side.T).double().cpu().numpy()

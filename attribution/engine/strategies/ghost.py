@@ -20,13 +20,19 @@ if TYPE_CHECKING:
 
 
 def _score(uses: list[Use], side: ValSide, param: Param) -> torch.Tensor:
-    """`[n, groups]`: every training use against every weighted validation use, tied cross terms included."""
+    """`[n, groups]`: every training use against every weighted validation use, tied cross terms included
+    (scored per validation sequence, then summed into the side's columns)."""
     part = torch.zeros(uses[0].n, side.m, dtype=param.dtype, device=uses[0].row.device)
     for cap, w in side.ghost:
         for u in uses:
             for v in cap.uses.get(param.pid, []):
                 part += w * ghost_scores(u, v, param.dtype)
-    return part if side.per_example else part.sum(1, keepdim=True)
+    if not side.per_example:
+        return part.sum(1, keepdim=True)
+    if side.columns is None:
+        return part
+    out = part.new_zeros(part.shape[0], side.groups)
+    return out.index_add_(1, side.columns.to(part.device), part)
 
 
 def _cost(c: CostInputs) -> tuple[float, float]:

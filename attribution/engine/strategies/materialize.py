@@ -63,11 +63,43 @@ def materialized_val_gradient(uses: list[Use], param: Param, per_example: bool) 
     return materialize(uses, param.shape, per_example, param.dtype)
 
 
+SCORE_BLOCK_BYTES = 1 << 26  # per-sample training gradients materialized at once: 64 MiB
+
+
+def score_block(n: int, shape: tuple[int, int], itemsize: int) -> int:
+    """Rows of the parameter (`P0`) whose `n` per-sample gradients are materialized at once when scoring:
+    as many as fit in `SCORE_BLOCK_BYTES`, at least one. Why: for the tied head all of `[n, 50257, d]` at
+    once is the step's largest transient (206 MB at the demo's shape, 2.5 GB at GPT-2 small's). Blocks of
+    rows, not of samples, so that every validation gradient entry is still read once."""
+    return max(1, min(shape[0], SCORE_BLOCK_BYTES // max(1, n * shape[1] * itemsize)))
+
+
+def _param_rows(u: Use, lo: int, hi: int) -> Use:
+    """The use's contribution to parameter rows `lo:hi` only (as a parameter of `hi - lo` rows)."""
+    if not u.row_index:
+        return Use(u.row[..., lo:hi], u.col, False)
+    inside = (u.row >= lo) & (u.row < hi)  # embedding tokens of other rows add nothing here
+    col = None if u.col is None else u.col * inside.unsqueeze(-1).to(u.col.dtype)
+    return Use(torch.where(inside, u.row - lo, 0), col, True)
+
+
 def score_materialized(
     uses: list[Use], shape: tuple[int, int], g: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """`[n, groups]`: the per-sample gradients of `uses` (in `shape`) dotted with every group's `g`."""
-    return torch.einsum("npq,gpq->ng", materialize(uses, shape, True, dtype), g.to(dtype))
+    """`[n, groups]`: the per-sample gradients of `uses` (in `shape`) dotted with every group's `g`,
+    materialized `score_block` parameter rows at a time."""
+    g = g.to(dtype)
+    p0, p1 = shape
+    rows = score_block(uses[0].n, shape, torch.finfo(dtype).bits // 8)
+    if rows >= p0:
+        return torch.einsum("npq,gpq->ng", materialize(uses, shape, True, dtype), g)
+    out = None
+    for lo in range(0, p0, rows):
+        hi = min(lo + rows, p0)
+        block = materialize([_param_rows(u, lo, hi) for u in uses], (hi - lo, p1), True, dtype)
+        part = torch.einsum("npq,gpq->ng", block, g[:, lo:hi])
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _cost(c: CostInputs) -> tuple[float, float]:
@@ -78,7 +110,9 @@ def _cost(c: CostInputs) -> tuple[float, float]:
     flops = 2.0 * c.n * c.groups * c.full
     for u in c.uses:
         flops += (nt + mt) * p1 if u.row_index else 2.0 * (nt + mt) * c.full
-    return flops, float((c.n + c.groups) * c.full * c.itemsize)
+    return flops, float(
+        (c.n * score_block(c.n, c.shape, c.itemsize) * c.shape[1] + c.groups * c.full) * c.itemsize
+    )
 
 
 register_strategy(
