@@ -232,13 +232,11 @@ def column_sq_norms(side: ValSide) -> torch.Tensor:
                 add((w * w) * self_sq_norms(uses, dtype))
                 continue
             cols = side.columns.to(uses[0].row.device)
-            norms = [
-                self_sq_norms([_one_sample(u.samples((cols == c).nonzero().view(-1))) for u in uses], dtype)[
-                    0
-                ]
+            per_column = [
+                [_one_sample(u.samples(torch.nonzero(cols == c).view(-1))) for u in uses]
                 for c in range(side.groups)
             ]
-            add((w * w) * torch.stack(norms))
+            add((w * w) * torch.stack([self_sq_norms(column, dtype)[0] for column in per_column]))
     if total is None:
         return torch.zeros(side.groups, dtype=torch.float64, device=device)
     return total
