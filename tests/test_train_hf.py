@@ -94,3 +94,18 @@ def test_valued_trainer_writes_values_matching_a_direct_computation(tmp_path):
     task.per_sequence_loss(init, val.ids, val.mask).sum().backward()
     dot = sum((p.grad.double() * g.double()).sum() for p, g in zip(init.parameters(), g_train, strict=True))
     assert step1["value"].sum() == pytest.approx(1e-2 * c * float(dot), rel=2e-3)
+
+
+def test_valset_from_texts_values_each_text_whole():
+    """A text longer than `seq_len` is all of its sequences, one per-example column (`ValSet(groups=)`),
+    cut as `attribution run` cuts documents."""
+    from attribution.tokens import EOS_ID, chunk_document, encode_texts
+    from attribution.train.hf import valset_from_texts
+
+    texts = ["short one", "a much longer text " * 12, "mid length text here"]
+    vs = valset_from_texts(texts, seq_len=8, names=["a", "b", "c"])
+    counts = [len(chunk_document(np.append(t, np.int32(EOS_ID)), 8)[0]) for t in encode_texts(texts)]
+    assert counts[1] > 1 and len(vs) == sum(counts) and vs.n_columns == 3 and vs.names == ["a", "b", "c"]
+    assert vs.groups.tolist() == [c for c, k in enumerate(counts) for _ in range(k)]
+    long = vs.ids[vs.groups == 1][vs.mask[vs.groups == 1] > 0]
+    assert long.tolist() == [*encode_texts([texts[1]])[0].tolist(), EOS_ID]

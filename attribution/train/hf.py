@@ -56,18 +56,21 @@ LOSS_MEANS = ("sequence", "token")
 
 
 def valset_from_texts(texts: Sequence[str], seq_len: int, names: Sequence[str] | None = None) -> ValSet:
-    """A validation set from raw texts, tokenized with the GPT-2 tokenizer (first `seq_len` tokens each)."""
+    """A validation set from raw texts, tokenized with the GPT-2 tokenizer: each text whole, cut into
+    `seq_len` sequences as `attribution run` cuts documents, and one per-example column per text."""
     from attribution.tokens import EOS_ID, chunk_document, encode_texts
 
-    ids, mask = [], []
-    for tokens in encode_texts(list(texts)):
+    ids, mask, groups = [], [], []
+    for text, tokens in enumerate(encode_texts(list(texts))):
         s_ids, s_mask = chunk_document(np.append(tokens, np.int32(EOS_ID)), seq_len)
-        ids.append(s_ids[0])
-        mask.append(s_mask[0])
+        ids.extend(s_ids)
+        mask.extend(s_mask)
+        groups.extend([text] * len(s_ids))
     return ValSet(
         torch.from_numpy(np.stack(ids).astype(np.int64)),
         torch.from_numpy(np.stack(mask).astype(np.int64)),
         list(names) if names is not None else None,
+        groups=groups,
     )
 
 
@@ -145,7 +148,7 @@ class ValuedTrainer(Trainer):
         self.dist_info = dist_util.init_from_env(
             str(self.args.device)
         )  # accelerate has joined the group already
-        per_example = [n for n, v in val_sets.items() if len(v) <= per_example_max]
+        per_example = [n for n, v in val_sets.items() if v.n_columns <= per_example_max]
         self.valuer = Valuer(
             self.model, val_sets, order=order, per_example=per_example, optimizer_aware=optimizer_aware
         )
