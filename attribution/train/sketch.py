@@ -641,15 +641,25 @@ class SketchIndex:
 
 def describe(run: str | Path) -> dict[str, Any] | None:
     """The manifest's description of a run's in-run sketch index, or None when it has none."""
-    path = Path(run) / SKETCH_DIR / META
+    keys = ("dim", "kind", "mix", "width", "seed", "storage", "weighting", "preconditioner")
+    return describe_index(
+        Path(run) / SKETCH_DIR,
+        keys,
+        "the in-run views (value, cosine, contrast, standout, standout_cosine, ...)",
+    )
+
+
+def describe_index(folder: Path, keys: Sequence[str], views: str) -> dict[str, Any] | None:
+    """An index folder's `meta.json` as the manifest describes it: these keys, its files, how many
+    documents, which views it ranks by; None when the folder has no index."""
+    path = folder / META
     if not path.is_file():
         return None
     meta = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("dim", "kind", "mix", "width", "seed", "storage", "weighting", "preconditioner")
     return {k: meta[k] for k in keys if k in meta} | {
-        "files": [f"{SKETCH_DIR}/{f}" for f in meta["files"].values()],
+        "files": [f"{folder.name}/{f}" for f in meta["files"].values()],
         "documents": len(meta["doc_ids"]),
-        "views": "the in-run views (value, cosine, contrast, standout, standout_cosine, ...)",
+        "views": views,
     }
 
 

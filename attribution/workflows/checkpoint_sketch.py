@@ -34,7 +34,7 @@ import pandas as pd
 
 from attribution.errors import UserError
 from attribution.io import atomic_write
-from attribution.train.sketch import SketchIndex, read_meta, write_index
+from attribution.train.sketch import SketchIndex, describe_index, read_meta, write_index
 
 FOLDER = "checkpoint_sketch"
 INDEX = "index.faiss"
@@ -202,16 +202,8 @@ def reference_stats(ref: pd.DataFrame, doc_ids: Sequence[str], power: float) -> 
 
 def describe(run: str | Path) -> dict[str, Any] | None:
     """The manifest's description of the index, or None when the run has none."""
-    path = Path(run) / FOLDER / META
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text(encoding="utf-8"))
     keys = ("dim", "widths", "links", "seed", "power", "noise", "storage", "similarity", "standout")
-    return {k: meta[k] for k in keys if k in meta} | {
-        "files": [f"{FOLDER}/{f}" for f in meta["files"].values()],
-        "documents": len(meta["doc_ids"]),
-        "views": ", ".join(VIEWS),
-    }
+    return describe_index(Path(run) / FOLDER, keys, ", ".join(VIEWS))
 
 
 def exists(run: str | Path) -> bool:
