@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .rules import trainable_params
-from .task import LanguageModelingTask, Task
+from .task import LanguageModelingTask, Task, twice_differentiable
 from .valuer import eval_mode
 
 
@@ -167,7 +167,7 @@ def exact_second_order(
     lr_e = lr / n
     params = _params(model)
     g = per_sample_grads(model, train_ids, train_mask, task).double()
-    with eval_mode(model):
+    with eval_mode(model), twice_differentiable():
         vloss = task.per_sequence_loss(model, val_ids, val_mask).sum()
         gv = torch.autograd.grad(vloss, params, create_graph=True)
         gv_flat = torch.cat([x.reshape(-1) for x in gv])

@@ -6,16 +6,24 @@ loss, so that per-sample gradients add up to the batch gradient the optimizer se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
 """A label that counts for nothing (as in `F.cross_entropy`): the position after a sequence's last token."""
 
-ROW_BLOCK_BYTES = 32 << 20
-"""Largest temporary the loss allocates: rows of the logits taken at a time for the log-sum-exp."""
+ROW_BLOCK_BYTES = 4 << 20
+"""Rows of the logits the loss takes at a time: its largest temporary (the block's softmax), small enough
+that the passes over a block stay in cache (docs/benchmarks.md, "Session 14")."""
+
+
+_TWICE: ContextVar[bool] = ContextVar("twice_differentiable", default=False)
 
 
 class Task(Protocol):
@@ -58,19 +66,44 @@ class LanguageModelingTask:
         # Labels shifted left, the last position ignored: the [n*T, V] logits are a view, never a copy.
         labels = torch.cat([ids[:, 1:], ids.new_full((n, 1), IGNORE_INDEX)], dim=1)
         valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-        ce = token_cross_entropy(logits.reshape(n * t, -1), labels.reshape(-1)).view(n, t)[:, :-1]
+        ce = token_cross_entropy(logits, labels)[:, :-1]
         count = valid.sum(1)
         return (ce * valid).sum(1) / count.clamp(min=1)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`[N]` cross-entropy of each row of `logits` (`[N, V]`) against `labels` (`[N]`; -100 = none).
+    """Cross-entropy of each position: `logits` `[..., V]`, `labels` `[...]` (-100 = none) -> `[...]`.
 
-    The same numbers as `F.cross_entropy(..., reduction="none")`, holding one `[N, V]` buffer instead
-    of four: the logits are turned into their own gradient during the backward (see
-    `_LeanCrossEntropy`), so nothing may read them after the loss.
+    The numbers of `F.cross_entropy(..., reduction="none")` to float rounding, with one `[N, V]` buffer
+    where PyTorch's holds four (see `_LeanCrossEntropy`). When a gradient will be taken and `logits` is
+    not a view, its buffer becomes the gradient: nothing may read the logits after the loss. Inside
+    `twice_differentiable()` PyTorch's own loss is used instead.
     """
-    return _LeanCrossEntropy.apply(logits, labels)
+    flat, target = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if _TWICE.get():
+        loss = F.cross_entropy(flat, target, reduction="none", ignore_index=IGNORE_INDEX)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        # a view's in-place change would make autograd re-derive its grad_fn, which loses the hooks
+        # that capture its gradient (a linear head with a bias returns a view): write a new buffer
+        loss = _LeanCrossEntropy.apply(flat, target, not logits._is_view())
+    else:
+        with torch.no_grad():
+            loss = _softmax_losses(flat, target, None)
+    return loss.view(labels.shape)
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Inside: the loss's gradient can be differentiated again (Hessian-vector products, `engine.exact`).
+
+    The lean loss hands its logits on as their own gradient, which autograd cannot differentiate; this
+    keeps PyTorch's cross-entropy (and its three extra `[N, V]` buffers) for the code that needs it.
+    """
+    token = _TWICE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE.reset(token)
 
 
 def _row_blocks(x: torch.Tensor) -> list[slice]:
@@ -78,35 +111,54 @@ def _row_blocks(x: torch.Tensor) -> list[slice]:
     return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
+def _softmax_losses(logits: torch.Tensor, labels: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """`[N]` losses from a softmax taken block by block; `into` (may be `logits`): softmax - onehot.
+
+    One fused softmax per block (one exp per logit, where log-softmax and its backward take two), and
+    the log-sum-exp read back from it: `lse = max(x) - log(max(p))`, exact where `p` underflows too.
+    """
+    keep = labels != IGNORE_INDEX
+    target = torch.where(keep, labels, 0)
+    loss = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for rows in _row_blocks(logits):
+        x = logits[rows]
+        p = torch.softmax(x, dim=-1)
+        lse = x.amax(dim=-1) - p.amax(dim=-1).log()
+        loss[rows] = lse - x.gather(1, target[rows, None]).squeeze(1)
+        if into is not None:
+            into[rows] = p
+    if into is not None:
+        into.scatter_add_(1, target[:, None], -keep.to(into.dtype)[:, None])
+    return torch.where(keep, loss, torch.zeros_like(loss))
+
+
 class _LeanCrossEntropy(torch.autograd.Function):
-    """Cross-entropy that keeps the logits and each row's log-sum-exp, and nothing else.
+    """Cross-entropy whose forward leaves the gradient in one `[N, V]` buffer and keeps nothing else.
 
     Why: `F.cross_entropy` saves the log-softmax, a second `[N, V]` tensor, and its backward builds
     two more (the NLL gradient, then the logits' gradient). At the real 50,257-token vocabulary these
-    are the largest tensors of a small model's step: 206 MB each for 16 x 64 tokens. Here the backward
-    overwrites the logits with `w * (softmax - onehot)`, block by block, and hands that buffer on as
-    their gradient. The capture hooks keep the head's *input*, never its output, so no one reads the
-    logits afterwards. A second backward through the same graph fails loudly (autograd's version
-    check); a backward with `create_graph` (Hessian-vector products) takes an out-of-place path.
+    are the largest tensors of a small model's step: 206 MB each for 16 x 64 tokens. The gradient of a
+    row's loss is `softmax - onehot` whatever comes after, so the forward writes it as it computes the
+    loss, over the logits themselves when `in_place`, and the backward only scales each row by its
+    upstream gradient, in place. The logits' producer must not need them for its own backward: a
+    linear head keeps its input, not its output, and autograd's version check fails loudly for one
+    that does.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        for rows in _row_blocks(logits):
-            lse[rows] = torch.logsumexp(logits[rows], dim=-1)
-        keep = labels != IGNORE_INDEX
-        target = torch.where(keep, labels, 0)
-        picked = logits.gather(1, target[:, None]).squeeze(1)
-        ctx.save_for_backward(logits, lse, target, keep)
-        return torch.where(keep, lse - picked, torch.zeros_like(lse))
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, in_place: bool) -> torch.Tensor:
+        buf = logits if in_place else torch.empty_like(logits)
+        loss = _softmax_losses(logits, labels, buf)
+        ctx.save_for_backward(buf, labels != IGNORE_INDEX)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, lse, target, keep = ctx.saved_tensors
-        w = torch.where(keep, grad, torch.zeros_like(grad))[:, None]
-        if torch.is_grad_enabled():  # create_graph: stay differentiable, leave the logits alone
-            return (torch.softmax(logits, dim=-1) * w).scatter_add(1, target[:, None], -w), None
-        for rows in _row_blocks(logits):
-            logits[rows].sub_(lse[rows, None]).exp_().mul_(w[rows])
-        return logits.scatter_add_(1, target[:, None], -w), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the lean cross-entropy cannot be differentiated twice: compute the loss inside "
+                "attribution.engine.task.twice_differentiable() for Hessian-vector products"
+            )
+        probs_minus_onehot, keep = ctx.saved_tensors
+        w = torch.where(keep, grad, torch.zeros_like(grad))
+        return probs_minus_onehot.mul_(w[:, None]), None, None
