@@ -176,6 +176,7 @@ def cosines(
                         sink("doc", i, cols, side)
                     total[j, start : items.stop, b : cols.stop] += (u @ side.T).double().cpu().numpy()
                 bar.update(len(cols))
+            del units  # before the next group's (or link's) gradients: never two groups held at once
     bar.close()
     return total / max(len(load_links), 1)
 
