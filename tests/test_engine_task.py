@@ -88,6 +88,13 @@ def test_a_view_keeps_its_values_and_its_gradient_hooks():
     torch.testing.assert_close(seen[0], ref, rtol=1e-12, atol=1e-12)
 
 
+def test_a_producer_that_keeps_the_logits_fails_loudly():
+    """Overwriting logits that their producer needs (exp keeps its output) must not pass silently."""
+    z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        token_cross_entropy(torch.exp(z), torch.tensor([1, 2, 3, 0])).sum().backward()
+
+
 def test_extreme_logits_give_finite_exact_losses():
     """A target whose probability underflows float32 still gets its true loss (lse - x_t), not inf."""
     x = torch.tensor([[0.0, 200.0, -300.0], [50.0, 0.0, 0.0]], dtype=torch.float32, requires_grad=True)
