@@ -239,6 +239,14 @@ def experiment() -> None:
     "--epochs", type=float, default=1.0, show_default=True, help="Passes over the corpus when no --steps."
 )
 @click.option(
+    "--reference",
+    type=int,
+    default=None,
+    help="Corpus documents held out as the run's fixed reference set of the standout and contrast "
+    "views (default: the preset's; cpu-tiny 16). They are taken from --corpus, never from --originals, "
+    "so a larger reference leaves fewer corpus documents in training.",
+)
+@click.option(
     "--max-words",
     type=int,
     default=150,
@@ -295,6 +303,7 @@ def copyright_cmd(
     preset,
     steps,
     epochs,
+    reference,
     max_words,
     batch_size,
     orders,
@@ -349,7 +358,10 @@ def copyright_cmd(
         device=device,
         seed=seed,
         rewriter=make_rewriter_from(kw),
-        run_overrides={"batch_size": batch_size} if batch_size else {},
+        run_overrides={
+            **({"batch_size": batch_size} if batch_size else {}),
+            **({"reference": reference} if reference is not None else {}),
+        },
     )
     result = run_copyright(exp)
     click.echo(result.markdown)
