@@ -243,8 +243,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--grad-norms",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: on when per-example (as the training loop does)",
+        default=False,
+        help="the in-run cosine views' per-sample norms (per-example only); default off, as a run with a "
+        "checkpoint view (the default) does",
     )
     ap.add_argument(
         "--vocab", type=int, default=VOCAB, help="vocabulary size (tests shrink it; GPT-2's is 50257)"
@@ -277,7 +278,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         sets["reference"] = [shape["seq_len"]] * args.reference
     shape["sets"] = sets
     args.shape_spec = shape
-    args.grad_norms = args.per_example if args.grad_norms is None else args.grad_norms
+    args.grad_norms = args.grad_norms and args.per_example
     return args
 
 

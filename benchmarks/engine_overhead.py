@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--per-example",
         action="store_true",
-        help="one value per validation sequence, with gradient norms, as `attribution run` values small sets",
+        help="one value per validation sequence, as `attribution run` values small sets",
+    )
+    ap.add_argument(
+        "--grad-norms",
+        action="store_true",
+        help="with --per-example: also the in-run cosine views' per-sample norms, as a run without a "
+        "checkpoint view computes them (`attribution run --in-run-cosine`)",
     )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = LanguageModelingTask()
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     modes = args.modes.split(",")
-    pe = {"per_example": ["val"], "grad_norms": True} if args.per_example else {}
+    pe = {"per_example": ["val"], "grad_norms": args.grad_norms} if args.per_example else {}
     valuers = {
         "order1": Valuer(model, {"val": vs}, order=1, strategy=args.strategy, autocast_dtype=amp, **pe),
         "order2": Valuer(model, {"val": vs}, order=2, strategy=args.strategy, autocast_dtype=amp, **pe),
@@ -211,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_len": vs.ids.shape[1],
         "reps": args.reps,
         "per_example": args.per_example,
+        "grad_norms": bool(args.per_example and args.grad_norms),
         "threads": torch.get_num_threads(),
         "median_s": {m: statistics.median(t) for m, t in times.items() if t},
         "ratio": {},

@@ -187,11 +187,13 @@ def _check_table(args: list[str], tmp_path, capsys) -> dict:
 
 
 def test_cost_floor_table_small_vocabulary(tmp_path, capsys) -> None:
-    """The demo shape with a 500-token vocabulary, second order and AdamW-aware: every component runs."""
-    res = _check_table(
-        ["--shape", "demo", "--vocab", "500", "--order", "2", "--optimizer-aware"], tmp_path, capsys
-    )
+    """The demo shape with a 500-token vocabulary, second order, AdamW-aware and with the in-run cosines'
+    norms: every component runs, and without the norms they are out of the step."""
+    args = ["--shape", "demo", "--vocab", "500", "--order", "2", "--optimizer-aware"]
+    res = _check_table([*args, "--grad-norms"], tmp_path, capsys)
     assert all(r["in_step"] for r in res["components"])
+    lean = _check_table(args, tmp_path, capsys)
+    assert [r["component"] for r in lean["components"] if not r["in_step"]] == ["gradient norms"]
 
 
 @pytest.mark.slow  # ~45 s on the shared 2-core machine: the real 50,257-token head dominates

@@ -51,11 +51,19 @@ def test_engine_overhead_runs_every_mode_and_flag_the_gpu_scripts_use(tmp_path, 
         [
             *("--model", "cpu-tiny", "--batch", "2", "--seq-len", "16", "--val-seqs", "2", "--val-len", "8"),
             *("--reps", "1", "--warmup", "0", "--modes", "plain,order1,order2,aware,vmap"),
-            *("--per-example", "--plan", "--profile", "3", "--json", str(tmp_path / "o.json")),
+            *(
+                "--per-example",
+                "--grad-norms",
+                "--plan",
+                "--profile",
+                "3",
+                "--json",
+                str(tmp_path / "o.json"),
+            ),
         ]
     )
     err = capsys.readouterr().err
-    assert res["failed"] == {} and res["per_example"] is True
+    assert res["failed"] == {} and res["per_example"] is True and res["grad_norms"] is True
     assert set(res["ratio"]) == {"order1", "order2", "aware", "vmap"} and min(res["ratio"].values()) > 0
     assert "## profile: order1" in err and "## profile: vmap" in err
     assert (tmp_path / "o.json").is_file()

@@ -50,8 +50,10 @@ def texts(corpus_dir):
 
 @pytest.fixture(scope="module")
 def full(run, texts, tmp_path_factory):
-    """The full exact replay of every document, to compare the confirmations with."""
-    return claim(run, texts, tmp_path_factory.mktemp("full") / "claim", report=False, progress=False)
+    """The full exact replay of every document, to compare the confirmations with (with the in-run
+    cosines, which the run itself skips beside its checkpoint view and `--view standout_cosine` asks for)."""
+    out = tmp_path_factory.mktemp("full") / "claim"
+    return claim(run, texts, out, report=False, progress=False, in_run_cosine=True)
 
 
 def test_the_run_writes_the_sketch_index(run):

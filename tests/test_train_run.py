@@ -195,3 +195,42 @@ def test_run_prints_the_memory_model_once_after_the_first_step(tmp_path, capsys)
     lines = [x for x in err.splitlines() if "valued step holds about" in x]
     assert len(lines) == 1
     assert "validation side" in lines[0] and "order-2 pending side" in lines[0] and "MiB" in lines[0]
+
+
+def test_in_run_cosine_is_on_only_when_the_run_has_no_checkpoint_view():
+    """The in-run cosine views' norms are a fallback: computed when there is no checkpoint view (whose
+    cosines the default view reads), or when asked; a run recorded before the switch reads as having them."""
+    base = {"val": {"x": "x.jsonl"}, "preset": "test-micro"}
+    assert RunConfig(**base).resolved().in_run_cosine is False
+    assert RunConfig(**base, checkpoint_view=False).resolved().in_run_cosine is True
+    assert RunConfig(**base, keep_every=0).resolved().in_run_cosine is True  # no chain: no checkpoint view
+    assert RunConfig(**base, in_run_cosine=True).resolved().in_run_cosine is True
+    assert RunConfig(**base, checkpoint_view=False, in_run_cosine=False).resolved().in_run_cosine is False
+    recorded = RunConfig(**base).resolved().to_json()
+    assert RunConfig.of_run(recorded) == RunConfig(**base).resolved()
+    older = {k: v for k, v in recorded.items() if k != "in_run_cosine"} | {"a_key_of_older_code": 1}
+    old = RunConfig.of_run(older)
+    assert old.in_run_cosine is True and old.betas == tuple(recorded["betas"])
+
+
+def test_in_run_cosine_adds_value_cosine_and_changes_no_value(tmp_path):
+    """With and without the norms the values are the same numbers; only `value_cosine` (and the views
+    that read it) comes and goes. A run is resumed only as it was started."""
+    from attribution.values import RunValues
+
+    write_corpus(tmp_path)
+    write_val(tmp_path, "a", 3)
+    write_val(tmp_path, "b", 2, seed=5)
+    lean = train_and_value(_cfg(tmp_path, "lean"))
+    full = train_and_value(_cfg(tmp_path, "full", in_run_cosine=True))
+    read = {
+        name: pd.read_parquet(run / "example_values.parquet")
+        for name, run in (("lean", lean), ("full", full))
+    }
+    assert read["lean"]["value_cosine"].isna().all() and read["full"]["value_cosine"].notna().all()
+    for col in ("value", "value_normalized"):
+        np.testing.assert_array_equal(read["lean"][col].to_numpy(), read["full"][col].to_numpy())
+    assert "standout_cosine" in RunValues.read(full).available_views()
+    assert "standout_cosine" not in RunValues.read(lean).available_views()
+    with pytest.raises(UserError, match="started without in-run cosines"):
+        train_and_value(_cfg(tmp_path, "lean", resume=True, in_run_cosine=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ class RunConfig:
     )
     # checkpoint similarity after training (attribution.workflows.checkpoint_similarity): the default view's input
     checkpoint_view: bool = True
+    # ghost per-sample gradient norms in every valued step, for the in-run cosine views (`value_cosine`:
+    # cosine, contrast_cosine, standout_cosine). None = only when the run has no checkpoint view (no
+    # replay chain or --no-checkpoint-view), whose in-run default view needs them; with a checkpoint view
+    # they are a fallback that costs about 7% of a GPT-2-small step (docs/benchmarks.md, "Session 15")
+    in_run_cosine: bool | None = None
     sketch_dim: int = 512  # dimension of the sketch vectors (1 KiB float16 per document; sketch.DEFAULT_DIM)
     sketch_kind: str = "tensor"  # first stage of the sketch: "tensor" or "kronecker" (sketch.KINDS)
     sketch_mix: str = "shared"  # one mix for every segment, or "segment": one per segment (sketch.MIXES)
@@ -100,6 +106,8 @@ class RunConfig:
                 values[key] = default
         if values["steps"] is None and values["epochs"] is None:
             values["steps"] = preset["steps"]
+        if values["in_run_cosine"] is None:
+            values["in_run_cosine"] = not (values["checkpoint_view"] and values["keep_every"])
         values["betas"] = tuple(values["betas"])
         values["exclude_ids"] = tuple(values["exclude_ids"])
         values["keep_ids"] = tuple(values["keep_ids"])
@@ -157,6 +165,18 @@ class RunConfig:
             raise UserError(f"--sketch-dim must be a positive number, got {self.sketch_dim}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float64 or bfloat16, got {self.dtype!r}")
+
+    @classmethod
+    def of_run(cls, recorded: Mapping[str, Any]) -> RunConfig:
+        """The config a run's manifest records, as a RunConfig: keys this code no longer knows are
+        dropped, lists become the tuples the fields hold, and a run from before `in_run_cosine` existed
+        is read as what it did (it computed the norms whenever it had per-example sets)."""
+        data = {k: v for k, v in recorded.items() if k in FIELDS}
+        data.setdefault("in_run_cosine", True)
+        for key in ("betas", "exclude_ids", "keep_ids"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
 
     @property
     def adam_aware(self) -> bool:

@@ -372,14 +372,14 @@ def make_step(model, val: dict[str, ValData], cfg: RunConfig, info) -> ValuedSte
             )
             for name, v in val.items()
         }
-        # grad_norms: ghost per-sample gradient norms for the cosine view (per-example sets only)
+        # grad_norms: ghost per-sample gradient norms for the in-run cosine views (per-example sets only)
         valuer = Valuer(
             model,
             sets,
             order=cfg.order,
             per_example=per_example,
             optimizer_aware=cfg.adam_aware,
-            grad_norms=bool(per_example),
+            grad_norms=bool(per_example) and bool(cfg.in_run_cosine),
             autocast_dtype=autocast_dtype,
         )
     else:
@@ -684,6 +684,14 @@ def _resume(run: _Session) -> None:
     torch.set_rng_state(state["rng"]["torch"])
     if run.info.is_main:
         chain.discard_after(run.out, run.step)
+    # every rank checks (the arrays are on every rank): steps with and without cosines would make
+    # `value_cosine` a partial sum. A checkpoint from before the flag has no "has_cos": it had them.
+    had = bool(np.asarray(loaded.arrays.get("has_cos", np.ones(1))).reshape(-1)[0])
+    if run.cfg.value and any(v.per_example for v in run.val.values()) and had != bool(run.cfg.in_run_cosine):
+        raise UserError(
+            f"{run.out}: the run was started {'with' if had else 'without'} in-run cosines; resume it "
+            f"with {'--in-run-cosine' if had else '--no-in-run-cosine'}, as it was started"
+        )
     if run.store is not None:
         run.store.load_state_arrays(loaded.arrays)
         run.store.discard_after(run.step)

@@ -99,11 +99,7 @@ def read_parent(run: Path) -> tuple[Manifest, RunConfig, list[chain.Link]]:
             f"{run}: this run kept no replay chain, so claims cannot be replayed; rerun it with "
             "`attribution run ... --keep-every K` (K > 0, e.g. the preset's default)"
         )
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in manifest.config.items() if k in fields})
-    cfg.betas = tuple(cfg.betas) if cfg.betas is not None else None
-    cfg.exclude_ids = tuple(cfg.exclude_ids)
-    return manifest, cfg, links
+    return manifest, RunConfig.of_run(manifest.config), links
 
 
 def _check_corpus(cfg: RunConfig, manifest: Manifest) -> None:
@@ -264,9 +260,11 @@ def claim(
     tolerance: float | None = None,
     report: bool = True,
     progress: bool = True,
+    in_run_cosine: bool | None = None,
 ) -> Path:
     """Value the texts in `texts` (JSONL) against the finished run `run` by replay; returns the output run dir.
 
+    `in_run_cosine`: compute the in-run cosine views' norms in the replay (None: as the run did).
     Under torchrun, each rank replays every world-th segment and rank 0 merges them."""
     run, texts, out = Path(run), Path(texts), Path(out)
     started = time.time()
@@ -279,6 +277,8 @@ def claim(
         if info.is_main:
             _prepare_out(run, out, resume)
         dist_util.barrier(info)
+        if in_run_cosine is not None:
+            parent_cfg = dataclasses.replace(parent_cfg, in_run_cosine=in_run_cosine)
         job, cfg, data, val_data = _job(run, texts, out, manifest, parent_cfg, n_claims, docs, tolerance)
         total = job.total
         segs = segments_for(links, _train_steps(cfg, data, total) if docs else None, job.targets)

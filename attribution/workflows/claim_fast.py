@@ -47,7 +47,7 @@ from attribution.train.sketch import (
 )
 from attribution.values.manifest import Manifest
 from attribution.values.rundir import RunDir
-from attribution.values.views import IN_RUN_VIEW
+from attribution.values.views import IN_RUN_VIEW, VIEWS
 
 FAST_VIEWS = (
     "standout_checkpoint",
@@ -84,15 +84,7 @@ class FastClaims:
 
 
 def _config(manifest: Manifest) -> RunConfig:
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in manifest.config.items() if k in fields})
-    return dataclasses.replace(
-        cfg,
-        betas=tuple(cfg.betas) if cfg.betas is not None else None,
-        exclude_ids=tuple(cfg.exclude_ids),
-        progress=False,
-        resume=False,
-    )
+    return dataclasses.replace(RunConfig.of_run(manifest.config), progress=False, resume=False)
 
 
 def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str], run: Path) -> str:
@@ -486,6 +478,7 @@ def fast_claim(
             tolerance=tolerance,
             report=False,
             progress=progress,
+            in_run_cosine="value_cosine" in VIEWS[view].needs or None,
         )
         exact = RunValues.read(replay).view(view)
         exact = exact[exact["val_set"] == CLAIM_SET]

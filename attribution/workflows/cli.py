@@ -198,6 +198,13 @@ commands: list[click.Command] = [curate_command]
     "index; value, per_token, cosine, contrast, contrast_per_token, contrast_cosine, standout, "
     "standout_cosine: the in-run sketch; default: the run's default view).",
 )
+@click.option(
+    "--in-run-cosine/--no-in-run-cosine",
+    "in_run_cosine",
+    default=None,
+    help="Compute the per-sample gradient norms of the in-run cosine views (cosine, contrast_cosine, "
+    "standout_cosine) in the replay. Default: as the run did (`attribution run --in-run-cosine`).",
+)
 def claim_command(
     run: Path,
     texts: Path,
@@ -211,6 +218,7 @@ def claim_command(
     fast_k: int,
     no_confirm: bool,
     fast_view: str | None,
+    in_run_cosine: bool | None,
 ) -> None:
     """Value texts that arrive after training against the finished run RUN, by exact replay.
 
@@ -233,7 +241,15 @@ def claim_command(
         return
     ids = [d.strip() for d in docs.split(",") if d.strip()] if docs else None
     run_dir = claim(
-        run, texts, out, docs=ids, workers=workers, resume=resume, tolerance=tolerance, report=False
+        run,
+        texts,
+        out,
+        docs=ids,
+        workers=workers,
+        resume=resume,
+        tolerance=tolerance,
+        report=False,
+        in_run_cosine=in_run_cosine,
     )
     if RunDir(
         run_dir

@@ -407,8 +407,7 @@ def _load_config(run_dir: Path):
     manifest = Manifest.read(run_dir)
     if manifest.status != "complete":
         raise UserError(f"{run_dir}: the run is not complete (status {manifest.status!r})")
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in manifest.config.items() if k in names}).resolved()
+    config = RunConfig.of_run(manifest.config).resolved()
     total = manifest.training.total_steps or config.steps
     # the run's own copies of its validation sets: the original paths may be relative or gone
     copies = RunDir(run_dir).val_set_paths()

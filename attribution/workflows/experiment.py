@@ -259,6 +259,7 @@ def _train(
         keep_ids=tuple(originals),
         device=exp.device,
         per_example_max=max(64, set_size),
+        in_run_cosine=True,  # the experiment ranks every view, the in-run cosine ones included
         **exp.run_overrides,
     )
     if RunDir(run_dir).finished_with(cfg.resolved(), needs=(EXAMPLE_VALUES,)):
