@@ -369,3 +369,29 @@ def test_experiment_table_cli_prints_a_subset(tmp_path):
     assert list(table["irs_order1_mean_rank"]) == [2.5, 8.0] and list(table["n"]) == [2, 2]
     bad = CliRunner().invoke(main, ["experiment", "table", str(out), "--targets", "hw-c-*"])
     assert bad.exit_code == 2 and "no variant's target id matches 'hw-c-*'" in bad.output
+
+
+def test_copyright_cli_hands_reference_and_batch_size_to_the_run(tmp_path, monkeypatch):
+    """`--reference N` (the reference-size lever of the held-out protocol) and `--batch-size` reach the
+    run's config; without `--reference` the run keeps its preset's (`--batch-size` defaults to 32)."""
+    from click.testing import CliRunner
+
+    from attribution.cli import main
+    from attribution.workflows import experiment
+
+    seen = []
+
+    def fake(exp):
+        seen.append(exp.run_overrides)
+        raise UserError("stopped before training")
+
+    monkeypatch.setattr(experiment, "run_copyright", fake)
+    base = ["experiment", "copyright", "--corpus", "builtin:20", "--out", str(tmp_path / "o"), "--pick", "2"]
+    for extra, want in (
+        ([], {"batch_size": 32}),
+        (["--reference", "48"], {"batch_size": 32, "reference": 48}),
+        (["--reference", "0", "--batch-size", "8"], {"reference": 0, "batch_size": 8}),
+    ):
+        res = CliRunner().invoke(main, [*base, *extra])
+        assert res.exit_code == 2 and "stopped before training" in res.output, res.output
+        assert seen[-1] == want
