@@ -49,11 +49,19 @@ def corpus_dir(tmp_path_factory):
     [(1, False, "float32"), (1, True, "float32"), (2, False, "float32"), (2, True, "float64")],
 )
 def test_replay_equals_in_run_bitwise(corpus_dir, tmp_path, order, aware, dtype):
-    """In float64 the contract is 1e-9 relative; it is in fact bitwise here too, so one check serves both."""
-    run = _run(corpus_dir, f"run{order}{aware}{dtype}", order=order, optimizer_aware=aware, dtype=dtype)
+    """In float64 the contract is 1e-9 relative; it is in fact bitwise here too, so one check serves both.
+    The run computes the in-run cosines, so the replay does too (as the run did) and they match as well."""
+    run = _run(
+        corpus_dir,
+        f"run{order}{aware}{dtype}",
+        order=order,
+        optimizer_aware=aware,
+        dtype=dtype,
+        in_run_cosine=True,
+    )
     out = claim(run, corpus_dir / "a.jsonl", tmp_path / "claim", report=False, progress=False)
     got, want = _examples(out, "claims"), _examples(run, "a")
-    assert len(want) > 0
+    assert len(want) > 0 and want["value_cosine"].notna().all()
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["claim"]["verified"] == "bitwise" and manifest["claim"]["replayed_steps"] == 6
@@ -162,6 +170,31 @@ def test_kill_9_then_resume_gives_identical_values(corpus_dir, base_run, tmp_pat
     assert done and not (out / "example_values.parquet").exists(), "killed after a segment, before the merge"
     resumed = claim(base_run, texts, out, resume=True, report=False, progress=False)
     pd.testing.assert_frame_equal(_examples(resumed, "claims"), want, check_exact=True)
+
+
+def test_a_resumed_replay_that_changes_the_in_run_cosine_choice_is_refused(
+    corpus_dir, base_run, tmp_path, monkeypatch
+):
+    """The run skipped the in-run cosines (it has a checkpoint view); a replay may ask for them, but not
+    halfway: segments with and without them would sum to a partial `value_cosine`."""
+    from attribution.workflows import claim as claim_mod
+
+    texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
+    done = claim(base_run, texts, tmp_path / "c", report=False, progress=False, in_run_cosine=True)
+    assert _examples(done, "claims")["value_cosine"].notna().all()
+    assert _examples(base_run, "a")["value_cosine"].isna().all()
+
+    def crash(*args, **kw):
+        raise RuntimeError("killed before the merge")
+
+    out = tmp_path / "halfway"
+    with monkeypatch.context() as m:  # every segment replayed with the cosines, then a crash
+        m.setattr(claim_mod, "_merge", crash)
+        with pytest.raises(RuntimeError):
+            claim(base_run, texts, out, report=False, progress=False, in_run_cosine=True)
+    sorted((out / claim_mod.SEGMENTS_DIR).glob("*.json"))[-1].unlink()  # one segment to replay again
+    with pytest.raises(UserError, match="some replayed segments have the in-run cosines and some do not"):
+        claim(base_run, texts, out, resume=True, report=False, progress=False)
 
 
 def test_tampered_checkpoint_and_changed_corpus_are_refused(corpus_dir, tmp_path):

@@ -451,12 +451,19 @@ def _merge(
     log = loop.TrainLog(out / "train_log.csv", [])
     log.start(None)
     worst = 0.0
+    with_cos: set[bool] = set()
     for seg in segs:
         arrays = load_file(str(out / SEGMENTS_DIR / f"{seg.name}.safetensors"))
         meta = json.loads((out / SEGMENTS_DIR / f"{seg.name}.json").read_text(encoding="utf-8"))
         worst = max(worst, float(meta["deviation"]))
         for step, loss in zip(range(seg.start + 1, seg.end + 1), meta["losses"], strict=True):
             get = {name: arrays.get(f"{step}/cos/{name}") for name in val}
+            with_cos.add(any(c is not None for c in get.values()))
+            if len(with_cos) > 1:  # a resumed replay that changed --in-run-cosine: partial cosine sums
+                raise UserError(
+                    f"{out}: some replayed segments have the in-run cosines and some do not; resume with "
+                    "the --in-run-cosine choice the replay started with, or start it again"
+                )
             batch = arrays[f"{step}/batch"]
             store.add(
                 step,
