@@ -173,6 +173,19 @@ def test_missing_index_and_dimension_mismatch_are_one_line_errors(corpus_dir, ru
         main, ["claim", str(plain), "--texts", str(texts), "--out", str(tmp_path / "o2"), "--fast"]
     )
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "no sketch index" in res.output
+    args = [
+        "claim",
+        str(run),
+        "--texts",
+        str(texts),
+        "--out",
+        str(tmp_path / "o4"),
+        "--fast",
+        "--in-run-cosine",
+    ]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "--in-run-cosine is for the exact replay" in res.output
+    assert not (tmp_path / "o4").exists()
 
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)

@@ -195,7 +195,7 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     default=None,
     help="Compute per-sample gradient norms in every valued step, for the in-run cosine views (cosine, "
     "contrast_cosine, standout_cosine). Default: only when the run has no checkpoint view, since the "
-    "default view reads the checkpoint cosines; on, they cost about 7% of a GPT-2-small step.",
+    "default view reads the checkpoint cosines; they add about 7% to a valued GPT-2-small step.",
 )
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (overrides the preset).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (overrides the preset).")

@@ -24,10 +24,11 @@ Definitions (also recorded in the manifest):
   same way from its column, `max(|sum_j phi_t(j, x)|, 0.1 * sum_j |phi_t(j, x)|)`), `value_cosine`
   (sum over steps of each sequence's value / (||g_seq|| * ||g_val_text||), where g_val_text is the
   validation text's gradient, the sum of its sequences': the cosine with the whole text, as the
-  checkpoint view's; norms from the engine; null when the run had no norms: `RunConfig.in_run_cosine`). These are raw
-  accumulators only: the attribution views (`attribution.values.views`) are analysis and are
-  computed when the run is read (`attribution.values.RunValues`); the manifest names the default
-  one. `value` stays the raw additive value: royalties use it.
+  checkpoint view's; norms from the engine; null when the run computed no norms, see
+  `RunConfig.in_run_cosine`). These are raw accumulators only: the attribution views
+  (`attribution.values.views`) are analysis and are computed when the run is read
+  (`attribution.values.RunValues`); the manifest names the default one. `value` stays the raw
+  additive value: royalties use it.
 - `n_seen`: number of training sequences of the document processed (counting repeats over epochs).
 - `first_step`, `last_step`: 1-based optimizer steps in which the document was first/last trained
   (null if never trained).

@@ -231,11 +231,16 @@ def claim_command(
       attribution claim runs/demo --texts disputed.jsonl --out runs/demo-claims
     Several machines:  torchrun --nproc_per_node 2 -m attribution.cli claim ...
     """
+    from attribution.errors import UserError
     from attribution.report.claims import write_claims_report
     from attribution.values.rundir import RunDir
     from attribution.workflows.claim import claim
 
     t0 = time.perf_counter()
+    if fast and in_run_cosine is not None:
+        raise UserError(
+            "--in-run-cosine is for the exact replay; --fast turns it on when its --view needs it"
+        )
     if fast:
         _fast(run, texts, out, docs, resume, fast_k, fast_view, workers, tolerance, t0, not no_confirm)
         return
