@@ -173,10 +173,7 @@ class RunConfig:
         is read as what it did (it computed the norms whenever it had per-example sets)."""
         data = {k: v for k, v in recorded.items() if k in FIELDS}
         data.setdefault("in_run_cosine", True)
-        for key in ("betas", "exclude_ids", "keep_ids"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return build_config(None, **data)
 
     @property
     def adam_aware(self) -> bool:

@@ -685,8 +685,8 @@ def _resume(run: _Session) -> None:
     if run.info.is_main:
         chain.discard_after(run.out, run.step)
     # every rank checks (the arrays are on every rank): steps with and without cosines would make
-    # `value_cosine` a partial sum. A checkpoint from before the flag has no "has_cos": it had them.
-    had = bool(np.asarray(loaded.arrays.get("has_cos", np.ones(1))).reshape(-1)[0])
+    # `value_cosine` a partial sum
+    had = ValueStore.had_cosines(loaded.arrays)
     if run.cfg.value and any(v.per_example for v in run.val.values()) and had != bool(run.cfg.in_run_cosine):
         raise UserError(
             f"{run.out}: the run was started {'with' if had else 'without'} in-run cosines; resume it "

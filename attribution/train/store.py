@@ -235,7 +235,13 @@ class ValueStore:
                     if saved is None
                     else np.asarray(saved, dtype=np.float64).copy()
                 )
-        self.has_cos = np.asarray(arrays.get("has_cos", np.ones(1)), dtype=np.int64).copy()
+        self.has_cos = np.array([int(self.had_cosines(arrays))], dtype=np.int64)
+
+    @staticmethod
+    def had_cosines(arrays: Mapping[str, np.ndarray]) -> bool:
+        """Whether the run that saved `arrays` (a checkpoint's) accumulated `value_cosine`; a checkpoint
+        from before the flag was saved did, whenever it had per-example sets."""
+        return bool(np.asarray(arrays.get("has_cos", np.ones(1))).reshape(-1)[0])
 
     # ---- final files --------------------------------------------------------------------------
 
