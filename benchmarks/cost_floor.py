@@ -119,6 +119,7 @@ class Row:
     flops: float
     bytes_moved: float = 0.0
     times: list[float] = field(default_factory=list)
+    round: int = -1  # the round the last time was added in
 
 
 DEVICE = torch.device("cpu")  # set by main; a CUDA device makes every timing synchronize
@@ -371,7 +372,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, Row] = {}
 
     def add(key: str, in_step: bool, flops: float, seconds: float, bytes_moved: float = 0.0) -> None:
+        """This round's time of one component; a row shared by several parameters (one per layer) is the
+        sum of their times and FLOPs in the round, so rows add up to the step."""
         row = rows.setdefault(key, Row(key, in_step, 0.0, 0.0))
+        if row.round == r:
+            row.times[-1] += seconds
+            row.flops, row.bytes_moved = row.flops + flops, row.bytes_moved + bytes_moved
+            return
+        row.round = r
         row.flops, row.bytes_moved = flops, bytes_moved  # the same every round
         row.times.append(seconds)
 
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
             lambda params=params, n=train.n: adam_preconditioner(opts[model], params, batch_size=n)
         )
         pre_bytes = PRE_ACCESSES * 4 * n_params
-        for name, vs in sets.items():
+        for name, vs in valuer.val_sets.items():  # as the Valuer holds them: trailing padding trimmed
             plan, pe = plans[name], name in per_example
             t_val, cap = 0.0, None
             chunk = valuer._val_chunk(vs)  # in chunks of sequences, as the Valuer runs it

@@ -201,3 +201,27 @@ def test_cost_floor_demo_table(tmp_path, capsys) -> None:
     """The demo shape itself, one round: every component in the table, with positive numbers."""
     res = _check_table(["--shape", "demo"], tmp_path, capsys)
     assert res["shape"]["val_sets"]["news"]["sequences"] == 8
+
+
+def test_rows_shared_by_layers_sum_them_and_padding_is_not_counted(capsys) -> None:
+    """A row such as `h.*.mlp.c_fc.weight` is every layer's scoring, summed within a round (two layers: twice
+    one layer's FLOPs, over two rounds as over one), and the validation pass counts the columns the
+    Valuer computes: texts of 60 tokens cost the same in 64- and 128-token rows (the trim)."""
+    bench = _load_benchmark()
+    base = ["--shape", "demo", "--vocab", "500", "--sketch-dim", "0"]
+
+    def flops(*extra: str) -> dict[str, float]:
+        res = bench.main([*base, *extra])
+        capsys.readouterr()
+        return {r["component"]: r["flops"] for r in res["components"]}
+
+    one, two = flops("--n-layer", "1", "--rounds", "1"), flops("--n-layer", "2", "--rounds", "2")
+    layered = [k for k in one if k.startswith("scoring") and " h.*." in k]
+    assert len(layered) >= 4, sorted(one)
+    for key in layered:
+        assert two[key] == pytest.approx(2 * one[key], rel=1e-12), key
+    short, long = flops("--seq-len", "64", "--rounds", "1"), flops("--seq-len", "128", "--rounds", "1")
+    val = [k for k in short if k.startswith("validation forward/backward")]
+    assert len(val) == 2
+    for key in val:
+        assert long[key] == pytest.approx(short[key], rel=1e-12), key

@@ -44,6 +44,11 @@ class LanguageModelingTask:
     dimension (HF broadcasts `[1, T]` position ids otherwise, which merges the samples' gradients).
     """
 
+    causal = True
+    """No position's loss depends on a later position, so columns that are padding in every sequence of
+    a batch, at its end, change no loss or gradient: the Valuer drops them from validation sets
+    (`ValSet.trimmed`). A Task without this attribute keeps its validation sets as given."""
+
     def __init__(self, *, pass_position_ids: bool = True):
         self.pass_position_ids = pass_position_ids
 

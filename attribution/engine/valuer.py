@@ -31,6 +31,7 @@ is `lr / (n_local * world_size)`, matching DDP's gradient averaging.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -100,6 +101,20 @@ class ValSet:
             )
         if self.groups is None and len(self.names) != len(self.ids):
             raise UserError(f"{len(self.names)} validation names for {len(self.ids)} sequences")
+
+    def trimmed(self) -> ValSet:
+        """The same set without its trailing columns that are padding in every sequence.
+
+        Why: the loop pads every validation text to the training length (a 64-token claim becomes a
+        128-token row), and the validation pass and the ghost Gram products cost per column. For a causal
+        task (`LanguageModelingTask.causal`) those columns change no real position's loss or gradient."""
+        real = torch.nonzero(self.mask.any(0))
+        t = int(real.max()) + 1 if len(real) else self.ids.shape[1]
+        if t == self.ids.shape[1]:
+            return self
+        out = copy.copy(self)
+        out.ids, out.mask = self.ids[:, :t].contiguous(), self.mask[:, :t].contiguous()
+        return out
 
     @property
     def ids_names(self) -> list[str]:
@@ -269,12 +284,14 @@ class Valuer:
             raise UserError("at least one validation set is needed")
         self.model = model
         self.inner = _unwrap(model)
-        self.val_sets = dict(val_sets)
+        self.task = task or LanguageModelingTask()
+        # a causal task's trailing all-padding columns change nothing: the validation passes skip them
+        trim = getattr(self.task, "causal", False)
+        self.val_sets = {k: v.trimmed() if trim else v for k, v in val_sets.items()}
         self.order = order
         self.per_example = set(per_example)
         self.optimizer_aware = optimizer_aware
         self.strategy = strategy
-        self.task = task or LanguageModelingTask()
         self.grad_norms = grad_norms
         self.autocast_dtype = autocast_dtype
         self.second_moment = second_moment
