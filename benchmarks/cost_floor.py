@@ -125,6 +125,14 @@ class Row:
 DEVICE = torch.device("cpu")  # set by main; a CUDA device makes every timing synchronize
 
 
+class Padded:
+    """The language-modelling loss without its `causal` promise (`--no-trim`): the Valuer then keeps the
+    validation sets' trailing padding, as the engine did before `ValSet.trimmed`."""
+
+    def per_sequence_loss(self, model, ids, mask):
+        return LanguageModelingTask().per_sequence_loss(model, ids, mask)
+
+
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
@@ -261,6 +269,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--sketch-width", type=int, default=None, help="the tensor sketch's width (default: the run's)"
     )
+    ap.add_argument(
+        "--trim",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop the validation sets' trailing padding, as the engine does (--no-trim: as it did before)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (fp32 throughout)")
     ap.add_argument("--json", default=None)
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_example=per_example,
         optimizer_aware=args.optimizer_aware,
         grad_norms=args.grad_norms,
+        task=LanguageModelingTask() if args.trim else Padded(),
     )
     opts = {
         m: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -568,6 +583,7 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
             },
             "per_example": args.per_example,
             "optimizer_aware": args.optimizer_aware,
+            "trim": args.trim,
             "grad_norms": args.grad_norms,
         },
         "rounds": args.rounds,

@@ -221,7 +221,9 @@ def test_rows_shared_by_layers_sum_them_and_padding_is_not_counted(capsys) -> No
     for key in layered:
         assert two[key] == pytest.approx(2 * one[key], rel=1e-12), key
     short, long = flops("--seq-len", "64", "--rounds", "1"), flops("--seq-len", "128", "--rounds", "1")
+    padded = flops("--seq-len", "128", "--rounds", "1", "--no-trim")
     val = [k for k in short if k.startswith("validation forward/backward")]
     assert len(val) == 2
     for key in val:
         assert long[key] == pytest.approx(short[key], rel=1e-12), key
+        assert padded[key] > 2 * long[key], key  # --no-trim: 128-token rows, as before the trim
