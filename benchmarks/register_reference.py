@@ -147,14 +147,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         t = table[table["half"] == half]
         kinds = t.pivot_table(index="method", columns="kind", values="rank", aggfunc="mean")[list(KINDS)]
         summary = kinds.assign(
-            mean=kinds.mean(1),
+            mean=kinds.mean(axis=1),
             control=t.groupby("method")["control"].mean(),
             same_source=t.groupby("method")["same_source"].mean(),
             other_source=t.groupby("method")["other_source"].mean(),
         ).round(2)
         label = "tuning" if half == "hw-a" else "report"
         print(f"\n{half}* ({label}); {n} training documents, chance {(n + 1) / 2:g}\n")
-        print(summary.to_markdown())
+        print(summary.to_string())
     return table
 
 
