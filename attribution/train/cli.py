@@ -126,6 +126,16 @@ def _read_ids(path: str | None) -> tuple[str, ...] | None:
     "preset's; cpu-tiny 16); 0 = none (views then fall back to the other validation texts).",
 )
 @click.option(
+    "--reference-texts",
+    "reference_texts",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Texts (JSONL/CSV/TXT, as --val) added to the reference set, each valued whole and never trained "
+    "on: text in the register of the texts you will attribute (e.g. news reports, if the claims are news) "
+    "but derived from no training document, so that a document stands out for a text only when it "
+    "relates to *that* text, not to its register. Repeatable.",
+)
+@click.option(
     "--per-example-max",
     type=int,
     default=None,
@@ -224,6 +234,7 @@ def run_command(
     checkpoint_every,
     keep_every,
     reference,
+    reference_texts,
     per_example_max,
     plain,
     sketch_dim,
@@ -268,6 +279,7 @@ def run_command(
         "checkpoint_every": checkpoint_every,
         "keep_every": keep_every,
         "reference": reference,
+        "reference_texts": list(reference_texts) or None,
         "per_example_max": per_example_max,
         "value": False if plain else None,
         "sketch": False if no_sketch else None,

@@ -88,6 +88,9 @@ class RunConfig:
     reference: int | None = (
         None  # documents held out as the fixed reference set of the contrast views; 0 = none
     )
+    # texts added to the reference set, whole, besides the documents it samples from the corpus: reference
+    # texts in the register of the texts to be attributed (`--reference-texts`; never trained on)
+    reference_texts: tuple[str, ...] = ()
     keep_every: int | None = None  # replay chain: keep a checkpoint every K steps (and step 0); 0 = none
     stage_window: int | None = None
     cache_dir: str | None = None  # token cache; default: <out>/../.cache/tokens shared by runs
@@ -111,6 +114,7 @@ class RunConfig:
         values["betas"] = tuple(values["betas"])
         values["exclude_ids"] = tuple(values["exclude_ids"])
         values["keep_ids"] = tuple(values["keep_ids"])
+        values["reference_texts"] = tuple(values["reference_texts"])
         values["corpus"] = list(values["corpus"])
         values["val"] = dict(values["val"])
         cfg = RunConfig(**values)
@@ -219,7 +223,7 @@ def build_config(toml_path: str | Path | None = None, **overrides: Any) -> RunCo
     """Config from an optional TOML file with `overrides` (flags actually given) on top."""
     data: dict[str, Any] = load_toml(toml_path) if toml_path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("betas", "exclude_ids", "keep_ids"):
+    for key in ("betas", "exclude_ids", "keep_ids", "reference_texts"):
         if key in data and data[key] is not None:
             data[key] = tuple(data[key])
     try:

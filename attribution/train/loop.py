@@ -20,6 +20,7 @@ states. Same seed, same batches, same init, same values.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -83,6 +84,7 @@ class TrainData:
     reference_rows: np.ndarray = field(
         default_factory=lambda: np.zeros(0, dtype=np.int64)
     )  # seqset.docs rows
+    reference_texts: ValData | None = None  # `--reference-texts`, tokenized
 
     @property
     def docs(self) -> pd.DataFrame:
@@ -102,29 +104,57 @@ def _text_key(text: str) -> str:
 def load_validation(cfg: RunConfig) -> dict[str, ValData]:
     """Read and tokenize every `--val NAME=PATH`; per-example values for sets of <= per_example_max docs."""
     from attribution.corpus import read_validation
-    from attribution.tokens import EOS_ID, chunk_document, encode_texts
 
     out: dict[str, ValData] = {}
     for name, path in cfg.val.items():
         docs = read_validation(path)
         if not docs:
             raise UserError(f"{path}: validation set {name!r} has no documents")
-        ids_list, mask_list, owner = [], [], []
-        for row, tokens in enumerate(encode_texts([d.text for d in docs])):
-            s_ids, s_mask = chunk_document(np.append(tokens, np.int32(EOS_ID)), cfg.seq_len)
-            ids_list.append(s_ids)
-            mask_list.append(s_mask)
-            owner.extend([row] * len(s_ids))
-        out[name] = ValData(
-            name=name,
-            path=str(path),
-            docs=docs,
-            ids=np.concatenate(ids_list).astype(np.int64),
-            mask=np.concatenate(mask_list).astype(np.int64),
-            seq_doc=np.asarray(owner, dtype=np.int64),
-            per_example=len(docs) <= cfg.per_example_max,
-        )
+        out[name] = _tokenized(name, str(path), docs, cfg.seq_len, len(docs) <= cfg.per_example_max)
     return out
+
+
+def _tokenized(name: str, path: str, docs: list, seq_len: int, per_example: bool) -> ValData:
+    """Texts as the engine values them: each text and its EOS cut into `seq_len` sequences (`seq_doc`)."""
+    from attribution.tokens import EOS_ID, chunk_document, encode_texts
+
+    ids_list, mask_list, owner = [], [], []
+    for row, tokens in enumerate(encode_texts([d.text for d in docs])):
+        s_ids, s_mask = chunk_document(np.append(tokens, np.int32(EOS_ID)), seq_len)
+        ids_list.append(s_ids)
+        mask_list.append(s_mask)
+        owner.extend([row] * len(s_ids))
+    return ValData(
+        name=name,
+        path=path,
+        docs=docs,
+        ids=np.concatenate(ids_list).astype(np.int64),
+        mask=np.concatenate(mask_list).astype(np.int64),
+        seq_doc=np.asarray(owner, dtype=np.int64),
+        per_example=per_example,
+    )
+
+
+def load_reference_texts(cfg: RunConfig) -> ValData | None:
+    """`--reference-texts`: the texts the reference set holds besides its corpus documents, valued whole."""
+    from attribution.corpus import read_validation
+
+    docs = []
+    for path in cfg.reference_texts:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such reference-texts file (--reference-texts)")
+        docs += [
+            dataclasses.replace(d, meta={**d.meta, "reference": True, "valued_on": "whole text"})
+            for d in read_validation(path)
+        ]
+    if not docs:
+        return None
+    seen: set[str] = set()
+    for d in docs:
+        if d.doc_id in seen:
+            raise UserError(f"{', '.join(cfg.reference_texts)}: reference text id {d.doc_id!r} appears twice")
+        seen.add(d.doc_id)
+    return _tokenized(reference.NAME, ", ".join(cfg.reference_texts), docs, cfg.seq_len, True)
 
 
 def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info) -> TrainData:
@@ -143,7 +173,10 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
         seqset = build_sequences(read_corpus(paths), cfg.seq_len, cache_dir, fingerprint)
 
     excluded = set(map(str, cfg.exclude_ids))
-    val_keys = {_text_key(d.text) for v in val.values() for d in v.docs}
+    ref_texts = load_reference_texts(cfg)
+    val_keys = {
+        _text_key(d.text) for v in [*val.values(), *([ref_texts] if ref_texts else [])] for d in v.docs
+    }
     identical: list[str] = []
     import pyarrow.parquet as pq
 
@@ -181,11 +214,35 @@ def load_training(cfg: RunConfig, val: dict[str, ValData], cache_dir: Path, info
         dropped_identical=identical,
         excluded=int(seqset.docs["doc_id"].astype(str).isin(excluded).sum()),
         reference_rows=np.asarray(ref_rows, dtype=np.int64),
+        reference_texts=ref_texts,
     )
 
 
 def reference_set(data: TrainData) -> ValData | None:
-    """The run's fixed reference set (`attribution.train.reference`): each held-out document's first sequence."""
+    """The run's fixed reference set (`attribution.train.reference`): each held-out document's first
+    sequence, then the `--reference-texts`, each whole (one example of one or more sequences)."""
+    sampled = _sampled_reference(data)
+    texts = data.reference_texts
+    if sampled is None or texts is None:
+        return sampled or texts
+    clash = {d.doc_id for d in sampled.docs} & {d.doc_id for d in texts.docs}
+    if clash:
+        raise UserError(
+            f"{texts.path}: reference text id(s) {', '.join(sorted(clash)[:5])} are also corpus documents "
+            "in the reference set; give the texts other ids"
+        )
+    return ValData(
+        name=reference.NAME,
+        path=f"{sampled.path}; {texts.path}",
+        docs=sampled.docs + texts.docs,
+        ids=np.concatenate([sampled.ids, texts.ids]),
+        mask=np.concatenate([sampled.mask, texts.mask]),
+        seq_doc=np.concatenate([sampled.seq_doc, texts.seq_doc + len(sampled.docs)]),
+        per_example=True,
+    )
+
+
+def _sampled_reference(data: TrainData) -> ValData | None:
     from attribution.corpus import Document
 
     rows = data.reference_rows

@@ -247,6 +247,15 @@ def experiment() -> None:
     "so a larger reference leaves fewer corpus documents in training.",
 )
 @click.option(
+    "--reference-texts",
+    "reference_texts",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Texts added to the run's reference set, valued whole and never trained on (`attribution run "
+    "--reference-texts`): text in the variants' register that no original gave rise to. For the "
+    'hand-written cases: corpora/handwritten/reference.jsonl (docs/benchmarks.md, "Session 16").',
+)
+@click.option(
     "--max-words",
     type=int,
     default=150,
@@ -304,6 +313,7 @@ def copyright_cmd(
     steps,
     epochs,
     reference,
+    reference_texts,
     max_words,
     batch_size,
     orders,
@@ -361,6 +371,7 @@ def copyright_cmd(
         run_overrides={
             **({"batch_size": batch_size} if batch_size else {}),
             **({"reference": reference} if reference is not None else {}),
+            **({"reference_texts": tuple(map(str, reference_texts))} if reference_texts else {}),
         },
     )
     result = run_copyright(exp)

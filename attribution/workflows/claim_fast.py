@@ -101,7 +101,7 @@ def _view(view: str | None, manifest: Manifest, cfg: RunConfig, notes: list[str]
         notes.append(
             f"the run has no checkpoint sketch index for its default view {was!r}; ranked by {name!r}"
         )
-    if name.startswith(REFERENCED) and not cfg.reference:
+    if name.startswith(REFERENCED) and not (cfg.reference or cfg.reference_texts):
         base = name.split("_", 1)[1] if "_" in name else "value"
         notes.append(f"the run has no fixed reference set, so {name!r} is ranked as {base!r}")
         name = base
