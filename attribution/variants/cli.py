@@ -336,7 +336,8 @@ def copyright_cmd(
     Hand-written cases instead of picked and generated ones:
       attribution experiment copyright --out runs/hw \\
         --originals corpora/handwritten/originals_a.jsonl --originals corpora/handwritten/originals_b.jsonl \\
-        --variants corpora/handwritten/variants_a.jsonl --variants corpora/handwritten/variants_b.jsonl
+        --variants corpora/handwritten/variants_a.jsonl --variants corpora/handwritten/variants_b.jsonl \\
+        --reference-texts corpora/handwritten/reference.jsonl
     then a table for some originals only: attribution experiment table runs/hw --targets 'hw-b-*'
     """
     from attribution.workflows.experiment import CopyrightExperiment, run_copyright
