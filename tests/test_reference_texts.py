@@ -147,3 +147,15 @@ def test_bad_reference_texts_fail_in_one_line(runs):
         train_and_value(_cfg(tmp_path, "missing", reference_texts=(str(tmp_path / "nope.jsonl"),)))
     for out in ("twice", "across", "clash", "missing"):  # nothing half-written
         assert not any((tmp_path / out).glob("*.parquet")), out
+
+
+def test_a_resume_with_other_reference_texts_is_refused(runs):
+    """The accumulators are columns of the run's texts: resuming against other texts would mix them."""
+    tmp_path, _, withr = runs
+    other = _texts(tmp_path, [{"id": "reg9", "text": "another register text entirely"}], "other.jsonl")
+    before = (withr / "doc_values.parquet").read_bytes()
+    with pytest.raises(UserError, match="valued against other validation or reference texts"):
+        train_and_value(_cfg(tmp_path, "withr", resume=True, reference_texts=(other,)))
+    with pytest.raises(UserError, match="valued against other validation or reference texts"):
+        train_and_value(_cfg(tmp_path, "withr", resume=True))  # without them
+    assert (withr / "doc_values.parquet").read_bytes() == before

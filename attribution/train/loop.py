@@ -114,6 +114,18 @@ def load_validation(cfg: RunConfig) -> dict[str, ValData]:
     return out
 
 
+def val_fingerprint(val: dict[str, ValData]) -> str:
+    """What a run's values are columns of: every set's name and its texts' ids and token ids. A resume must
+    find the same, or the accumulators would add up values against different texts."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(val):
+        v = val[name]
+        h.update(json.dumps([name, v.example_ids, bool(v.per_example)]).encode())
+        h.update(np.ascontiguousarray(v.ids, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(v.seq_doc, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def _tokenized(name: str, path: str, docs: list, seq_len: int, per_example: bool) -> ValData:
     """Texts as the engine values them: each text and its EOS cut into `seq_len` sequences (`seq_doc`)."""
     from attribution.tokens import EOS_ID, chunk_document, encode_texts
@@ -736,6 +748,11 @@ def _resume(run: _Session) -> None:
     state = loaded.state
     if state["fingerprint"] != run.data.fingerprint or state["total_steps"] != run.total:
         raise UserError(f"{run.out}: the checkpoint is of a different corpus or length; use a new --out")
+    if state.get("val_fingerprint", val_fingerprint(run.val)) != val_fingerprint(run.val):  # older: unchecked
+        raise UserError(
+            f"{run.out}: the checkpoint was valued against other validation or reference texts; resume with "
+            "the same --val and --reference-texts, or use a new --out"
+        )
     run.step, run.position = int(state["step"]), int(state["position"])
     run.resumed_from, run.prior_seconds = run.step, float(state.get("train_seconds", 0.0))
     torch.set_rng_state(state["rng"]["torch"])
@@ -905,6 +922,7 @@ def _checkpoint(run: _Session, flushed_through: int, train_seconds: float) -> No
                 "position": run.position,
                 "total_steps": run.total,
                 "fingerprint": run.data.fingerprint,
+                "val_fingerprint": val_fingerprint(run.val),
                 "seed": cfg.seed,
                 "train_seconds": train_seconds,
                 "config": cfg.to_json(),
