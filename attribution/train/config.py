@@ -111,10 +111,8 @@ class RunConfig:
             values["steps"] = preset["steps"]
         if values["in_run_cosine"] is None:
             values["in_run_cosine"] = not (values["checkpoint_view"] and values["keep_every"])
-        values["betas"] = tuple(values["betas"])
-        values["exclude_ids"] = tuple(values["exclude_ids"])
-        values["keep_ids"] = tuple(values["keep_ids"])
-        values["reference_texts"] = tuple(values["reference_texts"])
+        for key in TUPLE_FIELDS:
+            values[key] = tuple(values[key])
         values["corpus"] = list(values["corpus"])
         values["val"] = dict(values["val"])
         cfg = RunConfig(**values)
@@ -200,6 +198,8 @@ class RunConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+# fields held as tuples (TOML, JSON and click give lists): one place turns them back
+TUPLE_FIELDS = ("betas", "exclude_ids", "keep_ids", "reference_texts")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -223,7 +223,7 @@ def build_config(toml_path: str | Path | None = None, **overrides: Any) -> RunCo
     """Config from an optional TOML file with `overrides` (flags actually given) on top."""
     data: dict[str, Any] = load_toml(toml_path) if toml_path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("betas", "exclude_ids", "keep_ids", "reference_texts"):
+    for key in TUPLE_FIELDS:
         if key in data and data[key] is not None:
             data[key] = tuple(data[key])
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -624,6 +625,11 @@ class _Session:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
+    @functools.cached_property
+    def val_key(self) -> str:
+        """`val_fingerprint` of this run's texts, recorded in every checkpoint and checked on resume."""
+        return val_fingerprint(self.val)
+
 
 def train_and_value(cfg: RunConfig, *, sources: dict[str, Any] | None = None) -> Path:
     """Train GPT-2 on `cfg.corpus` and value every document against every validation set.
@@ -748,7 +754,7 @@ def _resume(run: _Session) -> None:
     state = loaded.state
     if state["fingerprint"] != run.data.fingerprint or state["total_steps"] != run.total:
         raise UserError(f"{run.out}: the checkpoint is of a different corpus or length; use a new --out")
-    if state.get("val_fingerprint", val_fingerprint(run.val)) != val_fingerprint(run.val):  # older: unchecked
+    if state.get("val_fingerprint", run.val_key) != run.val_key:  # older checkpoints: unchecked
         raise UserError(
             f"{run.out}: the checkpoint was valued against other validation or reference texts; resume with "
             "the same --val and --reference-texts, or use a new --out"
@@ -922,7 +928,7 @@ def _checkpoint(run: _Session, flushed_through: int, train_seconds: float) -> No
                 "position": run.position,
                 "total_steps": run.total,
                 "fingerprint": run.data.fingerprint,
-                "val_fingerprint": val_fingerprint(run.val),
+                "val_fingerprint": run.val_key,
                 "seed": cfg.seed,
                 "train_seconds": train_seconds,
                 "config": cfg.to_json(),
