@@ -10,7 +10,7 @@ Adam preconditioner and the second-order extra (combining the two sides, and the
 second Gram product; the validation pass at the new weights is the next step's "before" pass, so it
 adds none), and the in-run sketch (`attribution.train.sketch`: observing the capture, mixing, adding
 to the documents; `--sketch-dim 0` leaves it out), which the whole valued step is charged with, as a run
-is. Medians over rounds.
+is. Medians over rounds, after two warm-up rounds that are not counted (`--warmup-rounds`).
 
 FLOPs: scoring from the planner's `estimate_costs` (the same numbers the plan compares); a training
 step `6 x dense params x tokens + 12 x layers x T x d x tokens` (attention); a validation pass
@@ -41,6 +41,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -131,6 +132,11 @@ class Padded:
 
     def per_sequence_loss(self, model, ids, mask):
         return LanguageModelingTask().per_sequence_loss(model, ids, mask)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far: first touches of memory the heap had not held."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync() -> None:
@@ -275,7 +281,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="drop the validation sets' trailing padding, as the engine does (--no-trim: as it did before)",
     )
+    ap.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="GPT-2's three dropout rates; 0 as `attribution run` trains (train.loop.build_model). 0.1 is "
+        "transformers' default, which this benchmark used until session 17",
+    )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="whole rounds run first and not counted: the heap grows to the rounds' high-water mark in "
+        "them (page faults a run's steady state does not pay; their count per step is printed)",
+    )
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (fp32 throughout)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -311,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
         n_positions=max(1024, s["seq_len"]),
         bos_token_id=0,
         eos_token_id=0,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
     )
     model = GPT2LMHeadModel(cfg).to(DEVICE)
     plain_model = copy.deepcopy(model)
@@ -399,12 +422,15 @@ def main(argv: list[str] | None = None) -> dict:
         row.times.append(seconds)
 
     whole: dict[str, list[float]] = {"plain": [], "valued": []}
+    faults: dict[str, list[int]] = {"plain": [], "valued": []}
     n_params = sum(p.numel() for p in model.parameters())
     mem = measured = None
-    for r in range(args.rounds):
+    for r in range(args.warmup_rounds + args.rounds):
         ids = batches[r % len(batches)]
-        whole["plain"].append(timed(lambda ids=ids: plain_step(ids))[0])
-        whole["valued"].append(timed(lambda ids=ids: valued_step(ids))[0])
+        for key, step in (("plain", plain_step), ("valued", valued_step)):
+            before = minor_faults()
+            whole[key].append(timed(lambda ids=ids, step=step: step(ids))[0])
+            faults[key].append(minor_faults() - before)
         # the components, on the valued model's state; no optimizer step here, so its weights stay put
         t_fb = timed(lambda ids=ids: valuer.forward_backward(ids))[0] + timed(clip)[0]
         train, plans = valuer._train, valuer.plans()
@@ -546,10 +572,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
             measured = {"train captures": held_bytes(use_tensors(train.uses))}
         valuer._train = None  # the next round's valued step starts afresh
-    return report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer)
+    for times in [row.times for row in rows.values()] + list(whole.values()) + list(faults.values()):
+        del times[: args.warmup_rounds]
+    return report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
 
 
-def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict:
+def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer) -> dict:
     out_rows = []
     for row in rows.values():
         sec = statistics.median(row.times)
@@ -585,8 +613,11 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
             "optimizer_aware": args.optimizer_aware,
             "trim": args.trim,
             "grad_norms": args.grad_norms,
+            "dropout": args.dropout,
         },
         "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
+        "minor_page_faults": faults,
         "threads": torch.get_num_threads(),
         "gemm_flops_per_s_by_size": rates,
         "gemm_flops_per_s": rate,
@@ -625,7 +656,11 @@ def report(args, s, rows, whole, rates, rate, bw, mem, measured, valuer) -> dict
         )
     print(
         f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
-        f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.1f}x |"
+        f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.2f}x |"
+    )
+    print(
+        f"\nminor page faults per whole step, by round: plain {faults['plain']}, valued {faults['valued']} "
+        f"(after {args.warmup_rounds} warm-up round(s))"
     )
     if sketch_s:
         print(

@@ -173,7 +173,7 @@ def _load_benchmark():
 def _check_table(args: list[str], tmp_path, capsys) -> dict:
     bench = _load_benchmark()
     out = tmp_path / "floor.json"
-    res = bench.main([*args, "--rounds", "1", "--json", str(out)])
+    res = bench.main([*args, "--rounds", "1", "--warmup-rounds", "0", "--json", str(out)])
     table = capsys.readouterr().out
     for component in bench.COMPONENTS:
         assert f"| {component}" in table, component
@@ -205,17 +205,24 @@ def test_cost_floor_demo_table(tmp_path, capsys) -> None:
 
 def test_rows_shared_by_layers_sum_them_and_padding_is_not_counted(capsys) -> None:
     """A row such as `h.*.mlp.c_fc.weight` is every layer's scoring, summed within a round (two layers: twice
-    one layer's FLOPs, over two rounds as over one), and the validation pass counts the columns the
-    Valuer computes: texts of 60 tokens cost the same in 64- and 128-token rows (the trim)."""
+    one layer's FLOPs, over two rounds and a warm-up round as over one), and the validation pass counts the
+    columns the Valuer computes: texts of 60 tokens cost the same in 64- and 128-token rows (the trim)."""
     bench = _load_benchmark()
     base = ["--shape", "demo", "--vocab", "500", "--sketch-dim", "0"]
+    results = []
 
     def flops(*extra: str) -> dict[str, float]:
-        res = bench.main([*base, *extra])
+        res = bench.main([*base, "--warmup-rounds", "0", *extra])
         capsys.readouterr()
+        results.append(res)
         return {r["component"]: r["flops"] for r in res["components"]}
 
-    one, two = flops("--n-layer", "1", "--rounds", "1"), flops("--n-layer", "2", "--rounds", "2")
+    one, two = (
+        flops("--n-layer", "1", "--rounds", "1"),
+        flops("--n-layer", "2", "--rounds", "2", "--warmup-rounds", "1"),
+    )
+    # the warm-up round is run and dropped: two counted rounds of each whole step
+    assert {k: len(v) for k, v in results[-1]["minor_page_faults"].items()} == {"plain": 2, "valued": 2}
     layered = [k for k in one if k.startswith("scoring") and " h.*." in k]
     assert len(layered) >= 4, sorted(one)
     for key in layered:
