@@ -1,8 +1,8 @@
 """Wall-time overhead of a valued training step over a plain one, measured side by side.
 
 Each repetition runs every mode once, in turn (plain, first order, second order, optionally direct
-per-sample gradients with torch.func vmap), on the same model and batch, so machine noise hits all
-modes alike; the report gives the median of per-repetition ratios. A training step is the real
+per-sample gradients with torch.func vmap), on the same batch and copies of the same model (one per
+valued mode, so each follows a run's own trajectory), so machine noise hits all modes alike; the report gives the median of per-repetition ratios. A training step is the real
 loop step: zero_grad, forward/backward, clip to 1.0, AdamW step (the valued modes add the
 Valuer's validation pass and scoring).
 
@@ -16,6 +16,7 @@ Prints a Markdown table and writes JSON with `--json`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -39,6 +40,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
 def build(args: argparse.Namespace):
     n_layer, n_embd, n_head, seq_len, batch = MODELS[args.model]
     seq_len = args.seq_len or seq_len
@@ -55,7 +60,7 @@ def build(args: argparse.Namespace):
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = adamw(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50257, (batch, seq_len), generator=g).to(args.device)
     mask = torch.ones_like(ids)
@@ -135,14 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     modes = args.modes.split(",")
     pe = {"per_example": ["val"], "grad_norms": args.grad_norms} if args.per_example else {}
+    kinds = {"order1": {"order": 1}, "order2": {"order": 2}, "aware": {"order": 1, "optimizer_aware": True}}
+    # Each valued mode trains its own copy of the model (the same weights: valued training leaves .grad as
+    # plain training does), so a second-order step reuses its validation pass at w' as a run does; on one
+    # shared model the other modes' steps would move w' and force a second pass per step.
+    copies = {name: copy.deepcopy(model) for name in kinds if name in modes}
+    opts = {name: adamw(m) for name, m in copies.items()}
     valuers = {
-        "order1": Valuer(model, {"val": vs}, order=1, strategy=args.strategy, autocast_dtype=amp, **pe),
-        "order2": Valuer(model, {"val": vs}, order=2, strategy=args.strategy, autocast_dtype=amp, **pe),
-        "aware": Valuer(model, {"val": vs}, order=1, optimizer_aware=True, autocast_dtype=amp, **pe),
+        name: Valuer(m, {"val": vs}, strategy=args.strategy, autocast_dtype=amp, **kinds[name], **pe)
+        for name, m in copies.items()
     }
-    for name, v in valuers.items():  # only the mode being timed may capture
-        if name not in modes:
-            v.close()
 
     def plain() -> None:
         opt.zero_grad(set_to_none=True)
@@ -157,12 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
 
     def valued(name: str) -> None:
-        v = valuers[name]
-        opt.zero_grad(set_to_none=True)
+        v, own = valuers[name], opts[name]
+        own.zero_grad(set_to_none=True)
         v.forward_backward(ids, mask)
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        out = v.values(6e-4, grad_scale=min(1.0, 1.0 / (norm + 1e-6)), optimizer=opt)
-        opt.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(copies[name].parameters(), 1.0))
+        out = v.values(6e-4, grad_scale=min(1.0, 1.0 / (norm + 1e-6)), optimizer=own)
+        own.step()
         out = out or v.after_step()
         assert out is not None and out.per_set["val"].shape == (ids.shape[0],)
         assert not args.per_example or out.per_example["val"].shape == (ids.shape[0], len(vs))
@@ -216,7 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
             _sync(args.device)
             if rep >= args.warmup:
                 times[mode].append(time.perf_counter() - t0)
-        valuers["order2"].finish()
     if args.profile:
         profile(fns, modes, failed, args)
     if args.plan and "order1" in modes:

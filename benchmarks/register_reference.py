@@ -20,12 +20,15 @@ The raw checkpoint cosine (which no reference touches) is shown for scale. Both 
 tuning half (hw-a) decides, the other half (hw-b) is a report.
 
     .venv/bin/python benchmarks/register_reference.py /tmp/hw/s13 --texts corpora/handwritten/reference.jsonl
+    .venv/bin/python benchmarks/register_reference.py /tmp/hw/s13 --texts corpora/handwritten/reference.jsonl \
+        --texts corpora/handwritten/reference2.jsonl     # 32 register texts (session 17)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,8 +39,11 @@ KINDS = ("partial", "paraphrase", "significant", "similar")
 REFERENCES = ("run", "run+register", "register")
 
 
-def register_cosines(run: Path, texts: Path, cache: Path) -> pd.DataFrame:
-    """`doc_id, val_id, checkpoint_cosine` of every run document with every register text (cached)."""
+def register_cosines(run: Path, texts: Path, folder: Path) -> pd.DataFrame:
+    """`doc_id, val_id, checkpoint_cosine` of every run document with every register text, cached in
+    `folder` under the file's content hash (another file, or an edited one, is computed afresh)."""
+    digest = hashlib.sha256(texts.read_bytes()).hexdigest()[:16]
+    cache = folder / f"register_cosines.{digest}.parquet"
     if cache.is_file():
         return pd.read_parquet(cache)
     from attribution.train import loop
@@ -106,7 +112,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", type=Path, help="an `attribution experiment copyright` output folder")
     ap.add_argument(
-        "--texts", type=Path, required=True, help="reference texts in the register (corpus JSONL)"
+        "--texts",
+        type=Path,
+        action="append",
+        required=True,
+        help="reference texts in the register (corpus JSONL); repeat to join files into one register set",
     )
     args = ap.parse_args(argv)
     from attribution.values.views import VIEWS
@@ -130,7 +140,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     docs = pd.read_parquet(run / "docs.parquet")
     train_ids = [d for d in docs["doc_id"].astype(str) if d in set(trained)]
     cos = pd.read_parquet(run / "checkpoint_values.parquet")
-    register = register_cosines(run, args.texts, args.experiment / "register_cosines.parquet")
+    parts = [register_cosines(run, t, args.experiment) for t in args.texts]
+    ids = [set(p["val_id"]) for p in parts]
+    if sum(map(len, ids)) != len(set().union(*ids)):
+        raise SystemExit("register texts: an id appears in two --texts files")
+    register = pd.concat(parts, ignore_index=True)
     tables = []
     for which in REFERENCES:
         frame = with_reference(cos, register, which)
