@@ -9,6 +9,8 @@ the standout view reads them, a claim sees the same reference, and bad input fai
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -159,3 +161,44 @@ def test_a_resume_with_other_reference_texts_is_refused(runs):
     with pytest.raises(UserError, match="valued against other validation or reference texts"):
         train_and_value(_cfg(tmp_path, "withr", resume=True))  # without them
     assert (withr / "doc_values.parquet").read_bytes() == before
+
+
+def _word_grams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_committed_register_texts_are_in_the_corpus_format_and_borrow_from_no_case():
+    """corpora/handwritten/reference*.jsonl: a reference text must be unrelated to every claim, so none may
+    copy an original or a variant (no shared 12-word run, at most 2% of its 8-word runs shared: contract
+    boilerplate such as "prior written consent which shall not be unreasonably withheld" is allowed), ids
+    are unique across the files, and each file holds 4 texts per source of the originals."""
+    folder = Path(__file__).resolve().parents[1] / "corpora" / "handwritten"
+
+    def load(pattern: str) -> list[dict]:
+        return [
+            json.loads(line)
+            for path in sorted(folder.glob(pattern))
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+
+    cases = load("originals_*.jsonl") + load("variants_*.jsonl")
+    sources = {r["meta"]["pile_set_name"] for r in load("originals_*.jsonl")}
+    long_runs = set().union(*(_word_grams(r["text"], 12) for r in cases))
+    runs = set().union(*(_word_grams(r["text"], 8) for r in cases))
+    files = sorted(folder.glob("reference*.jsonl"))
+    assert len(files) >= 2
+    ids = []
+    for path in files:
+        texts = load(path.name)
+        per_source = pd.Series([t["meta"]["pile_set_name"] for t in texts]).value_counts().to_dict()
+        assert per_source == {s: 4 for s in sources}, path.name
+        for t in texts:
+            ids.append(t["meta"]["id"])
+            assert re.fullmatch(r"hw-r-\d\d", t["meta"]["id"]) and t["meta"]["owner"], t["meta"]
+            assert 230 <= len(t["text"].split()) <= 320, t["meta"]["id"]
+            assert not _word_grams(t["text"], 12) & long_runs, t["meta"]["id"]
+            own = _word_grams(t["text"], 8)
+            assert len(own & runs) <= 0.02 * len(own), t["meta"]["id"]
+    assert len(ids) == len(set(ids)) == 4 * len(sources) * len(files)

@@ -253,7 +253,8 @@ def experiment() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Texts added to the run's reference set, valued whole and never trained on (`attribution run "
     "--reference-texts`): text in the variants' register that no original gave rise to. For the "
-    'hand-written cases: corpora/handwritten/reference.jsonl (docs/benchmarks.md, "Session 16").',
+    "hand-written cases: corpora/handwritten/reference.jsonl and reference2.jsonl, both (docs/benchmarks.md, "
+    '"Session 17"). Repeatable.',
 )
 @click.option(
     "--max-words",
@@ -337,7 +338,8 @@ def copyright_cmd(
       attribution experiment copyright --out runs/hw \\
         --originals corpora/handwritten/originals_a.jsonl --originals corpora/handwritten/originals_b.jsonl \\
         --variants corpora/handwritten/variants_a.jsonl --variants corpora/handwritten/variants_b.jsonl \\
-        --reference-texts corpora/handwritten/reference.jsonl
+        --reference-texts corpora/handwritten/reference.jsonl \\
+        --reference-texts corpora/handwritten/reference2.jsonl
     then a table for some originals only: attribution experiment table runs/hw --targets 'hw-b-*'
     """
     from attribution.workflows.experiment import CopyrightExperiment, run_copyright
