@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from attribution.engine import ValSet, Valuer
 from attribution.engine.capture import Captured, join_captures
@@ -61,6 +61,7 @@ from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
+from attribution.train.loop import gpt2_config
 
 VOCAB = 50257
 COMPONENTS = [
@@ -286,7 +287,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="GPT-2's three dropout rates; 0 as `attribution run` trains (train.loop.build_model). 0.1 is "
-        "transformers' default, which this benchmark used until session 17",
+        "transformers' default, which this benchmark and engine_overhead.py used until session 17",
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
@@ -323,17 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
     DEVICE = torch.device(args.device)
     s = args.shape_spec
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=s["n_layer"],
-        n_embd=s["n_embd"],
-        n_head=s["n_head"],
+    cfg = gpt2_config(
+        s["n_layer"],
+        s["n_head"],
+        s["n_embd"],
+        max(1024, s["seq_len"]),
         vocab_size=args.vocab,
-        n_positions=max(1024, s["seq_len"]),
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout,
-        attn_pdrop=args.dropout,
+        dropout=args.dropout,
     )
     model = GPT2LMHeadModel(cfg).to(DEVICE)
     plain_model = copy.deepcopy(model)

@@ -23,10 +23,11 @@ import sys
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from attribution.engine import ValSet, Valuer
 from attribution.engine.task import LanguageModelingTask
+from attribution.train.loop import gpt2_config
 
 MODELS = {  # (n_layer, n_embd, n_head, seq_len, batch): the CPU preset and GPT-2 small
     "cpu-tiny": (2, 128, 2, 128, 16),
@@ -48,16 +49,7 @@ def build(args: argparse.Namespace):
     n_layer, n_embd, n_head, seq_len, batch = MODELS[args.model]
     seq_len = args.seq_len or seq_len
     batch = args.batch or batch
-    cfg = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        vocab_size=50257,
-        n_positions=max(1024, seq_len),
-        resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout,
-        attn_pdrop=args.dropout,
-    )
+    cfg = gpt2_config(n_layer, n_head, n_embd, max(1024, seq_len))  # the product's model: no dropout
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(args.device)
     opt = adamw(model)
@@ -116,13 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint view computes them (`attribution run --in-run-cosine`)",
     )
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument(
-        "--dropout",
-        type=float,
-        default=0.0,
-        help="GPT-2's three dropout rates; 0 as `attribution run` trains (train.loop.build_model). 0.1 is "
-        "transformers' default, which this benchmark used until session 17",
-    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--plan", action="store_true", help="print the first-order plan")
     ap.add_argument(

@@ -327,24 +327,47 @@ def resolve_device(cfg: RunConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def build_model(cfg: RunConfig, device: str, dtype: str):
-    """GPT-2 (transformers) from scratch, real 50257-token vocabulary, no dropout (as nanoGPT pretraining)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+def gpt2_config(
+    n_layer: int,
+    n_head: int,
+    n_embd: int,
+    n_positions: int,
+    *,
+    vocab_size: int | None = None,
+    dropout: float = 0.0,
+    attn_implementation: str = "sdpa",
+):
+    """The GPT-2 configuration a run trains: the real vocabulary, no dropout (as nanoGPT pretraining).
+    Benchmarks build their models here too, so that a timing measures the model the product trains."""
+    from transformers import GPT2Config
 
     from attribution.tokens import EOS_ID, VOCAB_SIZE
 
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_positions=cfg.seq_len,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+    return GPT2Config(
+        vocab_size=vocab_size or VOCAB_SIZE,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         bos_token_id=EOS_ID,
         eos_token_id=EOS_ID,
+        attn_implementation=attn_implementation,
+    )
+
+
+def build_model(cfg: RunConfig, device: str, dtype: str):
+    """GPT-2 (transformers) from scratch, as `gpt2_config` describes it."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    config = gpt2_config(
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.seq_len,
         attn_implementation="eager" if cfg.order == 2 and device == "cpu" else "sdpa",
     )
     torch.manual_seed(cfg.seed)
