@@ -61,7 +61,7 @@ from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
-from attribution.train.loop import gpt2_config
+from attribution.train.loop import attention_for, gpt2_config
 
 VOCAB = 50257
 COMPONENTS = [
@@ -289,6 +289,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="GPT-2's three dropout rates; 0 as `attribution run` trains (train.loop.build_model). 0.1 is "
         "transformers' default, which this benchmark and engine_overhead.py used until session 17",
     )
+    ap.add_argument(
+        "--attention",
+        choices=["run", "sdpa", "eager"],
+        default="run",
+        help="GPT-2's attention kernel; run: the one `attribution run` uses for this order and device "
+        "(train.loop.attention_for: eager at order 2 on the CPU)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--warmup-rounds",
@@ -314,6 +321,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         sets["reference"] = [shape["seq_len"]] * args.reference
     shape["sets"] = sets
     args.shape_spec = shape
+    if args.attention == "run":
+        args.attention = attention_for(shape["order"], torch.device(args.device).type)
     args.grad_norms = args.grad_norms and args.per_example
     return args
 
@@ -331,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         max(1024, s["seq_len"]),
         vocab_size=args.vocab,
         dropout=args.dropout,
+        attn_implementation=args.attention,
     )
     model = GPT2LMHeadModel(cfg).to(DEVICE)
     plain_model = copy.deepcopy(model)
@@ -611,6 +621,7 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
             "trim": args.trim,
             "grad_norms": args.grad_norms,
             "dropout": args.dropout,
+            "attention": args.attention,
         },
         "rounds": args.rounds,
         "warmup_rounds": args.warmup_rounds,

@@ -358,6 +358,12 @@ def gpt2_config(
     )
 
 
+def attention_for(order: int, device: str) -> str:
+    """The attention kernel a run uses: eager at second order on the CPU (fused SDPA has no double backward
+    there), fused SDPA otherwise. Replays and benchmarks ask here, so that they build the run's model."""
+    return "eager" if order == 2 and device == "cpu" else "sdpa"
+
+
 def build_model(cfg: RunConfig, device: str, dtype: str):
     """GPT-2 (transformers) from scratch, as `gpt2_config` describes it."""
     import torch
@@ -368,7 +374,7 @@ def build_model(cfg: RunConfig, device: str, dtype: str):
         cfg.n_head,
         cfg.n_embd,
         cfg.seq_len,
-        attn_implementation="eager" if cfg.order == 2 and device == "cpu" else "sdpa",
+        attn_implementation=attention_for(cfg.order, device),
     )
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(config)
