@@ -359,8 +359,12 @@ def gpt2_config(
 
 
 def attention_for(order: int, device: str) -> str:
-    """The attention kernel a run uses: eager at second order on the CPU (fused SDPA has no double backward
-    there), fused SDPA otherwise. Replays and benchmarks ask here, so that they build the run's model."""
+    """The attention kernel a run uses: eager at second order on the CPU, fused SDPA otherwise.
+
+    Why eager there: fused SDPA has no double backward on the CPU, which the exact second-order checks
+    once took on the run's model. No run path differentiates twice now; the rule is kept because a claim
+    replays a run bit for bit with the kernel it was trained with, and it costs nothing measurable
+    (docs/benchmarks.md, "Session 17"). Replays and benchmarks ask here, so that they build the run's model."""
     return "eager" if order == 2 and device == "cpu" else "sdpa"
 
 
