@@ -61,6 +61,7 @@ from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
+from attribution.train.blocked_head import block_head
 from attribution.train.loop import attention_for, gpt2_config
 
 VOCAB = 50257
@@ -296,6 +297,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="GPT-2's attention kernel; run: the one `attribution run` uses for this order and device "
         "(train.loop.attention_for: eager at order 2 on the CPU)",
     )
+    ap.add_argument(
+        "--blocked-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the head's forward in blocks of vocabulary rows, as a run on the CPU computes it "
+        "(train.blocked_head); --no-blocked-head: one GEMM, as before session 17",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--warmup-rounds",
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         attn_implementation=args.attention,
     )
     model = GPT2LMHeadModel(cfg).to(DEVICE)
+    if DEVICE.type == "cpu" and args.blocked_head:
+        block_head(model.lm_head)  # as `attribution run` builds it (train.loop.build_model)
     plain_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     sets = {name: val_set(lengths, s["seq_len"], args.vocab, gen) for name, lengths in s["sets"].items()}
@@ -622,6 +632,7 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
             "grad_norms": args.grad_norms,
             "dropout": args.dropout,
             "attention": args.attention,
+            "blocked_head": args.blocked_head,
         },
         "rounds": args.rounds,
         "warmup_rounds": args.warmup_rounds,

@@ -27,6 +27,7 @@ from transformers import GPT2LMHeadModel
 
 from attribution.engine import ValSet, Valuer
 from attribution.engine.task import LanguageModelingTask
+from attribution.train.blocked_head import block_head
 from attribution.train.loop import gpt2_config
 
 MODELS = {  # (n_layer, n_embd, n_head, seq_len, batch): the CPU preset and GPT-2 small
@@ -52,6 +53,8 @@ def build(args: argparse.Namespace):
     cfg = gpt2_config(n_layer, n_head, n_embd, max(1024, seq_len))  # the product's model: no dropout
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(args.device)
+    if model.device.type == "cpu":
+        block_head(model.lm_head)  # as `attribution run` builds it (train.loop.build_model)
     opt = adamw(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50257, (batch, seq_len), generator=g).to(args.device)

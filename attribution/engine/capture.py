@@ -12,6 +12,7 @@ Gradient accumulation: the captures of the micro-batches of one optimizer step a
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,16 @@ class Captured:
             if self.weights is not None
             else torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
         )
+
+
+_ACTIVATIONS_ONLY: ContextVar[bool] = ContextVar("activations_only", default=False)
+
+
+def weight_grads_needed() -> bool:
+    """False while `Capturer.grads_only` runs a forward: its backward asks for the modules' output gradients
+    only. Autograd prunes its own ops' weight gradients there, but cannot tell a custom `Function` that the
+    gradient of an input which requires one will go unused (`train.blocked_head` asks here)."""
+    return not _ACTIVATIONS_ONLY.get()
 
 
 def _pad_tokens(t: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -206,7 +217,11 @@ class Capturer:
 
     def grads_only(self, fn: Callable[[], torch.Tensor]) -> Captured:
         """Run `fn` (-> per-sequence losses `[n]`) and capture factors of their *sum*; `.grad` untouched."""
-        losses, records = self._run(fn)
+        token = _ACTIVATIONS_ONLY.set(True)
+        try:
+            losses, records = self._run(fn)
+        finally:
+            _ACTIVATIONS_ONLY.reset(token)
         outs = [r[2] for r in records]
         grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True) if outs else []
         cap = self._build(records, list(grads), losses.shape[0], 1.0)
