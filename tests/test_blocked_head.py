@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine_helpers import one_thread, ragged_batch, tiny_gpt2  # noqa: F401
+from test_engine_helpers import assert_same_values, one_thread, ragged_batch, tiny_gpt2  # noqa: F401
 from torch import nn
 
 from attribution.engine import ValSet, Valuer
@@ -80,14 +80,7 @@ def _values(blocked: bool, order: int, aware: bool):
 @pytest.mark.parametrize("order,aware", [(1, False), (1, True), (2, False)])
 def test_the_engine_values_a_blocked_head_as_an_unblocked_one(order, aware):
     (got, m1), (want, m2) = _values(True, order, aware), _values(False, order, aware)
-    for a, b in zip(got, want, strict=True):
-        scale = np.abs(b.per_example["each"]).max()
-        assert scale > 0
-        np.testing.assert_allclose(
-            a.per_example["each"], b.per_example["each"], rtol=1e-10, atol=1e-12 * scale
-        )
-        for name in ("each", "whole"):
-            np.testing.assert_allclose(a.per_set[name], b.per_set[name], rtol=1e-10, atol=1e-12 * scale)
+    assert_same_values(got, want)
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):  # the same training trajectory
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 

@@ -52,6 +52,25 @@ def ragged_batch(n: int, t: int, *, seed: int, vocab: int = VOCAB) -> tuple[torc
     return ids, mask
 
 
+def assert_same_values(
+    got, want, sets: tuple[str, ...] = ("each", "whole"), per_example: str = "each"
+) -> float:
+    """Two runs' step values agree in float64 (`got`, `want`: lists of StepValues), to a tolerance from the
+    values' scale; returns that scale. For engines that must compute the same numbers two ways."""
+    import numpy as np
+
+    scale = 0.0
+    for a, b in zip(got, want, strict=True):
+        scale = float(np.abs(b.per_example[per_example]).max())
+        assert scale > 0
+        np.testing.assert_allclose(
+            a.per_example[per_example], b.per_example[per_example], rtol=1e-10, atol=1e-12 * scale
+        )
+        for name in sets:
+            np.testing.assert_allclose(a.per_set[name], b.per_set[name], rtol=1e-10, atol=1e-12 * scale)
+    return scale
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Max absolute error relative to the largest reference entry."""
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())

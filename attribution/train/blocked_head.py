@@ -5,7 +5,7 @@ and this machine's BLAS runs that shape far below its rate: 46-53 GFLOP/s at d =
 d = 768, against 173-197 for the model's other GEMMs. The same products in blocks of 512 vocabulary
 rows run at 134-142 and 160-179 GFLOP/s, and on this machine gave the very same bits: each logit is
 still one dot product over d, summed the same way (docs/benchmarks.md, "Session 17"). The backward is
-two single GEMMs (`g @ W`, `g.T @ h`), whose inner dimension is the vocabulary and which run at rate.
+two single GEMMs (`g @ W`, `g.T @ h`), whose inner dimensions (the vocabulary, the tokens) run at rate.
 
 Only the forward's blocking changes; the module, its weight (tied to the embedding), its hooks and the
 capture of its output gradient are those of the `nn.Linear` it wraps.
