@@ -8,7 +8,8 @@ still one dot product over d, summed the same way (docs/benchmarks.md, "Session 
 two single GEMMs (`g @ W`, `g.T @ h`), whose inner dimensions (the vocabulary, the tokens) run at rate.
 
 Only the forward's blocking changes; the module, its weight (tied to the embedding), its hooks and the
-capture of its output gradient are those of the `nn.Linear` it wraps.
+capture of its output gradient are those of the `nn.Linear` it wraps. Its custom `Function` is not
+transformable by `torch.func` (vmap): nothing in the engine uses that on a run's model.
 """
 
 from __future__ import annotations
