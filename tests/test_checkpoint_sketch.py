@@ -253,3 +253,63 @@ def test_without_a_reference_set_the_standout_view_is_ranked_as_the_cosine(corpu
     assert set(meta["files"]) == {"raw"}
     _, view, notes, _ = estimate(bare, own_texts, view="standout_checkpoint", k=2)
     assert view == "checkpoint_cosine" and any("no fixed reference set" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def wide_reference_run(corpus_dir):
+    """A run with 8 reference texts, so that a claim can be measured against its nearest 5."""
+    return _run(corpus_dir, "ref8", sketch_dim=2048, dtype="float64", reference=8)
+
+
+def test_fast_standout_against_the_nearest_reference_texts(
+    wide_reference_run, own_texts, tmp_path, monkeypatch
+):
+    """With more reference texts than `NEAREST_REFERENCE`, the fast z of a claim is its estimated cosine
+    against the exact statistics of the reference texts nearest it (chosen by its estimated column), and
+    the confirmation is the exact z against the same texts, which `reference_neighbours.json` names."""
+    from attribution.values import views
+    from attribution.workflows.claim_fast import NEIGHBOURS
+
+    run = wide_reference_run
+    monkeypatch.setitem(views.NEAREST_REFERENCE, "checkpoint_cosine", 5)
+    table = _table(run)
+    ref = table[table["val_set"] == "reference"].pivot(
+        index="doc_id", columns="val_id", values="checkpoint_cosine"
+    )
+    assert ref.shape[1] == 8
+
+    cos, _, _, _ = estimate(run, own_texts, view="checkpoint_cosine")
+    est = cos.pivot(index="doc_id", columns="claim_id", values="estimate")
+    ref = ref.reindex(est.index)
+    z, view, notes, _ = estimate(run, own_texts, view="standout_checkpoint")
+    assert view == "standout_checkpoint" and any("5 reference texts nearest" in n for n in notes)
+    neighbours = z.attrs["neighbours"]
+    assert sorted(neighbours) == sorted(est.columns)
+    for claim in est.columns:
+        near = views.nearest_reference(est[[claim]].to_numpy(), ref.to_numpy(), 5)[0]
+        assert neighbours[claim] == [ref.columns[i] for i in near]
+        mu, sd = views.reference_moments(ref.iloc[:, near].to_numpy())
+        manual = pd.Series(
+            np.nan_to_num((est[claim] - mu) / np.sqrt(sd**2 + ck.NOISE / 2047)), index=est.index
+        )
+        got = z[z["claim_id"] == claim].set_index("doc_id")["estimate"]
+        # `est` comes from FAISS's float32 search, the z from the float64 product: float32 rounding over
+        # the sketch's 2,048 coordinates, at the scores' scale
+        scale = np.abs(manual).max()
+        np.testing.assert_allclose(
+            got, manual.loc[got.index], rtol=0, atol=2048 * np.finfo(np.float32).eps * scale
+        )
+        assert got.is_monotonic_decreasing and len(got) == len(est)
+
+    r = fast_claim(run, own_texts, tmp_path / "fast", k=4, progress=False)
+    assert json.loads((tmp_path / "fast" / NEIGHBOURS).read_text()) == neighbours
+    exact = table[table["val_set"] == "a"].pivot(index="doc_id", columns="val_id", values="checkpoint_cosine")
+    every = pd.read_parquet(run / "checkpoint_values.parquet")
+    every = every[every["val_set"] == "reference"].pivot(
+        index="doc_id", columns="val_id", values="checkpoint_cosine"
+    )
+    for row in r.table.itertuples():
+        mu, sd = views.reference_moments(every.loc[[row.doc_id], neighbours[row.claim_id]].to_numpy())
+        want = np.nan_to_num((exact.loc[row.doc_id, row.claim_id] - mu[0]) / sd[0])
+        assert row.exact == pytest.approx(want, rel=1e-7, abs=1e-9)
+    assert "reference texts nearest" in (tmp_path / "fast" / "fast.md").read_text()

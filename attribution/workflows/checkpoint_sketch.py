@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import pandas as pd
 from attribution.errors import UserError
 from attribution.io import atomic_write
 from attribution.train.sketch import SketchIndex, describe_index, read_meta, write_index
+from attribution.values.views import nearest_reference, reference_moments
 
 FOLDER = "checkpoint_sketch"
 INDEX = "index.faiss"
@@ -200,6 +202,24 @@ def reference_stats(ref: pd.DataFrame, doc_ids: Sequence[str], power: float) -> 
     return mu, np.where(ok, sd, np.nan)
 
 
+def _standout_against(frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """The exact standout z of each claim row of `frame` (the confirming pass: claims and reference rows
+    of the candidates) against its claim's `neighbours` (0 where undefined, as the view gives it)."""
+    from attribution.values.results import CHECKPOINT_COLUMN
+    from attribution.values.views import REFERENCE_SET
+
+    docs = frame["doc_id"].astype(str)
+    is_ref = (frame["val_set"] == REFERENCE_SET).to_numpy()
+    ref = frame[is_ref].assign(doc_id=docs[is_ref], val_id=frame.loc[is_ref, "val_id"].astype(str))
+    wide = ref.pivot(index="doc_id", columns="val_id", values=CHECKPOINT_COLUMN)
+    z = np.zeros(len(frame))
+    for claim, rows in frame[~is_ref].groupby(frame.loc[~is_ref, "val_id"].astype(str)).groups.items():
+        sub = wide.reindex(index=docs[rows], columns=list(neighbours[claim])).to_numpy(np.float64)
+        mu, sd = reference_moments(sub)
+        z[frame.index.get_indexer(rows)] = np.nan_to_num((frame.loc[rows, CHECKPOINT_COLUMN] - mu) / sd)
+    return z
+
+
 def describe(run: str | Path) -> dict[str, Any] | None:
     """The manifest's description of the index, or None when the run has none."""
     keys = ("dim", "widths", "links", "seed", "power", "noise", "storage", "similarity", "standout")
@@ -258,24 +278,87 @@ def ranking_index(index: SketchIndex, view: str):
     return index.load("standout"), index.scale("standout"), 1.0
 
 
-def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None):
-    """(scores `[n, k]`, document ids `[n, k]`) of the claims' top `k` documents under a checkpoint view."""
+def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None) -> Search:
+    """The claims' top `k` documents under a checkpoint view (all documents when `k` is None).
+
+    `standout_checkpoint` with more reference texts than `views.NEAREST_REFERENCE` allows compares each
+    claim with its nearest reference texts, which depend on the claim: its z is then computed per claim
+    from the estimated cosines of every document (`<v_d, v_t>`) and the documents' exact reference
+    cosines, the neighbours chosen by the estimated column, instead of from the index's fixed `mu_d, sd_d`."""
     if view not in VIEWS:
         raise ValueError(f"{view!r} is not a checkpoint view ({', '.join(VIEWS)})")
     q = query_vectors(run, index, claims)
+    doc_ids = np.asarray(index.meta["doc_ids"], dtype=object)
+    near = _nearest_setup(run, index) if view == "standout_checkpoint" else None
+    if near is not None:
+        ref, ref_ids, n_near = near
+        estimates = q @ index.vectors("raw").T  # [claims, documents]; the reserved column is 0 in both
+        neighbours = nearest_reference(estimates.T, ref, n_near)
+        z = np.zeros_like(estimates)
+        for j, cols in enumerate(neighbours):
+            mu, sd = reference_moments(ref[:, cols])
+            spread = np.sqrt(sd**2 + NOISE / (index.dim - 1))  # widened as `standout_vectors`
+            z[j] = np.nan_to_num((estimates[j] - mu) / spread)
+        k = z.shape[1] if k is None else min(int(k), z.shape[1])
+        rows = np.argsort(-z, axis=1, kind="stable")[:, :k]
+        chosen = {
+            c: [ref_ids[i] for i in cols] for c, cols in zip(claims.example_ids, neighbours, strict=True)
+        }
+        return Search(np.take_along_axis(z, rows, axis=1), doc_ids[rows], chosen)
     faiss_index, scale, constant = ranking_index(index, view)
     q[:, -1] = constant
     k = faiss_index.ntotal if k is None else min(int(k), faiss_index.ntotal)
     scores, rows = faiss_index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-    return scores.astype(np.float64) * scale, np.asarray(index.meta["doc_ids"], dtype=object)[rows]
+    return Search(scores.astype(np.float64) * scale, doc_ids[rows])
+
+
+@dataclass(frozen=True)
+class Search:
+    """A checkpoint view's ranking: `scores` and `doc_ids`, `[claims, k]`; `neighbours`: per claim id,
+    the reference texts its standout z was measured against, when not all of them."""
+
+    scores: np.ndarray
+    doc_ids: np.ndarray
+    neighbours: dict[str, list[str]] | None = None
+
+
+def _nearest_setup(run: str | Path, index: SketchIndex) -> tuple[np.ndarray, list[str], int] | None:
+    """(the documents' exact reference cosines `[documents, reference texts]` in the index's order, the
+    reference ids, how many are nearest) when the standout z compares a claim with fewer than all of the
+    run's reference texts; None when it compares with all of them (the index's fixed statistics)."""
+    from attribution.values.results import CHECKPOINT_COLUMN
+    from attribution.values.rundir import CHECKPOINT_VALUES, RunDir
+    from attribution.values.views import NEAREST_REFERENCE, REFERENCE_SET
+
+    n_near = NEAREST_REFERENCE.get(CHECKPOINT_COLUMN)
+    if n_near is None:
+        return None
+    cols = ["doc_id", "val_set", "val_id", CHECKPOINT_COLUMN]
+    table = RunDir(run).table(CHECKPOINT_VALUES, cols, required=True, needs=cols)
+    table = table[table["val_set"].astype(str) == REFERENCE_SET]
+    if table["val_id"].nunique() <= n_near:
+        return None
+    wide = table.astype({"doc_id": str, "val_id": str}).pivot(
+        index="doc_id", columns="val_id", values=CHECKPOINT_COLUMN
+    )
+    wide = wide.reindex([str(d) for d in index.meta["doc_ids"]])
+    return wide.to_numpy(np.float64), [str(c) for c in wide.columns], int(n_near)
 
 
 def confirm(
-    run: str | Path, index: SketchIndex, claims, doc_ids: Sequence[str], view: str, *, progress: bool = False
+    run: str | Path,
+    index: SketchIndex,
+    claims,
+    doc_ids: Sequence[str],
+    view: str,
+    *,
+    neighbours: Mapping[str, Sequence[str]] | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """`claim_id, doc_id, exact, exact_cosine`: the candidates' exact checkpoint cosines (every parameter,
     no projection, at the index's power) and their value under `view`; the standout z is against the
-    reference set's exact cosines for the same documents, computed in the same pass."""
+    reference set's exact cosines for the same documents, computed in the same pass: against each claim's
+    `neighbours` (`Search.neighbours`) where the search chose them, else against every reference text."""
     from attribution.values.results import CHECKPOINT_COLUMN
     from attribution.values.views import REFERENCE_SET
     from attribution.values.views import VIEWS as ALL_VIEWS
@@ -287,6 +370,8 @@ def confirm(
     )
     frame = frame.rename(columns={checkpoint_similarity.power_column(power): CHECKPOINT_COLUMN})
     frame["exact"] = ALL_VIEWS[view].fn(frame, pd.DataFrame())
+    if neighbours is not None and view == "standout_checkpoint":
+        frame["exact"] = _standout_against(frame, neighbours)
     out = frame[frame["val_set"] != REFERENCE_SET]
     return out.rename(columns={"val_id": "claim_id", CHECKPOINT_COLUMN: "exact_cosine"})[
         ["claim_id", "doc_id", "exact", "exact_cosine"]

@@ -24,6 +24,7 @@ an analogue of, not the same number as, the run's per-step cosine view).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ FAST_VIEWS = (
 REFERENCED = ("contrast", "standout")  # views that need the reference set's claim-side vectors
 CHUNK = 16  # claim sequences per gradient pass
 CANDIDATES = "candidates.txt"
+NEIGHBOURS = "reference_neighbours.json"  # per claim, the reference texts its standout z was measured against
 REPLAY_CONFIRMED = "by targeted exact replay"
 CHECKPOINT_CONFIRMED = (
     "by their exact checkpoint similarity (every parameter, no projection, at the run's hash-verified kept "
@@ -394,7 +396,14 @@ def estimate(
             )
             view = "checkpoint_cosine"
         sets = _texts(run, cfg, texts, contrast=False)
-        scores, doc_ids = checkpoint_sketch.search(run, index, view, sets["claims"], k)
+        found = checkpoint_sketch.search(run, index, view, sets["claims"], k)
+        scores, doc_ids, neighbours = found.scores, found.doc_ids, found.neighbours
+        if neighbours:
+            n_near = len(next(iter(neighbours.values())))
+            notes.append(
+                f"each claim's standout z is measured against the {n_near} reference texts nearest it "
+                f"(views.NEAREST_REFERENCE), chosen by the sketch's estimates of its cosines: {NEIGHBOURS}"
+            )
     else:
         sketch = read_sketch(run, manifest.config)
         sets = _texts(run, cfg, texts, view.startswith(REFERENCED))
@@ -416,6 +425,8 @@ def estimate(
             "estimate": scores.reshape(-1),
         }
     )
+    if view in checkpoint_sketch.VIEWS and neighbours:
+        table.attrs["neighbours"] = neighbours
     return table, view, notes, bool(chain.links(run))
 
 
@@ -445,6 +456,7 @@ def fast_claim(
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists; choose another --out")
     table, view, notes, has_chain = estimate(run, texts, view=view, k=k, progress=progress)
+    neighbours = table.attrs.get("neighbours")
     if has_chain and not confirm:
         notes.append("not confirmed (confirm=False / --no-confirm): estimates only")
     has_chain = has_chain and confirm
@@ -458,6 +470,7 @@ def fast_claim(
             _texts(run, cfg, texts, contrast=False)["claims"],
             sorted(set(table["doc_id"])),
             view,
+            neighbours=neighbours,
             progress=progress,
         )
         table = table.merge(exact, on=["claim_id", "doc_id"], how="left")
@@ -490,6 +503,9 @@ def fast_claim(
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / CANDIDATES) as fh:  # the union of the candidates, as `--docs` takes them
         fh.write(",".join(sorted(set(table["doc_id"].astype(str)))) + "\n")
+    if neighbours:
+        with atomic_write(out / NEIGHBOURS) as fh:
+            json.dump(neighbours, fh, indent=1)
     with atomic_write(out / "fast.csv") as fh:
         table.to_csv(fh, index=False)
     with atomic_write(out / "fast.md") as fh:

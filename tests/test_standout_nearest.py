@@ -1,0 +1,126 @@
+"""The standout z against a text's nearest reference texts (`views.nearest_reference`, `NEAREST_REFERENCE`).
+
+A synthetic table of two kinds of text, "prose" and "code". Every document has a kind-dependent level
+(how much it gives texts of each kind) plus noise; `register` gives every prose text a little more than
+it gives code, `special` helps the claim t0 alone. The reference holds both kinds, code in the majority.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attribution.values import views
+from attribution.values.views import REFERENCE_SET, nearest_reference, standout
+
+N_DOCS = 30
+PROSE_REFS = [f"prose-{i}" for i in range(6)]
+CODE_REFS = [f"code-{i}" for i in range(12)]
+CLAIMS = {"t0": "prose", "t1": "prose", "t2": "code"}
+
+
+def _table(claims: dict[str, str] = CLAIMS, seed: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    prose_level, code_level = rng.normal(0, 1, N_DOCS), rng.normal(0, 1, N_DOCS)
+    docs = [f"d{i}" for i in range(N_DOCS - 2)] + ["register", "special"]
+    prose_level[-2], code_level[-2] = 1.0, 0.0  # `register`: a little more for prose than for code
+    rows = []
+    texts = [(REFERENCE_SET, r, r.split("-")[0]) for r in PROSE_REFS + CODE_REFS]
+    texts += [("claims", t, kind) for t, kind in claims.items()]
+    for val_set, val_id, kind in texts:
+        # one fixed stream per text, so that a text's values do not depend on which other texts exist
+        noise = np.random.default_rng([seed, sum(map(ord, val_id)), len(val_id)]).normal(0, 0.05, N_DOCS)
+        level = prose_level if kind == "prose" else code_level
+        x = level + noise
+        if val_id == "t0":
+            x[-1] += 3.0  # `special` helps t0 alone
+        rows += [
+            {"doc_id": d, "val_set": val_set, "val_id": val_id, "value": float(v)}
+            for d, v in zip(docs, x, strict=True)
+        ]
+    return pd.DataFrame(rows)
+
+
+def _wide(ev: pd.DataFrame) -> pd.DataFrame:
+    return ev.pivot(index="doc_id", columns="val_id", values="value")
+
+
+def _direct(ev: pd.DataFrame, doc: str, val_id: str, k: int) -> float:
+    """z of one pair from the definition: the k reference texts whose columns correlate most with the
+    text's (numpy's corrcoef), then mean and sample sd of the document's values for them."""
+    wide = _wide(ev)
+    refs = [r for r in PROSE_REFS + CODE_REFS if r != val_id]
+    corr = [np.corrcoef(wide[val_id], wide[r])[0, 1] for r in refs]
+    near = [refs[i] for i in np.argsort(-np.asarray(corr), kind="stable")[:k]]
+    ref = wide.loc[doc, near].to_numpy()
+    return float((wide.loc[doc, val_id] - ref.mean()) / ref.std(ddof=1))
+
+
+def test_nearest_reference_is_the_most_correlated_columns():
+    rng = np.random.default_rng(0)
+    texts, ref = rng.normal(size=(40, 5)), rng.normal(size=(40, 9))
+    ref[:, 4] = texts[:, 0] * 2 + 1 + rng.normal(0, 0.1, 40)  # text 0's near twin
+    got = nearest_reference(texts, ref, 3)
+    for j in range(texts.shape[1]):
+        corr = [np.corrcoef(texts[:, j], ref[:, r])[0, 1] for r in range(ref.shape[1])]
+        assert list(got[j]) == list(np.argsort(corr)[::-1][:3])
+    assert got[0, 0] == 4
+    # a reference text is never its own neighbour
+    assert 4 not in nearest_reference(ref[:, [4]], ref, 8, own=np.array([4]))[0]
+
+
+@pytest.mark.parametrize("k", [4, 6, 9])
+def test_standout_against_the_nearest_matches_its_definition(k):
+    ev = _table()
+    z = standout(ev, nearest=k)
+    for row, got in zip(ev.itertuples(), z, strict=True):
+        if row.val_set == REFERENCE_SET:
+            assert np.isnan(got)
+        else:
+            assert got == pytest.approx(_direct(ev, row.doc_id, row.val_id, k), rel=1e-10, abs=1e-12)
+
+
+def test_a_reference_no_larger_than_k_gives_the_plain_z():
+    ev = _table()
+    n_ref = len(PROSE_REFS + CODE_REFS)
+    plain = standout(ev)  # "value" has no nearest default: every reference text
+    for k in (n_ref, n_ref + 5):
+        assert np.array_equal(standout(ev, nearest=k).to_numpy(), plain.to_numpy(), equal_nan=True)
+    assert not np.allclose(standout(ev, nearest=6).to_numpy()[~plain.isna()], plain.dropna().to_numpy())
+
+
+def test_the_kind_of_the_claim_is_what_it_is_measured_against():
+    """`register` gives prose a little more than code: against a reference that is mostly code it stands
+    out for every prose text; against the prose texts nearest a prose claim it does not, while `special`
+    still stands out for t0."""
+    ev = _table()
+    by_all = ev.assign(z=standout(ev)).set_index(["doc_id", "val_id"]).z
+    by_near = ev.assign(z=standout(ev, nearest=len(PROSE_REFS))).set_index(["doc_id", "val_id"]).z
+    assert by_all["register", "t1"] > 1.0 and abs(by_near["register", "t1"]) < 0.5 * by_all["register", "t1"]
+    assert by_near["special", "t0"] > 20 and by_near["special", "t0"] == by_near.loc[:, "t0"].max()
+
+
+def test_a_texts_nearest_z_does_not_depend_on_the_other_texts():
+    alone = _table({"t0": "prose"})
+    many = _table({**CLAIMS, **{f"x{i}": "code" for i in range(5)}})
+    z_alone = alone.assign(z=standout(alone, nearest=5)).query("val_id == 't0'").set_index("doc_id").z
+    z_many = many.assign(z=standout(many, nearest=5)).query("val_id == 't0'").set_index("doc_id").z
+    np.testing.assert_array_equal(z_alone.sort_index().to_numpy(), z_many.sort_index().to_numpy())
+
+
+def test_the_checkpoint_view_uses_its_nearest_default(monkeypatch):
+    ev = _table().rename(columns={"value": "checkpoint_cosine"})
+    view = views.VIEWS["standout_checkpoint"].fn
+    monkeypatch.setitem(views.NEAREST_REFERENCE, "checkpoint_cosine", 5)
+    np.testing.assert_array_equal(
+        view(ev, pd.DataFrame()).to_numpy(),
+        np.nan_to_num(
+            views._standout_z(ev, "checkpoint_cosine", (ev.val_set == REFERENCE_SET).to_numpy(), 4, 5)
+        ),
+    )
+    near = standout(ev, "checkpoint_cosine")
+    assert np.array_equal(
+        near.to_numpy(), standout(ev, "checkpoint_cosine", nearest=5).to_numpy(), equal_nan=True
+    )
+    assert not np.allclose(near.dropna(), standout(ev, "checkpoint_cosine", nearest=100).dropna())
