@@ -67,3 +67,6 @@ def test_engine_overhead_runs_every_mode_and_flag_the_gpu_scripts_use(tmp_path, 
     assert set(res["ratio"]) == {"order1", "order2", "aware", "vmap"} and min(res["ratio"].values()) > 0
     assert "## profile: order1" in err and "## profile: vmap" in err
     assert (tmp_path / "o.json").is_file()
+    faults = res["minor_page_faults"]  # one count per counted step and mode, never negative
+    assert set(faults) == {"plain", "order1", "order2", "aware", "vmap"}
+    assert all(len(f) == 1 and f[0] >= 0 for f in faults.values())
