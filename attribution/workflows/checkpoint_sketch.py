@@ -360,7 +360,7 @@ def confirm(
     reference set's exact cosines for the same documents, computed in the same pass: against each claim's
     `neighbours` (`Search.neighbours`) where the search chose them, else against every reference text."""
     from attribution.values.results import CHECKPOINT_COLUMN
-    from attribution.values.views import REFERENCE_SET
+    from attribution.values.views import REFERENCE_SET, standout
     from attribution.values.views import VIEWS as ALL_VIEWS
     from attribution.workflows import checkpoint_similarity
 
@@ -369,9 +369,16 @@ def confirm(
         run, {"claims": claims}, doc_ids=doc_ids, powers=(power,), progress=progress
     )
     frame = frame.rename(columns={checkpoint_similarity.power_column(power): CHECKPOINT_COLUMN})
-    frame["exact"] = ALL_VIEWS[view].fn(frame, pd.DataFrame())
-    if neighbours is not None and view == "standout_checkpoint":
-        frame["exact"] = _standout_against(frame, neighbours)
+    if view == "standout_checkpoint":
+        # never the view's own choice of neighbours: over the candidates alone it would differ from the
+        # choice over every document; without the search's, every reference text
+        frame["exact"] = (
+            _standout_against(frame, neighbours)
+            if neighbours is not None
+            else np.nan_to_num(standout(frame, CHECKPOINT_COLUMN, nearest=len(frame)).to_numpy())
+        )
+    else:
+        frame["exact"] = ALL_VIEWS[view].fn(frame, pd.DataFrame())
     out = frame[frame["val_set"] != REFERENCE_SET]
     return out.rename(columns={"val_id": "claim_id", CHECKPOINT_COLUMN: "exact_cosine"})[
         ["claim_id", "doc_id", "exact", "exact_cosine"]

@@ -388,6 +388,7 @@ def estimate(
     cfg = _config(manifest)
     notes: list[str] = []
     view = _view(view, manifest, cfg, notes, run)
+    neighbours = None
     if view in checkpoint_sketch.VIEWS:
         index = checkpoint_sketch.read(run, manifest.config)
         if view == "standout_checkpoint" and "standout" not in index.meta["files"]:
@@ -425,7 +426,7 @@ def estimate(
             "estimate": scores.reshape(-1),
         }
     )
-    if view in checkpoint_sketch.VIEWS and neighbours:
+    if neighbours:
         table.attrs["neighbours"] = neighbours
     return table, view, notes, bool(chain.links(run))
 
