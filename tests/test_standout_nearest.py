@@ -124,3 +124,14 @@ def test_the_checkpoint_view_uses_its_nearest_default(monkeypatch):
         near.to_numpy(), standout(ev, "checkpoint_cosine", nearest=5).to_numpy(), equal_nan=True
     )
     assert not np.allclose(near.dropna(), standout(ev, "checkpoint_cosine", nearest=100).dropna())
+
+
+def test_the_compare_summary_says_what_a_text_was_measured_against(monkeypatch):
+    from attribution.analysis.compare import _compared
+
+    monkeypatch.setitem(views.NEAREST_REFERENCE, "checkpoint_cosine", 36)
+    assert _compared("standout_checkpoint", 48).startswith(
+        "36 of the run's 48 reference examples nearest the text"
+    )
+    assert _compared("standout_checkpoint", 16) == "16 examples of the run's reference set"
+    assert _compared("standout", 48) == "48 examples of the run's reference set"  # the raw value: every text

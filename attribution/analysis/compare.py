@@ -43,7 +43,7 @@ from attribution.io import atomic_path, atomic_write
 from attribution.text import containment
 from attribution.values import RunDir, RunValues
 from attribution.values.manifest import ATTRIBUTION_COLUMN
-from attribution.values.views import MIN_REFERENCE, REFERENCE_SET, VIEWS, standout
+from attribution.values.views import MIN_REFERENCE, NEAREST_REFERENCE, REFERENCE_SET, VIEWS, standout
 
 METHODS = ("shapley", "lexical", "semantic", "bm25")
 LABELS = ("verbatim", "paraphrastic", "non-obvious influence", "none")
@@ -123,6 +123,17 @@ def label(row: Mapping[str, Any], t: Thresholds, k: int, test_standout: bool = T
     if top and c < t.low_containment and sem < t.low_semantic and not math.isnan(sem) and stands_out:
         return "non-obvious influence"
     return "none"
+
+
+def _compared(view: str, n_reference: int) -> str:
+    """What a standout z under `view` compares a text with, in words (`views.NEAREST_REFERENCE`)."""
+    k = NEAREST_REFERENCE.get(_z_of(view))
+    if k is None or n_reference <= k:
+        return f"{n_reference} examples of the run's reference set"
+    return (
+        f"{k} of the run's {n_reference} reference examples nearest the text (those whose values over the "
+        "documents correlate most with its own)"
+    )
 
 
 def _z_of(view: str) -> str:
@@ -488,7 +499,7 @@ def _write(
         (
             f"Standout test: a pair is `non-obvious influence` only if the document's {_z_basis(column)} for the text "
             f"is at least {t.influence_z:g} sample standard deviations above its mean value over the "
-            f"{n_reference} examples of the run's reference set (`standout_z` >= {t.influence_z:g}; the same "
+            f"{_compared(column, n_reference)} (`standout_z` >= {t.influence_z:g}; the same "
             "under every scaled or shifted view of it), so documents that help every text are left out."
             if tested
             else f"Standout not tested: this run has {n_reference} reference examples (fewer than "
