@@ -403,7 +403,9 @@ def estimate(
             n_near = len(next(iter(neighbours.values())))
             notes.append(
                 f"each claim's standout z is measured against the {n_near} reference texts nearest it "
-                f"(views.NEAREST_REFERENCE), chosen by the sketch's estimates of its cosines: {NEIGHBOURS}"
+                f"(views.NEAREST_REFERENCE), chosen by the sketch's estimates of its cosines ({NEIGHBOURS}); "
+                "`exact` is against the same texts, while `attribution claim` without --fast chooses them "
+                "from the exact cosines of every document, so its z can differ where the choice does"
             )
     else:
         sketch = read_sketch(run, manifest.config)
