@@ -16,7 +16,10 @@ original or a variant of one), with the same code and at the same kept checkpoin
 - `run+register`: the run's reference and the register texts;
 - `register`: the register texts alone.
 
-The raw checkpoint cosine (which no reference touches) is shown for scale. Both halves are printed; the
+The view is the product's own (`views.VIEWS`), so since session 18 a reference of more than
+`views.NEAREST_REFERENCE` texts (36) compares each text with the 36 nearest it, as a run does; session 17's
+figures for 48 texts were made against all of them. The raw checkpoint cosine (which no reference touches)
+is shown for scale. Both halves are printed; the
 tuning half (hw-a) decides, the other half (hw-b) is a report.
 
     .venv/bin/python benchmarks/register_reference.py /tmp/hw/s13 --texts corpora/handwritten/reference.jsonl
