@@ -292,7 +292,7 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
     near = _nearest_setup(run, index) if view == "standout_checkpoint" else None
     if near is not None:
         ref, ref_ids, n_near = near
-        estimates = q @ index.vectors("raw").T  # [claims, documents]; the reserved column is 0 in both
+        estimates = _estimates(index, q)
         neighbours = nearest_reference(estimates.T, ref, n_near)
         z = np.zeros_like(estimates)
         for j, cols in enumerate(neighbours):
@@ -310,6 +310,22 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
     k = faiss_index.ntotal if k is None else min(int(k), faiss_index.ntotal)
     scores, rows = faiss_index.search(np.ascontiguousarray(q, dtype=np.float32), k)
     return Search(scores.astype(np.float64) * scale, doc_ids[rows])
+
+
+ESTIMATE_ROWS = 1 << 16  # documents reconstructed from the index at a time
+
+
+def _estimates(index: SketchIndex, q: np.ndarray) -> np.ndarray:
+    """`[claims, documents]`: `<v_d, v_t>` for every document, the index read back in blocks of
+    `ESTIMATE_ROWS` vectors so that a large corpus is never held whole in float64 (the reserved column is
+    0 in the raw index, so the query's does not count)."""
+    faiss_index, scale = index.load("raw"), index.scale("raw")
+    out = np.empty((len(q), faiss_index.ntotal))
+    for start in range(0, faiss_index.ntotal, ESTIMATE_ROWS):
+        count = min(ESTIMATE_ROWS, faiss_index.ntotal - start)
+        block = faiss_index.reconstruct_n(start, count).astype(np.float64) * scale
+        out[:, start : start + count] = q @ block.T
+    return out
 
 
 @dataclass(frozen=True)
