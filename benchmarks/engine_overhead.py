@@ -3,8 +3,8 @@
 Each repetition runs every mode once, in turn (plain, first order, second order, optionally direct
 per-sample gradients with torch.func vmap), on the same batch and copies of the same model (one per
 valued mode, so each follows a run's own trajectory), so machine noise hits all modes alike; the report
-gives the median of per-repetition ratios. A training step is the real loop step: zero_grad, forward/backward, clip to 1.0, AdamW step (the valued modes add the
-Valuer's validation pass and scoring).
+gives the median of per-repetition ratios. A training step is the real loop step: zero_grad,
+forward/backward, clip to 1.0, AdamW step (the valued modes add the Valuer's validation pass and scoring).
 
     python benchmarks/engine_overhead.py --model cpu-tiny --val-seqs 1 --val-len 32
     python benchmarks/engine_overhead.py --model gpt2-small-short --batch 4 --seq-len 64

@@ -184,22 +184,30 @@ def standout_vectors(
     ok = np.isfinite(sd)
     both = vectors.copy()
     both[:, -1] = np.nan_to_num(-mu)  # the reserved column
-    spread = np.sqrt(np.where(ok, sd, 0.0) ** 2 + NOISE / (vectors.shape[1] - 1))
+    spread = widened(np.where(ok, sd, 0.0), vectors.shape[1])
     return np.where(ok[:, None], both / spread[:, None], 0.0)
 
 
 def reference_stats(ref: pd.DataFrame, doc_ids: Sequence[str], power: float) -> tuple[np.ndarray, np.ndarray]:
     """Each document's mean and sample sd of its exact checkpoint cosines for the reference texts (rows
-    of `ref`, column at `power`); sd is NaN where `views.standout` leaves z undefined (fewer than
-    `MIN_REFERENCE` rows, or no spread)."""
-    from attribution.values.views import MIN_REFERENCE
+    of `ref`, column at `power`), as `views.reference_moments` takes them: sd is NaN where the standout z
+    is undefined (fewer than `MIN_REFERENCE` rows, or no spread)."""
     from attribution.workflows.checkpoint_similarity import power_column
 
-    stats = ref.groupby(ref["doc_id"].astype(str))[power_column(power)].agg(["mean", "std", "count"])
-    stats = stats.reindex([str(d) for d in doc_ids])
-    mu, sd = stats["mean"].to_numpy(np.float64), stats["std"].to_numpy(np.float64)
-    ok = (stats["count"].to_numpy() >= MIN_REFERENCE) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
-    return mu, np.where(ok, sd, np.nan)
+    return reference_moments(reference_matrix(ref, power_column(power), doc_ids).to_numpy(np.float64))
+
+
+def widened(sd: np.ndarray, dim: int) -> np.ndarray:
+    """`sqrt(sd^2 + NOISE / (dim - 1))`: a document's reference spread widened by the variance of a sketch
+    estimate at `dim` (one column of the index is reserved)."""
+    return np.sqrt(sd**2 + NOISE / (dim - 1))
+
+
+def reference_matrix(ref: pd.DataFrame, column: str, doc_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """`[documents, reference texts]` of `column` from reference rows `ref` (`doc_id`, `val_id`), ids as
+    strings, rows in the order of `doc_ids` when given (NaN for a document without rows)."""
+    wide = ref.astype({"doc_id": str, "val_id": str}).pivot(index="doc_id", columns="val_id", values=column)
+    return wide if doc_ids is None else wide.reindex([str(d) for d in doc_ids])
 
 
 def _standout_against(frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str]]) -> np.ndarray:
@@ -210,8 +218,7 @@ def _standout_against(frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str
 
     docs = frame["doc_id"].astype(str)
     is_ref = (frame["val_set"] == REFERENCE_SET).to_numpy()
-    ref = frame[is_ref].assign(doc_id=docs[is_ref], val_id=frame.loc[is_ref, "val_id"].astype(str))
-    wide = ref.pivot(index="doc_id", columns="val_id", values=CHECKPOINT_COLUMN)
+    wide = reference_matrix(frame[is_ref], CHECKPOINT_COLUMN)
     z = np.zeros(len(frame))
     for claim, rows in frame[~is_ref].groupby(frame.loc[~is_ref, "val_id"].astype(str)).groups.items():
         sub = wide.reindex(index=docs[rows], columns=list(neighbours[claim])).to_numpy(np.float64)
@@ -297,8 +304,7 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
         z = np.zeros_like(estimates)
         for j, cols in enumerate(neighbours):
             mu, sd = reference_moments(ref[:, cols])
-            spread = np.sqrt(sd**2 + NOISE / (index.dim - 1))  # widened as `standout_vectors`
-            z[j] = np.nan_to_num((estimates[j] - mu) / spread)
+            z[j] = np.nan_to_num((estimates[j] - mu) / widened(sd, index.dim))  # as `standout_vectors`
         k = z.shape[1] if k is None else min(int(k), z.shape[1])
         rows = np.argsort(-z, axis=1, kind="stable")[:, :k]
         chosen = {
@@ -354,10 +360,7 @@ def _nearest_setup(run: str | Path, index: SketchIndex) -> tuple[np.ndarray, lis
     table = table[table["val_set"].astype(str) == REFERENCE_SET]
     if table["val_id"].nunique() <= n_near:
         return None
-    wide = table.astype({"doc_id": str, "val_id": str}).pivot(
-        index="doc_id", columns="val_id", values=CHECKPOINT_COLUMN
-    )
-    wide = wide.reindex([str(d) for d in index.meta["doc_ids"]])
+    wide = reference_matrix(table, CHECKPOINT_COLUMN, index.meta["doc_ids"])
     return wide.to_numpy(np.float64), [str(c) for c in wide.columns], int(n_near)
 
 
