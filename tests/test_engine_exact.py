@@ -155,3 +155,34 @@ def test_kronecker_projection_is_exact_when_wide_and_approximate_when_narrow(bat
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.5
     with pytest.raises(UserError):
         plan_layers(model, tr, va, optimizer_aware=True, strategy="kronecker")
+
+
+def test_one_dimensional_rows_are_summed_at_capture_and_are_the_per_sample_gradients(batches):
+    """Biases and LayerNorm weights are captured already summed over tokens (`rules.token_sum`), and a
+    LayerNorm weight's row uses the forward's own normalized input: each 1-D parameter's rows, rescaled to
+    per-sample losses, are that parameter's per-sample gradient (float64, against one autograd call per
+    sequence)."""
+    from attribution.engine.capture import Capturer
+    from attribution.engine.exact import _params
+    from attribution.engine.task import LanguageModelingTask
+
+    tr, tm, _, _ = batches
+    model = tiny_gpt2()
+    ref = per_sample_grads(model, tr, tm)
+    cap = Capturer(model)
+    task = LanguageModelingTask()
+    _, train = cap.train(lambda: task.per_sequence_loss(model, tr, tm))
+    model.zero_grad(set_to_none=True)
+    cap.remove()
+    offset, checked = 0, 0
+    for p in _params(model):
+        size = p.numel()
+        if p.dim() == 1:
+            uses = train.uses[id(p)]
+            assert all(u.col is None and u.row.shape == (len(tr), 1, size) for u in uses)
+            got = sum(u.row[:, 0] for u in uses)
+            assert rel_err(got, ref[:, offset : offset + size]) <= 1e-10
+            checked += 1
+        offset += size
+    assert checked >= 10  # every bias and LayerNorm weight of the two blocks, the final LayerNorm
+    assert train.tokens == tr.numel()

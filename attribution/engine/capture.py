@@ -31,6 +31,15 @@ class Captured:
     # [n] float64: the weight of each sequence's loss in the loss that was backpropagated; None = 1/n (the mean)
     weights: torch.Tensor | None = None
 
+    @property
+    def tokens(self) -> int:
+        """`n x T`, the batch's token positions, read from the uses that keep one row per token (a 1-D
+        parameter's rows are summed over tokens, `rules.token_sum`)."""
+        return max(
+            (u.row.shape[0] * u.row.shape[1] for us in self.uses.values() for u in us if u.col is not None),
+            default=self.n,
+        )
+
     def scaled(self, w: float | torch.Tensor) -> Captured:
         """Every factor times a scalar or a per-sample weight `[n]`."""
         return Captured(

@@ -2,7 +2,7 @@
 
 The planner's `estimate_costs` bounds what one parameter's scoring holds for a moment; this module adds
 up what lives across the step: the training captures (each module's input activation and output
-gradient, `[n, T, P]`, shared where a bias's factor *is* its weight's output gradient), each validation
+gradient, `[n, T, P]`; a 1-D parameter's row summed over tokens, `[n, 1, P]`), each validation
 set's side (kept factors for ghost parameters, `G [groups, P0, P1]` for the dense ones), the score
 matrices, the AdamW preconditioner (one float per parameter) and, at second order, the "before" side
 held while the "after" side is built (the trapezoid and the preconditioner are applied in place, so
@@ -96,25 +96,24 @@ def _layer(name: str) -> str:
 
 
 def factor_bytes(
-    layers: Iterable[LayerPlan], tokens: int, itemsize: int, *, unscaled: bool = False
+    layers: Iterable[LayerPlan], samples: int, tokens: int, itemsize: int, *, unscaled: bool = False
 ) -> dict[str, int]:
-    """Captured factor bytes per parameter for a batch of `tokens` tokens (n x T), kept for `layers`.
+    """Captured factor bytes per parameter for a batch of `samples` sequences, `tokens` tokens (n x T) in
+    all, kept for `layers`.
 
-    A bias-like use's row is its module's output gradient, the very tensor its 2-D weight keeps: it adds
-    nothing when that weight is kept too (LayerNorm's weight row is `gout * xhat`, its own tensor).
-    `unscaled`: the capture's gradients were not rescaled (validation passes, a training batch of one),
-    so embeddings whose outputs are summed (GPT-2's token and position embeddings) share one output
-    gradient: index uses' columns of one width count once.
+    A bias-like use's row is summed over tokens when captured (`rules.token_sum`): `samples x P0` floats,
+    in float32 at least. `unscaled`: the capture's gradients were not rescaled (validation passes, a
+    training batch of one), so embeddings whose outputs are summed (GPT-2's token and position embeddings)
+    share one output gradient: index uses' columns of one width count once.
     """
-    layers = list(layers)
-    with_weight = {_module(lp.name) for lp in layers if any(col for _, col in _kinds(lp))}
     index_cols: set[int] = set()
     out: dict[str, int] = {}
     for lp in layers:
         p0, p1 = lp.shape
         total = 0
         for index, col in _kinds(lp):
-            if not col and _module(lp.name) in with_weight:
+            if not col and not index:
+                total += samples * p0 * max(itemsize, 4)
                 continue
             total += tokens * (INDEX_ITEMSIZE if index else p0 * itemsize)
             if col and not (unscaled and index and p1 in index_cols):
@@ -135,7 +134,9 @@ def _dense_shape(lp: LayerPlan) -> tuple[int, int]:
 def side_bytes(plan: Plan, itemsize: int) -> tuple[int, int]:
     """(kept factor bytes, dense `G` bytes) of one validation set's side under `plan`."""
     ghost = [lp for lp in plan.layers.values() if get_strategy(lp.strategy).val_gradient is None]
-    kept = sum(factor_bytes(ghost, plan.sizes["val_tokens"], itemsize, unscaled=True).values())
+    kept = sum(
+        factor_bytes(ghost, plan.sizes["m"], plan.sizes["val_tokens"], itemsize, unscaled=True).values()
+    )
     g_item = 8 if itemsize == 8 else 4  # scored in fp32 unless the model is float64
     dense = 0
     for lp in plan.layers.values():
@@ -216,7 +217,7 @@ def step_memory(
     n = first.sizes["n"]
     model = MemoryModel()
     per_layer: dict[str, int] = {}
-    train = factor_bytes(first.layers.values(), first.sizes["train_tokens"], itemsize, unscaled=n == 1)
+    train = factor_bytes(first.layers.values(), n, first.sizes["train_tokens"], itemsize, unscaled=n == 1)
     for name, b in train.items():
         per_layer[_layer(name)] = per_layer.get(_layer(name), 0) + b
     model.terms += [MemoryTerm(TRAIN, layer, b) for layer, b in per_layer.items()]

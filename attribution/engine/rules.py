@@ -31,7 +31,8 @@ class Use:
     """One module call's contribution to one parameter, for a batch of n samples.
 
     row: `[n, T, P0]` dense, or `[n, T]` int64 token ids when `row_index` (one-hot rows of size P0).
-    col: `[n, T, P1]` dense, or None when P1 == 1 (then the contribution is `sum_t row_t`).
+    col: `[n, T, P1]` dense, or None when P1 == 1 (then the contribution is `sum_t row_t`; the rules
+    give such rows already summed, `[n, 1, P0]`: see `token_sum`).
     """
 
     row: torch.Tensor
@@ -97,10 +98,21 @@ def register_rule(module_type: type) -> Callable[[Rule], Rule]:
     return deco
 
 
+def token_sum(row: torch.Tensor) -> torch.Tensor:
+    """`[n, T, P]` -> `[n, 1, P]`, in float32 at least: the row of a 1-D parameter's use.
+
+    Why at capture: a 1-D parameter's per-sample gradient is `sum_t row_t`, and every strategy sums over
+    tokens first. Summed once here, the capture holds `n x P` numbers instead of `n x T x P`, the rescaling
+    to per-sample losses touches those only (and scales the 2-D weight's smaller factor instead of the
+    output gradient its bias shared), and the sum is read while the gradient is fresh in cache.
+    """
+    return row.sum(1, keepdim=True, dtype=torch.promote_types(row.dtype, torch.float32))
+
+
 def _bias_use(module: nn.Module, b: torch.Tensor) -> list[tuple[nn.Parameter, Use]]:
     bias = getattr(module, "bias", None)
     if bias is not None and bias.requires_grad:
-        return [(bias, Use(b, None))]
+        return [(bias, Use(token_sum(b), None))]
     return []
 
 
@@ -133,9 +145,10 @@ def _layer_norm(
     out = []
     if module.weight is not None and module.weight.requires_grad:
         x = _as_btd(inp, n).to(b.dtype if b.dtype == torch.float64 else torch.float32)
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, unbiased=False)
-        xhat = (x - mean) * torch.rsqrt(var + module.eps)
-        out.append((module.weight, Use(b * xhat.to(b.dtype), None)))
+        # the normalized input from the forward's own kernel: the xhat the weight multiplied (its output
+        # is `xhat * weight + bias` bit for bit), at a third of the cost of var_mean and two passes
+        xhat = torch.native_layer_norm(x, module.normalized_shape, None, None, module.eps)[0]
+        out.append((module.weight, Use(token_sum(b * xhat.to(b.dtype)), None)))
     return out + _bias_use(module, b)
 
 

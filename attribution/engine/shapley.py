@@ -69,7 +69,7 @@ def _make_plan(
     m = val_ids.shape[0]
     sizes = {
         "n": train.n,
-        "train_tokens": train_ids_tokens(train),
+        "train_tokens": train.tokens,
         "m": m,
         "val_tokens": val_ids.numel(),
         "groups": m if per_example else 1,
@@ -86,11 +86,6 @@ def _make_plan(
             forced=resolve_forced(name, strategy),
         )
     return plan
-
-
-def train_ids_tokens(train) -> int:
-    u = next(iter(train.uses.values()))[0]
-    return u.row.shape[0] * u.row.shape[1]
 
 
 def grad_dot_products(

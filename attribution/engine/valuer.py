@@ -332,7 +332,7 @@ class Valuer:
         return self._plans
 
     def _plan(self, train: Captured) -> None:
-        t_tokens = sum(u.row.shape[0] * u.row.shape[1] for u in next(iter(train.uses.values()))[:1])
+        t_tokens = train.tokens
         key = (train.n, t_tokens)
         if key == self._plan_key:
             return
