@@ -17,6 +17,9 @@ step `6 x dense params x tokens + 12 x layers x T x d x tokens` (attention); a v
 `4 x dense params + 12 x layers x T x d` per token (backward to activations only); norms by the ghost
 formula per sample. Elementwise work (AdamW, the preconditioner, combining sides) is bandwidth-bound:
 its floor adds estimated bytes moved / measured bandwidth. floor = flops / GEMM rate + bytes / bandwidth.
+A second floor adds the loss's softmax, one `exp` per logit (tokens x vocabulary) at the measured
+`torch.exp` rate, for the plain step, the training pass and the validation passes: the issue's floor
+counts GEMM FLOPs only, and at d = 64 the exponentials cost about as much as the head's GEMMs.
 Components that the step does not run (the preconditioner unless --optimizer-aware, the order-2 extra
 at first order) are timed too and marked "no"; sums use the others only.
 
@@ -121,6 +124,7 @@ class Row:
     in_step: bool
     flops: float
     bytes_moved: float = 0.0
+    exps: float = 0.0  # the softmax's exponentials (one per logit)
     times: list[float] = field(default_factory=list)
     round: int = -1  # the round the last time was added in
 
@@ -154,6 +158,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def _best(fn: Callable[[], object], min_seconds: float) -> float:
+    """The fastest of at least 5 runs of `fn` and of as many as fit in `min_seconds`."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 5 or spent < min_seconds:
+        seconds = timed(fn)[0]
+        best, spent, runs = min(best, seconds), spent + seconds, runs + 1
+    return best
+
+
 def gemm_rate(tokens: int, d: int, vocab: int, min_seconds: float = 0.5) -> dict[str, float]:
     """flop/s of `torch.matmul` on sizes this shape multiplies: the best run of each, over at least 5 runs
     and `min_seconds`. Why the time: at d = 64 one product takes 0.2 ms, and the best of 5 read 76 to 179
@@ -161,12 +174,15 @@ def gemm_rate(tokens: int, d: int, vocab: int, min_seconds: float = 0.5) -> dict
     out = {}
     for m, k, n in ((tokens, d, 4 * d), (tokens, d, vocab), (d, tokens, 4 * d)):
         a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
-        best, spent, runs = float("inf"), 0.0, 0
-        while runs < 5 or spent < min_seconds:
-            seconds = timed(lambda a=a, b=b: a @ b)[0]
-            best, spent, runs = min(best, seconds), spent + seconds, runs + 1
-        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / _best(lambda a=a, b=b: a @ b, min_seconds)
     return out
+
+
+def exp_rate(min_seconds: float = 0.5) -> float:
+    """exp/s of `torch.exp` over 16M floats: the loss's softmax takes one per logit (`engine.task`), work that
+    no GEMM does and the FLOP floor leaves out; at d = 64 it is of the order of the head's GEMMs."""
+    a, c = torch.randn(1 << 24, device=DEVICE), torch.empty(1 << 24, device=DEVICE)
+    return a.numel() / _best(lambda: torch.exp(a, out=c), min_seconds)
 
 
 def bandwidth() -> float:
@@ -309,6 +325,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=0.5,
+        help="least time spent measuring each GEMM rate and the exp rate (the best run counts)",
+    )
+    ap.add_argument(
         "--warmup-rounds",
         type=int,
         default=2,
@@ -382,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.randint(0, args.vocab, (s["batch"], s["seq_len"]), generator=gen).to(DEVICE) for _ in range(2)
     ]
     tokens = s["batch"] * s["seq_len"]
-    rates = gemm_rate(tokens, s["n_embd"], args.vocab)
-    rate, bw = max(rates.values()), bandwidth()
+    rates = gemm_rate(tokens, s["n_embd"], args.vocab, args.rate_seconds)
+    rate, bw, exps_per_s = max(rates.values()), bandwidth(), exp_rate(args.rate_seconds)
 
     def plain_step(ids: torch.Tensor) -> None:
         task.per_sequence_loss(plain_model, ids, None).mean().backward()
@@ -429,16 +451,19 @@ def main(argv: list[str] | None = None) -> dict:
     valued_step(batches[1])
     rows: dict[str, Row] = {}
 
-    def add(key: str, in_step: bool, flops: float, seconds: float, bytes_moved: float = 0.0) -> None:
+    def add(
+        key: str, in_step: bool, flops: float, seconds: float, bytes_moved: float = 0.0, exps: float = 0.0
+    ) -> None:
         """This round's time of one component; a row shared by several parameters (one per layer) is the
         sum of their times and FLOPs in the round, so rows add up to the step."""
         row = rows.setdefault(key, Row(key, in_step, 0.0, 0.0))
         if row.round == r:
             row.times[-1] += seconds
             row.flops, row.bytes_moved = row.flops + flops, row.bytes_moved + bytes_moved
+            row.exps += exps
             return
         row.round = r
-        row.flops, row.bytes_moved = flops, bytes_moved  # the same every round
+        row.flops, row.bytes_moved, row.exps = flops, bytes_moved, exps  # the same every round
         row.times.append(seconds)
 
     whole: dict[str, list[float]] = {"plain": [], "valued": []}
@@ -462,8 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
             step_flops,
             whole["plain"][-1],
             ADAMW_ACCESSES * 4 * n_params,
+            tokens * args.vocab,
         )
-        add("train forward/backward (capturing) + clip", True, step_flops, t_fb)
+        add("train forward/backward (capturing) + clip", True, step_flops, t_fb, exps=tokens * args.vocab)
         if sketch is not None:
             add(
                 f"in-run sketch, dim {args.sketch_dim} {sketch.projection.kind} width {sketch.projection.width} "
@@ -505,6 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
                 True,
                 4 * dense * val_tokens + 12 * s["n_layer"] * vs.ids.shape[1] * s["n_embd"] * val_tokens,
                 t_val,
+                exps=val_tokens * args.vocab,
             )
             side = build_val_side(cap, plan, valuer.shapes, pe)
             columns = vs.groups.to(DEVICE) if pe and vs.groups is not None else None
@@ -594,14 +621,16 @@ def main(argv: list[str] | None = None) -> dict:
         valuer._train = None  # the next round's valued step starts afresh
     for times in [row.times for row in rows.values()] + list(whole.values()) + list(faults.values()):
         del times[: args.warmup_rounds]
-    return report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
+    return report(args, s, rows, whole, faults, rates, (rate, bw, exps_per_s), mem, measured, valuer)
 
 
-def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer) -> dict:
+def report(args, s, rows, whole, faults, rates, speeds, mem, measured, valuer) -> dict:
+    rate, bw, exps_per_s = speeds
     out_rows = []
     for row in rows.values():
         sec = statistics.median(row.times)
         floor = row.flops / rate + row.bytes_moved / bw
+        softmax = floor + row.exps / exps_per_s
         out_rows.append(
             {
                 "component": row.component,
@@ -611,17 +640,21 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
                 "bytes_moved": row.bytes_moved,
                 "floor_s": floor,
                 "measured_over_floor": sec / floor,
+                "exps": row.exps,
+                "floor_with_softmax_s": softmax,
+                "measured_over_floor_with_softmax": sec / softmax,
             }
         )
     plain, valued = statistics.median(whole["plain"]), statistics.median(whole["valued"])
     sketch_s = sum(r["seconds"] for r in out_rows if r["component"].startswith("in-run sketch"))
     valued += sketch_s  # the valued step of a run: the sketch observes every step's capture
-    plain_floor = next(r["floor_s"] for r in out_rows if r["component"].startswith("plain"))
-    floors = sum(
-        r["floor_s"]
-        for r in out_rows  # what valuation adds (the capturing pass replaces the plain one)
-        if r["in_step"] and not r["component"].startswith(("plain", "train"))
-    )
+    plain_row = next(r for r in out_rows if r["component"].startswith("plain"))
+    plain_floor, plain_softmax = plain_row["floor_s"], plain_row["floor_with_softmax_s"]
+    adds = [  # what valuation adds (the capturing pass replaces the plain one)
+        r for r in out_rows if r["in_step"] and not r["component"].startswith(("plain", "train"))
+    ]
+    floors = sum(r["floor_s"] for r in adds)
+    floors_softmax = sum(r["floor_with_softmax_s"] for r in adds)
     res = {
         "shape": {k: v for k, v in s.items() if k != "sets"}
         | {
@@ -644,6 +677,7 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
         "gemm_flops_per_s_by_size": rates,
         "gemm_flops_per_s": rate,
         "bandwidth_bytes_per_s": bw,
+        "exp_per_s": exps_per_s,
         "components": out_rows,
         "plain_s": plain,
         "valued_s": valued,
@@ -653,6 +687,8 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
         "valuation_floors_s": floors,
         "sum_of_floors_s": plain_floor + floors,
         "valued_over_sum_of_floors": valued / (plain_floor + floors),
+        "sum_of_floors_with_softmax_s": plain_softmax + floors_softmax,
+        "valued_over_sum_of_floors_with_softmax": valued / (plain_softmax + floors_softmax),
         "plans": {k: p.counts() for k, p in valuer.plans().items()},
         "memory": {
             "total": mem.total,
@@ -665,20 +701,24 @@ def report(args, s, rows, whole, faults, rates, rate, bw, mem, measured, valuer)
     print(f"shape {args.shape} on {res['device']}: {json.dumps(res['shape'])}")
     print(
         f"GEMM rate {rate / 1e9:.1f} GFLOP/s (best of {', '.join(f'{k}: {v / 1e9:.1f}' for k, v in rates.items())}); "
-        f"bandwidth {bw / 1e9:.1f} GB/s; {res['threads']} threads; plans {json.dumps(res['plans'])}\n"
+        f"bandwidth {bw / 1e9:.1f} GB/s; exp {exps_per_s / 1e9:.2f} G/s; {res['threads']} threads; "
+        f"plans {json.dumps(res['plans'])}\n"
     )
     print(
-        "| component | in step | seconds (median) | GFLOP | est. bytes moved | floor (s) | measured / floor |"
+        "| component | in step | seconds (median) | GFLOP | est. bytes moved | floor (s) | measured / floor "
+        "| + softmax exps (s) | measured / that |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in out_rows:
         print(
             f"| {r['component']} | {'yes' if r['in_step'] else 'no'} | {r['seconds']:.4f} | {r['flops'] / 1e9:.3f} | "
-            f"{r['bytes_moved']:,.0f} | {r['floor_s']:.5f} | {r['measured_over_floor']:.1f}x |"
+            f"{r['bytes_moved']:,.0f} | {r['floor_s']:.5f} | {r['measured_over_floor']:.1f}x | "
+            f"{r['floor_with_softmax_s']:.5f} | {r['measured_over_floor_with_softmax']:.1f}x |"
         )
     print(
         f"| whole valued step ({valued / plain:.2f}x the plain step) | | {valued:.4f} | | | "
-        f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.2f}x |"
+        f"{plain_floor + floors:.5f} (sum) | {res['valued_over_sum_of_floors']:.2f}x | "
+        f"{plain_softmax + floors_softmax:.5f} (sum) | {res['valued_over_sum_of_floors_with_softmax']:.2f}x |"
     )
     print(
         f"\nminor page faults per whole step, by round: plain {faults['plain']}, valued {faults['valued']} "

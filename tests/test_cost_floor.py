@@ -173,7 +173,9 @@ def _load_benchmark():
 def _check_table(args: list[str], tmp_path, capsys) -> dict:
     bench = _load_benchmark()
     out = tmp_path / "floor.json"
-    res = bench.main([*args, "--rounds", "1", "--warmup-rounds", "0", "--json", str(out)])
+    res = bench.main(
+        [*args, "--rounds", "1", "--warmup-rounds", "0", "--rate-seconds", "0", "--json", str(out)]
+    )
     table = capsys.readouterr().out
     for component in bench.COMPONENTS:
         assert f"| {component}" in table, component
@@ -181,6 +183,10 @@ def _check_table(args: list[str], tmp_path, capsys) -> dict:
     assert "| whole valued step" in table and "| **total** |" in table
     for r in res["components"]:
         assert r["seconds"] > 0 and r["flops"] > 0 and r["floor_s"] > 0 and r["measured_over_floor"] > 0, r
+        # the softmax floor adds one exp per logit to the passes that compute a loss, nothing elsewhere
+        passes = r["component"].startswith(("plain", "train", "validation"))
+        assert (r["exps"] > 0) == passes and r["floor_with_softmax_s"] >= r["floor_s"], r
+    assert res["exp_per_s"] > 0 and res["valued_over_sum_of_floors_with_softmax"] > 0
     assert res["gemm_flops_per_s"] > 0 and res["valued_over_plain"] > 0 and res["memory"]["total"] > 0
     assert json.loads(out.read_text())["shape"]["n_layer"] == 2
     return res
@@ -208,7 +214,7 @@ def test_rows_shared_by_layers_sum_them_and_padding_is_not_counted(capsys) -> No
     one layer's FLOPs, over two rounds and a warm-up round as over one), and the validation pass counts the
     columns the Valuer computes: texts of 60 tokens cost the same in 64- and 128-token rows (the trim)."""
     bench = _load_benchmark()
-    base = ["--shape", "demo", "--vocab", "500", "--sketch-dim", "0"]
+    base = ["--shape", "demo", "--vocab", "500", "--sketch-dim", "0", "--rate-seconds", "0"]
     results = []
 
     def flops(*extra: str) -> dict[str, float]:

@@ -145,8 +145,9 @@ def _layer_norm(
     out = []
     if module.weight is not None and module.weight.requires_grad:
         x = _as_btd(inp, n).to(b.dtype if b.dtype == torch.float64 else torch.float32)
-        # the normalized input from the forward's own kernel: the xhat the weight multiplied (its output
-        # is `xhat * weight + bias` bit for bit), at a third of the cost of var_mean and two passes
+        # the normalized input from the forward's own kernel, the xhat the weight multiplied (on this
+        # build the forward's output is `xhat * weight + bias` bit for bit), at a third of the cost of
+        # `var_mean` and two more passes
         xhat = torch.native_layer_norm(x, module.normalized_shape, None, None, module.eps)[0]
         out.append((module.weight, Use(token_sum(b * xhat.to(b.dtype)), None)))
     return out + _bias_use(module, b)
