@@ -20,7 +20,7 @@ control (mean rank of the *other* originals for the same text) follow `attributi
 (`rank_of`: 1 = top, ties share the average rank).
 
 Bergson is an optional benchmark dependency (`pip install -e '.[peer]'`, see docs/benchmarks.md for the
-CPU-only install) and is imported only here, never by the package or the tests:
+CPU-only install, "Session 19") and is imported only here, never by the package or the tests:
 
     python benchmarks/bergson_peer.py --experiment /tmp/hw/s0 --targets 'hw-b-*' --out peer.md --csv peer.csv
 """
