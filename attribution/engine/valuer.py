@@ -49,13 +49,17 @@ from .rules import Use, canonical_shape
 from .scoring import ValSide, build_val_side, compute_dtype, materialize, score_sets, sq_norms
 from .task import LanguageModelingTask, Task
 
-VAL_CHUNK_BYTES = 1 << 26  # one validation chunk's [seqs, T, V] float32 tensor: 64 MiB
+# one validation chunk's [seqs, T, V] float32 tensor: 128 MiB, 10 sequences of 64 tokens at GPT-2's vocabulary.
+# Chosen on the twelve-text shape (docs/benchmarks.md, "Session 19"): 64 MiB made the head's GEMMs too short
+# (validation side 0.80 -> 0.63 s); 256 MiB took its run's peak RSS past the memory budget (3.06 GB).
+VAL_CHUNK_BYTES = 1 << 27
 
 
 def sequences_per_pass(seq_len: int, widest: int) -> int:
     """Sequences per gradient-only forward/backward: as many as keep one `[seqs, T, widest]` float32
     tensor (the logits, their gradient, the head's captured factor) under `VAL_CHUNK_BYTES`. Why: those
-    tensors are the largest of such a pass; the gradients add up, so the chunking changes no value."""
+    tensors are the largest of such a pass; the gradients add up, so the chunking changes no value beyond
+    rounding."""
     return max(1, VAL_CHUNK_BYTES // (seq_len * widest * 4))
 
 
