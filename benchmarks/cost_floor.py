@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
             step_flops,
             whole["plain"][-1],
             ADAMW_ACCESSES * 4 * n_params,
-            tokens * args.vocab,
+            exps=tokens * args.vocab,
         )
         add("train forward/backward (capturing) + clip", True, step_flops, t_fb, exps=tokens * args.vocab)
         if sketch is not None:

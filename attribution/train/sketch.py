@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -620,8 +620,16 @@ class SketchIndex:
 
     def vectors(self, kind: str = "raw") -> np.ndarray:
         """`[n_docs, dim]` float64 document vectors, at their true scale."""
-        index = self.load(kind)
-        return index.reconstruct_n(0, index.ntotal).astype(np.float64) * self.scale(kind)
+        whole = self.vector_blocks(kind, len(self.meta["doc_ids"]))
+        return next(whole, (0, np.empty((0, self.dim))))[1]
+
+    def vector_blocks(self, kind: str = "raw", rows: int = 1 << 16) -> Iterator[tuple[int, np.ndarray]]:
+        """`(start, [count, dim])`: the document vectors from `start` on, `rows` at a time, float64 at their
+        true scale, so that a large corpus need not be held whole in float64."""
+        index, scale = self.load(kind), self.scale(kind)
+        for start in range(0, index.ntotal, max(1, rows)):
+            count = min(rows, index.ntotal - start)
+            yield start, index.reconstruct_n(start, count).astype(np.float64) * scale
 
     def load(self, kind: str = "raw"):
         """The FAISS index (`raw` or `unit`); its dimension must be the run's. Scores: times `scale(kind)`."""

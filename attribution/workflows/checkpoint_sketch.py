@@ -325,12 +325,9 @@ def _estimates(index: SketchIndex, q: np.ndarray) -> np.ndarray:
     """`[claims, documents]`: `<v_d, v_t>` for every document, the index read back in blocks of
     `ESTIMATE_ROWS` vectors so that a large corpus is never held whole in float64 (the reserved column is
     0 in the raw index, so the query's does not count)."""
-    faiss_index, scale = index.load("raw"), index.scale("raw")
-    out = np.empty((len(q), faiss_index.ntotal))
-    for start in range(0, faiss_index.ntotal, ESTIMATE_ROWS):
-        count = min(ESTIMATE_ROWS, faiss_index.ntotal - start)
-        block = faiss_index.reconstruct_n(start, count).astype(np.float64) * scale
-        out[:, start : start + count] = q @ block.T
+    out = np.empty((len(q), len(index.meta["doc_ids"])))
+    for start, block in index.vector_blocks("raw", ESTIMATE_ROWS):
+        out[:, start : start + len(block)] = q @ block.T
     return out
 
 
