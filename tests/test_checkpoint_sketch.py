@@ -196,11 +196,16 @@ def test_estimates_of_every_document_are_within_the_sketchs_error(run, own_texts
     assert both["estimate"].corr(both["checkpoint_cosine"]) > 0.8
 
     # the standout estimate is the z of the cosine estimate against the exact reference statistics, its
-    # spread widened by the estimate's noise variance 1/dim
+    # spread (pooled: the root median variance of the index's documents) widened by the estimate's noise
+    # variance 1/dim
     z, _, _, _ = estimate(run, own_texts, view="standout_checkpoint")
     ref = table[table["val_set"] == "reference"].groupby("doc_id")["checkpoint_cosine"]
+    indexed = json.loads((run / ck.FOLDER / ck.META).read_text())["doc_ids"]
+    pooled = np.sqrt(np.nanmedian(ref.var().reindex(indexed)))
     mu, sd = ref.mean().reindex(both["doc_id"]).to_numpy(), ref.std().reindex(both["doc_id"]).to_numpy()
-    manual = (both["estimate"].to_numpy() - mu) / np.sqrt(sd**2 + ck.NOISE / 2047)
+    manual = (both["estimate"].to_numpy() - mu) / np.sqrt(
+        np.where(sd > 0, pooled, np.nan) ** 2 + ck.NOISE / 2047
+    )
     got = z.set_index(["claim_id", "doc_id"]).loc[list(zip(both["claim_id"], both["doc_id"], strict=True))]
     assert len(got) == len(manual) and np.isfinite(manual).all()
     np.testing.assert_allclose(got["estimate"].to_numpy(), manual, atol=1e-2 * np.abs(manual).max())
@@ -214,6 +219,30 @@ def test_an_older_run_is_ranked_by_the_in_run_sketch_and_says_so(run, own_texts,
     assert view == IN_RUN_VIEW and any(f"ranked by {IN_RUN_VIEW!r}" in n for n in notes)
     with pytest.raises(UserError, match="no checkpoint sketch index"):
         estimate(old, own_texts, view="standout_checkpoint", k=3)
+
+
+def test_an_index_written_before_the_pooled_z_is_scored_against_every_reference_text(
+    run, own_texts, tmp_path
+):
+    """An older index divided each document by its own sd; the view now pools it, so such an index is
+    scored per claim from its raw vectors and the exact reference cosines, the same z as a new index."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    meta_path = old / ck.FOLDER / ck.META
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "pooled"}))
+    new, _, _, _ = estimate(run, own_texts, view="standout_checkpoint")
+    got, view, _, _ = estimate(old, own_texts, view="standout_checkpoint")
+    assert view == "standout_checkpoint" and "neighbours" not in new.attrs
+    every = sorted(_table(run).query("val_set == 'reference'")["val_id"].unique())
+    assert {c: sorted(r) for c, r in got.attrs["neighbours"].items()} == {
+        c: every for c in got["claim_id"].unique()
+    }
+    both = new.merge(got, on=["claim_id", "doc_id"])
+    assert len(both) == len(new) == len(got)
+    # FAISS's float32 search against the float64 product: float32 rounding over 2,048 coordinates
+    atol = 2048 * np.finfo(np.float32).eps * both["estimate_x"].abs().max()
+    np.testing.assert_allclose(both["estimate_y"], both["estimate_x"], rtol=0, atol=atol)
 
 
 def test_an_index_of_other_checkpoints_or_dimension_is_refused(run, own_texts, tmp_path):
@@ -290,8 +319,12 @@ def test_fast_standout_against_the_nearest_reference_texts(
         near = views.nearest_reference(est[[claim]].to_numpy(), ref.to_numpy(), 5)[0]
         assert neighbours[claim] == [ref.columns[i] for i in near]
         mu, sd = views.reference_moments(ref.iloc[:, near].to_numpy())
+        pooled = np.sqrt(np.nanmedian(sd**2))  # the index's documents: one scale for the claim
         manual = pd.Series(
-            np.nan_to_num((est[claim] - mu) / np.sqrt(sd**2 + ck.NOISE / 2047)), index=est.index
+            np.nan_to_num(
+                (est[claim] - mu) / np.sqrt(np.where(sd > 0, pooled, np.nan) ** 2 + ck.NOISE / 2047)
+            ),
+            index=est.index,
         )
         got = z[z["claim_id"] == claim].set_index("doc_id")["estimate"]
         # `est` comes from FAISS's float32 search, the z from the float64 product: float32 rounding over
@@ -309,8 +342,15 @@ def test_fast_standout_against_the_nearest_reference_texts(
     every = every[every["val_set"] == "reference"].pivot(
         index="doc_id", columns="val_id", values="checkpoint_cosine"
     )
+    every = every.reindex(json.loads((run / ck.FOLDER / ck.META).read_text())["doc_ids"])
     for row in r.table.itertuples():
-        mu, sd = views.reference_moments(every.loc[[row.doc_id], neighbours[row.claim_id]].to_numpy())
-        want = np.nan_to_num((exact.loc[row.doc_id, row.claim_id] - mu[0]) / sd[0])
+        cols = neighbours[row.claim_id]
+        mu, sd = views.reference_moments(every.loc[[row.doc_id], cols].to_numpy())
+        pooled = np.sqrt(
+            np.nanmedian(every[cols].var(axis=1))
+        )  # over every indexed document, not the candidates
+        want = np.nan_to_num(
+            (exact.loc[row.doc_id, row.claim_id] - mu[0]) / (pooled if sd[0] > 0 else np.nan)
+        )
         assert row.exact == pytest.approx(want, rel=1e-7, abs=1e-9)
     assert "reference texts nearest" in (tmp_path / "fast" / "fast.md").read_text()

@@ -102,7 +102,10 @@ def test_the_standout_view_reads_the_texts(runs):
     reference = mine.loc[mine["val_set"] == "reference", "checkpoint_cosine"].to_numpy()
     assert len(reference) == 4 + len(TEXT_IDS)
     row = mine[(mine["val_set"] == "a") & (mine["val_id"] == "a0")].iloc[0]
-    want = (row["checkpoint_cosine"] - reference.mean()) / reference.std(ddof=1)
+    # the pooled z (`views.POOLED_SCALE`): one scale for the text, the root median variance of every
+    # document's reference cosines
+    every = ev[ev["val_set"] == "reference"].groupby("doc_id")["checkpoint_cosine"].var()
+    want = (row["checkpoint_cosine"] - reference.mean()) / np.sqrt(every.median())
     assert row["view_standout_checkpoint"] == pytest.approx(want, rel=1e-9)
     old = views["base"]
     old_row = old[(old["doc_id"] == doc) & (old["val_set"] == "a") & (old["val_id"] == "a0")].iloc[0]

@@ -46,15 +46,18 @@ def _wide(ev: pd.DataFrame) -> pd.DataFrame:
     return ev.pivot(index="doc_id", columns="val_id", values="value")
 
 
-def _direct(ev: pd.DataFrame, doc: str, val_id: str, k: int) -> float:
+def _direct(ev: pd.DataFrame, doc: str, val_id: str, k: int, pooled: bool = False) -> float:
     """z of one pair from the definition: the k reference texts whose columns correlate most with the
-    text's (numpy's corrcoef), then mean and sample sd of the document's values for them."""
+    text's (numpy's corrcoef; a reference text never counts itself), then mean and sample sd of the
+    document's values for them; `pooled`: divided instead by the root median over every document of
+    its sample variance for the same texts."""
     wide = _wide(ev)
     refs = [r for r in PROSE_REFS + CODE_REFS if r != val_id]
     corr = [np.corrcoef(wide[val_id], wide[r])[0, 1] for r in refs]
     near = [refs[i] for i in np.argsort(-np.asarray(corr), kind="stable")[:k]]
-    ref = wide.loc[doc, near].to_numpy()
-    return float((wide.loc[doc, val_id] - ref.mean()) / ref.std(ddof=1))
+    ref = wide[near]
+    scale = np.sqrt(np.median(ref.var(axis=1, ddof=1))) if pooled else ref.loc[doc].std(ddof=1)
+    return float((wide.loc[doc, val_id] - ref.loc[doc].mean()) / scale)
 
 
 def test_nearest_reference_is_the_most_correlated_columns():
@@ -81,6 +84,34 @@ def test_standout_against_the_nearest_matches_its_definition(k):
             assert got == pytest.approx(_direct(ev, row.doc_id, row.val_id, k), rel=1e-10, abs=1e-12)
 
 
+@pytest.mark.parametrize("k", [5, 17, 100])
+def test_a_pooled_z_matches_its_definition(k, monkeypatch):
+    """The checkpoint cosine's z (`views.POOLED_SCALE`) divides by one scale per text, for the claims and
+    for the reference rows' leave-one-out z alike, against the nearest k texts or (k >= 17) all others."""
+    assert "checkpoint_cosine" in views.POOLED_SCALE
+    ev = _table()
+    monkeypatch.setitem(views.NEAREST_REFERENCE, "checkpoint_cosine", k)
+    z = views.VIEWS["standout_checkpoint"].fn(
+        ev.rename(columns={"value": "checkpoint_cosine"}), pd.DataFrame()
+    )
+    for row, got in zip(ev.itertuples(), z, strict=True):
+        assert got == pytest.approx(_direct(ev, row.doc_id, row.val_id, k, pooled=True), rel=1e-10, abs=1e-12)
+
+
+def test_a_pooled_z_does_not_let_a_flat_document_outrank_the_original():
+    """A document whose values barely move over the reference texts (an arithmetic drill) reaches a large
+    sample z from a small excess; the pooled z ranks by the excess itself, so the original comes first."""
+    ev = _table()
+    flat = ev["doc_id"] == "d0"
+    ev.loc[flat, "value"] = 0.1 + 1e-4 * (np.arange(flat.sum()) % 3)  # almost no spread
+    ev.loc[flat & (ev["val_id"] == "t0"), "value"] = 0.2  # a small excess for t0
+    cos = ev.rename(columns={"value": "checkpoint_cosine"})
+    sample = standout(ev, nearest=6).groupby(ev["val_id"]).get_group("t0")
+    pooled = standout(cos, "checkpoint_cosine", nearest=6).groupby(ev["val_id"]).get_group("t0")
+    doc = ev.loc[sample.index, "doc_id"]
+    assert doc[sample.idxmax()] == "d0" and doc[pooled.idxmax()] == "special"
+
+
 def test_a_reference_no_larger_than_k_gives_the_plain_z():
     ev = _table()
     n_ref = len(PROSE_REFS + CODE_REFS)
@@ -101,11 +132,13 @@ def test_the_kind_of_the_claim_is_what_it_is_measured_against():
     assert by_near["special", "t0"] > 20 and by_near["special", "t0"] == by_near.loc[:, "t0"].max()
 
 
-def test_a_texts_nearest_z_does_not_depend_on_the_other_texts():
-    alone = _table({"t0": "prose"})
-    many = _table({**CLAIMS, **{f"x{i}": "code" for i in range(5)}})
-    z_alone = alone.assign(z=standout(alone, nearest=5)).query("val_id == 't0'").set_index("doc_id").z
-    z_many = many.assign(z=standout(many, nearest=5)).query("val_id == 't0'").set_index("doc_id").z
+@pytest.mark.parametrize("column", ["value", "checkpoint_cosine"])
+@pytest.mark.parametrize("k", [5, 100])
+def test_a_texts_nearest_z_does_not_depend_on_the_other_texts(column, k):
+    alone = _table({"t0": "prose"}).rename(columns={"value": column})
+    many = _table({**CLAIMS, **{f"x{i}": "code" for i in range(5)}}).rename(columns={"value": column})
+    z_alone = alone.assign(z=standout(alone, column, nearest=k)).query("val_id == 't0'").set_index("doc_id").z
+    z_many = many.assign(z=standout(many, column, nearest=k)).query("val_id == 't0'").set_index("doc_id").z
     np.testing.assert_array_equal(z_alone.sort_index().to_numpy(), z_many.sort_index().to_numpy())
 
 

@@ -43,7 +43,14 @@ from attribution.io import atomic_path, atomic_write
 from attribution.text import containment
 from attribution.values import RunDir, RunValues
 from attribution.values.manifest import ATTRIBUTION_COLUMN
-from attribution.values.views import MIN_REFERENCE, NEAREST_REFERENCE, REFERENCE_SET, VIEWS, standout
+from attribution.values.views import (
+    MIN_REFERENCE,
+    NEAREST_REFERENCE,
+    POOLED_SCALE,
+    REFERENCE_SET,
+    VIEWS,
+    standout,
+)
 
 METHODS = ("shapley", "lexical", "semantic", "bm25")
 LABELS = ("verbatim", "paraphrastic", "non-obvious influence", "none")
@@ -69,10 +76,11 @@ COLUMNS = [
 
 
 # The default influence_z per z basis (`views.View.z_of`): the smallest z whose share among unrelated
-# top-10 documents was at most 5% on the tuning half of the hand-written cases, both seeds
-# (benchmarks/label_threshold.py; docs/benchmarks.md, "Held-out views" for the in-run cosine, "Session 11"
-# for the checkpoint cosine). A basis not measured takes the strictest.
-INFLUENCE_Z = {"value_cosine": 25.0, "checkpoint_cosine": 20.0}
+# top-10 documents was at most 5% on the tuning half of the hand-written cases, in every run
+# (benchmarks/label_threshold.py; docs/benchmarks.md, "Held-out views" for the in-run cosine, "Session 20"
+# for the checkpoint cosine's pooled z, 3 on three runs; its per-document z took 20). A basis not measured
+# takes the strictest.
+INFLUENCE_Z = {"value_cosine": 25.0, "checkpoint_cosine": 3.0}
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,13 @@ def _compared(view: str, n_reference: int) -> str:
 def _z_of(view: str) -> str:
     """The column whose standout z labels pairs under `view` (`views.View.z_of`)."""
     return VIEWS[view].z_of if view in VIEWS else "value"
+
+
+def _z_unit(view: str) -> str:
+    """What one unit of the standout z under `view` is, in words (`views.POOLED_SCALE`)."""
+    if _z_of(view) in POOLED_SCALE:
+        return "times the spread of a typical document's values over those texts"
+    return "of its own sample standard deviations"
 
 
 def _z_basis(view: str) -> str:
@@ -498,7 +513,7 @@ def _write(
         "",
         (
             f"Standout test: a pair is `non-obvious influence` only if the document's {_z_basis(column)} for the text "
-            f"is at least {t.influence_z:g} sample standard deviations above its mean value over the "
+            f"is at least {t.influence_z:g} {_z_unit(column)} above its mean value over the "
             f"{_compared(column, n_reference)} (`standout_z` >= {t.influence_z:g}; the same "
             "under every scaled or shifted view of it), so documents that help every text are left out."
             if tested

@@ -91,10 +91,14 @@ REFERENCE_SET = "reference"  # the run's fixed reference set (attribution.train.
 MIN_REFERENCE = 4  # fewer reference examples than this: a document's spread over them means nothing
 
 
-def _zscore(x: np.ndarray, doc: np.ndarray, mask: np.ndarray, min_n: int) -> np.ndarray:
+def _zscore(
+    x: np.ndarray, doc: np.ndarray, mask: np.ndarray, min_n: int, pooled_by: np.ndarray | None = None
+) -> np.ndarray:
     """z of every row against the same document's rows in `mask` (mean, sample sd), leaving a row out
     of its own statistics when it is in `mask`; NaN where fewer than `min_n` rows remain or they are all
-    equal. Two-pass moments (and the exact leave-one-out update), so equal values give sd 0, not noise."""
+    equal. Two-pass moments (and the exact leave-one-out update), so equal values give sd 0, not noise.
+    `pooled_by` (each row's text): divide by the text's `pooled_scale` over its rows instead of each
+    document's own sd."""
     m = mask.astype(np.float64)
     n = pd.Series(m).groupby(doc).sum().reindex(doc).to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -107,6 +111,9 @@ def _zscore(x: np.ndarray, doc: np.ndarray, mask: np.ndarray, min_n: int) -> np.
         n = n - m
         sd = np.sqrt(np.maximum(m2, 0.0) / (n - 1))
         ok = (n >= min_n) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
+        if pooled_by is not None:
+            var = pd.Series(np.where(ok, sd**2, np.nan))
+            sd = np.sqrt(var.groupby(pooled_by).transform("median").to_numpy())
         return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), np.nan)
 
 
@@ -118,6 +125,26 @@ def _zscore(x: np.ndarray, doc: np.ndarray, mask: np.ndarray, min_n: int) -> np.
 # 0 and 1, it was the only k that met every goal of issue 13 on both seeds with the other originals'
 # control within 10 ranks of chance; on the other half, which played no part, it then met all of them.
 NEAREST_REFERENCE: dict[str, int] = {"checkpoint_cosine": 36}
+
+# Columns whose standout z divides a document's excess over its reference mean by one scale per text,
+# `pooled_scale`, instead of by the document's own sd. Why: a document whose values barely move over the
+# reference texts (arithmetic drills, API pages) reaches a large z from a tiny excess, so the sample z
+# over-weights exactly the documents least like the claim (session 19 measured it on half C: a contract
+# rewrite's original at cosine 0.087, z 2.1, behind arithmetic documents at cosines 0.008-0.029, z 2.2-4.3).
+# Chosen for the checkpoint cosine by the held-out protocol of docs/benchmarks.md ("Session 20"): among the
+# empirical-Bayes moderated variances (Smyth 2004) from none (today's z) to full pooling, full pooling was
+# the only one to meet every goal of issue 13 on the tuning half in all three runs, with the lowest mean rank.
+POOLED_SCALE: frozenset[str] = frozenset({"checkpoint_cosine"})
+
+
+def pooled_scale(sd: np.ndarray) -> float:
+    """One text's scale for a pooled standout z: the root of the median variance over the documents
+    (`sd`, NaN where a document's z is undefined), i.e. the spread of a typical document's values over
+    the text's reference texts. NaN when no document has one."""
+    var = np.asarray(sd, dtype=np.float64) ** 2
+    if not np.isfinite(var).any():
+        return float("nan")
+    return float(np.sqrt(np.nanmedian(var)))
 
 
 def nearest_reference(
@@ -147,7 +174,7 @@ def nearest_reference(
 
 
 def _zscore_nearest(
-    x: np.ndarray, doc: np.ndarray, text: np.ndarray, mask: np.ndarray, min_n: int, k: int
+    x: np.ndarray, doc: np.ndarray, text: np.ndarray, mask: np.ndarray, min_n: int, k: int, pooled: bool
 ) -> np.ndarray:
     """`_zscore`, each text against its `k` nearest reference texts (`nearest_reference`) instead of all
     of them; a reference row against its `k` nearest other reference texts. The same as `_zscore` when
@@ -155,7 +182,7 @@ def _zscore_nearest(
     t_code, t_names = pd.factorize(text)
     ref_cols = np.unique(t_code[mask])
     if len(ref_cols) <= k:
-        return _zscore(x, doc, mask, min_n)
+        return _zscore(x, doc, mask, min_n, text if pooled else None)
     d_code, d_names = pd.factorize(doc)
     wide = np.full((len(d_names), len(t_names)), np.nan)
     wide[d_code, t_code] = x
@@ -165,22 +192,25 @@ def _zscore_nearest(
     nbrs = nearest_reference(wide, ref, k, own)
     z = np.full_like(wide, np.nan)
     for j, cols in enumerate(nbrs):
-        mu, sd = reference_moments(ref[:, cols], min_n)
+        mu, sd = reference_moments(ref[:, cols], min_n, pooled)
         z[:, j] = (wide[:, j] - mu) / sd
     return z[d_code, t_code]
 
 
-def reference_moments(ref: np.ndarray, min_n: int = MIN_REFERENCE) -> tuple[np.ndarray, np.ndarray]:
+def reference_moments(
+    ref: np.ndarray, min_n: int = MIN_REFERENCE, pooled: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `ref` (`[documents, reference texts]`, NaN: no value): the mean and the sample sd of
     its values, as `_zscore` takes them; sd is NaN where z is undefined (fewer than `min_n` values, or no
-    spread)."""
+    spread). `pooled`: every defined sd replaced by their `pooled_scale` (the rows are all documents)."""
     n = np.isfinite(ref).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a row without values
         mu = np.nanmean(ref, axis=1)
         sd = np.sqrt(np.nansum((ref - mu[:, None]) ** 2, axis=1) / (n - 1))
     ok = (n >= min_n) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
-    return mu, np.where(ok, sd, np.nan)
+    sd = np.where(ok, sd, np.nan)
+    return mu, np.where(ok, pooled_scale(sd), np.nan) if pooled else sd
 
 
 def _standout_z(
@@ -189,10 +219,11 @@ def _standout_z(
     x = ev[column].to_numpy(dtype=np.float64)
     doc = ev["doc_id"].astype(str).to_numpy()
     k = NEAREST_REFERENCE.get(column) if nearest is None else nearest
-    if k is None:
-        return _zscore(x, doc, mask, min_n)
+    pooled = column in POOLED_SCALE
     text = (ev["val_set"].astype(str) + "\x00" + ev["val_id"].astype(str)).to_numpy()
-    return _zscore_nearest(x, doc, text, mask, min_n, k)
+    if k is None:
+        return _zscore(x, doc, mask, min_n, text if pooled else None)
+    return _zscore_nearest(x, doc, text, mask, min_n, k, pooled)
 
 
 def standout(
@@ -203,7 +234,9 @@ def standout(
     nearest: int | None = None,
 ) -> pd.Series:
     """z(d, t) = (v(d, t) - mean_r v(d, r)) / sd_r v(d, r): how far a document's value for a text lies
-    above what it gives the reference set's texts r (sample sd over the document's reference rows).
+    above what it gives the reference set's texts r (sample sd over the document's reference rows; for a
+    column in `POOLED_SCALE`, the text's `pooled_scale` over every document instead, so that z ranks a
+    text's documents by their excess over their own reference mean).
 
     Why: a document that helps *every* text (generic prose) has a large value for each one, but no
     larger than for the reference texts, so its z is small; a document that helps *this* text in
@@ -215,8 +248,9 @@ def standout(
 
     z is unchanged when a document's values are scaled by a positive constant (the per-token view) or
     shifted by one (the contrast views, for a text outside the reference set), so it is the same under
-    the raw value, per-token and contrast views. It depends only on the text's own row and the
-    reference rows, never on the other texts asked about.
+    the raw value, per-token and contrast views (a pooled z: when every document's values are scaled by
+    the same constant). It depends only on the text's own row and the reference rows, never on the other
+    texts asked about.
     """
     in_ref = (ev["val_set"].astype(str) == reference).to_numpy()
     z = _standout_z(ev, column, in_ref, min_reference, nearest)
@@ -334,7 +368,8 @@ VIEWS: dict[str, View] = {
     ),
     "standout_checkpoint": View(
         _standout_of("checkpoint_cosine"),
-        "z of the checkpoint cosine against the document's checkpoint cosines for the reference set's texts",
+        "the checkpoint cosine's excess over the document's mean for the reference texts nearest the text, "
+        "in units of a typical document's spread over them",
         "derived-from questions, with generally similar documents discounted",
         ("checkpoint_cosine",),
         z_of="checkpoint_cosine",

@@ -14,7 +14,8 @@ this module count-sketches it there, with no extra gradient:
 `checkpoint_cosine(d, t)` without bias, with an error of about `1/sqrt(dim)` whatever the number of
 parameters. A claim's `v(t)` is the same recipe at the same links with the same hashes (drawn from the
 seed in the meta). The standout z is linear in it once each document's vector is divided by the sd of
-its exact reference cosines (from the same pass), widened by the estimate's own noise variance:
+its exact reference cosines (from the same pass; for the pooled z of `views.POOLED_SCALE`, the one scale
+of every document), widened by the estimate's own noise variance:
 `z(d, t) = <[v_d, -mu_d], [v_t, 1]> / sqrt(sd_d^2 + 1/dim)`, with `-mu_d` and `1` in the reserved column.
 
 The candidates are then confirmed exactly: their checkpoint cosines with every parameter at the
@@ -36,7 +37,7 @@ import pandas as pd
 from attribution.errors import UserError
 from attribution.io import atomic_write
 from attribution.train.sketch import SketchIndex, describe_index, read_meta, write_index
-from attribution.values.views import nearest_reference, reference_moments
+from attribution.values.views import POOLED_SCALE, nearest_reference, pooled_scale, reference_moments
 
 FOLDER = "checkpoint_sketch"
 INDEX = "index.faiss"
@@ -160,8 +161,10 @@ def write(run: str | Path, sketch: Sketcher, frame: pd.DataFrame, *, power: floa
         "similarity": "concat over kept links s of C_s(unit K_s^(power/2) g(w_s)) / sqrt(L); C_s a count "
         "sketch of every parameter; inner products estimate checkpoint_cosine",
         "standout": "[v_d, -mu_d] / sqrt(sd_d^2 + noise / dim) (mu, sd: the document's exact checkpoint "
-        "cosines for the reference texts; 0 where its z is undefined), searched with [v_t, 1]",
+        "cosines for the reference texts, sd pooled over the documents when `pooled`; 0 where its z is "
+        "undefined), searched with [v_t, 1]",
         "noise": NOISE,
+        "pooled": _pooled(),
     }
     with atomic_write(folder / META) as fh:
         json.dump(meta, fh)
@@ -191,10 +194,18 @@ def standout_vectors(
 def reference_stats(ref: pd.DataFrame, doc_ids: Sequence[str], power: float) -> tuple[np.ndarray, np.ndarray]:
     """Each document's mean and sample sd of its exact checkpoint cosines for the reference texts (rows
     of `ref`, column at `power`), as `views.reference_moments` takes them: sd is NaN where the standout z
-    is undefined (fewer than `MIN_REFERENCE` rows, or no spread)."""
+    is undefined (fewer than `MIN_REFERENCE` rows, or no spread), and pooled where the view pools it."""
     from attribution.workflows.checkpoint_similarity import power_column
 
-    return reference_moments(reference_matrix(ref, power_column(power), doc_ids).to_numpy(np.float64))
+    matrix = reference_matrix(ref, power_column(power), doc_ids).to_numpy(np.float64)
+    return reference_moments(matrix, pooled=_pooled())
+
+
+def _pooled() -> bool:
+    """Whether the standout z of the checkpoint cosine divides by one pooled scale per text."""
+    from attribution.values.results import CHECKPOINT_COLUMN
+
+    return CHECKPOINT_COLUMN in POOLED_SCALE
 
 
 def widened(sd: np.ndarray, dim: int) -> np.ndarray:
@@ -210,9 +221,13 @@ def reference_matrix(ref: pd.DataFrame, column: str, doc_ids: Sequence[str] | No
     return wide if doc_ids is None else wide.reindex([str(d) for d in doc_ids])
 
 
-def _standout_against(frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str]]) -> np.ndarray:
+def _standout_against(
+    frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str]] | None, every: pd.DataFrame
+) -> np.ndarray:
     """The exact standout z of each claim row of `frame` (the confirming pass: claims and reference rows
-    of the candidates) against its claim's `neighbours` (0 where undefined, as the view gives it)."""
+    of the candidates) against its claim's `neighbours` (None: every reference text), 0 where undefined,
+    as the view gives it. `every`: every document's exact reference cosines (the run's checkpoint pass),
+    whose spread gives a pooled z its scale: the candidates alone would give another."""
     from attribution.values.results import CHECKPOINT_COLUMN
     from attribution.values.views import REFERENCE_SET
 
@@ -221,8 +236,11 @@ def _standout_against(frame: pd.DataFrame, neighbours: Mapping[str, Sequence[str
     wide = reference_matrix(frame[is_ref], CHECKPOINT_COLUMN)
     z = np.zeros(len(frame))
     for claim, rows in frame[~is_ref].groupby(frame.loc[~is_ref, "val_id"].astype(str)).groups.items():
-        sub = wide.reindex(index=docs[rows], columns=list(neighbours[claim])).to_numpy(np.float64)
-        mu, sd = reference_moments(sub)
+        cols = list(wide.columns) if neighbours is None else list(neighbours[claim])
+        mu, sd = reference_moments(wide.reindex(index=docs[rows], columns=cols).to_numpy(np.float64))
+        if _pooled():
+            scale = pooled_scale(reference_moments(every[cols].to_numpy(np.float64))[1])
+            sd = np.where(np.isfinite(sd), scale, np.nan)
         z[frame.index.get_indexer(rows)] = np.nan_to_num((frame.loc[rows, CHECKPOINT_COLUMN] - mu) / sd)
     return z
 
@@ -303,7 +321,7 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
         neighbours = nearest_reference(estimates.T, ref, n_near)
         z = np.zeros_like(estimates)
         for j, cols in enumerate(neighbours):
-            mu, sd = reference_moments(ref[:, cols])
+            mu, sd = reference_moments(ref[:, cols], pooled=_pooled())
             z[j] = np.nan_to_num((estimates[j] - mu) / widened(sd, index.dim))  # as `standout_vectors`
         k = z.shape[1] if k is None else min(int(k), z.shape[1])
         rows = np.argsort(-z, axis=1, kind="stable")[:, :k]
@@ -341,24 +359,36 @@ class Search:
     neighbours: dict[str, list[str]] | None = None
 
 
+def reference_cosines(run: str | Path, doc_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """`[documents, reference texts]`: every document's exact checkpoint cosines for the run's reference
+    texts, from its checkpoint pass (rows in the order of `doc_ids` when given)."""
+    from attribution.values.results import CHECKPOINT_COLUMN
+    from attribution.values.rundir import CHECKPOINT_VALUES, RunDir
+    from attribution.values.views import REFERENCE_SET
+
+    cols = ["doc_id", "val_set", "val_id", CHECKPOINT_COLUMN]
+    table = RunDir(run).table(CHECKPOINT_VALUES, cols, required=True, needs=cols)
+    return reference_matrix(table[table["val_set"].astype(str) == REFERENCE_SET], CHECKPOINT_COLUMN, doc_ids)
+
+
 def _nearest_setup(run: str | Path, index: SketchIndex) -> tuple[np.ndarray, list[str], int] | None:
     """(the documents' exact reference cosines `[documents, reference texts]` in the index's order, the
     reference ids, how many are nearest) when the standout z compares a claim with fewer than all of the
-    run's reference texts; None when it compares with all of them (the index's fixed statistics)."""
+    run's reference texts, or when the index's fixed statistics are not the view's (an index written
+    before the pooled z: it is then computed per claim against all of them); None when the index's fixed
+    statistics serve."""
     from attribution.values.results import CHECKPOINT_COLUMN
-    from attribution.values.rundir import CHECKPOINT_VALUES, RunDir
-    from attribution.values.views import NEAREST_REFERENCE, REFERENCE_SET
+    from attribution.values.views import NEAREST_REFERENCE
 
     n_near = NEAREST_REFERENCE.get(CHECKPOINT_COLUMN)
-    if n_near is None:
+    stale = bool(index.meta.get("pooled", False)) != _pooled()
+    if n_near is None and not stale:
         return None
-    cols = ["doc_id", "val_set", "val_id", CHECKPOINT_COLUMN]
-    table = RunDir(run).table(CHECKPOINT_VALUES, cols, required=True, needs=cols)
-    table = table[table["val_set"].astype(str) == REFERENCE_SET]
-    if table["val_id"].nunique() <= n_near:
+    wide = reference_cosines(run, index.meta["doc_ids"])
+    n_ref = wide.shape[1]
+    if n_near is not None and n_ref <= n_near and not stale:
         return None
-    wide = reference_matrix(table, CHECKPOINT_COLUMN, index.meta["doc_ids"])
-    return wide.to_numpy(np.float64), [str(c) for c in wide.columns], int(n_near)
+    return wide.to_numpy(np.float64), [str(c) for c in wide.columns], min(n_near or n_ref, n_ref)
 
 
 def confirm(
@@ -376,7 +406,7 @@ def confirm(
     reference set's exact cosines for the same documents, computed in the same pass: against each claim's
     `neighbours` (`Search.neighbours`) where the search chose them, else against every reference text."""
     from attribution.values.results import CHECKPOINT_COLUMN
-    from attribution.values.views import REFERENCE_SET, standout
+    from attribution.values.views import REFERENCE_SET
     from attribution.values.views import VIEWS as ALL_VIEWS
     from attribution.workflows import checkpoint_similarity
 
@@ -388,11 +418,7 @@ def confirm(
     if view == "standout_checkpoint":
         # never the view's own choice of neighbours: over the candidates alone it would differ from the
         # choice over every document; without the search's, every reference text
-        frame["exact"] = (
-            _standout_against(frame, neighbours)
-            if neighbours is not None
-            else np.nan_to_num(standout(frame, CHECKPOINT_COLUMN, nearest=len(frame)).to_numpy())
-        )
+        frame["exact"] = _standout_against(frame, neighbours, reference_cosines(run, index.meta["doc_ids"]))
     else:
         frame["exact"] = ALL_VIEWS[view].fn(frame, pd.DataFrame())
     out = frame[frame["val_set"] != REFERENCE_SET]
