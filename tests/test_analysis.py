@@ -281,6 +281,30 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
     assert row.label != "paraphrastic"
 
 
+def test_the_checkpoint_views_label_by_the_checkpoint_cosines_z(tmp_path, run_dir, index_dir):
+    """Under `standout_checkpoint`, `standout_z` is the z of `checkpoint_cosine` (not of the raw value),
+    and its threshold is that basis's (`INFLUENCE_Z`): once the view's reader dropped the column, so the
+    label quietly used the raw value's z at the strictest threshold."""
+    from attribution.analysis.compare import INFLUENCE_Z
+    from attribution.values.views import standout
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ev = pd.read_parquet(run / "example_values.parquet")
+    rng = np.random.default_rng(1)
+    cosine = ev.assign(checkpoint_cosine=rng.normal(0, 0.01, len(ev)))  # unrelated to `value`
+    cosine.loc[(cosine.val_id == "v-para") & (cosine.doc_id == "lee-007"), "checkpoint_cosine"] = 0.2
+    cosine.drop(columns="value").to_parquet(run / "checkpoint_values.parquet", index=False)
+    table = compare_run(run, index_dir, tmp_path / "c", k=5, view="standout_checkpoint")
+    want = cosine.assign(z=standout(cosine, "checkpoint_cosine")).set_index(["val_id", "doc_id"]).z
+    got = table.set_index(["val_id", "doc_id"]).standout_z
+    np.testing.assert_allclose(got.to_numpy(), want.loc[got.index].to_numpy(), rtol=1e-12)
+    assert got.loc[("v-para", "lee-007")] == got.max() > 10
+    info = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert info["standout"]["z_of"] == "checkpoint_cosine"
+    assert info["thresholds"]["influence_z"] == INFLUENCE_Z["checkpoint_cosine"]
+
+
 def test_compare_without_reference_set_keeps_the_old_rule_and_warns(tmp_path, run_dir, index_dir):
     """A run made before the reference set existed: no standout test, one warning, the generic document
     counts as `non-obvious influence` again."""

@@ -78,9 +78,8 @@ COLUMNS = [
 # The default influence_z per z basis (`views.View.z_of`): the smallest z whose share among unrelated
 # top-10 documents was at most 5% on the tuning half of the hand-written cases, in every run
 # (benchmarks/label_threshold.py; docs/benchmarks.md, "Held-out views" for the in-run cosine, "Session 20"
-# for the checkpoint cosine's pooled z, 3 on three runs; its per-document z took 20). A basis not measured
-# takes the strictest.
-INFLUENCE_Z = {"value_cosine": 25.0, "checkpoint_cosine": 3.0}
+# for the checkpoint cosine's pooled z, on three runs). A basis not measured takes the strictest.
+INFLUENCE_Z = {"value_cosine": 25.0, "checkpoint_cosine": 10.0}
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,7 @@ def compare_run(
         raise UserError("k must be at least 1")
     depth = max(depth or 100, k)
     table, column = _run_values(run, view)
-    z_of = _z_of(column) if _z_of(column) in table.columns else "value"
+    z_of = _z_of(column)  # `RunValues.view` keeps the columns a view reads
     t = t.for_basis(z_of)
     table["standout_z"] = standout(table, z_of)  # the same under every scaled/shifted view of `z_of`
     n_reference = int(table.loc[table.val_set == REFERENCE_SET, "val_id"].nunique())

@@ -172,8 +172,9 @@ class RunValues:
 
     def view(self, name: str | None = None) -> pd.DataFrame:
         """Per-example attribution under one view (default: the run's): `doc_id, val_set, val_id, value,
-        attribution`. Falls back to the in-run default view, then to the raw value, when the run lacks
-        what the default view needs."""
+        attribution`, and the columns the view reads (`checkpoint_cosine`, ...), whose standout z labels
+        pairs (`compare`). Falls back to the in-run default view, then to the raw value, when the run
+        lacks what the default view needs."""
         if name is None:
             have = self.available_views()
             name = next((v for v in (self.default_view, views_mod.IN_RUN_VIEW) if v in have), "value")
@@ -192,7 +193,7 @@ class RunValues:
                     f"{self.run.path}: view {name!r} needs {', '.join(lacking)}, which this run lacks"
                 )
             score = views_mod.VIEWS[name].fn(ev, self._view_docs()).to_numpy()
-        out = ev[[*KEYS, "value"]].copy()
+        out = ev[[*KEYS, "value", *(c for c in needs if c != "value" and c in ev.columns)]].copy()
         out[ATTRIBUTION_COLUMN] = score
         out.attrs["view"] = name
         return out
