@@ -274,6 +274,7 @@ def test_compare_on_synthetic_run(tmp_path, run_dir, index_dir):
         "not_target": int((~non_obvious.is_target).sum()),
     }
     assert "Standout test" in md and f"over the {N_REFERENCE} examples" in md
+    assert "sample standard deviations" in md  # the raw value's z: the document's own sd
 
     # thresholds are configurable and change labels
     strict = compare_run(run_dir, index_dir, None, k=5, thresholds=Thresholds(paraphrase_semantic=0.99))
@@ -303,6 +304,8 @@ def test_the_checkpoint_views_label_by_the_checkpoint_cosines_z(tmp_path, run_di
     info = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert info["standout"]["z_of"] == "checkpoint_cosine"
     assert info["thresholds"]["influence_z"] == INFLUENCE_Z["checkpoint_cosine"]
+    # the summary says what one unit of this z is: the pooled scale, not the document's own sd
+    assert "typical spreads" in (tmp_path / "c" / "summary.md").read_text()
 
 
 def test_compare_without_reference_set_keeps_the_old_rule_and_warns(tmp_path, run_dir, index_dir):

@@ -151,7 +151,7 @@ def _z_of(view: str) -> str:
 def _z_unit(view: str) -> str:
     """What one unit of the standout z under `view` is, in words (`views.POOLED_SCALE`)."""
     if _z_of(view) in POOLED_SCALE:
-        return "times the spread of a typical document's values over those texts"
+        return "typical spreads (the root median variance of every document's values for the same texts)"
     return "of its own sample standard deviations"
 
 
