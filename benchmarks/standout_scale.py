@@ -9,7 +9,8 @@ scale. Candidates, after Smyth's (2004) moderated variance (limma's moderated t)
 documents: `d0 = 0` is each document's own sd, `d0 = inf` one pooled scale per text
 (`views.POOLED_SCALE`, the default since session 20); `eb` estimates `d0` and `s0^2` per text by Smyth's
 moment method on `log s^2`. Each candidate replaces `views.reference_moments` while the experiment's own
-`_irs_ranks` ranks the originals again, so nothing is retrained. Prints, per candidate and folder, the
+`_irs_ranks` ranks the originals again, so nothing is retrained (so the runs must hold more reference texts
+than `views.NEAREST_REFERENCE`, as the hand-written experiments' 48 do: with fewer the z takes another path). Prints, per candidate and folder, the
 mean and individual ranks of the originals matching `--targets` under `standout_checkpoint`, the
 control, and whether every goal of issue 13 is met (`heldout_views._checks`).
 

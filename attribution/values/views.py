@@ -112,8 +112,7 @@ def _zscore(
         sd = np.sqrt(np.maximum(m2, 0.0) / (n - 1))
         ok = (n >= min_n) & (sd > 0) & (sd > 1e-10 * np.abs(mu))
         if pooled_by is not None:
-            var = pd.Series(np.where(ok, sd**2, np.nan))
-            sd = np.sqrt(var.groupby(pooled_by).transform("median").to_numpy())
+            sd = pd.Series(np.where(ok, sd, np.nan)).groupby(pooled_by).transform(pooled_scale).to_numpy()
         return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), np.nan)
 
 
