@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import resource
 import statistics
@@ -60,8 +61,8 @@ from attribution.engine.memory import held_bytes, step_memory, use_tensors
 from attribution.engine.optimizer import PATH_POINTS, adam_preconditioner
 from attribution.engine.planner import estimate_costs
 from attribution.engine.scoring import _param, build_val_side, sq_norms
-from attribution.engine.sides import ValSide
 from attribution.engine.strategies import CostInputs, get_strategy
+from attribution.engine.strategies.materialize import ByColumn
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
 from attribution.train.blocked_head import block_head
@@ -533,22 +534,30 @@ def main(argv: list[str] | None = None) -> dict:
                 t_val,
                 exps=val_tokens * args.vocab,
             )
-            side = build_val_side(cap, plan, valuer.shapes, pe)
             columns = vs.groups.to(DEVICE) if pe and vs.groups is not None else None
+            # per example, the Valuer adds each sequence's gradient into its example's row (ByColumn)
+            index = (columns if columns is not None else torch.arange(len(vs), device=DEVICE)) if pe else None
 
-            def by_column(g: torch.Tensor, columns=columns, rows=vs.n_columns) -> torch.Tensor:
-                """A document's sequences summed into its row, as the Valuer builds a grouped side."""
-                return g if columns is None else g.new_zeros(rows, *g.shape[1:]).index_add_(0, columns, g)
+            def into(pid: int, shape, dtype, rows=vs.n_columns) -> torch.Tensor:
+                return torch.zeros(rows, *shape, dtype=dtype, device=DEVICE)
 
+            held: dict[int, torch.Tensor] = {}
+            side = build_val_side(
+                cap,
+                plan,
+                valuer.shapes,
+                pe,
+                index,
+                lambda pid, shape, dtype, held=held: held.setdefault(pid, into(pid, shape, dtype)),
+            )
             if columns is not None:
-                side = ValSide(
-                    side.m,
-                    True,
-                    side.ghost,
-                    {pid: by_column(g) for pid, g in side.dense.items()},
-                    columns=columns,
-                    n_columns=vs.n_columns,
-                )
+                side = dataclasses.replace(side, columns=columns, n_columns=vs.n_columns)
+
+            def val_gradient(f, uses, param, pe=pe, index=index) -> torch.Tensor:
+                if index is None:
+                    return f(uses, param, pe)
+                return f(uses, param, pe, ByColumn(index, functools.partial(into, param.pid)))
+
             sz = plan.sizes
             for pid, uses in train.uses.items():
                 lp = plan.layers[pid]
@@ -557,9 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t = 0.0
                 if strat.val_gradient is not None:
                     t += timed(
-                        lambda f=strat.val_gradient, u=cap.uses[pid], param=param, pe=pe: by_column(
-                            f(u, param, pe)
-                        )
+                        lambda f=strat.val_gradient, u=cap.uses[pid], param=param: val_gradient(f, u, param)
                     )[0]
                 t_score = timed(
                     lambda f=strat.score, uses=uses, side=side, param=param: f(uses, side, param)

@@ -9,6 +9,9 @@ on scores. Each parameter's strategy is looked up by name in `attribution.engine
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from .capture import Captured
@@ -17,6 +20,7 @@ from .planner import Plan
 from .rules import Use
 from .sides import ValSide, compute_dtype  # noqa: F401  (compute_dtype re-exported: the valuer uses it)
 from .strategies import Param, get_strategy
+from .strategies.materialize import ByColumn
 from .strategies.materialize import (
     materialize as materialize,  # re-exported: the valuer sums ghost sides with it
 )
@@ -32,17 +36,32 @@ def _param(pid: int, uses: list[Use], plan: Plan, shapes: dict[int, tuple[int, i
 
 
 def build_val_side(
-    cap: Captured, plan: Plan, shapes: dict[int, tuple[int, int]], per_example: bool
+    cap: Captured,
+    plan: Plan,
+    shapes: dict[int, tuple[int, int]],
+    per_example: bool,
+    columns: torch.Tensor | None = None,
+    buffer: Callable[[int, tuple[int, int], torch.dtype], torch.Tensor] | None = None,
 ) -> ValSide:
-    """Each strategy's validation gradient for its parameters; the factors for those that keep them (ghost)."""
+    """Each strategy's validation gradient for its parameters; the factors for those that keep them (ghost).
+
+    With `columns` (`[n]`, each sequence's example) and `buffer(pid, shape, dtype)` (the caller's
+    `[examples, *shape]` sums), per-example gradients are added into those buffers by example, and
+    `dense` holds the buffers (see `materialize.ByColumn`).
+    """
     side = ValSide(cap.n, per_example)
     keep_factors = []
     for pid, uses in cap.uses.items():
         val_gradient = get_strategy(plan.strategy(pid)).val_gradient
         if val_gradient is None:
             keep_factors.append(pid)
+            continue
+        param = _param(pid, uses, plan, shapes)
+        if columns is not None and buffer is not None:
+            into = ByColumn(columns, functools.partial(buffer, pid))
+            side.dense[pid] = val_gradient(uses, param, per_example, into)
         else:
-            side.dense[pid] = val_gradient(uses, _param(pid, uses, plan, shapes), per_example)
+            side.dense[pid] = val_gradient(uses, param, per_example)
     if keep_factors:
         side.ghost.append((Captured(cap.n, {k: cap.uses[k] for k in keep_factors}, cap.losses), 1.0))
     return side

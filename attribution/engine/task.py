@@ -121,17 +121,17 @@ def _softmax_losses(logits: torch.Tensor, labels: torch.Tensor, into: torch.Tens
 
     One fused softmax per block (one exp per logit, where log-softmax and its backward take two), and
     the log-sum-exp read back from it: `lse = max(x) - log(max(p))`, exact where `p` underflows too.
+    The softmax is written straight into `into` (over the logits themselves when `into` is `logits`:
+    what a block's loss needs of `x` is read first), not into a new block that is then copied.
     """
     keep = labels != IGNORE_INDEX
     target = torch.where(keep, labels, 0)
     loss = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
     for rows in _row_blocks(logits):
         x = logits[rows]
-        p = torch.softmax(x, dim=-1)
-        lse = x.amax(dim=-1) - p.amax(dim=-1).log()
-        loss[rows] = lse - x.gather(1, target[rows, None]).squeeze(1)
-        if into is not None:
-            into[rows] = p
+        x_max, x_target = x.amax(dim=-1), x.gather(1, target[rows, None]).squeeze(1)
+        p = torch.softmax(x, dim=-1) if into is None else torch.softmax(x, dim=-1, out=into[rows])
+        loss[rows] = x_max - p.amax(dim=-1).log() - x_target
     if into is not None:
         into.scatter_add_(1, target[:, None], -keep.to(into.dtype)[:, None])
     return torch.where(keep, loss, torch.zeros_like(loss))

@@ -391,27 +391,33 @@ class Valuer:
         dense: dict[int, torch.Tensor] = {}
         kept: Captured | None = None  # factors of the strategies that score from them (ghost)
         losses = []
+
+        def buffer(pid: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+            if pid not in dense:  # room for every column's gradient, which each chunk adds into
+                dense[pid] = self._buffer(name, pid, (rows, *shape), dtype)
+            return dense[pid]
+
         for lo in range(0, len(vs), step):
             ids, mask = vs.ids[lo : lo + step].to(dev), vs.mask[lo : lo + step].to(dev)
             with eval_mode(self.inner), torch.enable_grad(), self._autocast():
                 cap = self.capturer.grads_only(
                     lambda ids=ids, mask=mask: self.task.per_sequence_loss(self.inner, ids, mask)
                 )
-            part = build_val_side(cap, plan, self.shapes, pe)
+            index = None  # per example: each sequence's column (its example's row of the side)
+            if pe:
+                index = (
+                    columns[lo : lo + cap.n]
+                    if columns is not None
+                    else torch.arange(lo, lo + cap.n, device=dev)
+                )
+            part = build_val_side(cap, plan, self.shapes, pe, index, buffer)
             losses.append(cap.losses)
             del cap
             for pid, g in part.dense.items():
-                if pid not in dense:  # the first chunk: its own gradient, or room for every column's
-                    whole = not pe or (columns is None and len(g) == len(vs))
-                    dense[pid] = g if whole else self._buffer(name, pid, g, rows)
-                if dense[pid] is g:
-                    continue
-                if not pe:
+                if pid not in dense:
+                    dense[pid] = g
+                elif dense[pid] is not g:  # a whole-set gradient: the chunks' gradients add up
                     dense[pid].add_(g)
-                elif columns is None:
-                    dense[pid][lo : lo + len(g)] = g
-                else:  # each sequence's gradient into its example's row
-                    dense[pid].index_add_(0, columns[lo : lo + len(g)], g)
             for c, _ in part.ghost:
                 kept = c if kept is None else join_captures(kept, c)
         side = ValSide(
@@ -428,17 +434,17 @@ class Valuer:
         self._cache[name] = (version, side, loss)
         return side, loss
 
-    def _buffer(self, name: str, pid: int, g: torch.Tensor, rows: int) -> torch.Tensor:
-        """Zeros `[rows, *g.shape[1:]]` for a per-example side, in a dead side's buffer where one fits.
+    def _buffer(self, name: str, pid: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Zeros of `shape` for a per-example side, in a dead side's buffer where one fits.
 
         Why: a per-example side of the tied head is the step's largest tensor (811 MB for 64 sequences
         at d = 64). Allocated afresh every step, glibc's heap (mmap off, `attribution.memory`) may fill
         the hole it leaves with smaller temporaries and grow. Measured at the twelve-text shape the
         effect is small (engine peak 3.16 -> 3.13 GB, docs/benchmarks.md "Session 10"), but free."""
         buf = self._spare.pop((name, pid), None)
-        shape = (rows, *g.shape[1:])
-        if buf is None or buf.shape != shape or buf.dtype != g.dtype or buf.device != g.device:
-            return g.new_zeros(shape)
+        device = self._device()
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            return torch.zeros(shape, dtype=dtype, device=device)
         return buf.zero_()
 
     def _recycle(self, name: str, side: ValSide) -> None:

@@ -12,7 +12,7 @@ import zlib
 import torch
 
 from ..rules import Use
-from .materialize import materialize, score_materialized
+from .materialize import ByColumn, add_by_column, materialize, score_materialized
 from .registry import Param, Strategy, dense_score, register_strategy
 
 KRON_DIM = 64
@@ -47,8 +47,12 @@ def kron_uses(
     return out, (p0 if r0 is None else KRON_DIM, p1 if r1 is None else KRON_DIM)
 
 
-def _val_gradient(uses: list[Use], param: Param, per_example: bool) -> torch.Tensor:
+def _val_gradient(
+    uses: list[Use], param: Param, per_example: bool, into: ByColumn | None = None
+) -> torch.Tensor:
     small, kshape = kron_uses(uses, param.name, param.shape, param.dtype)
+    if into is not None:
+        return add_by_column(small, kshape, param.dtype, into)
     return materialize(small, kshape, per_example, param.dtype)
 
 

@@ -6,10 +6,57 @@ dense strategies: `project` and `kronecker` materialize the validation gradient 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..rules import Use
 from .registry import CostInputs, Param, Strategy, dense_score, register_strategy
+
+
+@dataclass(frozen=True)
+class ByColumn:
+    """Per-sample gradients summed into columns: sample `i`'s gradient is added into `out[index[i]]`.
+
+    Why: a per-example validation text spans several sequences and needs one gradient, not one per
+    sequence. Each run of consecutive samples in one column is then a single GEMM over all their tokens,
+    added straight into the side's buffer, where per-sequence gradients cost one GEMM each with an inner
+    dimension of one sequence's tokens (64 at the CPU presets, where this machine's BLAS runs at about
+    60% of its rate) and a scatter of `[sequences, P0, P1]` into the columns (docs/benchmarks.md,
+    "Session 21"). `buffer(shape, dtype)` returns the `[columns, *shape]` sums to add into: the caller
+    owns them, so several chunks of one set add into the same buffer.
+    """
+
+    index: torch.Tensor  # [n] int64, each sample's column
+    buffer: Callable[[tuple[int, int], torch.dtype], torch.Tensor]
+
+
+def column_runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """`(column, first, end)` for each run of consecutive samples that share a column."""
+    cols = index.tolist()
+    starts = [i for i in range(len(cols)) if i == 0 or cols[i] != cols[i - 1]]
+    return [(cols[a], a, b) for a, b in zip(starts, [*starts[1:], len(cols)], strict=True)]
+
+
+def add_by_column(
+    uses: list[Use], shape: tuple[int, int], dtype: torch.dtype, into: ByColumn
+) -> torch.Tensor:
+    """Every use's per-sample gradients added into `into`'s buffer by column; returns the buffer."""
+    p0, p1 = shape
+    out = into.buffer(shape, dtype)
+    runs = None
+    for u in uses:
+        if u.col is None:  # a 1-D parameter: its rows are per-sample gradients already
+            out.index_add_(0, into.index, u.row.to(dtype).sum(1).unsqueeze(-1))
+        elif u.row_index:  # an embedding: scatter each token's row into its column's block of rows
+            rows = u.row + into.index.unsqueeze(1) * p0
+            out.view(-1, p1).index_add_(0, rows.reshape(-1), u.col.to(dtype).reshape(-1, p1))
+        else:
+            row, col = u.row.to(dtype), u.col.to(dtype)
+            for c, a, b in runs if runs is not None else (runs := column_runs(into.index)):
+                out[c].addmm_(row[a:b].reshape(-1, p0).t(), col[a:b].reshape(-1, p1))
+    return out
 
 
 def materialize_use(
@@ -58,8 +105,13 @@ def materialize(
     return out
 
 
-def materialized_val_gradient(uses: list[Use], param: Param, per_example: bool) -> torch.Tensor:
-    """`G_val [groups, P0, P1]`: one gradient per validation example, or their sum."""
+def materialized_val_gradient(
+    uses: list[Use], param: Param, per_example: bool, into: ByColumn | None = None
+) -> torch.Tensor:
+    """`G_val [groups, P0, P1]`: one gradient per validation example, or their sum; with `into`, the
+    per-example gradients added into its buffer by column (and the buffer returned)."""
+    if into is not None:
+        return add_by_column(uses, param.shape, param.dtype, into)
     return materialize(uses, param.shape, per_example, param.dtype)
 
 

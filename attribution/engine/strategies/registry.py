@@ -67,7 +67,9 @@ class Param:
 
 
 CostFn = Callable[[CostInputs], tuple[float, float]]  # -> (flops, bytes held)
-ValGradientFn = Callable[[list[Use], Param, bool], torch.Tensor]  # (uses, param, per_example) -> G
+# (uses, param, per_example[, into]) -> G; with `into` (a `materialize.ByColumn`), the per-example
+# gradients are added into its buffer by column and the buffer is returned
+ValGradientFn = Callable[..., torch.Tensor]
 ScoreFn = Callable[
     [list[Use], "ValSide", Param], "torch.Tensor | None"
 ]  # -> [n, groups], None: nothing to add
