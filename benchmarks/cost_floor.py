@@ -513,10 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
         pre_bytes = PRE_ACCESSES * 4 * n_params
         for name, vs in valuer.val_sets.items():  # as the Valuer holds them: trailing padding trimmed
             plan, pe = plans[name], name in per_example
-            t_val, cap = 0.0, None
-            chunk = valuer._val_chunk(vs)  # in chunks of sequences, as the Valuer runs it
-            for lo in range(0, len(vs), chunk):
-                ids, mask = vs.ids[lo : lo + chunk], vs.mask[lo : lo + chunk]
+            t_val, cap, taken, val_flops, val_tokens = 0.0, None, [], 0.0, 0
+            for seqs, ids, mask in valuer.pass_chunks(name):  # the Valuer's chunks, in its order
                 with eval_mode(valuer.inner), torch.enable_grad():
                     t, part = timed(
                         lambda ids=ids, mask=mask: valuer.capturer.grads_only(
@@ -526,17 +524,23 @@ def main(argv: list[str] | None = None) -> dict:
                 t_val += t
                 # untimed: the scoring below takes the set's capture whole
                 cap = part if cap is None else join_captures(cap, part)
-            val_tokens = vs.ids.numel()
+                taken.append(seqs)
+                positions = ids.numel()  # the chunk's, padding to its longest sequence included
+                val_tokens += positions
+                val_flops += (
+                    4 * dense * positions + 12 * s["n_layer"] * ids.shape[1] * s["n_embd"] * positions
+                )
             add(
                 f"validation forward/backward [{name}]",
                 True,
-                4 * dense * val_tokens + 12 * s["n_layer"] * vs.ids.shape[1] * s["n_embd"] * val_tokens,
+                val_flops,
                 t_val,
                 exps=val_tokens * args.vocab,
             )
-            columns = vs.groups.to(DEVICE) if pe and vs.groups is not None else None
+            order = torch.cat(taken)
+            columns = vs.groups.to(DEVICE)[order] if pe and vs.groups is not None else None
             # per example, the Valuer adds each sequence's gradient into its example's row (ByColumn)
-            index = (columns if columns is not None else torch.arange(len(vs), device=DEVICE)) if pe else None
+            index = (columns if columns is not None else order) if pe else None
 
             def into(pid: int, shape, dtype, rows=vs.n_columns) -> torch.Tensor:
                 return torch.zeros(rows, *shape, dtype=dtype, device=DEVICE)
@@ -550,8 +554,8 @@ def main(argv: list[str] | None = None) -> dict:
                 index,
                 lambda pid, shape, dtype, held=held: held.setdefault(pid, into(pid, shape, dtype)),
             )
-            if columns is not None:
-                side = dataclasses.replace(side, columns=columns, n_columns=vs.n_columns)
+            if pe:
+                side = dataclasses.replace(side, columns=index, n_columns=vs.n_columns)
 
             def val_gradient(f, uses, param, pe=pe, index=index) -> torch.Tensor:
                 if index is None:

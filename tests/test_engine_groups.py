@@ -105,3 +105,63 @@ def test_valset_groups_are_checked():
         ValSet(ids, names=["a", "b"], groups=[0, 2, 1])
     vs = ValSet(ids, groups=[1, 1, 0])
     assert vs.names == ["0", "1"] and vs.n_columns == 2 and len(vs) == 3
+
+
+@pytest.mark.parametrize("strategy", ["materialize", "kronecker"])
+def test_by_column_adds_each_sequences_gradient_into_its_column(strategy):
+    """`ByColumn` (one GEMM per run of a column's sequences, added into the caller's buffer) against the
+    per-sequence gradients scattered into the columns, in float64, for every kind of use: a dense weight,
+    an embedding (index rows, tied to the dense one), and a 1-D parameter's summed rows. The columns repeat
+    out of order, and the buffer already holds an earlier chunk's sums."""
+    from attribution.engine.rules import Use
+    from attribution.engine.strategies import Param, get_strategy
+    from attribution.engine.strategies.materialize import ByColumn, column_runs
+
+    gen = torch.Generator().manual_seed(5)
+    n, t, p0, p1 = 7, 5, 70, 66  # past KRON_DIM (64) on both sides: kronecker projects
+    index = torch.tensor([2, 2, 0, 3, 3, 3, 2])
+    assert column_runs(index) == [(2, 0, 2), (0, 2, 3), (3, 3, 6), (2, 6, 7)]
+    dense = [
+        Use(
+            torch.randn(n, t, p0, generator=gen, dtype=torch.float64),
+            torch.randn(n, t, p1, generator=gen, dtype=torch.float64),
+            False,
+        ),
+        Use(
+            torch.randint(0, p0, (n, t), generator=gen),
+            torch.randn(n, t, p1, generator=gen, dtype=torch.float64),
+            True,
+        ),
+    ]
+    one_d = [Use(torch.randn(n, 1, p0, generator=gen, dtype=torch.float64), None, False)]
+    for uses, shape in ((dense, (p0, p1)), (one_d, (p0, 1))):
+        f = get_strategy(strategy if uses is dense else "materialize").val_gradient
+        param = Param(0, "w", shape, torch.float64)
+        per_seq = f(uses, param, True)
+        earlier = torch.randn(4, *per_seq.shape[1:], generator=gen, dtype=torch.float64)
+        want = earlier.clone().index_add_(0, index, per_seq)
+        buf = earlier.clone()
+        got = f(uses, param, True, ByColumn(index, lambda shape, dtype, buf=buf: buf))
+        assert got is buf
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize"])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_each_columns_norm_is_its_own_though_the_pass_takes_sequences_longest_first(strategy, chunk):
+    """A validation pass takes a set's sequences longest first and trims each chunk to its longest
+    (`ValSet.longest_first`), so the captured sequences are out of the set's order: every per-example
+    column must still get its own sequence's gradient norm (brute force, float64)."""
+    va, vm = ragged_batch(7, 9, seed=11)
+    vs = ValSet(va, vm)
+    order, length = vs.longest_first()
+    assert not torch.equal(order, torch.arange(7))  # the test needs a pass out of the set's order
+    assert torch.equal(length, vm.sum(1)) and bool((length[order].diff() <= 0).all())
+    model = tiny_gpt2()
+    valuer = Valuer(
+        model, {"each": vs}, per_example=["each"], strategy=strategy, grad_norms=True, val_chunk=chunk
+    )
+    valuer.forward_backward(*ragged_batch(4, 10, seed=1))
+    sv = valuer.values(0.1)
+    g = per_sample_grads(model, va, vm)
+    np.testing.assert_allclose(sv.val_example_sq_norm["each"], (g * g).sum(1).numpy(), rtol=1e-9)

@@ -120,6 +120,18 @@ class ValSet:
         out.ids, out.mask = self.ids[:, :t].contiguous(), self.mask[:, :t].contiguous()
         return out
 
+    def longest_first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences' order longest first (stable) and each one's real length (last real token + 1).
+
+        Why: a validation pass costs per position of its chunk, padding included (the head's GEMMs and
+        a softmax over the vocabulary at each). A text's last sequence is mostly padding; taken longest
+        first, the short ones share chunks, which a causal task trims to their own longest
+        (`Valuer._val_side`). Stable, so a text's full sequences stay next to each other: still one GEMM
+        per text (`ByColumn`)."""
+        positions = torch.arange(1, self.mask.shape[1] + 1)
+        length = ((self.mask != 0) * positions).amax(1)
+        return torch.sort(length, descending=True, stable=True).indices, length
+
     @property
     def ids_names(self) -> list[str]:
         return self.names
@@ -244,6 +256,7 @@ def column_sq_norms(side: ValSide) -> torch.Tensor:
     for g in side.dense.values():
         flat = g.reshape(len(g), 1, -1)
         add(torch.bmm(flat, flat.transpose(1, 2)).view(-1))
+    alone = side.columns is not None and side.columns.unique().numel() == side.m  # a column per sequence
     for cap, w in side.ghost:
         for uses in cap.uses.values():
             dtype = compute_dtype(uses[0].col if uses[0].col is not None else uses[0].row)
@@ -251,6 +264,10 @@ def column_sq_norms(side: ValSide) -> torch.Tensor:
                 add((w * w) * self_sq_norms(uses, dtype))
                 continue
             cols = side.columns.to(uses[0].row.device)
+            if alone:  # each sequence's own norm, in its column's place (the pass takes them out of order)
+                norms = self_sq_norms(uses, dtype).double()
+                add((w * w) * norms.new_zeros(side.groups).index_add_(0, cols, norms))
+                continue
             per_column = [
                 [_one_sample(u.samples(torch.nonzero(cols == c).view(-1))) for u in uses]
                 for c in range(side.groups)
@@ -292,6 +309,8 @@ class Valuer:
         # a causal task's trailing all-padding columns change nothing: the validation passes skip them
         trim = getattr(self.task, "causal", False)
         self.val_sets = {k: v.trimmed() if trim else v for k, v in val_sets.items()}
+        # and each pass takes a chunk of sequences of like length, trimmed to its longest (ValSet.longest_first)
+        self._pass_order = {k: v.longest_first() for k, v in self.val_sets.items()} if trim else {}
         self.order = order
         self.per_example = set(per_example)
         self.optimizer_aware = optimizer_aware
@@ -348,7 +367,7 @@ class Valuer:
                 "n": train.n,
                 "train_tokens": t_tokens,
                 "m": len(vs),
-                "val_tokens": vs.ids.numel(),
+                "val_tokens": self._pass_positions(name),
                 "groups": vs.n_columns if pe else 1,
             }
             plan = Plan(sizes=sizes)
@@ -370,6 +389,30 @@ class Valuer:
             return self.val_chunk
         return sequences_per_pass(vs.ids.shape[1], max(p0 for p0, _ in self.shapes.values()))
 
+    def _pass_positions(self, name: str) -> int:
+        """Token positions the validation pass over one set computes: its chunks' sequences times their
+        lengths (`pass_chunks`), padding to each chunk's longest included."""
+        vs = self.val_sets[name]
+        if name not in self._pass_order:
+            return vs.ids.numel()
+        order, length = self._pass_order[name]
+        return sum(len(c) * max(1, int(length[c].max())) for c in order.split(self._val_chunk(vs)))
+
+    def pass_chunks(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The validation pass over one set, chunk by chunk: `(seqs, ids, mask)`, the chunk's sequences
+        (indices into the set) and their tokens on the valuer's device. In `_val_chunk` sequences at a
+        time; for a causal task longest first, each chunk trimmed to its longest (`ValSet.longest_first`)."""
+        vs, dev = self.val_sets[name], self._device()
+        order, length = self._pass_order.get(name, (torch.arange(len(vs)), None))
+        step = self._val_chunk(vs)
+        for lo in range(0, len(vs), step):
+            seqs = order[lo : lo + step]
+            ids, mask = vs.ids[seqs], vs.mask[seqs]
+            if length is not None:  # the chunk's trailing padding changes no loss or gradient
+                t = max(1, int(length[seqs].max()))
+                ids, mask = ids[:, :t].contiguous(), mask[:, :t].contiguous()
+            yield seqs.to(dev), ids.to(dev), mask.to(dev)
+
     def _val_side(self, name: str) -> tuple[ValSide, float]:
         """The set's side at the current weights (cached per weights version), its summed loss.
 
@@ -385,31 +428,26 @@ class Valuer:
             self._recycle(name, hit[1])
         vs, plan, pe = self.val_sets[name], self._plans[name], name in self.per_example
         dev = self._device()
-        step = self._val_chunk(vs)
         columns = vs.groups.to(dev) if pe and vs.groups is not None else None
         rows = vs.n_columns if pe else 1
         dense: dict[int, torch.Tensor] = {}
         kept: Captured | None = None  # factors of the strategies that score from them (ghost)
-        losses = []
+        losses, taken = [], []  # taken: the sequences in the order the pass captured them
 
         def buffer(pid: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
             if pid not in dense:  # room for every column's gradient, which each chunk adds into
                 dense[pid] = self._buffer(name, pid, (rows, *shape), dtype)
             return dense[pid]
 
-        for lo in range(0, len(vs), step):
-            ids, mask = vs.ids[lo : lo + step].to(dev), vs.mask[lo : lo + step].to(dev)
+        for seqs, ids, mask in self.pass_chunks(name):
             with eval_mode(self.inner), torch.enable_grad(), self._autocast():
                 cap = self.capturer.grads_only(
                     lambda ids=ids, mask=mask: self.task.per_sequence_loss(self.inner, ids, mask)
                 )
+            taken.append(seqs)
             index = None  # per example: each sequence's column (its example's row of the side)
             if pe:
-                index = (
-                    columns[lo : lo + cap.n]
-                    if columns is not None
-                    else torch.arange(lo, lo + cap.n, device=dev)
-                )
+                index = columns[seqs] if columns is not None else seqs
             part = build_val_side(cap, plan, self.shapes, pe, index, buffer)
             losses.append(cap.losses)
             del cap
@@ -420,13 +458,15 @@ class Valuer:
                     dense[pid].add_(g)
             for c, _ in part.ghost:
                 kept = c if kept is None else join_captures(kept, c)
+        order = torch.cat(taken)
         side = ValSide(
             len(vs),
             pe,
             [(kept, 1.0)] if kept is not None else [],
             dense,
-            columns=columns,
-            n_columns=rows if columns is not None else 0,
+            # the kept captures' sequences are in pass order: each one's column
+            columns=(columns[order] if columns is not None else order) if pe else None,
+            n_columns=rows if pe else 0,
         )
         if self.grad_norms and pe:  # before anything preconditions or combines the side in place
             self._val_norms[name] = column_sq_norms(side).cpu().numpy()
