@@ -700,6 +700,8 @@ def report(args, s, rows, whole, faults, rates, speeds, mem, measured, valuer) -
         "valued_over_sum_of_floors": valued / (plain_floor + floors),
         "sum_of_floors_with_softmax_s": plain_softmax + floors_softmax,
         "valued_over_sum_of_floors_with_softmax": valued / (plain_softmax + floors_softmax),
+        # what arithmetic allows the valued-over-plain ratio: both steps at their floors
+        "ratio_floor": (plain_floor + floors) / plain_floor,
         "plans": {k: p.counts() for k, p in valuer.plans().items()},
         "memory": {
             "total": mem.total,
@@ -740,7 +742,8 @@ def report(args, s, rows, whole, faults, rates, speeds, mem, measured, valuer) -
             f"\nthe in-run sketch is {100 * sketch_s / valued:.1f}% of the valued step ({sketch_s:.4f} s of {valued:.4f} s)"
         )
     print(
-        f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s"
+        f"\nvaluation adds {valued - plain:.4f} s to the plain step's {plain:.4f} s; its floors add {floors:.5f} s "
+        f"(the ratio at the floors: {res['ratio_floor']:.3f}x, measured {valued / plain:.3f}x)"
     )
     print(
         f"\nmemory held by the valued step (model; measured train captures {measured['train captures']:,} bytes):\n"

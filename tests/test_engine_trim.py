@@ -110,3 +110,31 @@ def test_trimmed_first_order_values_are_the_brute_force_dot_products():
     doc = torch.zeros(3, g_val.shape[1], dtype=g_val.dtype).index_add_(0, vs.groups, g_val)
     want = (lr / 4) * (g_train @ doc.T).numpy()
     np.testing.assert_allclose(sv.per_example["each"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+
+def test_the_pass_takes_like_lengths_together_and_trims_each_chunk():
+    """Twelve texts of three full sequences and a short tail each (the twelve-text shape, narrower): taken
+    longest first, the tails share chunks, which are cut to the tail's length; the plan counts the
+    positions the pass computes (40 x 16 + 8 x 5 = 680, not 48 x 16 = 768). Not for a task without the
+    causal promise."""
+    t, tail = 16, 5  # the same structure, narrower: 12 texts x (16, 16, 16, 5)
+    lengths = [t, t, t, tail] * 12
+    mask = (torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    ids = torch.randint(0, VOCAB, mask.shape, generator=torch.Generator().manual_seed(0))
+    vs = ValSet(ids, mask, groups=[i // 4 for i in range(48)])
+    valuer = Valuer(tiny_gpt2(), {"each": vs}, per_example=["each"], val_chunk=10)
+    chunks = list(valuer.pass_chunks("each"))
+    assert [tuple(c[1].shape) for c in chunks] == [(10, t)] * 4 + [(8, tail)]
+    full = [i for i in range(48) if i % 4 != 3]
+    assert torch.cat([c[0] for c in chunks]).tolist() == full + [i for i in range(48) if i % 4 == 3]
+    for seqs, ids_, mask_ in chunks:  # each chunk's rows are its sequences' own tokens
+        assert torch.equal(ids_, ids[seqs, : ids_.shape[1]]) and torch.equal(
+            mask_, mask[seqs, : ids_.shape[1]]
+        )
+        assert int(mask[seqs, ids_.shape[1] :].sum()) == 0
+    valuer.forward_backward(*ragged_batch(4, 10, seed=1))
+    assert valuer.plans()["each"].sizes["val_tokens"] == 36 * t + 12 * tail + 2 * (t - tail) * 0 + 4 * (
+        t - tail
+    )
+    plain = Valuer(tiny_gpt2(), {"each": vs}, per_example=["each"], val_chunk=10, task=NotCausal())
+    assert [tuple(c[1].shape) for c in plain.pass_chunks("each")] == [(10, t)] * 4 + [(8, t)]
