@@ -232,8 +232,11 @@ def test_an_index_written_before_the_pooled_z_is_scored_against_every_reference_
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "pooled"}))
     new, _, _, _ = estimate(run, own_texts, view="standout_checkpoint")
-    got, view, _, _ = estimate(old, own_texts, view="standout_checkpoint")
+    got, view, notes, _ = estimate(old, own_texts, view="standout_checkpoint")
     assert view == "standout_checkpoint" and "neighbours" not in new.attrs
+    n_ref = len(_table(run).query("val_set == 'reference'")["val_id"].unique())
+    assert any(f"against all {n_ref} reference texts" in n for n in notes), notes
+    assert not any("nearest" in n for n in notes), notes
     every = sorted(_table(run).query("val_set == 'reference'")["val_id"].unique())
     assert {c: sorted(r) for c, r in got.attrs["neighbours"].items()} == {
         c: every for c in got["claim_id"].unique()

@@ -33,7 +33,9 @@ class ValSide:
     per_example: bool
     ghost: list[tuple[Captured, float]] = field(default_factory=list)
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
-    columns: torch.Tensor | None = None  # [m] each sequence's column; None = every sequence its own
+    # [m] each captured sequence's column, in the order the validation pass took them (longest first,
+    # `Valuer.pass_chunks`); None = every sequence its own, in the set's order
+    columns: torch.Tensor | None = None
     n_columns: int = 0  # with `columns`: how many columns
 
     @property

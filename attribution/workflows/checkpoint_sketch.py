@@ -328,7 +328,7 @@ def search(run: str | Path, index: SketchIndex, view: str, claims, k: int | None
         chosen = {
             c: [ref_ids[i] for i in cols] for c, cols in zip(claims.example_ids, neighbours, strict=True)
         }
-        return Search(np.take_along_axis(z, rows, axis=1), doc_ids[rows], chosen)
+        return Search(np.take_along_axis(z, rows, axis=1), doc_ids[rows], chosen, ref.shape[1])
     faiss_index, scale, constant = ranking_index(index, view)
     q[:, -1] = constant
     k = faiss_index.ntotal if k is None else min(int(k), faiss_index.ntotal)
@@ -357,6 +357,7 @@ class Search:
     scores: np.ndarray
     doc_ids: np.ndarray
     neighbours: dict[str, list[str]] | None = None
+    reference_texts: int = 0  # with `neighbours`: how many reference texts the run has
 
 
 def reference_cosines(run: str | Path, doc_ids: Sequence[str] | None = None) -> pd.DataFrame:

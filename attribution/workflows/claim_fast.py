@@ -401,12 +401,19 @@ def estimate(
         scores, doc_ids, neighbours = found.scores, found.doc_ids, found.neighbours
         if neighbours:
             n_near = len(next(iter(neighbours.values())))
-            notes.append(
-                f"each claim's standout z is measured against the {n_near} reference texts nearest it "
-                f"(views.NEAREST_REFERENCE), chosen by the sketch's estimates of its cosines ({NEIGHBOURS}); "
-                "`exact` is against the same texts, while `attribution claim` without --fast chooses them "
-                "from the exact cosines of every document, so its z can differ where the choice does"
-            )
+            if n_near < found.reference_texts:
+                notes.append(
+                    f"each claim's standout z is measured against the {n_near} reference texts nearest it "
+                    f"(views.NEAREST_REFERENCE), chosen by the sketch's estimates of its cosines ({NEIGHBOURS}); "
+                    "`exact` is against the same texts, while `attribution claim` without --fast chooses them "
+                    "from the exact cosines of every document, so its z can differ where the choice does"
+                )
+            else:
+                notes.append(
+                    f"each claim's standout z is measured against all {n_near} reference texts, per claim from "
+                    "the sketch's estimates of its cosines: the run's checkpoint index predates the pooled "
+                    "scale of the standout z, so its fixed statistics are not the view's"
+                )
     else:
         sketch = read_sketch(run, manifest.config)
         sets = _texts(run, cfg, texts, view.startswith(REFERENCED))
