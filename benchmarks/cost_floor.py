@@ -62,7 +62,7 @@ from attribution.engine.optimizer import PATH_POINTS, adam_preconditioner
 from attribution.engine.planner import estimate_costs
 from attribution.engine.scoring import _param, build_val_side, sq_norms
 from attribution.engine.strategies import CostInputs, get_strategy
-from attribution.engine.strategies.materialize import ByColumn
+from attribution.engine.strategies.materialize import ByColumn, column_runs
 from attribution.engine.task import LanguageModelingTask
 from attribution.engine.valuer import column_sq_norms, eval_mode, side_sq_norm
 from attribution.train.blocked_head import block_head
@@ -557,10 +557,12 @@ def main(argv: list[str] | None = None) -> dict:
             if pe:
                 side = dataclasses.replace(side, columns=index, n_columns=vs.n_columns)
 
-            def val_gradient(f, uses, param, pe=pe, index=index) -> torch.Tensor:
+            runs = column_runs(index) if index is not None else []
+
+            def val_gradient(f, uses, param, pe=pe, index=index, runs=runs) -> torch.Tensor:
                 if index is None:
                     return f(uses, param, pe)
-                return f(uses, param, pe, ByColumn(index, functools.partial(into, param.pid)))
+                return f(uses, param, pe, ByColumn(index, functools.partial(into, param.pid), runs))
 
             sz = plan.sizes
             for pid, uses in train.uses.items():

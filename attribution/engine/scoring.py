@@ -20,7 +20,7 @@ from .planner import Plan
 from .rules import Use
 from .sides import ValSide, compute_dtype  # noqa: F401  (compute_dtype re-exported: the valuer uses it)
 from .strategies import Param, get_strategy
-from .strategies.materialize import ByColumn
+from .strategies.materialize import ByColumn, column_runs
 from .strategies.materialize import (
     materialize as materialize,  # re-exported: the valuer sums ghost sides with it
 )
@@ -50,6 +50,7 @@ def build_val_side(
     `dense` holds the buffers (see `materialize.ByColumn`).
     """
     side = ValSide(cap.n, per_example)
+    runs = column_runs(columns) if columns is not None and buffer is not None else []
     keep_factors = []
     for pid, uses in cap.uses.items():
         val_gradient = get_strategy(plan.strategy(pid)).val_gradient
@@ -58,7 +59,7 @@ def build_val_side(
             continue
         param = _param(pid, uses, plan, shapes)
         if columns is not None and buffer is not None:
-            into = ByColumn(columns, functools.partial(buffer, pid))
+            into = ByColumn(columns, functools.partial(buffer, pid), runs)
             side.dense[pid] = val_gradient(uses, param, per_example, into)
         else:
             side.dense[pid] = val_gradient(uses, param, per_example)

@@ -30,6 +30,7 @@ class ByColumn:
 
     index: torch.Tensor  # [n] int64, each sample's column
     buffer: Callable[[tuple[int, int], torch.dtype], torch.Tensor]
+    runs: list[tuple[int, int, int]]  # column_runs(index), read once per chunk (a GPU syncs to read it)
 
 
 def column_runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -45,7 +46,6 @@ def add_by_column(
     """Every use's per-sample gradients added into `into`'s buffer by column; returns the buffer."""
     p0, p1 = shape
     out = into.buffer(shape, dtype)
-    runs = None
     for u in uses:
         if u.col is None:  # a 1-D parameter: its rows are per-sample gradients already
             out.index_add_(0, into.index, u.row.to(dtype).sum(1).unsqueeze(-1))
@@ -54,7 +54,7 @@ def add_by_column(
             out.view(-1, p1).index_add_(0, rows.reshape(-1), u.col.to(dtype).reshape(-1, p1))
         else:
             row, col = u.row.to(dtype), u.col.to(dtype)
-            for c, a, b in runs if runs is not None else (runs := column_runs(into.index)):
+            for c, a, b in into.runs:
                 out[c].addmm_(row[a:b].reshape(-1, p0).t(), col[a:b].reshape(-1, p1))
     return out
 
