@@ -128,7 +128,7 @@ class ValSet:
         first, the short ones share chunks, which a causal task trims to their own longest
         (`Valuer._val_side`). Stable, so a text's full sequences stay next to each other: still one GEMM
         per text (`ByColumn`)."""
-        positions = torch.arange(1, self.mask.shape[1] + 1)
+        positions = torch.arange(1, self.mask.shape[1] + 1, device=self.mask.device)
         length = ((self.mask != 0) * positions).amax(1)
         return torch.sort(length, descending=True, stable=True).indices, length
 
@@ -403,7 +403,7 @@ class Valuer:
         (indices into the set) and their tokens on the valuer's device. In `_val_chunk` sequences at a
         time; for a causal task longest first, each chunk trimmed to its longest (`ValSet.longest_first`)."""
         vs, dev = self.val_sets[name], self._device()
-        order, length = self._pass_order.get(name, (torch.arange(len(vs)), None))
+        order, length = self._pass_order.get(name, (torch.arange(len(vs), device=vs.ids.device), None))
         step = self._val_chunk(vs)
         for lo in range(0, len(vs), step):
             seqs = order[lo : lo + step]
