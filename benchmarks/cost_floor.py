@@ -6,8 +6,8 @@ one process, rounds alternate: a plain step (forward/backward, clip, AdamW) on a
 whole valued step, and each component of a valued step on the valued model: the capturing
 forward/backward, each validation set's forward/backward (in the Valuer's chunks of sequences,
 `Valuer.pass_chunks`: longest first, each trimmed to its longest), scoring per set, parameter group and
-planned strategy (the strategy's validation gradient plus its score, timed per parameter), gradient norms, the
-Adam preconditioner and the second-order extra (combining the two sides, and the ghost parameters'
+planned strategy (the strategy's validation gradient plus its score, timed per parameter), gradient
+norms, the Adam preconditioner and the second-order extra (combining the two sides, and the ghost parameters'
 second Gram product; the validation pass at the new weights is the next step's "before" pass, so it
 adds none), and the in-run sketch (`attribution.train.sketch`: observing the capture, mixing, adding
 to the documents; `--sketch-dim 0` leaves it out), which the whole valued step is charged with, as a run
@@ -16,8 +16,8 @@ is. Medians over rounds, after two warm-up rounds that are not counted (`--warmu
 FLOPs: scoring from the planner's `estimate_costs` (the same numbers the plan compares); a training
 step `6 x dense params x tokens + 12 x layers x T x d x tokens` (attention); a validation pass
 `4 x dense params + 12 x layers x T x d` per position its chunks compute (backward to activations
-only); norms by the ghost formula per sample. Elementwise work (AdamW, the preconditioner, combining sides) is bandwidth-bound:
-its floor adds estimated bytes moved / measured bandwidth. floor = flops / GEMM rate + bytes / bandwidth.
+only); norms by the ghost formula per sample. Elementwise work (AdamW, the preconditioner, combining
+sides) is bandwidth-bound: its floor adds estimated bytes moved / measured bandwidth. floor = flops / GEMM rate + bytes / bandwidth.
 A second floor adds the loss's softmax, one `exp` per logit (tokens x vocabulary) at the measured
 `torch.exp` rate, for the plain step, the training pass and the validation passes: the issue's floor
 counts GEMM FLOPs only, and at d = 64 the exponentials cost about as much as the head's GEMMs.
@@ -546,15 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
             def into(pid: int, shape, dtype, rows=vs.n_columns) -> torch.Tensor:
                 return torch.zeros(rows, *shape, dtype=dtype, device=DEVICE)
 
-            held: dict[int, torch.Tensor] = {}
-            side = build_val_side(
-                cap,
-                plan,
-                valuer.shapes,
-                pe,
-                index,
-                lambda pid, shape, dtype, held=held: held.setdefault(pid, into(pid, shape, dtype)),
-            )
+            side = build_val_side(cap, plan, valuer.shapes, pe, index, into)  # a buffer per parameter
             if pe:
                 side = dataclasses.replace(side, columns=index, n_columns=vs.n_columns)
 

@@ -126,7 +126,7 @@ class ValSet:
         Why: a validation pass costs per position of its chunk, padding included (the head's GEMMs and
         a softmax over the vocabulary at each). A text's last sequence is mostly padding; taken longest
         first, the short ones share chunks, which a causal task trims to their own longest
-        (`Valuer._val_side`). Stable, so a text's full sequences stay next to each other: still one GEMM
+        (`Valuer._pass_spans`). Stable, so a text's full sequences stay next to each other: still one GEMM
         per text (`ByColumn`)."""
         positions = torch.arange(1, self.mask.shape[1] + 1, device=self.mask.device)
         length = ((self.mask != 0) * positions).amax(1)
@@ -389,27 +389,28 @@ class Valuer:
             return self.val_chunk
         return sequences_per_pass(vs.ids.shape[1], max(p0 for p0, _ in self.shapes.values()))
 
-    def _pass_positions(self, name: str) -> int:
-        """Token positions the validation pass over one set computes: its chunks' sequences times their
-        lengths (`pass_chunks`), padding to each chunk's longest included."""
+    def _pass_spans(self, name: str) -> Iterator[tuple[torch.Tensor, int | None]]:
+        """The validation pass's chunks of one set: each chunk's sequences (indices into the set) and the
+        width it is cut to (None: the set's). In `_val_chunk` sequences at a time; for a causal task
+        longest first, each chunk cut to its longest (`ValSet.longest_first`)."""
         vs = self.val_sets[name]
-        if name not in self._pass_order:
-            return vs.ids.numel()
-        order, length = self._pass_order[name]
-        return sum(len(c) * max(1, int(length[c].max())) for c in order.split(self._val_chunk(vs)))
+        order, length = self._pass_order.get(name, (torch.arange(len(vs), device=vs.ids.device), None))
+        for seqs in order.split(self._val_chunk(vs)):
+            # a causal task: the chunk's trailing padding changes no loss or gradient
+            yield seqs, None if length is None else max(1, int(length[seqs].max()))
+
+    def _pass_positions(self, name: str) -> int:
+        """Token positions the validation pass over one set computes, padding to each chunk's width included."""
+        width = self.val_sets[name].ids.shape[1]
+        return sum(len(seqs) * (width if t is None else t) for seqs, t in self._pass_spans(name))
 
     def pass_chunks(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The validation pass over one set, chunk by chunk: `(seqs, ids, mask)`, the chunk's sequences
-        (indices into the set) and their tokens on the valuer's device. In `_val_chunk` sequences at a
-        time; for a causal task longest first, each chunk trimmed to its longest (`ValSet.longest_first`)."""
+        """The validation pass over one set, chunk by chunk (`_pass_spans`): `(seqs, ids, mask)`, the
+        chunk's sequences (indices into the set) and their tokens on the valuer's device."""
         vs, dev = self.val_sets[name], self._device()
-        order, length = self._pass_order.get(name, (torch.arange(len(vs), device=vs.ids.device), None))
-        step = self._val_chunk(vs)
-        for lo in range(0, len(vs), step):
-            seqs = order[lo : lo + step]
+        for seqs, t in self._pass_spans(name):
             ids, mask = vs.ids[seqs], vs.mask[seqs]
-            if length is not None:  # the chunk's trailing padding changes no loss or gradient
-                t = max(1, int(length[seqs].max()))
+            if t is not None:
                 ids, mask = ids[:, :t].contiguous(), mask[:, :t].contiguous()
             yield seqs.to(dev), ids.to(dev), mask.to(dev)
 
