@@ -121,3 +121,40 @@ def test_texts_are_scored_in_groups_as_one(monkeypatch):
     np.testing.assert_allclose(
         cs.cosines(model, LanguageModelingTask(), loaders(), texts, docs), whole, rtol=1e-12
     )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_item_gradients_match_autograd_per_item(chunk, monkeypatch):
+    """`gradients` (one capture per chunk of many items' sequences, added by item into the rows) against
+    `torch.autograd.grad` of each item's summed loss alone, float64: items whose sequences are shuffled
+    and split over chunks, chunks cut to their longest sequence (every sequence here is padded, so every
+    chunk is cut), and an item with no label token (one token: a zero row)."""
+    model = tiny_model()
+    task, params = LanguageModelingTask(), trainable_params(model)
+    seqs = _items(5, 4, (2, 3, 1, 2))
+    rng = np.random.default_rng(9)
+    seqs.mask[:] = (np.arange(T) < rng.integers(2, T - 3, (len(seqs.mask), 1))).astype(np.int64)
+    lone = seqs.rows(2)[0]
+    seqs.mask[lone] = 0
+    seqs.mask[lone, 0] = 1  # item 2's only sequence: one token, nothing to predict
+    monkeypatch.setattr(cs, "SEQ_CHUNK", chunk)
+    got = cs.gradients(model, task, seqs, params)
+
+    model.eval()
+    for item in range(seqs.n_items):
+        r = seqs.rows(item)
+        loss = task.per_sequence_loss(model, torch.from_numpy(seqs.ids[r]), torch.from_numpy(seqs.mask[r]))
+        grads = torch.autograd.grad(loss.sum(), [p for _, p in params.values()], allow_unused=True)
+        want = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                for (_, p), g in zip(params.values(), grads, strict=True)
+            ]
+        )
+        scale = float(want.abs().max())
+        if item == 2:
+            assert scale == 0 and float(got[item].abs().max()) == 0
+        else:
+            assert scale > 0
+            torch.testing.assert_close(got[item], want, rtol=1e-10, atol=1e-12 * scale)
+    assert all(p.grad is None for _, p in params.values())  # the model's own gradients are left alone

@@ -102,14 +102,18 @@ def test_scoring_transient_is_what_scoring_allocates_beyond_the_side() -> None:
 
 def test_scoring_in_blocks_of_parameter_rows_gives_the_same_scores(monkeypatch) -> None:
     """`materialize` scores the per-sample gradients of `score_block` parameter rows at a time (the tied
-    head's `[n, V, d]` was the step's largest transient): the same scores as all rows at once (float64,
-    embedding tokens of other rows masked out), and the memory model's transient is the block's."""
+    head's `[n, V, d]` was the step's largest transient): the same scores as all rows at once (float64; each
+    block adds only its own embedding tokens, a partial last block included), and the memory model's
+    transient is the block's."""
     from attribution.engine.strategies import materialize as mat
 
     model = _model().double()
     valuer = Valuer(model, {"each": _sets()["each"]}, per_example=["each"], strategy="materialize")
     n = 5
-    valuer.forward_backward(torch.randint(0, VOCAB, (n, 10), generator=torch.Generator().manual_seed(4)))
+    ids = torch.randint(0, VOCAB, (n, 10), generator=torch.Generator().manual_seed(4))
+    ids[0, :3] = torch.tensor([VOCAB - 1, VOCAB - 2, VOCAB - 2])  # the last, partial block of rows
+    ids[3, 4] = ids[1, 2]  # one row in two samples
+    valuer.forward_backward(ids)
     train, side = valuer._train, valuer._val_side("each")[0]
     shapes = valuer.shapes
 
@@ -120,8 +124,9 @@ def test_scoring_in_blocks_of_parameter_rows_gives_the_same_scores(monkeypatch) 
         }
 
     whole = scores()
-    monkeypatch.setattr(mat, "SCORE_BLOCK_BYTES", n * 16 * 8 * 3)  # 3 rows of a 16-wide parameter
-    assert mat.score_block(n, (VOCAB, 16), 8) == 3 and mat.score_block(n, (16, 64), 8) == 1
+    monkeypatch.setattr(mat, "SCORE_BLOCK_BYTES", n * 16 * 8 * 5)  # 5 rows of a 16-wide parameter
+    assert mat.score_block(n, (VOCAB, 16), 8) == 5 and mat.score_block(n, (16, 64), 8) == 1
+    assert VOCAB % 5 > 1  # a last block of more than one row
     for pid, got in scores().items():
         torch.testing.assert_close(got, whole[pid], rtol=1e-12, atol=1e-14 * float(whole[pid].abs().max()))
     assert max(float(w.abs().max()) for w in whole.values()) > 0

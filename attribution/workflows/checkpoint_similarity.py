@@ -72,30 +72,50 @@ class Sequences:
 
 def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, object]]):
     """`[n_items, n_params]` on the model's device and in its dtype: each item's gradient of its summed
-    per-sequence loss, flattened in `params` order (a zero row where the item has no label token)."""
+    per-sequence loss, flattened in `params` order (a zero row where the item has no label token).
+
+    Why through the engine's capture: one forward/backward per chunk of many items' sequences, each
+    parameter's per-item gradients added by item straight into their slice of the result (`ByColumn`,
+    one GEMM per item and weight), where one backward per item ran the model's small GEMMs at a fraction
+    of the machine's rate (docs/benchmarks.md, "Session 22"). The sum over an item's sequences is the same
+    gradient, up to float rounding. A causal task's chunk is cut to its longest sequence (the trailing
+    padding changes no loss or gradient)."""
     import torch
 
+    from attribution.engine.capture import Capturer
+    from attribution.engine.rules import canonical_shape
+    from attribution.engine.scoring import factor_dtype
+    from attribution.engine.strategies.materialize import ByColumn, add_by_column, column_runs
     from attribution.engine.valuer import eval_mode, sequences_per_pass
 
     first = next(iter(params.values()))[1]
     n_params = sum(p.numel() for _, p in params.values())
     out = torch.zeros(seqs.n_items, n_params, dtype=first.dtype, device=first.device)
+    views, at = {}, 0
+    for pid, (_, p) in params.items():  # each parameter's `[items, P0, P1]` slice of the rows
+        views[pid] = out[:, at : at + p.numel()].view(seqs.n_items, *canonical_shape(p))
+        at += p.numel()
     chunk = SEQ_CHUNK or sequences_per_pass(seqs.ids.shape[1], max(p.shape[0] for _, p in params.values()))
-    for item in range(seqs.n_items):
-        rows = seqs.rows(item)
-        model.zero_grad(set_to_none=True)
-        with eval_mode(model), torch.enable_grad():
-            for s in range(0, len(rows), chunk):
-                r = rows[s : s + chunk]
-                ids = torch.from_numpy(seqs.ids[r]).to(first.device)
-                mask = torch.from_numpy(seqs.mask[r]).to(first.device)
-                task.per_sequence_loss(model, ids, mask).sum().backward()
-        at = 0
-        for _, p in params.values():
-            if p.grad is not None:
-                out[item, at : at + p.numel()] = p.grad.reshape(-1)
-            at += p.numel()
-    model.zero_grad(set_to_none=True)
+    order = np.concatenate([seqs.rows(i) for i in range(seqs.n_items)] or [np.zeros(0, dtype=np.int64)])
+    causal = getattr(task, "causal", False)
+    capturer = Capturer(model)
+    try:
+        for s in range(0, len(order), chunk):
+            r = order[s : s + chunk]
+            real = np.flatnonzero(seqs.mask[r].any(0))  # positions where some sequence has a token
+            width = int(real[-1]) + 1 if causal and len(real) else seqs.ids.shape[1]
+            ids = torch.from_numpy(seqs.ids[r, :width]).to(first.device)
+            mask = torch.from_numpy(seqs.mask[r, :width]).to(first.device)
+            with eval_mode(model), torch.enable_grad():
+                cap = capturer.grads_only(lambda ids=ids, mask=mask: task.per_sequence_loss(model, ids, mask))
+            items = torch.from_numpy(seqs.owner[r]).to(first.device)
+            runs = column_runs(items)
+            for pid, uses in cap.uses.items():
+                into = ByColumn(items, lambda shape, dtype, pid=pid: views[pid], runs)
+                add_by_column(uses, views[pid].shape[1:], factor_dtype(uses), into)
+            del cap
+    finally:
+        capturer.remove()
     return out
 
 
