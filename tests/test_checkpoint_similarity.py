@@ -78,6 +78,7 @@ def test_cosines_match_brute_force_per_item_gradients(power, monkeypatch):
     states, ks = _states(model, 3)
     texts, docs = _items(1, 3, (2, 1, 3)), _items(2, 5, (1, 4, 2, 1, 3))
     monkeypatch.setattr(cs, "SEQ_CHUNK", 2)  # an item's sequences over several backward passes
+    monkeypatch.setattr(cs, "DOT_SLICE", 97)  # the scores summed over slices of the parameters
     monkeypatch.setattr(cs, "DOC_BLOCK_BYTES", 2 * 8 * sum(p.numel() for p in model.parameters()))
 
     def loader(i):

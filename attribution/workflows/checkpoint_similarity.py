@@ -43,9 +43,14 @@ from attribution.values.rundir import CHECKPOINT_VALUES as TABLE
 # powers 0, 1, 2 (benchmarks/checkpoint_power.py; docs/benchmarks.md, "Session 11")
 POWER = 1.0
 MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets go in groups
-# documents' dense gradients scored against the texts at once: the scoring is one pass over memory
-# whatever the block, so a small block costs no time, and keeps this pass under the training step's peak
+# documents' dense gradients scored against the texts at once (room for two copies, for several powers):
+# a small block keeps this pass under the training step's peak; the scoring reads the texts' rows once
+# per block, at a rate `DOT_SLICE` keeps up with a few documents
 DOC_BLOCK_BYTES = 1 << 27
+# parameters per GEMM of that scoring. Why split: `texts x P @ P x docs` with P in the millions and a few
+# documents runs on this machine's BLAS at 13-15 GFLOP/s as one GEMM, 2-2.5x faster in slices of 64K
+# parameters (docs/benchmarks.md, "Session 22")
+DOT_SLICE = 1 << 16
 SEQ_CHUNK: int | None = None  # sequences per forward/backward; None = the engine's `sequences_per_pass`
 
 
@@ -116,6 +121,14 @@ def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, obje
             del cap
     finally:
         capturer.remove()
+    return out
+
+
+def _dots(a, b):
+    """`a @ b.T`, summed over slices of `DOT_SLICE` columns (see there)."""
+    out = a.new_zeros(a.shape[0], b.shape[0])
+    for lo in range(0, a.shape[1], DOT_SLICE):
+        out.addmm_(a[:, lo : lo + DOT_SLICE], b[:, lo : lo + DOT_SLICE].T)
     return out
 
 
@@ -194,7 +207,7 @@ def cosines(
                     side = _side(d, scales[j], in_place=j == len(units) - 1)
                     if sink is not None and j == 0 and start == 0:
                         sink("doc", i, cols, side)
-                    total[j, start : items.stop, b : cols.stop] += (u @ side.T).double().cpu().numpy()
+                    total[j, start : items.stop, b : cols.stop] += _dots(u, side).double().cpu().numpy()
                 bar.update(len(cols))
             del units  # before the next group's (or link's) gradients: never two groups held at once
     bar.close()
