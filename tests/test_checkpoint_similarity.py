@@ -159,3 +159,22 @@ def test_item_gradients_match_autograd_per_item(chunk, monkeypatch):
             assert scale > 0
             torch.testing.assert_close(got[item], want, rtol=1e-10, atol=1e-12 * scale)
     assert all(p.grad is None for _, p in params.values())  # the model's own gradients are left alone
+
+
+def test_scores_are_summed_in_float64_over_slices():
+    """The cosine's dot product over millions of float32 coordinates with Adam's range of scales: within
+    a bound derived from float32's epsilon of float64's, where one float32 GEMM over all of them lost
+    1e-3 of a cosine on a real run, and slices of 64K reached 0.9 of this bound (docs/benchmarks.md,
+    "Session 22")."""
+    g = torch.Generator().manual_seed(3)
+    n = 1 << 21
+    scale = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 8 - 4)  # 1e-4 .. 1e4, as K^(1/2) x g
+    a = torch.randn(3, n, generator=g, dtype=torch.float64) * scale
+    b = a[:2] + 0.8 * torch.randn(2, n, generator=g, dtype=torch.float64) * scale
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    want = a @ b.T
+    got = cs._dots(a.float(), b.float())
+    assert got.dtype == torch.float64 and want.abs().max() > 0.5
+    # each slice's float32 sum: an error of a few epsilons of its terms' magnitude; summed in float64
+    bound = 16 * torch.finfo(torch.float32).eps * (a.abs() @ b.abs().T)
+    assert ((got - want).abs() <= bound).all(), float(((got - want).abs() / bound).max())

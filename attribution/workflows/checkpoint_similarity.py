@@ -47,10 +47,12 @@ MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets
 # a small block keeps this pass under the training step's peak; the scoring reads the texts' rows once
 # per block, at a rate `DOT_SLICE` keeps up with a few documents
 DOC_BLOCK_BYTES = 1 << 27
-# parameters per GEMM of that scoring. Why split: `texts x P @ P x docs` with P in the millions and a few
-# documents runs on this machine's BLAS at 13-15 GFLOP/s as one GEMM, 2-2.5x faster in slices of 64K
-# parameters (docs/benchmarks.md, "Session 22")
-DOT_SLICE = 1 << 16
+# parameters per GEMM of that scoring, the slices summed in float64. Why: one float32 GEMM over millions
+# of Adam-scaled coordinates (K up to 1e7) lost up to 2e-3 of a cosine against float64 on the demo's run;
+# a slice's float32 error grows with its length, and slices of 16K summed in float64 keep it near 1e-7.
+# With a few documents they also run 1.8-2x faster than one GEMM, which this machine's BLAS runs at
+# 13-15 GFLOP/s there (docs/benchmarks.md, "Session 22")
+DOT_SLICE = 1 << 14
 SEQ_CHUNK: int | None = None  # sequences per forward/backward; None = the engine's `sequences_per_pass`
 
 
@@ -125,10 +127,12 @@ def gradients(model, task, seqs: Sequences, params: Mapping[int, tuple[str, obje
 
 
 def _dots(a, b):
-    """`a @ b.T`, summed over slices of `DOT_SLICE` columns (see there)."""
-    out = a.new_zeros(a.shape[0], b.shape[0])
+    """`a @ b.T` in float64: each slice of `DOT_SLICE` columns one GEMM in the rows' dtype (see there)."""
+    import torch
+
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for lo in range(0, a.shape[1], DOT_SLICE):
-        out.addmm_(a[:, lo : lo + DOT_SLICE], b[:, lo : lo + DOT_SLICE].T)
+        out += a[:, lo : lo + DOT_SLICE] @ b[:, lo : lo + DOT_SLICE].T
     return out
 
 
@@ -207,7 +211,7 @@ def cosines(
                     side = _side(d, scales[j], in_place=j == len(units) - 1)
                     if sink is not None and j == 0 and start == 0:
                         sink("doc", i, cols, side)
-                    total[j, start : items.stop, b : cols.stop] += _dots(u, side).double().cpu().numpy()
+                    total[j, start : items.stop, b : cols.stop] += _dots(u, side).cpu().numpy()
                 bar.update(len(cols))
             del units  # before the next group's (or link's) gradients: never two groups held at once
     bar.close()
