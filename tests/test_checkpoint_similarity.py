@@ -178,3 +178,18 @@ def test_scores_are_summed_in_float64_over_slices():
     # each slice's float32 sum: an error of a few epsilons of its terms' magnitude; summed in float64
     bound = 16 * torch.finfo(torch.float32).eps * (a.abs() @ b.abs().T)
     assert ((got - want).abs() <= bound).all(), float(((got - want).abs() / bound).max())
+
+
+def test_unit_rows_are_normalized_in_float64():
+    """A side's rows are divided by their norm summed in float64: torch's float32 norm of millions of
+    coordinates over Adam's range of scales was off by 1e-4, and every cosine with it."""
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 22
+    x = torch.randn(3, n, generator=g, dtype=torch.float64) * 10.0 ** (
+        torch.rand(n, generator=g, dtype=torch.float64) * 8 - 4
+    )
+    x[1] = 0  # a zero row stays zero
+    got = cs._unit(x.float()).double().norm(dim=1)
+    # each coordinate rounded once to float32 (and the norm once): a few epsilons
+    assert (got[[0, 2]] - 1).abs().max() <= 4 * torch.finfo(torch.float32).eps
+    assert got[1] == 0

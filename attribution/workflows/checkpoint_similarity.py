@@ -49,7 +49,8 @@ MAX_TEXT_BYTES = 2 << 30  # the texts' dense gradients held at once: larger sets
 DOC_BLOCK_BYTES = 1 << 27
 # parameters per GEMM of that scoring, the slices summed in float64. Why: one float32 GEMM over millions
 # of Adam-scaled coordinates (K up to 1e7) lost up to 2e-3 of a cosine against float64 on the demo's run;
-# a slice's float32 error grows with its length, and slices of 16K summed in float64 keep it near 1e-7.
+# a slice's float32 error grows with its length, and slices of 16K summed in float64 (with `_unit`'s norm
+# in float64) left 4e-6 on the demo's worst pair.
 # With a few documents they also run 1.8-2x faster than one GEMM, which this machine's BLAS runs at
 # 13-15 GFLOP/s there (docs/benchmarks.md, "Session 22")
 DOT_SLICE = 1 << 14
@@ -140,7 +141,9 @@ def _unit(x, *, in_place: bool = False):
     """Rows scaled to unit norm (zero rows stay zero); `in_place`: written into `x`."""
     import torch
 
-    norm = x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    # summed in float64: torch's float32 norm of millions of Adam-scaled coordinates was off by 1e-4-1e-3
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+    norm = norm.clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
     return x.div_(norm) if in_place else x / norm
 
 
