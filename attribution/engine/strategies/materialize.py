@@ -116,71 +116,42 @@ def materialized_val_gradient(
     return materialize(uses, param.shape, per_example, param.dtype)
 
 
-SCORE_BLOCK_BYTES = 4 << 20  # per-sample training gradients materialized at once: 4 MiB
+SCORE_BLOCK_BYTES = 1 << 26  # per-sample training gradients materialized at once: 64 MiB
 
 
 def score_block(n: int, shape: tuple[int, int], itemsize: int) -> int:
     """Rows of the parameter (`P0`) whose `n` per-sample gradients are materialized at once when scoring:
-    as many as fit in `SCORE_BLOCK_BYTES`, at least one. Why: all of the tied head's `[n, 50257, d]` at
-    once is 206 MB at the demo's shape (2.5 GB at GPT-2 small's); a block that stays in cache is both the
-    smallest transient and the fastest (docs/benchmarks.md, "Session 22"). Blocks of rows, not of samples,
-    so that every validation gradient entry is still read once."""
+    as many as fit in `SCORE_BLOCK_BYTES`, at least one. Why: for the tied head all of `[n, 50257, d]` at
+    once is the step's largest transient (206 MB at the demo's shape, 2.5 GB at GPT-2 small's). Blocks of
+    rows, not of samples, so that every validation gradient entry is still read once."""
     return max(1, min(shape[0], SCORE_BLOCK_BYTES // max(1, n * shape[1] * itemsize)))
 
 
-class _TokensByRow:
-    """An embedding use's tokens sorted by parameter row once, so that each block of rows adds only its
-    own tokens (a slice), instead of masking every token once per block."""
-
-    def __init__(self, u: Use, p0: int, rows: int, dtype: torch.dtype) -> None:
-        ids = u.row.reshape(-1)
-        order = torch.argsort(ids, stable=True)
-        self.ids = ids[order]
-        self.sample = torch.arange(u.n, device=ids.device).repeat_interleave(u.tokens)[order]
-        self.col = u.col.to(dtype).reshape(ids.numel(), -1)[order]
-        edges = torch.arange(0, p0 + rows, rows, device=ids.device).clamp_(max=p0)
-        self.bounds = torch.searchsorted(self.ids, edges).tolist()
-
-    def add_into(self, block: torch.Tensor, k: int, lo: int) -> None:
-        """Add the tokens of row block `k` (rows from `lo`) into `block [n, rows, P1]`."""
-        a, b = self.bounds[k], self.bounds[k + 1]
-        if b > a:
-            at = self.sample[a:b] * block.shape[1] + self.ids[a:b] - lo
-            block.view(-1, block.shape[2]).index_add_(0, at, self.col[a:b])
+def _param_rows(u: Use, lo: int, hi: int) -> Use:
+    """The use's contribution to parameter rows `lo:hi` only (as a parameter of `hi - lo` rows)."""
+    if not u.row_index:
+        return Use(u.row[..., lo:hi], u.col, False)
+    inside = (u.row >= lo) & (u.row < hi)  # embedding tokens of other rows add nothing here
+    col = None if u.col is None else u.col * inside.unsqueeze(-1).to(u.col.dtype)
+    return Use(torch.where(inside, u.row - lo, 0), col, True)
 
 
 def score_materialized(
     uses: list[Use], shape: tuple[int, int], g: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """`[n, groups]`: the per-sample gradients of `uses` (in `shape`) dotted with every group's `g`,
-    materialized `score_block` parameter rows at a time into one reused buffer.
-
-    Each block is one batched GEMM per dense use (`bmm` into the buffer), the block's embedding tokens
-    added in, then one GEMM against the block's rows of every group's `g`."""
+    materialized `score_block` parameter rows at a time."""
     g = g.to(dtype)
     p0, p1 = shape
-    n = uses[0].n
-    rows = score_block(n, shape, torch.finfo(dtype).bits // 8)
-    if rows >= p0 or any(u.col is None for u in uses):
+    rows = score_block(uses[0].n, shape, torch.finfo(dtype).bits // 8)
+    if rows >= p0:
         return torch.einsum("npq,gpq->ng", materialize(uses, shape, True, dtype), g)
-    dense = [(u.row, u.col.to(dtype)) for u in uses if not u.row_index]
-    tokens = [_TokensByRow(u, p0, rows, dtype) for u in uses if u.row_index]
-    buf = g.new_empty(n * rows * p1)
-    out = g.new_zeros(n, g.shape[0])
-    for k, lo in enumerate(range(0, p0, rows)):
+    out = None
+    for lo in range(0, p0, rows):
         hi = min(lo + rows, p0)
-        block = buf[: n * (hi - lo) * p1].view(n, hi - lo, p1)  # contiguous, also for the last block
-        if not dense:
-            block.zero_()
-        for i, (row, col) in enumerate(dense):
-            r = row[..., lo:hi].to(dtype).transpose(1, 2)
-            if i == 0:
-                torch.bmm(r, col, out=block)
-            else:
-                block.baddbmm_(r, col)
-        for t in tokens:
-            t.add_into(block, k, lo)
-        out.addmm_(block.view(n, -1), g[:, lo:hi].reshape(g.shape[0], -1).T)
+        block = materialize([_param_rows(u, lo, hi) for u in uses], (hi - lo, p1), True, dtype)
+        part = torch.einsum("npq,gpq->ng", block, g[:, lo:hi])
+        out = part if out is None else out.add_(part)
     return out
 
 
