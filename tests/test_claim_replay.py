@@ -11,7 +11,7 @@ import pytest
 from attribution.errors import UserError
 from attribution.train import RunConfig, train_and_value
 from attribution.workflows.claim import claim
-from tests.train_fixtures import write_corpus, write_val
+from tests.train_fixtures import subprocess_env, torchrun, write_corpus, write_val
 
 
 def _run(tmp_path, name: str, **kw) -> object:
@@ -246,28 +246,12 @@ def test_bad_claims_file_and_run_without_chain(corpus_dir, base_run, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks_give_the_sequential_values(corpus_dir, base_run, tmp_path):
     """`torchrun -m attribution.cli claim`: each rank replays its share of segments, rank 0 merges."""
-    import os
-    import socket
     import subprocess
-    import sys
 
     texts = _texts(tmp_path / "c.jsonl", _claims(corpus_dir))
     want = _examples(claim(base_run, texts, tmp_path / "seq", report=False, progress=False), "claims")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
+        *torchrun(),
         "-m",
         "attribution.cli",
         "claim",
@@ -277,7 +261,7 @@ def test_torchrun_two_gloo_ranks_give_the_sequential_values(corpus_dir, base_run
         "--out",
         str(tmp_path / "two"),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     pd.testing.assert_frame_equal(_examples(tmp_path / "two", "claims"), want, check_exact=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -12,13 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.train_fixtures import write_corpus, write_val
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.train_fixtures import subprocess_env, torchrun, write_corpus, write_val
 
 
 def _run(prefix: list[str], tmp_path, out, extra: str = "") -> subprocess.CompletedProcess:
@@ -46,7 +38,7 @@ def _run(prefix: list[str], tmp_path, out, extra: str = "") -> subprocess.Comple
         "--cache-dir",
         str(tmp_path / "cache"),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.run(
         [*prefix, "-m", "attribution.cli", *args], env=env, capture_output=True, text=True, timeout=600
     )
@@ -64,20 +56,7 @@ def test_two_gloo_processes_equal_one(tmp_path, extra):
     write_val(tmp_path, "b", 2, seed=2)
     one = _run([sys.executable], tmp_path, tmp_path / "one", extra)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-    ]
-    two = _run(torchrun, tmp_path, tmp_path / "two", extra)
+    two = _run(torchrun(), tmp_path, tmp_path / "two", extra)
     assert two.returncode == 0, two.stderr[-3000:]
 
     training = json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]

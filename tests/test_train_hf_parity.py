@@ -3,11 +3,8 @@ HF's token-mean loss, and the README's example."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from hf_fixtures import LR, MAX_GRAD_NORM, rows, tiny_model, train_valued, val_set
+from train_fixtures import subprocess_env, torchrun
 
 from attribution.engine.exact import per_sample_grads
 
@@ -75,32 +73,13 @@ def test_gradient_accumulation_gives_the_values_of_the_big_batch(
     assert_same_values(big, accumulated)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     script = Path(__file__).with_name("hf_fixtures.py")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-    ]
+    env = subprocess_env()
     # 2 ranks x micro-batch 2 x accumulation 2 = the single process's batch of 8
     two = subprocess.run(
-        [*torchrun, str(script), str(tmp_path / "two"), "2", "2", "2"],
+        [*torchrun(), str(script), str(tmp_path / "two"), "2", "2", "2"],
         env=env,
         capture_output=True,
         text=True,

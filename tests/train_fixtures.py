@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import sys
 from pathlib import Path
 
 _WORDS = (
@@ -85,3 +88,29 @@ def train_micro(root: Path, val: list[dict], steps: int) -> Path:
         progress=False,
     )
     return Path(train_and_value(cfg))
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` local processes, on a free port of 127.0.0.1 (the
+    multi-process tests run gloo on the CPU); the module or script to run goes after it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a test's child processes: offline, and one thread each (two share 2 cores)."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

@@ -12,6 +12,7 @@ import base64
 from html import escape
 
 from attribution.report.model import EVIDENCE_HEADERS, GroupTable, ReportModel, evidence_cells
+from attribution.report.tables import COLUMNS
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
@@ -32,16 +33,8 @@ dl.summary dt{font-weight:bold}
 dl.summary dd{margin:0}
 """
 
-NUMERIC = {
-    "n_docs",
-    "n_tokens",
-    "value",
-    "value_per_token",
-    "share",
-    "royalty",
-    "neg_fraction",
-    "ci_low",
-    "ci_high",
+NUMERIC = {  # right-aligned columns: the contribution tables' own, and the other tables' numbers
+    *COLUMNS,
     "share_seed_sd",
     "rank",
     "score",
